@@ -1,0 +1,194 @@
+"""Z-Image text-to-image sampling: noise, flow-matching Euler with static shift, CFG, decode.
+
+Numerically follows diffusers' `ZImagePipeline` (0.42): N steps are N model evaluations, the
+transformer output is negated before the Euler step, latents stay float32 through the loop and
+CFG runs in float32. Differences by design: the shift is a call argument (diffusers only takes
+it from the scheduler config), prompt and negative prompt run as separate unpadded sequences
+when their padded lengths differ, and the initial noise of image i can come from seed + i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.errors import GenerationInterrupted
+from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
+from models.z_image.transformer import ZImageTransformer, pad_len
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """steps shifted sigmas from 1 down to 1/steps, then a terminal 0 (float32, CPU)."""
+    base = np.array(torch.linspace(1.0, 1.0 / steps, steps).tolist()).astype(np.float32)
+    shifted = shift * base / (1 + (shift - 1) * base)
+    return torch.cat([torch.from_numpy(shifted).float(), torch.zeros(1)])
+
+
+def cfg_active_steps(sigmas: torch.Tensor, guidance: float, truncation: float) -> list[bool]:
+    """Per step, whether CFG runs: off when guidance is 0, or when 1 - sigma exceeds the truncation."""
+    steps = len(sigmas) - 1
+    if guidance <= 0:
+        return [False] * steps
+    if truncation is None or float(truncation) > 1:
+        return [True] * steps
+    t_norm = ((1000 - sigmas[:-1] * 1000) / 1000).tolist()  # same float32 arithmetic as diffusers
+    return [tn <= truncation for tn in t_norm]
+
+
+def apply_cfg(pos: torch.Tensor, neg: torch.Tensor, guidance: float, normalization: float) -> torch.Tensor:
+    """pos + g (pos - neg); with normalization k > 0, each image's norm is capped at k * |pos|."""
+    pred = pos + guidance * (pos - neg)
+    if normalization and normalization > 0:
+        dims = tuple(range(1, pred.ndim))
+        pos_norm = torch.linalg.vector_norm(pos, dim=dims, keepdim=True)
+        pred_norm = torch.linalg.vector_norm(pred, dim=dims, keepdim=True)
+        # a clamp instead of a Python `if`: no host sync on the GPU
+        ratio = (pos_norm * float(normalization) / pred_norm.clamp_min(1e-20)).clamp(max=1.0)
+        pred = pred * ratio
+    return pred
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """Noise of image i from a CPU generator seeded with seeds[i] (reproducible alone)."""
+    return torch.cat(
+        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), device="cpu", dtype=torch.float32)
+         for s in seeds]
+    )
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image]
+    seeds: list[int] | None
+
+
+class ZImagePipeline:
+    def __init__(
+        self,
+        transformer: ZImageTransformer,
+        text_encoder: PromptEncoder,
+        vae,
+        default_shift: float = 3.0,
+        device: torch.device | str = "cpu",
+    ):
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.default_shift = default_shift
+        self.device = torch.device(device)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        return (1, self.latent_channels, height // f, width // f)
+
+    def encode_prompt(self, prompt: str, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+        return self.text_encoder.encode(prompt, max_sequence_length, device=self.device)
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """One model evaluation per group of captions; groups of equal padded length share a call."""
+        dtype = self.transformer.dtype
+        merged: dict[int, list[int]] = {}
+        for gi, caps in enumerate(groups):
+            merged.setdefault(pad_len(caps[0].shape[0]), []).append(gi)
+        outs: list[torch.Tensor | None] = [None] * len(groups)
+        b = x.shape[0]
+        for members in merged.values():
+            caps = [c for gi in members for c in groups[gi]]
+            n = len(members)
+            out = self.transformer(x.to(dtype).repeat(n, 1, 1, 1), t.repeat(n), caps).float()
+            for j, gi in enumerate(members):
+                outs[gi] = out[j * b:(j + 1) * b]
+        return outs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 4.0,
+        flow_shift: float | None = None,
+        cfg_normalization: float = 0.0,
+        cfg_truncation: float = 1.0,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        callback: StepCallback | None = None,
+        interrupt: Callable[[], bool] | None = None,
+        output_type: str = "pil",
+        vae_tiling: bool = False,
+    ) -> PipelineOutput:
+        f2 = self.vae_scale_factor * 2
+        if height % f2 or width % f2:
+            raise ValueError(f"height and width must be multiples of {f2} (got {width}x{height})")
+        n = num_images_per_prompt
+        shape = self.latent_shape(height, width)
+        seeds = None
+        if latents is not None:
+            latents = latents.to(device=self.device, dtype=torch.float32)
+        elif seed is not None:
+            seeds = [seed + i for i in range(n)]
+            latents = initial_noise(shape, seeds).to(self.device)
+        else:
+            latents = torch.randn((n, *shape[1:]), generator=generator, device="cpu", dtype=torch.float32)
+            latents = latents.to(self.device)
+
+        shift = self.default_shift if flow_shift is None else flow_shift
+        sigmas = flow_sigmas(num_inference_steps, shift)
+        use_cfg = cfg_active_steps(sigmas, guidance_scale, cfg_truncation)
+        pos = self.encode_prompt(prompt, max_sequence_length)
+        neg = self.encode_prompt(negative_prompt or "", max_sequence_length) if any(use_cfg) else None
+        sig_dev = sigmas.to(self.device)
+
+        for i in range(num_inference_steps):
+            if interrupt is not None and interrupt():
+                raise GenerationInterrupted()
+            t = (1000 - sig_dev[i] * 1000) / 1000  # diffusers' timestep arithmetic, float32
+            t = t.expand(n)
+            if use_cfg[i]:
+                p_out, n_out = self._predict(latents, t, [[pos] * n, [neg] * n])
+                pred = apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
+            else:
+                pred = self._predict(latents, t, [[pos] * n])[0]
+            latents = latents + (sig_dev[i + 1] - sig_dev[i]) * (-pred)
+            if callback is not None:
+                callback(i, num_inference_steps, latents)
+
+        if output_type == "latent":
+            return PipelineOutput(images=latents, seeds=seeds)
+        if interrupt is not None and interrupt():
+            raise GenerationInterrupted()
+        return PipelineOutput(images=self.decode(latents, tiled=vae_tiling), seeds=seeds)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
+        cfg = self.vae.config
+        z = latents.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            x = self.vae.decode(z, return_dict=False)[0]
+        finally:
+            if tiled:
+                self.vae.disable_tiling()
+        x = (x.float() * 0.5 + 0.5).clamp(0, 1)
+        arr = (x.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(a) for a in arr]

@@ -1,0 +1,288 @@
+"""The Z-Image S3-DiT (single-stream diffusion transformer) in plain PyTorch.
+
+Parameter names and shapes follow diffusers' `ZImageTransformer2DModel` exactly, so its state
+dicts load without renaming. The forward pass takes a batch of latents whose captions all pad to
+the same multiple of 32, so no attention mask is ever needed: the pipeline runs prompt and
+negative prompt as separate sequences when their padded lengths differ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.attention import attention
+
+SEQ_MULTIPLE = 32  # each segment (image tokens, caption tokens) pads to this multiple
+ADALN_MAX_DIM = 256
+T_EMBED_MID = 1024
+T_FREQ_DIM = 256
+
+
+@dataclass
+class ZImageConfig:
+    all_patch_size: list[int] = field(default_factory=lambda: [2])
+    all_f_patch_size: list[int] = field(default_factory=lambda: [1])
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    cap_feat_dim: int = 2560
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: list[int] = field(default_factory=lambda: [32, 48, 48])
+    axes_lens: list[int] = field(default_factory=lambda: [1536, 512, 512])
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ZImageConfig:
+        known = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in cfg.items() if k in known})
+        if cfg.get("siglip_feat_dim"):
+            raise ValueError("Z-Image Omni checkpoints (SigLIP features) are not supported")
+        if out.dim % out.n_heads or out.dim // out.n_heads != sum(out.axes_dims):
+            raise ValueError(
+                f"inconsistent transformer config: dim {out.dim} / {out.n_heads} heads "
+                f"!= sum(axes_dims) {sum(out.axes_dims)}"
+            )
+        return out
+
+    def to_dict(self) -> dict:
+        return {"_class_name": "ZImageTransformer2DModel", **asdict(self)}
+
+
+def pad_len(n: int) -> int:
+    """Length of a segment of n tokens once padded to the sequence multiple."""
+    return n + (-n) % SEQ_MULTIPLE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3)... of the head dim; cos/sin: (B|1, S, D/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    xr, xi = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, qk_norm: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        head_dim = dim // n_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+        # diffusers builds these norms with eps 1e-5 whatever the block's norm_eps
+        self.norm_q = RMSNorm(head_dim, 1e-5) if qk_norm else None
+        self.norm_k = RMSNorm(head_dim, 1e-5) if qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = self.to_q(x).unflatten(-1, (self.n_heads, -1))
+        k = self.to_k(x).unflatten(-1, (self.n_heads, -1))
+        v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v).flatten(2)
+        return self.to_out[0](out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Sandwich-normed attention + SwiGLU; with modulation, adaLN scales and tanh gates."""
+
+    def __init__(self, cfg: ZImageConfig, modulation: bool):
+        super().__init__()
+        dim = cfg.dim
+        self.attention = Attention(dim, cfg.n_heads, cfg.qk_norm)
+        self.feed_forward = FeedForward(dim, int(dim / 3 * 8))
+        self.attention_norm1 = RMSNorm(dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(dim, cfg.norm_eps)
+        self.modulation = modulation
+        if modulation:
+            self.adaLN_modulation = nn.Sequential(nn.Linear(min(dim, ADALN_MAX_DIM), 4 * dim, bias=True))
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], adaln: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope)
+        x = x + gate_msa.tanh() * self.attention_norm2(attn)
+        ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(T_FREQ_DIM, T_EMBED_MID), nn.SiLU(), nn.Linear(T_EMBED_MID, out_dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = T_FREQ_DIM // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, out_dim, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, ADALN_MAX_DIM), dim, bias=True))
+
+    def forward(self, x: torch.Tensor, adaln: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.adaLN_modulation(adaln).unsqueeze(1)
+        x = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * scale
+        return self.linear(x)
+
+
+class RopeTables:
+    """Per-axis cos/sin tables (built once per device) and the per-shape position tables.
+
+    The tables for the last few (caption length, grid) shapes are kept, so a denoising loop
+    looks them up instead of rebuilding them every step.
+    """
+
+    def __init__(self, theta: float, axes_dims: list[int], axes_lens: list[int]):
+        self.theta, self.axes_dims, self.axes_lens = theta, list(axes_dims), list(axes_lens)
+        self._axes: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._shapes: dict[tuple, tuple] = {}
+
+    def _axis_tables(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if device not in self._axes:
+            tables = []
+            for d, n in zip(self.axes_dims, self.axes_lens):
+                inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+                ang = torch.outer(torch.arange(n, dtype=torch.float64), inv).float()
+                tables.append((torch.cos(ang).to(device), torch.sin(ang).to(device)))
+            self._axes[device] = tables
+        return self._axes[device]
+
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._axis_tables(ids.device)
+        cos = torch.cat([tables[i][0][ids[:, i]] for i in range(len(tables))], dim=-1)
+        sin = torch.cat([tables[i][1][ids[:, i]] for i in range(len(tables))], dim=-1)
+        return cos[None], sin[None]
+
+    def for_shape(self, cap_len: int, h: int, w: int, device: torch.device) -> dict[str, tuple]:
+        """RoPE for caption (cap_len padded tokens) and an h x w token grid, and their concatenation."""
+        key = (cap_len, h, w, device)
+        if key not in self._shapes:
+            n_img = h * w
+            cap_ids = torch.zeros(cap_len, 3, dtype=torch.long)
+            cap_ids[:, 0] = torch.arange(1, cap_len + 1)
+            img_ids = torch.zeros(pad_len(n_img), 3, dtype=torch.long)
+            hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            img_ids[:n_img, 0] = cap_len + 1
+            img_ids[:n_img, 1] = hh.flatten()
+            img_ids[:n_img, 2] = ww.flatten()  # image pad tokens keep position (0, 0, 0)
+            cap = self.lookup(cap_ids.to(device))
+            img = self.lookup(img_ids.to(device))
+            both = (torch.cat([img[0], cap[0]], dim=1), torch.cat([img[1], cap[1]], dim=1))
+            if len(self._shapes) >= 8:
+                self._shapes.pop(next(iter(self._shapes)))
+            self._shapes[key] = {"cap": cap, "img": img, "all": both}
+        return self._shapes[key]
+
+
+class ZImageTransformer(nn.Module):
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.config = cfg
+        dim, p, pf = cfg.dim, cfg.all_patch_size[0], cfg.all_f_patch_size[0]
+        if len(cfg.all_patch_size) != 1 or pf != 1:
+            raise ValueError("only the single-frame 2x2 patch layout of Z-Image is supported")
+        self.patch = p
+        self.in_channels = cfg.in_channels
+        key = f"{p}-{pf}"
+        self.all_x_embedder = nn.ModuleDict({key: nn.Linear(p * p * cfg.in_channels, dim, bias=True)})
+        self.all_final_layer = nn.ModuleDict({key: FinalLayer(dim, p * p * cfg.in_channels)})
+        self.noise_refiner = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([TransformerBlock(cfg, False) for _ in range(cfg.n_refiner_layers)])
+        self.t_embedder = TimestepEmbedder(min(dim, ADALN_MAX_DIM))
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, dim))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
+        self.rope = RopeTables(cfg.rope_theta, cfg.axes_dims, cfg.axes_lens)
+        self._key = key
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_pad_token.dtype
+
+    def _embed_captions(self, caps: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        lens = [c.shape[0] for c in caps]
+        target = pad_len(lens[0])
+        if any(pad_len(n) != target for n in lens):
+            raise ValueError("captions of one forward call must pad to the same length; run them separately")
+        emb = self.cap_embedder(torch.cat(caps).to(dtype)).split(lens)
+        pad = self.cap_pad_token.to(dtype)
+        return torch.stack([torch.cat([e, pad.expand(target - n, -1)]) for e, n in zip(emb, lens)])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, caps: list[torch.Tensor]) -> torch.Tensor:
+        """x: (B, C, H, W) latents; t: (B,) in [0, 1] (1 = clean); caps: B tensors (L_i, cap_feat_dim).
+
+        Returns the model output (B, C, H, W) in x's dtype (the pipeline negates it).
+        """
+        b, c, h, w = x.shape
+        p = self.patch
+        ht, wt = h // p, w // p
+        n_img = ht * wt
+        dtype = x.dtype
+        adaln = self.t_embedder(t * self.config.t_scale).to(dtype)
+
+        tokens = x.view(b, c, ht, p, wt, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, p * p * c)
+        img = self.all_x_embedder[self._key](tokens)
+        n_pad = pad_len(n_img) - n_img
+        if n_pad:
+            img = torch.cat([img, self.x_pad_token.to(dtype).expand(b, n_pad, -1)], dim=1)
+
+        cap = self._embed_captions(caps, dtype)
+        rope = self.rope.for_shape(cap.shape[1], ht, wt, x.device)
+
+        for block in self.noise_refiner:
+            img = block(img, rope["img"], adaln)
+        for block in self.context_refiner:
+            cap = block(cap, rope["cap"])
+
+        seq = torch.cat([img, cap], dim=1)
+        for block in self.layers:
+            seq = block(seq, rope["all"], adaln)
+        out = self.all_final_layer[self._key](seq[:, :n_img], adaln)
+        return out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
