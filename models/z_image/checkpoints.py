@@ -273,7 +273,8 @@ def load_vae(files: list[Path], config_path: Path, dtype: torch.dtype, device: t
     except (TypeError, ValueError) as e:
         raise UserError(f"bad VAE config {config_path}: {e}") from None
     _load_into(vae, read_state_dict(files), "VAE", files)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # plain Module.to: ModelMixin.to warns about fp32 modules the Flux VAE does not have
+    return nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def scheduler_shift(config_path: Path | None, default: float = 3.0) -> float:

@@ -1,0 +1,91 @@
+"""A generation job's settings and their validation (shared by the CLI, the UI and profiles)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from models.errors import UserError
+
+MAX_SEED = 2**32 - 1
+
+# field -> (min, max) inclusive; sizes must also be multiples of SIZE_MULTIPLE
+RANGES: dict[str, tuple[float, float]] = {
+    "width": (16, 4096),
+    "height": (16, 4096),
+    "num_inference_steps": (1, 100),
+    "guidance_scale": (0.0, 20.0),
+    "flow_shift": (1.0, 10.0),
+    "num_images": (1, 16),
+    "cfg_normalization": (0.0, 100.0),
+    "cfg_truncation": (0.0, 100.0),
+}
+SIZE_MULTIPLE = 16
+# the names users type on the command line, for messages
+CLI_NAMES = {
+    "width": "--width", "height": "--height", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+    "flow_shift": "--flow-shift", "num_images": "--num-images", "cfg_normalization": "--cfg-normalization",
+    "cfg_truncation": "--cfg-truncation", "seed": "--seed",
+}
+
+
+@dataclass
+class JobSpec:
+    model_type: str
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    num_inference_steps: int = 30
+    guidance_scale: float = 4.0
+    flow_shift: float = 6.0
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
+    seed: int = -1
+    num_images: int = 1
+    loras: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
+    """Raise UserError naming the first bad field; return warnings for legal but odd values."""
+    names = names or {}
+    if not spec.prompt or not spec.prompt.strip():
+        raise UserError("the prompt is empty")
+    for key, (lo, hi) in RANGES.items():
+        value = getattr(spec, key)
+        label = names.get(key, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{label} must be a number (got {value!r})")
+        if not lo <= value <= hi:
+            raise UserError(f"{label} must be between {lo:g} and {hi:g} (got {value:g})")
+    for key in ("width", "height", "num_inference_steps", "num_images"):
+        if int(getattr(spec, key)) != getattr(spec, key):
+            raise UserError(f"{names.get(key, key)} must be a whole number (got {getattr(spec, key)})")
+    for key in ("width", "height"):
+        if getattr(spec, key) % SIZE_MULTIPLE:
+            raise UserError(
+                f"{names.get(key, key)} must be a multiple of {SIZE_MULTIPLE} (got {getattr(spec, key)})")
+    if not isinstance(spec.seed, int) or not -1 <= spec.seed <= MAX_SEED:
+        raise UserError(f"{names.get('seed', 'seed')} must be -1 (random) or 0..{MAX_SEED} (got {spec.seed})")
+    return []
+
+
+def size_warnings(spec: JobSpec, min_recommended: int) -> list[str]:
+    if min_recommended and min(spec.width, spec.height) < min_recommended:
+        return [f"{spec.width}x{spec.height} is below {min_recommended} px: the model was not trained "
+                "that small, expect poor images"]
+    return []
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 means a fresh random seed; leave room for seed + image index."""
+    return random.randint(0, MAX_SEED - 16) if seed == -1 else seed

@@ -1,0 +1,56 @@
+"""Output file names and atomic image writes."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import unicodedata
+from datetime import datetime
+from pathlib import Path
+
+from PIL import Image
+
+from app.metadata import png_info
+
+SLUG_MAX = 50
+
+
+def prompt_slug(prompt: str, max_len: int = SLUG_MAX) -> str:
+    text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return slug[:max_len].rstrip("_") or "image"
+
+
+def output_name(when: datetime, seed: int, index: int, prompt: str, ext: str = "png") -> str:
+    """YYYY-MM-DD-HHhMMmSSs_seed<N>_<i>_<prompt slug>.<ext> (i counts from 1)."""
+    return f"{when.strftime('%Y-%m-%d-%Hh%Mm%Ss')}_seed{seed}_{index}_{prompt_slug(prompt)}.{ext}"
+
+
+def unique_path(path: Path) -> Path:
+    """path, or path with -2, -3... before the suffix when it exists already."""
+    if not path.exists():
+        return path
+    n = 2
+    while True:
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+        n += 1
+
+
+def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = None) -> Path:
+    """Write to a temporary file beside path, then rename: no half-written file under its name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fmt = (path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
+            kwargs = {"pnginfo": png_info(settings)} if settings and fmt == "PNG" else {}
+            image.save(f, format=fmt, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

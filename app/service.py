@@ -1,0 +1,209 @@
+"""The generation service: one path from a JobSpec to saved images, used by the CLI and the UI.
+
+It owns the loaded pipeline (reloaded only when the model, its files, device or dtypes change),
+resolves defaults and seeds, reports progress events and writes images atomically with their
+settings. It knows nothing of Gradio or argparse.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.jobs import JobSpec, resolve_seed, size_warnings, validate
+from app.outputs import output_name, save_image_atomic, unique_path
+from models.errors import GenerationInterrupted, UserError
+from models.registry import ModelDefinition, handler_for, load_definitions, resolve_model_type
+
+log = logging.getLogger("wgp_zimage")
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+EventFn = Callable[[dict[str, Any]], None]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass
+class ServiceConfig:
+    checkpoints_dir: Path = Path("ckpts")
+    output_dir: Path = Path("outputs")
+    device: str | None = None
+    dtype: str | None = None  # bf16 on CUDA, fp32 on the CPU when None
+    vae_dtype: str = "fp32"
+    vae_tiling: bool = False
+
+
+@dataclass
+class JobResult:
+    paths: list[Path]
+    seeds: list[int]
+    settings: list[dict[str, Any]]
+    seconds: float
+    seconds_per_step: float
+    warnings: list[str] = field(default_factory=list)
+
+
+class GenerationService:
+    def __init__(self, config: ServiceConfig | None = None):
+        self.config = config or ServiceConfig()
+        self.definitions, self.definition_problems = load_definitions()
+        self.device = resolve_device(self.config.device)
+        dtype_name = self.config.dtype or ("bf16" if self.device.type == "cuda" else "fp32")
+        if dtype_name not in DTYPES or self.config.vae_dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}")
+        self.dtype_name = dtype_name
+        self.dtype = DTYPES[dtype_name]
+        self.vae_dtype = DTYPES[self.config.vae_dtype]
+        self._pipe = None
+        self._pipe_key: tuple | None = None
+        self._lock = threading.RLock()
+        self.abort = threading.Event()
+
+    # ------------------------------------------------------------ models and defaults
+
+    def definition(self, model_type: str) -> ModelDefinition:
+        return self.definitions[resolve_model_type(model_type, self.definitions)]
+
+    def model_dir(self, model_type: str | None, model_dir: str | Path | None) -> Path:
+        if model_dir is not None:
+            return Path(model_dir)
+        d = self.definition(model_type or "z_image_base")
+        return handler_for(d.architecture).default_model_dir(d.architecture, self.config.checkpoints_dir)
+
+    def defaults(self, model_type: str | None, model_dir: str | Path | None = None) -> dict[str, Any]:
+        """Defaults of model_type (Base when None); with a folder and no type, its scheduler's shift."""
+        d = self.definition(model_type or "z_image_base")
+        out = d.defaults()
+        if model_type is None and model_dir is not None:
+            handler = handler_for(d.architecture)
+            shift = handler.scheduler_shift(handler.model_files(Path(model_dir), None))
+            if shift is not None:
+                out["flow_shift"] = shift
+        return out
+
+    def pipeline(
+        self,
+        model_type: str | None,
+        model_dir: str | Path | None = None,
+        transformer_file: str | Path | None = None,
+        on_event: EventFn | None = None,
+    ):
+        d = self.definition(model_type or "z_image_base")
+        folder = self.model_dir(model_type, model_dir)
+        key = (d.model_type if model_type else None, str(folder), str(transformer_file),
+               str(self.device), self.dtype, self.vae_dtype)
+        with self._lock:
+            if self._pipe_key == key:
+                return self._pipe
+            self.unload()
+
+            def progress(i: int, n: int, desc: str) -> None:
+                if on_event:
+                    on_event({"kind": "load", "step": i, "total": n, "desc": desc})
+
+            pipe, _ = handler_for(d.architecture).load_model(
+                model_filename=transformer_file, base_model_type=d.architecture if model_type else None,
+                dtype=self.dtype, VAE_dtype=self.vae_dtype, model_dir=folder, device=self.device,
+                progress=progress,
+            )
+            self._pipe, self._pipe_key = pipe, key
+            return pipe
+
+    def unload(self) -> None:
+        with self._lock:
+            self._pipe, self._pipe_key = None, None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        spec: JobSpec,
+        *,
+        model_dir: str | Path | None = None,
+        transformer_file: str | Path | None = None,
+        model_type_given: bool = True,
+        output_dir: Path | None = None,
+        file_names: list[Path] | None = None,
+        on_event: EventFn | None = None,
+        extra_names: dict[str, str] | None = None,
+    ) -> JobResult:
+        """Render spec and save its images; file_names (one per image) override the naming scheme."""
+        validate(spec, extra_names)
+        d = self.definition(spec.model_type)
+        warnings = size_warnings(spec, int(d.defaults().get("min_recommended_size", 0)))
+        for w in warnings:
+            log.warning(w)
+        if file_names is not None and len(file_names) != spec.num_images:
+            raise ValueError("one file name per image")
+        pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file, on_event)
+        seed = resolve_seed(spec.seed)
+        if spec.seed == -1:
+            log.info("random seed: %d", seed)
+        self.abort.clear()
+        start = time.perf_counter()
+        step_times: list[float] = []
+        sync = self.device.type == "cuda" and on_event is not None
+
+        def callback(i: int, n: int, latents: torch.Tensor) -> None:
+            if sync:
+                torch.cuda.current_stream(self.device).synchronize()  # only to report true progress
+            step_times.append(time.perf_counter())
+            if on_event:
+                per = (step_times[-1] - step_times[0]) / (len(step_times) - 1) if len(step_times) > 1 else \
+                    step_times[-1] - loop_start[0]
+                on_event({"kind": "step", "step": i + 1, "total": n, "seconds_per_step": per,
+                          "eta": per * (n - i - 1), "latents": latents})
+
+        loop_start = [time.perf_counter()]
+        out = pipe(
+            prompt=spec.prompt, negative_prompt=spec.negative_prompt, height=spec.height, width=spec.width,
+            num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+            flow_shift=spec.flow_shift, cfg_normalization=spec.cfg_normalization,
+            cfg_truncation=spec.cfg_truncation, num_images_per_prompt=spec.num_images, seed=seed,
+            callback=callback, interrupt=self.abort.is_set,
+        )
+        elapsed = time.perf_counter() - start
+        per_step = (step_times[-1] - loop_start[0]) / max(len(step_times), 1)
+        when = datetime.now()
+        paths, settings = [], []
+        for i, image in enumerate(out.images):
+            s = {**spec.to_dict(), "seed": out.seeds[i], "batch_seed": seed, "image_index": i,
+                 "dtype": self.dtype_name, "created": when.isoformat(timespec="seconds")}
+            if file_names is not None:
+                path = file_names[i]
+            else:
+                folder = Path(output_dir or self.config.output_dir)
+                path = unique_path(folder / output_name(when, out.seeds[i], i + 1, spec.prompt))
+            paths.append(save_image_atomic(image, path, s))
+            settings.append(s)
+        if on_event:
+            on_event({"kind": "done", "paths": paths, "seconds": elapsed, "seconds_per_step": per_step})
+        return JobResult(paths, out.seeds, settings, elapsed, per_step, warnings)
+
+
+__all__ = ["GenerationService", "ServiceConfig", "JobResult", "GenerationInterrupted", "resolve_device"]

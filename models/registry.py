@@ -1,0 +1,163 @@
+"""Model families and model definitions.
+
+A family is one handler module (`models/<family>/handler.py`) that registers itself; a model type
+is one JSON definition in `defaults/` (or `finetunes/`, which override defaults) whose
+`model.architecture` names a type its family handles. Nothing outside a handler knows a family's
+specifics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.errors import UserError
+
+log = logging.getLogger("wgp_zimage")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS_DIR = ROOT / "defaults"
+FINETUNES_DIR = ROOT / "finetunes"
+
+
+class FamilyHandler:
+    """What a model family tells the app. Subclass, fill the fields, call `register_handler`."""
+
+    family: str = ""
+    family_label: str = ""
+    architectures: tuple[str, ...] = ()
+    aliases: dict[str, str] = {}
+    # model types whose settings and images load into each other
+    equivalences: dict[str, tuple[str, ...]] = {}
+
+    def ui_defaults(self, architecture: str) -> dict[str, Any]:
+        return {}
+
+    def load_model(self, **kwargs):  # pragma: no cover - each family implements it
+        raise NotImplementedError
+
+
+_HANDLERS: dict[str, FamilyHandler] = {}
+
+
+def register_handler(handler: FamilyHandler) -> FamilyHandler:
+    for arch in handler.architectures:
+        other = next((h for h in _HANDLERS.values() if arch in h.architectures and h.family != handler.family), None)
+        if other is not None:
+            raise ValueError(f"architecture {arch!r} is already handled by family {other.family!r}")
+    _HANDLERS[handler.family] = handler
+    return handler
+
+
+def unregister_handler(family: str) -> None:
+    _HANDLERS.pop(family, None)
+
+
+def discover_handlers() -> dict[str, FamilyHandler]:
+    """Import every `models/<family>/handler.py`; each registers itself on import."""
+    pkg_dir = Path(__file__).resolve().parent
+    for info in pkgutil.iter_modules([str(pkg_dir)]):
+        if info.ispkg and (pkg_dir / info.name / "handler.py").is_file():
+            importlib.import_module(f"models.{info.name}.handler")
+    return dict(_HANDLERS)
+
+
+def handler_for(architecture: str) -> FamilyHandler:
+    discover_handlers()
+    for h in _HANDLERS.values():
+        if architecture in h.architectures:
+            return h
+    raise UserError(f"no model family handles architecture {architecture!r}")
+
+
+@dataclass
+class ModelDefinition:
+    model_type: str
+    architecture: str
+    name: str
+    description: str
+    urls: list[str]
+    text_encoder_urls: list[str]
+    settings: dict[str, Any]
+    source: Path
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return handler_for(self.architecture).family
+
+    def defaults(self) -> dict[str, Any]:
+        """Handler UI defaults overlaid with the definition's own settings."""
+        return {**handler_for(self.architecture).ui_defaults(self.architecture), **self.settings}
+
+
+def _parse_definition(path: Path) -> ModelDefinition:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or "architecture" not in model:
+        raise ValueError('needs a "model" object with an "architecture"')
+    return ModelDefinition(
+        model_type=path.stem,
+        architecture=str(model["architecture"]),
+        name=str(model.get("name", path.stem)),
+        description=str(model.get("description", "")),
+        urls=list(model.get("URLs", [])),
+        text_encoder_urls=list(model.get("text_encoder_URLs", [])),
+        settings={k: v for k, v in data.items() if k != "model"},
+        source=path,
+        model=model,
+    )
+
+
+def load_definitions(
+    dirs: list[Path] | None = None,
+) -> tuple[dict[str, ModelDefinition], list[str]]:
+    """Definitions by model type (later folders override earlier ones) and a list of problems.
+
+    A broken file is reported and skipped, never fatal; so is one naming an unknown architecture.
+    """
+    handlers = discover_handlers()
+    known = {a for h in handlers.values() for a in h.architectures}
+    defs: dict[str, ModelDefinition] = {}
+    problems: list[str] = []
+    for folder in dirs or [DEFAULTS_DIR, FINETUNES_DIR]:
+        if not Path(folder).is_dir():
+            continue
+        for path in sorted(Path(folder).glob("*.json")):
+            try:
+                d = _parse_definition(path)
+            except (OSError, ValueError, TypeError) as e:
+                problems.append(f"skipped model definition {path}: {e}")
+                continue
+            if d.architecture not in known:
+                problems.append(f"skipped model definition {path}: unknown architecture {d.architecture!r}")
+                continue
+            defs[d.model_type] = d
+    for p in problems:
+        log.warning(p)
+    return defs, problems
+
+
+def aliases() -> dict[str, str]:
+    return {a: t for h in discover_handlers().values() for a, t in h.aliases.items()}
+
+
+def resolve_model_type(name: str, defs: dict[str, ModelDefinition]) -> str:
+    """A model type from its name or alias; a clear error listing the known ones otherwise."""
+    name = aliases().get(name, name)
+    if name not in defs:
+        known = sorted(set(defs) | set(aliases()))
+        raise UserError(f"unknown model type {name!r}; known: {', '.join(known)}")
+    return name
+
+
+def equivalent_types(model_type: str, defs: dict[str, ModelDefinition]) -> tuple[str, ...]:
+    """Model types whose settings carry over to model_type (itself included)."""
+    arch = defs[model_type].architecture
+    eq = handler_for(arch).equivalences.get(arch, ())
+    return (arch, *eq)

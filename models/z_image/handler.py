@@ -1,0 +1,129 @@
+"""The Z-Image family: model types, their defaults, where their weights are, and loading."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.errors import UserError
+from models.registry import FamilyHandler, register_handler
+from models.z_image import checkpoints as ck
+from models.z_image.pipeline import ZImagePipeline
+
+log = logging.getLogger("wgp_zimage")
+
+DEFAULT_NEGATIVE = (
+    "low quality, worst quality, blurry, pixelated, noisy, artifacts, watermark, text, logo, "
+    "bad anatomy, bad hands, extra limbs"
+)
+# transformer file stem of each type in the DeepBeepMeep/Z-Image file set
+TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo"}
+TINY_FOLDER = "z_image_tiny"
+
+
+class ZImageHandler(FamilyHandler):
+    family = "z_image"
+    family_label = "Z-Image"
+    architectures = ("z_image_base", "z_image", "z_image_tiny")
+    aliases = {"base": "z_image_base", "turbo": "z_image", "tiny": "z_image_tiny"}
+    equivalences = {"z_image_base": ("z_image",), "z_image": ("z_image_base",)}
+
+    def ui_defaults(self, architecture: str) -> dict[str, Any]:
+        if architecture == "z_image":
+            return {"width": 1024, "height": 1024, "num_inference_steps": 8, "guidance_scale": 0.0,
+                    "flow_shift": 3.0, "negative_prompt": "", "show_negative_prompt": False,
+                    "flow_shift_advanced": True, "min_recommended_size": 512}
+        if architecture == "z_image_tiny":
+            return {"width": 256, "height": 256, "num_inference_steps": 8, "guidance_scale": 4.0,
+                    "flow_shift": 6.0, "negative_prompt": "blurry", "show_negative_prompt": True,
+                    "flow_shift_advanced": False, "min_recommended_size": 0}
+        return {"width": 1024, "height": 1024, "num_inference_steps": 30, "guidance_scale": 4.0,
+                "flow_shift": 6.0, "negative_prompt": DEFAULT_NEGATIVE, "show_negative_prompt": True,
+                "flow_shift_advanced": False, "min_recommended_size": 512}
+
+    def lora_subdir(self) -> str:
+        return "z_image"
+
+    def default_model_dir(self, architecture: str, checkpoints_dir: Path) -> Path:
+        """Where a type's weights live when no --model-dir is given (created for the tiny model)."""
+        if architecture == "z_image_tiny":
+            from models.z_image.tiny import ensure_tiny_model
+
+            return ensure_tiny_model(Path(checkpoints_dir) / TINY_FOLDER)
+        return Path(checkpoints_dir)
+
+    def model_files(self, model_dir: Path, architecture: str | None) -> ck.ModelFiles:
+        stem = TRANSFORMER_STEMS.get(architecture or "z_image_base", "ZImageBase")
+        files = ck.find_model_files(model_dir, stem)
+        if architecture is None and files.layout == "DeepBeepMeep" and not files.transformer[0].is_file():
+            # no --model: take whichever of Base / Turbo the folder holds
+            for other in TRANSFORMER_STEMS.values():
+                candidate = Path(model_dir) / f"{other}_bf16.safetensors"
+                if candidate.is_file():
+                    files.missing.remove(files.transformer[0])
+                    files.transformer = [candidate]
+                    break
+        return files
+
+    def scheduler_shift(self, files: ck.ModelFiles) -> float | None:
+        if files.scheduler_config is None or not files.scheduler_config.is_file():
+            return None
+        return ck.scheduler_shift(files.scheduler_config)
+
+    def load_model(
+        self,
+        model_filename: str | Path | None = None,
+        base_model_type: str | None = "z_image_base",
+        quantizeTransformer: bool = False,  # noqa: N803 - Wan2GP's argument name
+        dtype: torch.dtype = torch.bfloat16,
+        VAE_dtype: torch.dtype = torch.float32,  # noqa: N803
+        model_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        progress=None,
+        **_: Any,
+    ) -> tuple[ZImagePipeline, dict[str, Any]]:
+        """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
+
+        model_filename: a single-file transformer (diffusers, DeepBeepMeep or ComfyUI keys) that
+        replaces the folder's own; model_dir: any of the supported layouts.
+        """
+        if quantizeTransformer:
+            raise UserError("on-the-fly int8 quantization is not available yet; use bf16 weights")
+        if model_dir is None:
+            raise UserError("no model folder given")
+        device = torch.device(device)
+        files = self.model_files(Path(model_dir), base_model_type)
+        if model_filename is not None:
+            tf = Path(model_filename)
+            if not tf.is_file():
+                raise UserError(f"transformer file not found: {tf}")
+            files.missing = [p for p in files.missing if p not in files.transformer]
+            files.transformer, files.transformer_config = [tf], None
+        for p in files.transformer:
+            if "_quanto_" in p.name and p.is_file():
+                raise UserError(f"{p.name}: int8 (quanto) weights are not supported yet; use the bf16 file")
+        files.check()
+        steps = [
+            ("transformer", lambda: ck.load_transformer(files.transformer, files.transformer_config, dtype, device)),
+            ("text encoder", lambda: ck.load_text_encoder(
+                files.text_encoder, files.text_encoder_config, files.tokenizer_dir, dtype, device)),
+            ("VAE", lambda: ck.load_vae(files.vae, files.vae_config, VAE_dtype, device)),
+        ]
+        parts = {}
+        for i, (name, load) in enumerate(steps):
+            if progress is not None:
+                progress(i, len(steps), f"loading {name}")
+            parts[name] = load()
+        if progress is not None:
+            progress(len(steps), len(steps), "loaded")
+        shift = self.scheduler_shift(files)
+        pipe = ZImagePipeline(parts["transformer"], parts["text encoder"], parts["VAE"],
+                              default_shift=shift if shift is not None else 3.0, device=device)
+        return pipe, {"transformer": parts["transformer"], "text_encoder": parts["text encoder"].model,
+                      "vae": parts["VAE"]}
+
+
+HANDLER = register_handler(ZImageHandler())

@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""wgp-zimage: Z-Image Base / Turbo from the command line.
+
+    python wgp_zimage.py generate --model tiny --prompt "a fox" --output out.png
+    python wgp_zimage.py models
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+log = logging.getLogger("wgp_zimage")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def shared_options() -> argparse.ArgumentParser:
+    """Options several commands share; accepted after any sub-command and by the UI launch."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("shared options")
+    g.add_argument("--checkpoints-dir", type=Path, default=Path("ckpts"),
+                   help="where model weights are looked up (default: ckpts/)")
+    g.add_argument("--output-dir", type=Path, default=Path("outputs"),
+                   help="where images are saved (default: outputs/)")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="model dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    g.add_argument("--vae-dtype", choices=["bf16", "fp32"], default="fp32", help="VAE decode dtype (default fp32)")
+    g.add_argument("--vae-tiling", action="store_true", help="decode the image in tiles (large images, small cards)")
+    g.add_argument("--attention", choices=["auto", "sdpa"], default="auto", help="attention backend")
+    g.add_argument("--verbose", "-v", action="store_true", help="log details (and tracebacks) to stderr")
+    return p
+
+
+def build_parser() -> Parser:
+    shared = shared_options()
+    parser = Parser(prog="wgp_zimage.py", description="Z-Image Base / Turbo text-to-image", parents=[shared])
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+
+    gen = sub.add_parser("generate", parents=[shared], help="render images headlessly")
+    gen.add_argument("--model", default=None,
+                     help="z_image_base (alias base, default), z_image (alias turbo), z_image_tiny (alias tiny)")
+    gen.add_argument("--model-dir", type=Path, default=None,
+                     help="weights folder: diffusers layout or the DeepBeepMeep/Z-Image file set")
+    gen.add_argument("--transformer", type=Path, default=None,
+                     help="single-file transformer (diffusers, DeepBeepMeep or ComfyUI keys) replacing the folder's")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt")
+    src.add_argument("--prompt-file", type=Path, help="one job per non-empty line; lines starting with # are comments")
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps = model evaluations (1-100)")
+    gen.add_argument("--guidance", type=float, default=None, help="CFG scale g (0 = off, 0-20)")
+    gen.add_argument("--flow-shift", type=float, default=None, help="sampling shift (1-10; Base 6, Turbo 3)")
+    gen.add_argument("--cfg-normalization", type=float, default=0.0, help="cap |pred| at K * |pos| (0 = off)")
+    gen.add_argument("--cfg-truncation", type=float, default=1.0,
+                     help="CFG off once 1 - sigma exceeds C (1.0 never truncates)")
+    gen.add_argument("--seed", type=int, default=-1, help="-1 = random (reported)")
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt (1-16); image i uses seed + i")
+    gen.add_argument("--output", type=Path, default=None,
+                     help="FILE.png (K images: FILE_1.png ... FILE_K.png) or a folder (default: --output-dir)")
+
+    sub.add_parser("models", parents=[shared], help="list model types and whether their files are present")
+    return parser
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    from models.errors import UserError
+
+    if args.prompt is not None:
+        return [args.prompt]
+    try:
+        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not prompts:
+        raise UserError(f"--prompt-file {args.prompt_file} holds no prompt")
+    return prompts
+
+
+def file_targets(output: Path | None, total: int) -> list[Path] | None:
+    """Explicit file names for --output FILE (None means: name files in a folder)."""
+    if output is None or output.is_dir() or not output.suffix:
+        return None
+    if output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        from models.errors import UserError
+
+        raise UserError(f"--output {output}: use a .png, .jpg or .webp file name, or a folder")
+    if total == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(1, total + 1)]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from app.jobs import CLI_NAMES, JobSpec
+    from app.service import GenerationService, ServiceConfig
+    from models.errors import GenerationInterrupted
+
+    prompts = read_prompts(args)
+    service = GenerationService(ServiceConfig(
+        checkpoints_dir=args.checkpoints_dir, output_dir=args.output_dir, device=args.device,
+        dtype=args.dtype, vae_dtype=args.vae_dtype, vae_tiling=args.vae_tiling))
+    model_type = service.definition(args.model).model_type if args.model else "z_image_base"
+    d = service.defaults(args.model and model_type, args.model_dir)
+    pick = lambda value, key: d[key] if value is None else value
+    specs = [JobSpec(
+        model_type=model_type, prompt=p,
+        negative_prompt=pick(args.negative_prompt, "negative_prompt"),
+        width=pick(args.width, "width"), height=pick(args.height, "height"),
+        num_inference_steps=pick(args.steps, "num_inference_steps"),
+        guidance_scale=pick(args.guidance, "guidance_scale"), flow_shift=pick(args.flow_shift, "flow_shift"),
+        cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
+        seed=args.seed, num_images=args.num_images,
+    ) for p in prompts]
+    from app.jobs import validate
+
+    for spec in specs:
+        validate(spec, CLI_NAMES)  # all jobs checked before any model loads
+    targets = file_targets(args.output, sum(s.num_images for s in specs))
+    out_dir = args.output if targets is None and args.output is not None else None
+
+    # first Ctrl-C: stop after the current step; a second one: stop at once
+    def on_sigint(signum, frame):
+        service.abort.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.stderr.write("\nstopping after the current step (Ctrl-C again to quit at once)\n")
+
+    signal.signal(signal.SIGINT, on_sigint)
+    bars: dict[str, tqdm] = {}
+
+    def on_event(ev: dict) -> None:
+        if ev["kind"] == "load":
+            bar = bars.get("load") or bars.setdefault("load", tqdm(total=ev["total"], desc="loading", unit="part"))
+            bar.n = ev["step"]
+            bar.set_postfix_str(ev["desc"])
+            if ev["step"] >= ev["total"]:
+                bar.close()
+        elif ev["kind"] == "step":
+            bar = bars.get("steps")
+            if bar is None or bar.total != ev["total"] or bar.disable:
+                bar = bars["steps"] = tqdm(total=ev["total"], desc="denoising", unit="step")
+            bar.update(1)
+            bar.set_postfix_str(f"{ev['seconds_per_step']:.2f} s/step")
+            if ev["step"] >= ev["total"]:
+                bar.close()
+                bars.pop("steps")
+
+    offset = 0
+    try:
+        for spec in specs:
+            names = targets[offset:offset + spec.num_images] if targets else None
+            offset += spec.num_images
+            result = service.generate(
+                spec, model_dir=args.model_dir, transformer_file=args.transformer,
+                model_type_given=args.model is not None, output_dir=out_dir, file_names=names,
+                on_event=on_event, extra_names=CLI_NAMES)
+            for path, seed in zip(result.paths, result.seeds):
+                print(f"saved {path} (seed {seed})")
+            print(f"{result.seconds:.1f} s, {result.seconds_per_step:.3f} s/step")
+    except GenerationInterrupted:
+        for bar in bars.values():
+            bar.close()
+        sys.stderr.write("interrupted: the current job was stopped and nothing of it was written\n")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.registry import handler_for, load_definitions
+
+    defs, problems = load_definitions()
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
+    for mt, d in defs.items():
+        handler = handler_for(d.architecture)
+        print(f"{mt}  ({d.name})")
+        if d.architecture == "z_image_tiny":
+            print("    generated on first use, no download")
+            continue
+        files = handler.model_files(Path(args.checkpoints_dir), d.architecture)
+        for p in [*files.transformer, *files.text_encoder, *files.vae, files.vae_config, files.text_encoder_config]:
+            print(f"    [{'x' if p.is_file() else ' '}] {p}")
+    return 0
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep third-party chatter (and their progress bars) off the user's terminal unless asked."""
+    logging.getLogger("httpx").setLevel(logging.INFO if verbose else logging.WARNING)
+    if verbose:
+        return
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    # keep third-party chatter off the user's terminal unless asked
+    quiet_libraries(args.verbose)
+    from models.errors import UserError
+
+    try:
+        from models.attention import set_attention_backend
+
+        set_attention_backend(args.attention)
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "models":
+            return cmd_models(args)
+        sys.stderr.write("the web UI is not available yet; use `python wgp_zimage.py generate --help`\n")
+        return EXIT_USAGE
+    except UserError as e:
+        log.debug("user error", exc_info=True)
+        sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
