@@ -150,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.n = ev["step"]
             bar.set_postfix_str(ev["desc"])
             if ev["step"] >= ev["total"]:
-                bar.close()
+                bars.pop("load").close()
         elif ev["kind"] == "step":
             bar = bars.get("steps")
             if bar is None or bar.total != ev["total"] or bar.disable:
@@ -158,8 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.update(1)
             bar.set_postfix_str(f"{ev['seconds_per_step']:.2f} s/step")
             if ev["step"] >= ev["total"]:
-                bar.close()
-                bars.pop("steps")
+                bars.pop("steps").close()
 
     offset = 0
     try:
@@ -174,10 +173,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"saved {path} (seed {seed})")
             print(f"{result.seconds:.1f} s, {result.seconds_per_step:.3f} s/step")
     except GenerationInterrupted:
-        for bar in bars.values():
-            bar.close()
         sys.stderr.write("interrupted: the current job was stopped and nothing of it was written\n")
         return EXIT_INTERRUPTED
+    finally:
+        for bar in bars.values():
+            bar.close()
     return 0
 
 
@@ -199,6 +199,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LowerLevel(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def setup_logging(verbose: bool) -> None:
+    """Our messages to the current stderr as 'warning: ...' lines (once, even if main runs again)."""
+    logger = logging.getLogger("wgp_zimage")
+    for h in [h for h in logger.handlers if getattr(h, "_wgp", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._wgp = True  # type: ignore[attr-defined]
+    handler.setFormatter(_LowerLevel())
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    quiet_libraries(verbose)
+
+
 def quiet_libraries(verbose: bool) -> None:
     """Keep third-party chatter (and their progress bars) off the user's terminal unless asked."""
     logging.getLogger("httpx").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -215,10 +233,8 @@ def quiet_libraries(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
+    setup_logging(args.verbose)
     # keep third-party chatter off the user's terminal unless asked
-    quiet_libraries(args.verbose)
     from models.errors import UserError
 
     try:

@@ -1,0 +1,239 @@
+"""The headless CLI: outputs, seeds, metadata, defaults and bad input (one line, exit 2)."""
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import wgp_zimage
+from app.metadata import read_settings
+from tests.conftest import ROOT, run_cli
+
+
+def gen(tiny_dir, *args):
+    return ["generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "2", "--width", "64",
+            "--height", "64", *args]
+
+
+def main(capsys, *args):
+    rc = wgp_zimage.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+# ------------------------------------------------------------------ outputs and seeds
+
+def test_file_output_and_batch_seeds(tiny_dir, tmp_path, capsys):
+    rc, out, err = main(capsys, *gen(tiny_dir, "--prompt", "a fox", "--num-images", "3", "--seed", "40",
+                                     "--output", str(tmp_path / "fox.png")))
+    assert rc == 0, err
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["fox_1.png", "fox_2.png", "fox_3.png"]
+    # image 2 of the batch (seed 41) is reproduced alone from its recorded seed
+    meta = read_settings(tmp_path / "fox_2.png")
+    assert meta["seed"] == 41 and meta["batch_seed"] == 40 and meta["image_index"] == 1
+    rc, _, err = main(capsys, *gen(tiny_dir, "--prompt", "a fox", "--seed", "41", "--output",
+                                   str(tmp_path / "alone.png")))
+    assert rc == 0, err
+    # same noise; batched matmuls may round differently in the last bits
+    diff = np.abs(pixels(tmp_path / "alone.png").astype(int) - pixels(tmp_path / "fox_2.png").astype(int))
+    assert diff.max() <= 2
+    assert not np.array_equal(pixels(tmp_path / "fox_1.png"), pixels(tmp_path / "fox_2.png"))
+
+
+def test_single_file_output_exact_name(tiny_dir, tmp_path, capsys):
+    rc, out, _ = main(capsys, *gen(tiny_dir, "--prompt", "x", "--seed", "1", "--output", str(tmp_path / "one.png")))
+    assert rc == 0 and [p.name for p in tmp_path.iterdir()] == ["one.png"]
+
+
+def test_directory_naming_and_metadata(tiny_dir, tmp_path, capsys):
+    rc, out, err = main(capsys, *gen(tiny_dir, "--prompt", "A Red Fox, in snow!", "--seed", "-1",
+                                     "--negative-prompt", "ugly", "--guidance", "3.5", "--output", str(tmp_path)))
+    assert rc == 0, err
+    (path,) = tmp_path.iterdir()
+    m = re.fullmatch(r"\d{4}-\d\d-\d\d-\d\dh\d\dm\d\ds_seed(\d+)_1_a_red_fox_in_snow\.png", path.name)
+    assert m, path.name
+    assert f"seed {m.group(1)}" in out  # the random seed is reported
+    meta = read_settings(path)
+    assert meta["schema"] == 1 and meta["seed"] == int(m.group(1))
+    assert meta["prompt"] == "A Red Fox, in snow!" and meta["negative_prompt"] == "ugly"
+    assert meta["guidance_scale"] == 3.5 and meta["num_inference_steps"] == 2 and meta["model_type"] == "z_image_tiny"
+    assert meta["width"] == 64 and meta["flow_shift"] == 6.0
+
+
+def test_output_dir_option(tiny_dir, tmp_path, capsys):
+    rc, _, err = main(capsys, *gen(tiny_dir, "--prompt", "x", "--seed", "2"), "--output-dir", str(tmp_path / "o"))
+    assert rc == 0, err
+    assert len(list((tmp_path / "o").glob("*_seed2_1_x.png"))) == 1
+
+
+def test_prompt_file(tiny_dir, tmp_path, capsys):
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("# a comment\nfirst prompt\n\n   \nsecond prompt\n")
+    rc, out, err = main(capsys, *gen(tiny_dir, "--prompt-file", str(pf), "--seed", "3", "--output",
+                                     str(tmp_path / "out")))
+    assert rc == 0, err
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(names) == 2 and names[0].endswith("first_prompt.png") and names[1].endswith("second_prompt.png")
+
+
+def test_model_defaults_and_explicit_flags(tiny_dir, tiny_dbm_dir, tmp_path, capsys):
+    # --model-dir without --model: Base defaults, but the folder's scheduler shift (3.0 here)
+    rc, _, err = main(capsys, "generate", "--model-dir", str(tiny_dbm_dir), "--prompt", "x", "--steps", "1",
+                      "--width", "64", "--height", "64", "--seed", "1", "--output", str(tmp_path / "a.png"))
+    assert rc == 0, err
+    meta = read_settings(tmp_path / "a.png")
+    assert meta["flow_shift"] == 3.0 and meta["guidance_scale"] == 4.0 and meta["model_type"] == "z_image_base"
+    assert meta["negative_prompt"].startswith("low quality")
+    assert "below 512" in err  # the 6B weights were not trained at 64 px
+    # --model turbo: Turbo's defaults, explicit flags still win
+    dbm_turbo = tmp_path / "dbm"
+    shutil.copytree(tiny_dbm_dir, dbm_turbo)
+    (dbm_turbo / "ZImageBase_bf16.safetensors").rename(dbm_turbo / "ZImageTurbo_bf16.safetensors")
+    rc, _, err = main(capsys, "generate", "--model", "turbo", "--model-dir", str(dbm_turbo), "--prompt", "x",
+                      "--width", "64", "--height", "64", "--seed", "1", "--flow-shift", "2.5",
+                      "--output", str(tmp_path / "b.png"))
+    assert rc == 0, err
+    meta = read_settings(tmp_path / "b.png")
+    assert (meta["model_type"], meta["num_inference_steps"], meta["guidance_scale"], meta["flow_shift"]) == \
+        ("z_image", 8, 0.0, 2.5)
+
+
+def test_tiny_model_generated_on_first_use(tmp_path, capsys):
+    rc, out, err = main(capsys, "generate", "--model", "tiny", "--checkpoints-dir", str(tmp_path / "ck"),
+                        "--prompt", "x", "--steps", "1", "--width", "32", "--height", "32", "--seed", "0",
+                        "--output", str(tmp_path / "t.png"))
+    assert rc == 0, err
+    assert (tmp_path / "ck" / "z_image_tiny" / "model_index.json").is_file()
+
+
+def test_long_prompt_warns_then_generates(tiny_dir, tmp_path, capsys):
+    rc, out, err = main(capsys, *gen(tiny_dir, "--prompt", "word " * 200, "--seed", "1", "--output",
+                                     str(tmp_path / "long.png")))
+    assert rc == 0 and "truncated to 512" in err and (tmp_path / "long.png").is_file()
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("args,message", [
+    (["--width", "100"], "--width must be a multiple of 16 (got 100)"),
+    (["--height", "8000"], "--height must be between 16 and 4096 (got 8000)"),
+    (["--steps", "0"], "--steps must be between 1 and 100 (got 0)"),
+    (["--steps", "101"], "--steps must be between 1 and 100"),
+    (["--guidance", "25"], "--guidance must be between 0 and 20"),
+    (["--num-images", "17"], "--num-images must be between 1 and 16"),
+    (["--flow-shift", "0.5"], "--flow-shift must be between 1 and 10"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--model", "z_image_huge"], "unknown model type 'z_image_huge'"),
+    (["--width", "abc"], "argument --width: invalid int value"),
+])
+def test_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys, args, message):
+    try:
+        rc = wgp_zimage.main(gen(tiny_dir, "--prompt", "x", "--output", str(tmp_path / "x.png"), *args))
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def error_lines(err):
+    """The error lines of stderr (progress bars may precede them)."""
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("error")]
+    assert "Traceback" not in err
+    return lines
+
+
+def _broken_copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_weight_file(tiny_dbm_dir, tmp_path, capsys):
+    d = _broken_copy(tiny_dbm_dir, tmp_path / "m")
+    (d / "ZImageTurbo_VAE_bf16.safetensors").unlink()
+    rc, _, err = main(capsys, "generate", "--model-dir", str(d), "--prompt", "x", "--width", "64", "--height", "64")
+    assert rc == 2 and "missing weight files" in err and "ZImageTurbo_VAE_bf16.safetensors" in err
+    assert "Traceback" not in err
+
+
+def test_corrupt_weight_file(tiny_dir, tmp_path, capsys):
+    d = _broken_copy(tiny_dir, tmp_path / "c")
+    f = d / "transformer" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])  # truncated download
+    rc, _, err = main(capsys, *gen(d, "--prompt", "x"))
+    assert rc == 2 and "corrupt or unreadable weight file" in err and str(f) in err
+    assert len(error_lines(err)) == 1 and err.rstrip().endswith("invalid header length")
+
+
+def test_missing_and_unexpected_keys_named(tiny_dir, tmp_path, capsys):
+    d = _broken_copy(tiny_dir, tmp_path / "k")
+    f = d / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    del sd["layers.1.feed_forward.w2.weight"]
+    sd["extra.thing.weight"] = sd["x_pad_token"].clone()
+    save_file(sd, f)
+    rc, _, err = main(capsys, *gen(d, "--prompt", "x"))
+    assert rc == 2
+    assert "1 missing keys (first: layers.1.feed_forward.w2.weight)" in err
+    assert "1 unexpected keys (first: extra.thing.weight)" in err
+
+
+def test_wrong_shapes_named(tiny_dir, tmp_path, capsys):
+    d = _broken_copy(tiny_dir, tmp_path / "s")
+    cfg = json.loads((d / "transformer" / "config.json").read_text())
+    (d / "transformer" / "config.json").write_text(json.dumps({**cfg, "cap_feat_dim": 48}))
+    rc, _, err = main(capsys, *gen(d, "--prompt", "x"))
+    assert rc == 2 and "wrong tensor shapes" in err and "cap_embedder" in err
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    rc, _, err = main(capsys, "generate", "--model-dir", str(tmp_path / "nope"), "--prompt", "x")
+    assert rc == 2 and "model folder not found" in err
+
+
+def test_process_level_bad_input_has_no_traceback(tiny_dir):
+    r = run_cli(*gen(tiny_dir, "--prompt", "x", "--width", "30"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --width must be a multiple of 16 (got 30)"
+
+
+def test_ctrl_c_stops_after_current_step_and_writes_nothing(tiny_dir, tmp_path):
+    out = tmp_path / "never.png"
+    cmd = [sys.executable, str(ROOT / "wgp_zimage.py"), "generate", "--model", "tiny", "--model-dir", str(tiny_dir),
+           "--prompt", "x", "--steps", "100", "--width", "1024", "--height", "1024", "--seed", "1",
+           "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    err = ""
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until denoising has started
+        chunk = proc.stderr.read(1)
+        err += chunk
+        if "denoising" in err and re.search(r"\| [1-9]\d*/100", err):
+            break
+        if not chunk:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    err += rest
+    assert proc.returncode == 130, err[-2000:]
+    assert "nothing of it was written" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert "Traceback" not in err
