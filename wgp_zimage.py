@@ -39,6 +39,10 @@ def shared_options() -> argparse.ArgumentParser:
                    help="model dtype (default: bf16 on CUDA, fp32 on the CPU)")
     g.add_argument("--vae-dtype", choices=["bf16", "fp32"], default="fp32", help="VAE decode dtype (default fp32)")
     g.add_argument("--vae-tiling", action="store_true", help="decode the image in tiles (large images, small cards)")
+    for part in ("transformer", "text-encoder"):
+        g.add_argument(f"--{part}-quantization", choices=["auto", "bf16", "int8"], default="auto",
+                       help=f"{part.replace('-', ' ')} weights to download and load: auto = int8 on cards under "
+                            "24 GB, bf16 otherwise")
     g.add_argument("--attention", choices=["auto", "sdpa"], default="auto", help="attention backend")
     g.add_argument("--verbose", "-v", action="store_true", help="log details (and tracebacks) to stderr")
     return p
@@ -115,7 +119,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     service = GenerationService(ServiceConfig(
         checkpoints_dir=args.checkpoints_dir, output_dir=args.output_dir, device=args.device,
-        dtype=args.dtype, vae_dtype=args.vae_dtype, vae_tiling=args.vae_tiling))
+        dtype=args.dtype, vae_dtype=args.vae_dtype, vae_tiling=args.vae_tiling,
+        transformer_quantization=args.transformer_quantization,
+        text_encoder_quantization=args.text_encoder_quantization))
     model_type = service.definition(args.model).model_type if args.model else "z_image_base"
     d = service.defaults(args.model and model_type, args.model_dir)
     pick = lambda value, key: d[key] if value is None else value
@@ -145,7 +151,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     bars: dict[str, tqdm] = {}
 
     def on_event(ev: dict) -> None:
-        if ev["kind"] == "load":
+        if ev["kind"] == "download":
+            sys.stderr.write(f"{len(ev['files'])} model file(s) missing in {args.checkpoints_dir}: fetching\n")
+        elif ev["kind"] == "load":
             bar = bars.get("load") or bars.setdefault("load", tqdm(total=ev["total"], desc="loading", unit="part"))
             bar.n = ev["step"]
             bar.set_postfix_str(ev["desc"])
@@ -182,20 +190,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from app.service import resolve_device
     from models.registry import handler_for, load_definitions
 
     defs, problems = load_definitions()
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
-    for mt, d in defs.items():
+    device = resolve_device(args.device)
+    for mt, d in sorted(defs.items()):
         handler = handler_for(d.architecture)
-        print(f"{mt}  ({d.name})")
-        if d.architecture == "z_image_tiny":
-            print("    generated on first use, no download")
-            continue
-        files = handler.model_files(Path(args.checkpoints_dir), d.architecture)
-        for p in [*files.transformer, *files.text_encoder, *files.vae, files.vae_config, files.text_encoder_config]:
-            print(f"    [{'x' if p.is_file() else ' '}] {p}")
+        print(f"{mt}  [{handler.family_label}] {d.name}")
+        tq = handler.choose_quantization(args.transformer_quantization, device)
+        teq = handler.choose_quantization(args.text_encoder_quantization, device)
+        specs = handler.files_to_download(d, args.checkpoints_dir, tq, teq)
+        local = handler.local_transformer(d, tq)
+        if not specs and local is None:
+            print("    no files to fetch (generated on first use)")
+        if local is not None:
+            print(f"    [{'x' if local.is_file() else ' '}] {local}")
+        for spec in specs:
+            print(f"    [{'x' if spec.local_path.is_file() else ' '}] {spec.local_path}  <- {spec.url()}")
     return 0
 
 

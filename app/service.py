@@ -54,6 +54,8 @@ class ServiceConfig:
     dtype: str | None = None  # bf16 on CUDA, fp32 on the CPU when None
     vae_dtype: str = "fp32"
     vae_tiling: bool = False
+    transformer_quantization: str = "auto"
+    text_encoder_quantization: str = "auto"
 
 
 @dataclass
@@ -112,6 +114,8 @@ class GenerationService:
         on_event: EventFn | None = None,
     ):
         d = self.definition(model_type or "z_image_base")
+        if model_dir is None:
+            transformer_file = transformer_file or self.fetch_weights(d, on_event)
         folder = self.model_dir(model_type, model_dir)
         key = (d.model_type if model_type else None, str(folder), str(transformer_file),
                str(self.device), self.dtype, self.vae_dtype)
@@ -131,6 +135,20 @@ class GenerationService:
             )
             self._pipe, self._pipe_key = pipe, key
             return pipe
+
+    def fetch_weights(self, d: ModelDefinition, on_event: EventFn | None = None) -> Path | None:
+        """Download what a type needs into the checkpoints folder; returns a finetune's local transformer."""
+        from models.downloads import download_files, missing_files
+
+        handler = handler_for(d.architecture)
+        tq = handler.choose_quantization(self.config.transformer_quantization, self.device)
+        teq = handler.choose_quantization(self.config.text_encoder_quantization, self.device)
+        specs = handler.files_to_download(d, self.config.checkpoints_dir, tq, teq)
+        missing = missing_files(specs)
+        if missing and on_event:
+            on_event({"kind": "download", "files": [s.repo_path for s in missing]})
+        download_files(specs)
+        return handler.local_transformer(d, tq)
 
     def unload(self) -> None:
         with self._lock:

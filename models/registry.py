@@ -35,8 +35,33 @@ class FamilyHandler:
     # model types whose settings and images load into each other
     equivalences: dict[str, tuple[str, ...]] = {}
 
+    int8_ready: bool = False  # whether load_model can take quanto int8 weights
+
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {}
+
+    def files_to_download(self, definition: ModelDefinition, checkpoints_dir: Path,
+                          transformer_quantization: str = "bf16", text_encoder_quantization: str = "bf16") -> list:
+        """FileSpecs (models.downloads) of what a type needs in the checkpoints folder."""
+        return []
+
+    def local_transformer(self, definition: ModelDefinition, transformer_quantization: str = "bf16") -> Path | None:
+        return None
+
+    def choose_quantization(self, requested: str, device) -> str:
+        """bf16 or int8 weights: 'auto' takes int8 on cards under 24 GB, bf16 otherwise (and on the CPU)."""
+        import torch
+
+        if requested not in ("auto", "bf16", "int8"):
+            raise UserError(f"quantization must be auto, bf16 or int8 (got {requested!r})")
+        choice = requested
+        if requested == "auto":
+            small = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 24 * 1024**3
+            choice = "int8" if small else "bf16"
+        if choice == "int8" and not self.int8_ready:
+            log.warning("int8 weights cannot be loaded yet; using bf16 weights")
+            choice = "bf16"
+        return choice
 
     def load_model(self, **kwargs):  # pragma: no cover - each family implements it
         raise NotImplementedError

@@ -23,9 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-def run_cli(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 240, env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run wgp_zimage.py in a fresh interpreter, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "wgp_zimage.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, **kwargs)
 
@@ -84,7 +84,12 @@ def tiny_dbm_dir(tiny_dir, tmp_path_factory) -> Path:
     save_file(te, qwen / "qwen3_bf16.safetensors")
     shutil.copy(tiny_dir / "text_encoder" / "config.json", qwen / "config.json")
     for f in (tiny_dir / "tokenizer").iterdir():
-        shutil.copy(f, qwen / f.name)
+        if f.suffix != ".jinja":
+            shutil.copy(f, qwen / f.name)
+    # like the real Qwen3 folder: the chat template inside tokenizer_config.json
+    tc = json.loads((qwen / "tokenizer_config.json").read_text())
+    tc["chat_template"] = (tiny_dir / "tokenizer" / "chat_template.jinja").read_text()
+    (qwen / "tokenizer_config.json").write_text(json.dumps(tc))
     return out
 
 

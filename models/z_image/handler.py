@@ -22,6 +22,17 @@ DEFAULT_NEGATIVE = (
 # transformer file stem of each type in the DeepBeepMeep/Z-Image file set
 TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo"}
 TINY_FOLDER = "z_image_tiny"
+REPO_ID = "DeepBeepMeep/Z-Image"
+# files every Base / Turbo install needs besides the transformer and Qwen3 weights
+SHARED_FILES = (
+    ck.DBM_VAE, ck.DBM_VAE_CONFIG, ck.DBM_SCHEDULER,
+    *(f"{ck.DBM_TEXT_DIR}/{n}" for n in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                         "vocab.json", "merges.txt")),
+)
+
+
+def is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
 
 
 class ZImageHandler(FamilyHandler):
@@ -67,6 +78,35 @@ class ZImageHandler(FamilyHandler):
                     files.transformer = [candidate]
                     break
         return files
+
+    def files_to_download(
+        self, definition, checkpoints_dir: Path, transformer_quantization: str = "bf16",
+        text_encoder_quantization: str = "bf16",
+    ) -> list:
+        """FileSpecs of everything a type needs in the checkpoints folder (none for the tiny model)."""
+        from models.downloads import FileSpec, spec_from_url
+
+        if definition.architecture == "z_image_tiny":
+            return []
+        pick = {"bf16": 0, "int8": 1}
+        specs = []
+        for urls, quant, what in ((definition.urls, transformer_quantization, "transformer"),
+                                  (definition.text_encoder_urls, text_encoder_quantization, "text encoder")):
+            if len(urls) <= pick[quant]:
+                raise UserError(f"model definition {definition.source} has no {quant} {what} URL")
+            if is_url(urls[pick[quant]]):  # a finetune may name a local file instead
+                specs.append(spec_from_url(urls[pick[quant]], checkpoints_dir))
+        specs += [FileSpec(REPO_ID, name, Path(checkpoints_dir) / name) for name in SHARED_FILES]
+        return specs
+
+    def local_transformer(self, definition, transformer_quantization: str = "bf16") -> Path | None:
+        """The transformer file a definition names by local path (finetunes), if any."""
+        urls = definition.urls
+        i = {"bf16": 0, "int8": 1}[transformer_quantization]
+        if len(urls) > i and not is_url(urls[i]):
+            path = Path(urls[i]).expanduser()
+            return path if path.is_absolute() else definition.source.parent.parent / path
+        return None
 
     def scheduler_shift(self, files: ck.ModelFiles) -> float | None:
         if files.scheduler_config is None or not files.scheduler_config.is_file():
