@@ -1,0 +1,200 @@
+"""`wgp_zimage.py profiles ...`: list, show, save, delete, rename, export and import generation profiles.
+
+Generation profiles (named settings files in --profiles-dir) are not MMGP memory profiles (1-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from app.settings import OUTPUT_FORMATS, SEED_POLICIES, ProfileStore, apply_to_model, job_seed, model_settings
+from models.errors import UserError
+
+log = logging.getLogger("wgp_zimage")
+
+DEFAULT_DIR = Path("profiles")
+# save flag -> settings key
+FLAG_KEYS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+    "steps": "num_inference_steps", "guidance": "guidance_scale", "flow_shift": "flow_shift",
+    "cfg_normalization": "cfg_normalization", "cfg_truncation": "cfg_truncation", "seed": "seed",
+    "seed_policy": "seed_policy", "num_images": "num_images", "format": "output_format",
+    "quality": "output_quality",
+}
+# settings key -> the flag users type, for messages
+PROFILE_FLAG_NAMES = {key: f"--{flag.replace('_', '-')}" for flag, key in FLAG_KEYS.items()}
+
+
+def add_profiles_parser(subparsers: argparse._SubParsersAction,
+                        shared_parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `profiles list|show|save|delete|rename|export|import` to a CLI's sub-commands."""
+    prof = subparsers.add_parser(
+        "profiles", help="saved generation profiles (not MMGP memory profiles)",
+        description="Generation profiles: named files of generation settings in --profiles-dir.")
+    # given before or after the action; the action's copy is SUPPRESSed so it never overwrites the parent's
+    prof.add_argument("--profiles-dir", type=Path, default=DEFAULT_DIR,
+                      help="folder of generation profiles (default: profiles/)")
+    actions = prof.add_subparsers(dest="profiles_command", metavar="ACTION", parser_class=type(prof))
+    actions.required = True
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, parents=[shared_parent], help=help_text)
+        p.add_argument("--profiles-dir", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return p
+
+    action("list", "list generation profiles (broken ones too)")
+    action("show", "print a generation profile as JSON").add_argument("name")
+    save = action("save", "save generation settings as a profile (unset values: the model's defaults)")
+    save.add_argument("name")
+    save.add_argument("--model", default=None, help="model type or alias (default z_image_base)")
+    save.add_argument("--prompt", default=None, help="saved with the profile only when given")
+    save.add_argument("--negative-prompt", default=None, help="saved with the profile only when given")
+    save.add_argument("--width", type=int, default=None)
+    save.add_argument("--height", type=int, default=None)
+    save.add_argument("--steps", type=int, default=None)
+    save.add_argument("--guidance", type=float, default=None)
+    save.add_argument("--flow-shift", type=float, default=None)
+    save.add_argument("--cfg-normalization", type=float, default=None)
+    save.add_argument("--cfg-truncation", type=float, default=None)
+    save.add_argument("--seed", type=int, default=None, help="-1 = random")
+    save.add_argument("--seed-policy", choices=SEED_POLICIES, default=None,
+                      help="fixed, random, or increment after each job (default: random for seed -1, else fixed)")
+    save.add_argument("--num-images", type=int, default=None)
+    save.add_argument("--lora", action="append", default=None, metavar="NAME[:STRENGTH]",
+                      help="a LoRA and its strength (default 1.0); repeatable")
+    save.add_argument("--format", choices=[*OUTPUT_FORMATS, "jpg"], default=None, help="output image format")
+    save.add_argument("--quality", type=int, default=None, help="jpeg/webp quality 1-100")
+    save.add_argument("--overwrite", action="store_true", help="replace a profile of that name")
+    save.add_argument("--overwrite-broken", action="store_true", help="replace a broken (unreadable) profile")
+    action("delete", "delete a generation profile").add_argument("name")
+    rename = action("rename", "rename a generation profile")
+    rename.add_argument("name")
+    rename.add_argument("new_name")
+    rename.add_argument("--overwrite", action="store_true")
+    export = action("export", "write a generation profile to a file")
+    export.add_argument("name")
+    export.add_argument("file", type=Path)
+    export.add_argument("--overwrite", action="store_true")
+    imp = action("import", "add a generation profile file (any schema version) to the folder")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--name", default=None, help="profile name (default: the file name)")
+    imp.add_argument("--overwrite", action="store_true")
+    return prof
+
+
+def _warn(warnings: Iterable[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def _parse_lora(text: str) -> dict[str, Any]:
+    name, sep, strength = text.rpartition(":")
+    if not sep:
+        return {"name": text, "strength": 1.0}
+    try:
+        return {"name": name, "strength": float(strength)}
+    except ValueError:
+        raise UserError(f"--lora {text}: the strength after ':' must be a number") from None
+
+
+def settings_from_args(args: argparse.Namespace, store: ProfileStore) -> tuple[dict[str, Any], list[str]]:
+    """The model's defaults (user's per-model defaults included) overlaid with the flags given."""
+    from models.registry import load_definitions
+
+    defs, problems = load_definitions()
+    settings, warnings = model_settings(args.model or "z_image_base", defs, store)
+    settings = {**settings, "prompt": None, "negative_prompt": None}  # texts only when asked for
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            settings[key] = value
+    if args.seed_policy is None and args.seed is not None:
+        settings["seed_policy"] = "random" if args.seed == -1 else "fixed"
+    if args.lora is not None:
+        settings["loras"] = [_parse_lora(t) for t in args.lora]
+    return settings, problems + warnings
+
+
+def _flagged(e: UserError) -> UserError:
+    """Name the CLI flag beside the settings key in a validation message."""
+    msg = str(e)
+    for key, flag in PROFILE_FLAG_NAMES.items():
+        if f": {key} " in msg:
+            return UserError(msg.replace(f": {key} ", f": {key} ({flag}) ", 1))
+    return e
+
+
+def _summary(s: dict[str, Any]) -> str:
+    seed = {"random": "random seed", "fixed": f"seed {s['seed']}", "increment": f"seed {s['seed']}++"}
+    return (f"{s['model_type']}  {s['width']}x{s['height']}  {s['num_inference_steps']} steps  "
+            f"guidance {s['guidance_scale']:g}  {seed[s['seed_policy']]}  x{s['num_images']}  {s['output_format']}")
+
+
+def run_profiles(args: argparse.Namespace) -> int:
+    """Run a `profiles` action; UserError propagates (the CLI prints it and exits 2)."""
+    store = ProfileStore(args.profiles_dir)
+    cmd = args.profiles_command
+    if cmd == "list":
+        entries = store.list()
+        if not entries:
+            print(f"no generation profiles in {store.folder}")
+        for e in entries:
+            print(f"{e.name}  BROKEN: {e.error}" if e.broken else f"{e.name}  {_summary(e.settings or {})}")
+    elif cmd == "show":
+        settings, warnings = store.load(args.name)
+        _warn(warnings)
+        print(json.dumps(settings, indent=2, ensure_ascii=False))
+    elif cmd == "save":
+        settings, warnings = settings_from_args(args, store)
+        _warn(warnings)
+        try:
+            _warn(store.save(args.name, settings, overwrite=args.overwrite, overwrite_broken=args.overwrite_broken))
+        except UserError as e:
+            raise _flagged(e) from None
+        print(f"saved generation profile {args.name!r} to {store.path(args.name)}")
+    elif cmd == "delete":
+        store.delete(args.name)
+        print(f"deleted generation profile {args.name!r}")
+    elif cmd == "rename":
+        store.rename(args.name, args.new_name, overwrite=args.overwrite)
+        print(f"renamed generation profile {args.name!r} to {args.new_name!r}")
+    elif cmd == "export":
+        print(f"exported generation profile {args.name!r} to {store.export_to(args.name, args.file, args.overwrite)}")
+    elif cmd == "import":
+        name, warnings = store.import_from(args.file, args.name, overwrite=args.overwrite)
+        _warn(warnings)
+        print(f"imported {args.file} as generation profile {name!r}")
+    else:  # pragma: no cover - argparse refuses other actions
+        raise UserError(f"unknown profiles action {cmd!r}")
+    return 0
+
+
+def profile_to_spec_overrides(name: str, profiles_dir: str | Path = DEFAULT_DIR, model_type: str | None = None,
+                              available_loras: Iterable[str] | None = None,
+                              definitions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JobSpec keyword values from a generation profile, for `generate --gen-profile NAME`.
+
+    Overlay explicit CLI flags on the result. prompt / negative_prompt are present only when the
+    profile holds them; seed is -1 for the random policy. Extra keys JobSpec does not take (JobSpec.from_dict
+    drops them): seed_policy, output_format, output_quality. model_type (an explicit --model) moves the
+    profile to that model through the equivalence map. Warnings go to the log.
+    """
+    settings, warnings = ProfileStore(profiles_dir).load(name, available_loras)
+    if model_type is not None:
+        if definitions is None:
+            from models.registry import load_definitions
+
+            definitions, _ = load_definitions()
+        settings, more = apply_to_model(settings, model_type, definitions)
+        warnings += more
+    for w in warnings:
+        log.warning(w)
+    out = {k: v for k, v in settings.items() if not (k in ("prompt", "negative_prompt") and v is None)}
+    out["seed"] = job_seed(settings, 0)
+    return out
