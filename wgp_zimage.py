@@ -26,9 +26,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def shared_options() -> argparse.ArgumentParser:
-    """Options several commands share; accepted after any sub-command and by the UI launch."""
-    p = argparse.ArgumentParser(add_help=False)
+def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
+    """Options several commands share; accepted after any sub-command and by the UI launch.
+
+    Sub-commands get a copy whose defaults are SUPPRESSed: argparse would otherwise let the
+    sub-command's default overwrite a value given before the sub-command name.
+    """
+    p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS if suppress else None)
     g = p.add_argument_group("shared options")
     g.add_argument("--checkpoints-dir", type=Path, default=Path("ckpts"),
                    help="where model weights are looked up (default: ckpts/)")
@@ -45,12 +49,16 @@ def shared_options() -> argparse.ArgumentParser:
                             "24 GB, bf16 otherwise")
     g.add_argument("--attention", choices=["auto", "sdpa"], default="auto", help="attention backend")
     g.add_argument("--verbose", "-v", action="store_true", help="log details (and tracebacks) to stderr")
+    if suppress:
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
     return p
 
 
 def build_parser() -> Parser:
-    shared = shared_options()
-    parser = Parser(prog="wgp_zimage.py", description="Z-Image Base / Turbo text-to-image", parents=[shared])
+    parser = Parser(prog="wgp_zimage.py", description="Z-Image Base / Turbo text-to-image",
+                    parents=[shared_options()])
+    shared = shared_options(suppress=True)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
     gen = sub.add_parser("generate", parents=[shared], help="render images headlessly")
@@ -60,7 +68,10 @@ def build_parser() -> Parser:
                      help="weights folder: diffusers layout or the DeepBeepMeep/Z-Image file set")
     gen.add_argument("--transformer", type=Path, default=None,
                      help="single-file transformer (diffusers, DeepBeepMeep or ComfyUI keys) replacing the folder's")
-    src = gen.add_mutually_exclusive_group(required=True)
+    gen.add_argument("--gen-profile", default=None, metavar="NAME",
+                     help="start from a saved generation profile (explicit flags still win)")
+    gen.add_argument("--profiles-dir", type=Path, default=Path("profiles"), help="generation profiles folder")
+    src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--prompt-file", type=Path, help="one job per non-empty line; lines starting with # are comments")
     gen.add_argument("--negative-prompt", default=None)
@@ -69,23 +80,31 @@ def build_parser() -> Parser:
     gen.add_argument("--steps", type=int, default=None, help="denoising steps = model evaluations (1-100)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale g (0 = off, 0-20)")
     gen.add_argument("--flow-shift", type=float, default=None, help="sampling shift (1-10; Base 6, Turbo 3)")
-    gen.add_argument("--cfg-normalization", type=float, default=0.0, help="cap |pred| at K * |pos| (0 = off)")
-    gen.add_argument("--cfg-truncation", type=float, default=1.0,
-                     help="CFG off once 1 - sigma exceeds C (1.0 never truncates)")
-    gen.add_argument("--seed", type=int, default=-1, help="-1 = random (reported)")
-    gen.add_argument("--num-images", type=int, default=1, help="images per prompt (1-16); image i uses seed + i")
+    gen.add_argument("--cfg-normalization", type=float, default=None, help="cap |pred| at K * |pos| (0 = off, default)")
+    gen.add_argument("--cfg-truncation", type=float, default=None,
+                     help="CFG off once 1 - sigma exceeds C (1.0, the default, never truncates)")
+    gen.add_argument("--seed", type=int, default=None, help="-1 = random (default; reported)")
+    gen.add_argument("--num-images", type=int, default=None,
+                     help="images per prompt (1-16, default 1); image i uses seed + i")
     gen.add_argument("--output", type=Path, default=None,
                      help="FILE.png (K images: FILE_1.png ... FILE_K.png) or a folder (default: --output-dir)")
 
     sub.add_parser("models", parents=[shared], help="list model types and whether their files are present")
+    from app.profiles_cli import add_profiles_parser
+
+    add_profiles_parser(sub, shared)
     return parser
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts(args: argparse.Namespace, profile_prompt: str | None = None) -> list[str]:
     from models.errors import UserError
 
     if args.prompt is not None:
         return [args.prompt]
+    if args.prompt_file is None:
+        if profile_prompt:
+            return [profile_prompt]
+        raise UserError("give --prompt or --prompt-file (or a --gen-profile that holds a prompt)")
     try:
         lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -116,23 +135,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from app.service import GenerationService, ServiceConfig
     from models.errors import GenerationInterrupted
 
-    prompts = read_prompts(args)
+    profile: dict = {}
+    if args.gen_profile:
+        from app.profiles_cli import profile_to_spec_overrides
+
+        profile = profile_to_spec_overrides(args.gen_profile, args.profiles_dir, model_type=args.model)
+    prompts = read_prompts(args, profile.get("prompt"))
     service = GenerationService(ServiceConfig(
         checkpoints_dir=args.checkpoints_dir, output_dir=args.output_dir, device=args.device,
         dtype=args.dtype, vae_dtype=args.vae_dtype, vae_tiling=args.vae_tiling,
         transformer_quantization=args.transformer_quantization,
         text_encoder_quantization=args.text_encoder_quantization))
-    model_type = service.definition(args.model).model_type if args.model else "z_image_base"
-    d = service.defaults(args.model and model_type, args.model_dir)
-    pick = lambda value, key: d[key] if value is None else value
+    model_name = args.model or profile.get("model_type")
+    model_type = service.definition(model_name).model_type if model_name else "z_image_base"
+    d = {"cfg_normalization": 0.0, "cfg_truncation": 1.0, "seed": -1, "num_images": 1,
+         **service.defaults(model_name and model_type, args.model_dir), **profile}
+    pick = lambda value, key: d[key] if value is None else value  # explicit flags win over profile and defaults
     specs = [JobSpec(
         model_type=model_type, prompt=p,
         negative_prompt=pick(args.negative_prompt, "negative_prompt"),
         width=pick(args.width, "width"), height=pick(args.height, "height"),
         num_inference_steps=pick(args.steps, "num_inference_steps"),
         guidance_scale=pick(args.guidance, "guidance_scale"), flow_shift=pick(args.flow_shift, "flow_shift"),
-        cfg_normalization=args.cfg_normalization, cfg_truncation=args.cfg_truncation,
-        seed=args.seed, num_images=args.num_images,
+        cfg_normalization=pick(args.cfg_normalization, "cfg_normalization"),
+        cfg_truncation=pick(args.cfg_truncation, "cfg_truncation"),
+        seed=pick(args.seed, "seed"), num_images=pick(args.num_images, "num_images"),
+        loras=d.get("loras", []),
     ) for p in prompts]
     from app.jobs import validate
 
@@ -175,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             offset += spec.num_images
             result = service.generate(
                 spec, model_dir=args.model_dir, transformer_file=args.transformer,
-                model_type_given=args.model is not None, output_dir=out_dir, file_names=names,
+                model_type_given=model_name is not None, output_dir=out_dir, file_names=names,
                 on_event=on_event, extra_names=CLI_NAMES)
             for path, seed in zip(result.paths, result.seeds):
                 print(f"saved {path} (seed {seed})")
@@ -259,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "profiles":
+            from app.profiles_cli import run_profiles
+
+            return run_profiles(args)
         sys.stderr.write("the web UI is not available yet; use `python wgp_zimage.py generate --help`\n")
         return EXIT_USAGE
     except UserError as e:

@@ -74,7 +74,7 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
         if getattr(spec, key) % SIZE_MULTIPLE:
             raise UserError(
                 f"{names.get(key, key)} must be a multiple of {SIZE_MULTIPLE} (got {getattr(spec, key)})")
-    if not isinstance(spec.seed, int) or not -1 <= spec.seed <= MAX_SEED:
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not -1 <= spec.seed <= MAX_SEED:
         raise UserError(f"{names.get('seed', 'seed')} must be -1 (random) or 0..{MAX_SEED} (got {spec.seed})")
     return []
 

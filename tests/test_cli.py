@@ -237,3 +237,35 @@ def test_ctrl_c_stops_after_current_step_and_writes_nothing(tiny_dir, tmp_path):
     assert "nothing of it was written" in err
     assert not out.exists() and not list(tmp_path.iterdir())
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ shared options, generation profiles
+
+def test_shared_option_before_subcommand_is_kept(capsys):
+    args = wgp_zimage.build_parser().parse_args(["--device", "cpu", "--output-dir", "x", "generate", "--prompt", "p"])
+    assert args.device == "cpu" and str(args.output_dir) == "x"
+    args = wgp_zimage.build_parser().parse_args(["generate", "--prompt", "p", "--device", "cpu"])
+    assert args.device == "cpu" and str(args.output_dir) == "outputs"
+
+
+def test_gen_profile_then_explicit_flags_win(tiny_dir, tmp_path, capsys):
+    pdir = str(tmp_path / "profiles")
+    rc, out, err = main(capsys, "profiles", "save", "mine", "--profiles-dir", pdir, "--model", "tiny", "--steps", "3",
+                        "--guidance", "2.5", "--seed", "7", "--width", "64", "--height", "64",
+                        "--prompt", "profile prompt")
+    assert rc == 0, err
+    rc, out, err = main(capsys, "profiles", "list", "--profiles-dir", pdir)
+    assert rc == 0 and "mine" in out
+    rc, out, err = main(capsys, "generate", "--gen-profile", "mine", "--profiles-dir", pdir, "--model-dir",
+                        str(tiny_dir), "--output", str(tmp_path / "a.png"))
+    assert rc == 0, err
+    meta = read_settings(tmp_path / "a.png")
+    assert (meta["model_type"], meta["num_inference_steps"], meta["guidance_scale"], meta["seed"], meta["prompt"]) \
+        == ("z_image_tiny", 3, 2.5, 7, "profile prompt")
+    rc, out, err = main(capsys, "generate", "--gen-profile", "mine", "--profiles-dir", pdir, "--model-dir",
+                        str(tiny_dir), "--steps", "1", "--prompt", "flag prompt", "--output", str(tmp_path / "b.png"))
+    assert rc == 0, err
+    meta = read_settings(tmp_path / "b.png")
+    assert (meta["num_inference_steps"], meta["guidance_scale"], meta["prompt"]) == (1, 2.5, "flag prompt")
+    rc, _, err = main(capsys, "generate", "--gen-profile", "../etc", "--profiles-dir", pdir, "--prompt", "x")
+    assert rc == 2 and len(error_lines(err)) == 1
