@@ -133,6 +133,7 @@ class ZImagePipeline:
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
         callback: StepCallback | None = None,
         interrupt: Callable[[], bool] | None = None,
+        step_start: Callable[[int, int], None] | None = None,
         output_type: str = "pil",
         vae_tiling: bool = False,
     ) -> PipelineOutput:
@@ -161,6 +162,8 @@ class ZImagePipeline:
         for i in range(num_inference_steps):
             if interrupt is not None and interrupt():
                 raise GenerationInterrupted()
+            if step_start is not None:  # e.g. per-step LoRA strengths
+                step_start(i, num_inference_steps)
             t = (1000 - sig_dev[i] * 1000) / 1000  # diffusers' timestep arithmetic, float32
             t = t.expand(n)
             if use_cfg[i]:
