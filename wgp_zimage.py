@@ -47,7 +47,11 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
         g.add_argument(f"--{part}-quantization", choices=["auto", "bf16", "int8"], default="auto",
                        help=f"{part.replace('-', ' ')} weights to download and load: auto = int8 on cards under "
                             "24 GB, bf16 otherwise")
-    g.add_argument("--attention", choices=["auto", "sdpa"], default="auto", help="attention backend")
+    g.add_argument("--attention", choices=["auto", "sdpa", "flash", "flash3", "sage"], default="auto",
+                   help="attention backend (auto: the fastest installed one that is safe for Z-Image; "
+                        "sage can corrupt Base images)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (slower first image, faster steps)")
     g.add_argument("--verbose", "-v", action="store_true", help="log details (and tracebacks) to stderr")
     if suppress:
         for action in p._actions:
@@ -144,6 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     service = GenerationService(ServiceConfig(
         checkpoints_dir=args.checkpoints_dir, output_dir=args.output_dir, device=args.device,
         dtype=args.dtype, vae_dtype=args.vae_dtype, vae_tiling=args.vae_tiling,
+        compile=args.compile, attention=args.attention,
         transformer_quantization=args.transformer_quantization,
         text_encoder_quantization=args.text_encoder_quantization))
     model_name = args.model or profile.get("model_type")
@@ -280,9 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import UserError
 
     try:
-        from models.attention import set_attention_backend
-
-        set_attention_backend(args.attention)
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "models":

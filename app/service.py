@@ -20,6 +20,7 @@ import torch
 
 from app.jobs import JobSpec, resolve_seed, size_warnings, validate
 from app.outputs import output_name, save_image_atomic, unique_path
+from models.attention import set_attention_backend
 from models.errors import GenerationInterrupted, UserError
 from models.registry import ModelDefinition, handler_for, load_definitions, resolve_model_type
 
@@ -54,6 +55,8 @@ class ServiceConfig:
     dtype: str | None = None  # bf16 on CUDA, fp32 on the CPU when None
     vae_dtype: str = "fp32"
     vae_tiling: bool = False
+    compile: bool = False
+    attention: str = "auto"
     transformer_quantization: str = "auto"
     text_encoder_quantization: str = "auto"
 
@@ -118,11 +121,16 @@ class GenerationService:
             transformer_file = transformer_file or self.fetch_weights(d, on_event)
         folder = self.model_dir(model_type, model_dir)
         key = (d.model_type if model_type else None, str(folder), str(transformer_file),
-               str(self.device), self.dtype, self.vae_dtype)
+               str(self.device), self.dtype, self.vae_dtype, self.config.compile)
         with self._lock:
             if self._pipe_key == key:
                 return self._pipe
             self.unload()
+            try:
+                backend = set_attention_backend(self.config.attention, d.model.get("attention"))
+            except ValueError as e:
+                raise UserError(str(e)) from None
+            log.info("attention backend: %s", backend)
 
             def progress(i: int, n: int, desc: str) -> None:
                 if on_event:
@@ -131,7 +139,7 @@ class GenerationService:
             pipe, _ = handler_for(d.architecture).load_model(
                 model_filename=transformer_file, base_model_type=d.architecture if model_type else None,
                 dtype=self.dtype, VAE_dtype=self.vae_dtype, model_dir=folder, device=self.device,
-                progress=progress,
+                progress=progress, compile=self.config.compile,
             )
             self._pipe, self._pipe_key = pipe, key
             return pipe

@@ -123,6 +123,7 @@ class ZImageHandler(FamilyHandler):
         model_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
         progress=None,
+        compile: bool = False,
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
@@ -159,6 +160,10 @@ class ZImageHandler(FamilyHandler):
             parts[name] = load()
         if progress is not None:
             progress(len(steps), len(steps), "loaded")
+        if compile:
+            from models.z_image.transformer import compile_blocks
+
+            compile_blocks(parts["transformer"])  # compiles lazily, at the first step
         shift = self.scheduler_shift(files)
         pipe = ZImagePipeline(parts["transformer"], parts["text encoder"], parts["VAE"],
                               default_shift=shift if shift is not None else 3.0, device=device)

@@ -117,10 +117,10 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class TransformerBlock(nn.Module):
-    """Sandwich-normed attention + SwiGLU; with modulation, adaLN scales and tanh gates."""
+class _BlockBase(nn.Module):
+    """Sandwich-normed attention + SwiGLU (the parts every block shares)."""
 
-    def __init__(self, cfg: ZImageConfig, modulation: bool):
+    def __init__(self, cfg: ZImageConfig):
         super().__init__()
         dim = cfg.dim
         self.attention = Attention(dim, cfg.n_heads, cfg.qk_norm)
@@ -129,21 +129,30 @@ class TransformerBlock(nn.Module):
         self.ffn_norm1 = RMSNorm(dim, cfg.norm_eps)
         self.attention_norm2 = RMSNorm(dim, cfg.norm_eps)
         self.ffn_norm2 = RMSNorm(dim, cfg.norm_eps)
-        self.modulation = modulation
-        if modulation:
-            self.adaLN_modulation = nn.Sequential(nn.Linear(min(dim, ADALN_MAX_DIM), 4 * dim, bias=True))
 
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], adaln: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope))
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+
+class TransformerBlock(_BlockBase):
+    """Block modulated by the timestep: adaLN scales and tanh gates (noise refiner, main layers)."""
+
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__(cfg)
+        self.adaLN_modulation = nn.Sequential(nn.Linear(min(cfg.dim, ADALN_MAX_DIM), 4 * cfg.dim, bias=True))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], adaln: torch.Tensor) -> torch.Tensor:
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
         attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope)
         x = x + gate_msa.tanh() * self.attention_norm2(attn)
         ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
         return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
+
+
+class ContextBlock(_BlockBase):
+    """Caption refiner block: no timestep modulation. A class of its own so compiled code of the
+    two kinds never competes for one code object's cache."""
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope))
+        return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
 
 
 class TimestepEmbedder(nn.Module):
@@ -232,13 +241,13 @@ class ZImageTransformer(nn.Module):
         key = f"{p}-{pf}"
         self.all_x_embedder = nn.ModuleDict({key: nn.Linear(p * p * cfg.in_channels, dim, bias=True)})
         self.all_final_layer = nn.ModuleDict({key: FinalLayer(dim, p * p * cfg.in_channels)})
-        self.noise_refiner = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_refiner_layers)])
-        self.context_refiner = nn.ModuleList([TransformerBlock(cfg, False) for _ in range(cfg.n_refiner_layers)])
+        self.noise_refiner = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_refiner_layers)])
+        self.context_refiner = nn.ModuleList([ContextBlock(cfg) for _ in range(cfg.n_refiner_layers)])
         self.t_embedder = TimestepEmbedder(min(dim, ADALN_MAX_DIM))
         self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, dim))
         self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
-        self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.rope = RopeTables(cfg.rope_theta, cfg.axes_dims, cfg.axes_lens)
         self._key = key
 
@@ -286,3 +295,20 @@ class ZImageTransformer(nn.Module):
             seq = block(seq, rope["all"], adaln)
         out = self.all_final_layer[self._key](seq[:, :n_img], adaln)
         return out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: str | None = None) -> int:
+    """Regional torch.compile: each repeated block is compiled once and its code shared.
+
+    The sequence dimension is dynamic from the first call, so a new prompt length (a caption
+    padded to another multiple of 32) or resolution reuses the compiled code instead of
+    recompiling; nothing is padded further to get there, since pad tokens change the image.
+    Returns the number of blocks compiled.
+    """
+    # variants per block kind: batch 1 vs more (0/1 specialization), image-only vs full sequence,
+    # and CFG on/off; the default limit of 8 is too tight when several models share the code
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
+    for block in blocks:
+        block.compile(backend=backend, mode=mode, dynamic=True, fullgraph=True)
+    return len(blocks)
