@@ -19,7 +19,14 @@ log = logging.getLogger("wgp_zimage")
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad argument as one line (no usage dump) and exits 2."""
+    """argparse that reports a bad argument as one line (no usage dump) and exits 2.
+
+    No abbreviations: --lora must never be read as a prefix of --loras.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
@@ -32,7 +39,8 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
     Sub-commands get a copy whose defaults are SUPPRESSed: argparse would otherwise let the
     sub-command's default overwrite a value given before the sub-command name.
     """
-    p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS if suppress else None)
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS if suppress else None)
     g = p.add_argument_group("shared options")
     g.add_argument("--checkpoints-dir", type=Path, default=Path("ckpts"),
                    help="where model weights are looked up (default: ckpts/)")
@@ -52,6 +60,10 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                         "sage can corrupt Base images)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (slower first image, faster steps)")
+    g.add_argument("--loras", type=Path, default=None, metavar="ROOT",
+                   help="LoRA root folder (one sub-folder per family: ROOT/z_image); default loras/")
+    g.add_argument("--lora-dir-z-image", type=Path, default=None, metavar="DIR",
+                   help="Z-Image LoRA folder (default loras/z_image)")
     g.add_argument("--verbose", "-v", action="store_true", help="log details (and tracebacks) to stderr")
     if suppress:
         for action in p._actions:
@@ -90,6 +102,11 @@ def build_parser() -> Parser:
     gen.add_argument("--seed", type=int, default=None, help="-1 = random (default; reported)")
     gen.add_argument("--num-images", type=int, default=None,
                      help="images per prompt (1-16, default 1); image i uses seed + i")
+    gen.add_argument("--lora", action="append", default=None, metavar="PATH_OR_NAME",
+                     help="apply a LoRA (a file, or a name in the LoRA folder); repeatable")
+    gen.add_argument("--lora-multipliers", default=None, metavar="SPEC",
+                     help='strengths in --lora order, space-separated; a comma list is spread over the steps: '
+                          '"1.0 0.6,0.3"')
     gen.add_argument("--output", type=Path, default=None,
                      help="FILE.png (K images: FILE_1.png ... FILE_K.png) or a folder (default: --output-dir)")
 
@@ -117,6 +134,14 @@ def read_prompts(args: argparse.Namespace, profile_prompt: str | None = None) ->
     if not prompts:
         raise UserError(f"--prompt-file {args.prompt_file} holds no prompt")
     return prompts
+
+
+def cli_loras(args: argparse.Namespace) -> list[dict]:
+    """--lora / --lora-multipliers as the job's [{name, strength}] (strengths bound by name)."""
+    from app.loras import format_schedule, parse_lora_multipliers
+
+    schedules = parse_lora_multipliers(args.lora_multipliers, args.lora)
+    return [{"name": name, "strength": format_schedule(schedules[name])} for name in args.lora]
 
 
 def file_targets(output: Path | None, total: int) -> list[Path] | None:
@@ -148,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     service = GenerationService(ServiceConfig(
         checkpoints_dir=args.checkpoints_dir, output_dir=args.output_dir, device=args.device,
         dtype=args.dtype, vae_dtype=args.vae_dtype, vae_tiling=args.vae_tiling,
-        compile=args.compile, attention=args.attention,
+        compile=args.compile, attention=args.attention, lora_dir=args.lora_dir_z_image, loras_root=args.loras,
         transformer_quantization=args.transformer_quantization,
         text_encoder_quantization=args.text_encoder_quantization))
     model_name = args.model or profile.get("model_type")
@@ -165,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         cfg_normalization=pick(args.cfg_normalization, "cfg_normalization"),
         cfg_truncation=pick(args.cfg_truncation, "cfg_truncation"),
         seed=pick(args.seed, "seed"), num_images=pick(args.num_images, "num_images"),
-        loras=d.get("loras", []),
+        loras=cli_loras(args) if args.lora else d.get("loras", []),
     ) for p in prompts]
     from app.jobs import validate
 
@@ -209,7 +234,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             result = service.generate(
                 spec, model_dir=args.model_dir, transformer_file=args.transformer,
                 model_type_given=model_name is not None, output_dir=out_dir, file_names=names,
-                on_event=on_event, extra_names=CLI_NAMES)
+                on_event=on_event, extra_names=CLI_NAMES, allow_lora_paths=True)
+            for line in result.lora_reports:
+                print(line)
             for path, seed in zip(result.paths, result.seeds):
                 print(f"saved {path} (seed {seed})")
             print(f"{result.seconds:.1f} s, {result.seconds_per_step:.3f} s/step")

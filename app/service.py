@@ -56,6 +56,8 @@ class ServiceConfig:
     vae_dtype: str = "fp32"
     vae_tiling: bool = False
     compile: bool = False
+    lora_dir: Path | None = None  # --lora-dir-z-image (this family's folder itself)
+    loras_root: Path | None = None  # --loras (root holding one folder per family)
     attention: str = "auto"
     transformer_quantization: str = "auto"
     text_encoder_quantization: str = "auto"
@@ -69,6 +71,7 @@ class JobResult:
     seconds: float
     seconds_per_step: float
     warnings: list[str] = field(default_factory=list)
+    lora_reports: list[str] = field(default_factory=list)
 
 
 class GenerationService:
@@ -84,6 +87,8 @@ class GenerationService:
         self.vae_dtype = DTYPES[self.config.vae_dtype]
         self._pipe = None
         self._pipe_key: tuple | None = None
+        self._lora_manager = None
+        self._libraries: dict[str, object] = {}
         self._lock = threading.RLock()
         self.abort = threading.Event()
 
@@ -142,6 +147,11 @@ class GenerationService:
                 progress=progress, compile=self.config.compile,
             )
             self._pipe, self._pipe_key = pipe, key
+            converter = handler_for(d.architecture).lora_converter()
+            if converter is not None:
+                from models.lora_runtime import LoraManager
+
+                self._lora_manager = LoraManager(pipe.transformer, converter)
             return pipe
 
     def fetch_weights(self, d: ModelDefinition, on_event: EventFn | None = None) -> Path | None:
@@ -160,9 +170,39 @@ class GenerationService:
 
     def unload(self) -> None:
         with self._lock:
-            self._pipe, self._pipe_key = None, None
+            self._pipe, self._pipe_key, self._lora_manager = None, None, None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def lora_library(self, model_type: str | None = None):
+        """The LoRA folder of a model type's family (scanned once; `refresh()` rescans)."""
+        from app.loras import LoraLibrary, lora_dir_for
+
+        handler = handler_for(self.definition(model_type or "z_image_base").architecture)
+        if handler.family not in self._libraries:
+            folder = lora_dir_for(handler.lora_subdir, self.config.loras_root, self.config.lora_dir)
+            self._libraries[handler.family] = LoraLibrary(folder)
+        return self._libraries[handler.family]
+
+    def _sync_loras(self, spec: JobSpec, allow_paths: bool) -> list[str]:
+        """Apply the job's LoRAs (only re-patching when the selection changed); their reports."""
+        if self._lora_manager is None:
+            if spec.loras:
+                raise UserError(f"{spec.model_type} does not take LoRAs")
+            return []
+        strengths = {}
+        for item in spec.loras:
+            if not isinstance(item, dict) or "name" not in item:
+                raise UserError(f"bad LoRA entry {item!r}: expected {{'name': ..., 'strength': ...}}")
+            strengths[str(item["name"])] = item.get("strength", 1.0)
+        files, labels = self.lora_library(spec.model_type).resolve_selection(strengths, allow_paths=allow_paths)
+        reports = self._lora_manager.sync(files, labels)
+        for r in reports:
+            log.info("%s", r.summary)
+            if r.unmatched:
+                log.warning("LoRA %s: %d keys not applied: %s", r.name, len(r.unmatched),
+                            ", ".join(list(r.unmatched)[:5]))
+        return [r.summary for r in reports]
 
     # ------------------------------------------------------------ generation
 
@@ -177,6 +217,7 @@ class GenerationService:
         file_names: list[Path] | None = None,
         on_event: EventFn | None = None,
         extra_names: dict[str, str] | None = None,
+        allow_lora_paths: bool = False,
     ) -> JobResult:
         """Render spec and save its images; file_names (one per image) override the naming scheme."""
         validate(spec, extra_names)
@@ -187,6 +228,7 @@ class GenerationService:
         if file_names is not None and len(file_names) != spec.num_images:
             raise ValueError("one file name per image")
         pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file, on_event)
+        lora_reports = self._sync_loras(spec, allow_lora_paths)
         seed = resolve_seed(spec.seed)
         if spec.seed == -1:
             log.info("random seed: %d", seed)
@@ -212,6 +254,7 @@ class GenerationService:
             flow_shift=spec.flow_shift, cfg_normalization=spec.cfg_normalization,
             cfg_truncation=spec.cfg_truncation, num_images_per_prompt=spec.num_images, seed=seed,
             callback=callback, interrupt=self.abort.is_set,
+            step_start=self._lora_manager.step_start if self._lora_manager is not None else None,
         )
         elapsed = time.perf_counter() - start
         per_step = (step_times[-1] - loop_start[0]) / max(len(step_times), 1)
@@ -229,7 +272,7 @@ class GenerationService:
             settings.append(s)
         if on_event:
             on_event({"kind": "done", "paths": paths, "seconds": elapsed, "seconds_per_step": per_step})
-        return JobResult(paths, out.seeds, settings, elapsed, per_step, warnings)
+        return JobResult(paths, out.seeds, settings, elapsed, per_step, warnings, lora_reports)
 
 
 __all__ = ["GenerationService", "ServiceConfig", "JobResult", "GenerationInterrupted", "resolve_device"]

@@ -196,12 +196,21 @@ def _check_loras(loras: Any, available: Iterable[str] | None, label: str, warnin
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"].strip():
             raise UserError(f"{label}: loras[{i}] needs a \"name\" (got {item!r})")
         strength = item.get("strength", 1.0)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        if isinstance(strength, str):  # a per-step schedule such as "1.0,0.5"
+            from models.lora_runtime import parse_schedule
+
+            try:
+                parse_schedule(strength)
+            except (UserError, ValueError):
+                raise UserError(f"{label}: loras[{i}] strength {strength!r} is not a number or a schedule") from None
+        elif isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
             raise UserError(f"{label}: loras[{i}] strength must be a number (got {strength!r})")
+        else:
+            strength = float(strength)
         if known is not None and item["name"] not in known:
             warnings.append(f"{label}: LoRA {item['name']!r} is no longer available; dropped")
             continue
-        out.append({"name": item["name"], "strength": float(strength)})
+        out.append({"name": item["name"], "strength": strength})
     return out
 
 

@@ -45,6 +45,12 @@ class FamilyHandler:
         """FileSpecs (models.downloads) of what a type needs in the checkpoints folder."""
         return []
 
+    lora_subdir: str = ""  # folder under the LoRA root (loras/<lora_subdir>)
+
+    def lora_converter(self):
+        """The function turning a LoRA state dict into this family's module deltas (None: no LoRAs)."""
+        return None
+
     def local_transformer(self, definition: ModelDefinition, transformer_quantization: str = "bf16") -> Path | None:
         return None
 

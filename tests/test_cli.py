@@ -269,3 +269,30 @@ def test_gen_profile_then_explicit_flags_win(tiny_dir, tmp_path, capsys):
     assert (meta["num_inference_steps"], meta["guidance_scale"], meta["prompt"]) == (1, 2.5, "flag prompt")
     rc, _, err = main(capsys, "generate", "--gen-profile", "../etc", "--profiles-dir", pdir, "--prompt", "x")
     assert rc == 2 and len(error_lines(err)) == 1
+
+
+# ------------------------------------------------------------------ LoRAs from the command line
+
+def test_cli_lora_by_path_and_name_with_schedule(tiny_dir, tmp_path, capsys):
+    from tests.test_lora_formats import load_tiny_transformer, write_lora
+
+    lora_dir = tmp_path / "loras"
+    (lora_dir / "style").mkdir(parents=True)
+    write_lora(lora_dir / "style", "kohya_musubi", load_tiny_transformer(tiny_dir), name="ink")
+    base = gen(tiny_dir, "--prompt", "x", "--seed", "4", "--steps", "3")
+    rc, out, err = main(capsys, *base, "--output", str(tmp_path / "base.png"))
+    assert rc == 0, err
+    rc, out, err = main(capsys, *base, "--lora-dir-z-image", str(lora_dir), "--lora", "style/ink",
+                        "--lora-multipliers", "1.0,0.5", "--output", str(tmp_path / "lora.png"))
+    assert rc == 0, err
+    assert "tensors applied" in out
+    assert not np.array_equal(pixels(tmp_path / "base.png"), pixels(tmp_path / "lora.png"))
+    assert read_settings(tmp_path / "lora.png")["loras"] == [{"name": "style/ink", "strength": "1,0.5"}]
+    path = next((lora_dir / "style").iterdir())
+    rc, out, err = main(capsys, *base, "--lora", str(path), "--lora-multipliers", "1.0,0.5",
+                        "--output", str(tmp_path / "bypath.png"))
+    assert rc == 0, err
+    assert np.array_equal(pixels(tmp_path / "bypath.png"), pixels(tmp_path / "lora.png"))
+    rc, out, err = main(capsys, *base, "--lora-dir-z-image", str(lora_dir), "--lora", "nope",
+                        "--output", str(tmp_path / "x.png"))
+    assert rc == 2 and "nope" in err and len(error_lines(err)) == 1 and not (tmp_path / "x.png").exists()

@@ -5,7 +5,6 @@ Pure file I/O: no model is loaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import pytest
 
 from app import settings as st
 from app.jobs import JobSpec
-from app.profiles_cli import add_profiles_parser, profile_to_spec_overrides, run_profiles
+from app.profiles_cli import profile_to_spec_overrides, run_profiles
 from app.settings import ProfileStore, apply_to_model, job_seed, normalize_settings
 from models.errors import UserError
 from models.registry import load_definitions
@@ -387,12 +386,9 @@ def test_job_seed_policies():
 # ------------------------------------------------------------------ CLI
 
 def cli(tmp_path, *argv):
-    from wgp_zimage import shared_options
+    from wgp_zimage import build_parser
 
-    shared = shared_options()
-    parser = argparse.ArgumentParser(prog="wgp_zimage.py", parents=[shared])
-    add_profiles_parser(parser.add_subparsers(dest="command"), shared)
-    args = parser.parse_args(["profiles", "--profiles-dir", str(tmp_path / "profiles"), *argv])
+    args = build_parser().parse_args(["profiles", "--profiles-dir", str(tmp_path / "profiles"), *argv])
     return run_profiles(args)
 
 
@@ -435,11 +431,9 @@ def test_cli_save_list_show_delete(tmp_path, capsys):
 
 
 def test_cli_options_after_the_action(tmp_path, capsys):
-    from wgp_zimage import shared_options
+    from wgp_zimage import build_parser
 
-    shared = shared_options()
-    parser = argparse.ArgumentParser(parents=[shared])
-    add_profiles_parser(parser.add_subparsers(dest="command"), shared)
+    parser = build_parser()
     args = parser.parse_args(["profiles", "list", "--profiles-dir", str(tmp_path / "p2"), "-v"])
     assert args.profiles_dir == tmp_path / "p2" and args.verbose
     args = parser.parse_args(["profiles", "list"])

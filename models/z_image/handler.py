@@ -55,8 +55,12 @@ class ZImageHandler(FamilyHandler):
                 "flow_shift": 6.0, "negative_prompt": DEFAULT_NEGATIVE, "show_negative_prompt": True,
                 "flow_shift_advanced": False, "min_recommended_size": 512}
 
-    def lora_subdir(self) -> str:
-        return "z_image"
+    lora_subdir = "z_image"
+
+    def lora_converter(self):
+        from models.z_image.lora import convert_state_dict
+
+        return convert_state_dict
 
     def default_model_dir(self, architecture: str, checkpoints_dir: Path) -> Path:
         """Where a type's weights live when no --model-dir is given (created for the tiny model)."""
