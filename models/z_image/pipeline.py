@@ -25,9 +25,9 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 
 def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
     """steps shifted sigmas from 1 down to 1/steps, then a terminal 0 (float32, CPU)."""
-    base = np.array(torch.linspace(1.0, 1.0 / steps, steps).tolist()).astype(np.float32)
+    base = np.array(torch.linspace(1.0, 1.0 / steps, steps, device="cpu").tolist()).astype(np.float32)
     shifted = shift * base / (1 + (shift - 1) * base)
-    return torch.cat([torch.from_numpy(shifted).float(), torch.zeros(1)])
+    return torch.cat([torch.from_numpy(shifted).float(), torch.zeros(1, device="cpu")])
 
 
 def cfg_active_steps(sigmas: torch.Tensor, guidance: float, truncation: float) -> list[bool]:

@@ -196,8 +196,8 @@ class RopeTables:
         if device not in self._axes:
             tables = []
             for d, n in zip(self.axes_dims, self.axes_lens):
-                inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-                ang = torch.outer(torch.arange(n, dtype=torch.float64), inv).float()
+                inv = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
+                ang = torch.outer(torch.arange(n, dtype=torch.float64, device="cpu"), inv).float()
                 tables.append((torch.cos(ang).to(device), torch.sin(ang).to(device)))
             self._axes[device] = tables
         return self._axes[device]
@@ -213,10 +213,10 @@ class RopeTables:
         key = (cap_len, h, w, device)
         if key not in self._shapes:
             n_img = h * w
-            cap_ids = torch.zeros(cap_len, 3, dtype=torch.long)
-            cap_ids[:, 0] = torch.arange(1, cap_len + 1)
-            img_ids = torch.zeros(pad_len(n_img), 3, dtype=torch.long)
-            hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            cap_ids = torch.zeros(cap_len, 3, dtype=torch.long, device="cpu")
+            cap_ids[:, 0] = torch.arange(1, cap_len + 1, device="cpu")
+            img_ids = torch.zeros(pad_len(n_img), 3, dtype=torch.long, device="cpu")
+            hh, ww = torch.meshgrid(torch.arange(h, device="cpu"), torch.arange(w, device="cpu"), indexing="ij")
             img_ids[:n_img, 0] = cap_len + 1
             img_ids[:n_img, 1] = hh.flatten()
             img_ids[:n_img, 2] = ww.flatten()  # image pad tokens keep position (0, 0, 0)
