@@ -55,3 +55,33 @@ def test_models_command_lists_presence(tiny_dbm_dir, tmp_path):
     assert f"[x] {tiny_dbm_dir / 'ZImageBase_bf16.safetensors'}" in r.stdout
     assert f"[ ] {tiny_dbm_dir / 'ZImageTurbo_bf16.safetensors'}" in r.stdout
     assert "z_image_tiny" in r.stdout and "generated on first use" in r.stdout
+
+
+def test_finetune_pointing_at_a_local_transformer(tiny_dbm_dir, tiny_comfy_file, tmp_path, monkeypatch):
+    """A user definition in finetunes/ may name a local file; the rest comes from the checkpoints folder."""
+    import json
+    import shutil
+
+    from models import registry
+
+    finetunes = tmp_path / "finetunes"
+    finetunes.mkdir()
+    base = json.loads((registry.DEFAULTS_DIR / "z_image_base.json").read_text())
+    base["model"].update(name="My Base", URLs=[str(tiny_comfy_file)])
+    base["num_inference_steps"] = 2
+    (finetunes / "my_base.json").write_text(json.dumps(base))
+    monkeypatch.setattr(registry, "FINETUNES_DIR", finetunes)
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_dbm_dir, ck)
+    (ck / "ZImageBase_bf16.safetensors").unlink()  # only the finetune's own transformer is there
+    (ck / "Qwen3" / "vocab.json").write_text("{}")
+    (ck / "Qwen3" / "merges.txt").write_text("#version: 0.2\n")
+    service = GenerationService(ServiceConfig(checkpoints_dir=ck, output_dir=tmp_path / "out"))
+    assert service.definition("my_base").name == "My Base"
+    spec = JobSpec(model_type="my_base", prompt="x", width=64, height=64, num_inference_steps=2, seed=1)
+    result = service.generate(spec)
+    ref = GenerationService(ServiceConfig(output_dir=tmp_path / "ref")).generate(
+        JobSpec(**{**spec.to_dict(), "model_type": "z_image_base"}), model_dir=tiny_dbm_dir)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(result.paths[0])), np.asarray(Image.open(ref.paths[0])))
