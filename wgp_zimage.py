@@ -72,8 +72,11 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="wgp_zimage.py", description="Z-Image Base / Turbo text-to-image",
-                    parents=[shared_options()])
+    from app.launch import add_launch_options
+
+    parser = Parser(prog="wgp_zimage.py", description="Z-Image Base / Turbo text-to-image: with no command, "
+                    "the web UI", parents=[shared_options()])
+    add_launch_options(parser)
     shared = shared_options(suppress=True)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
@@ -170,12 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         profile = profile_to_spec_overrides(args.gen_profile, args.profiles_dir, model_type=args.model)
     prompts = read_prompts(args, profile.get("prompt"))
-    service = GenerationService(ServiceConfig(
-        checkpoints_dir=args.checkpoints_dir, output_dir=args.output_dir, device=args.device,
-        dtype=args.dtype, vae_dtype=args.vae_dtype, vae_tiling=args.vae_tiling,
-        compile=args.compile, attention=args.attention, lora_dir=args.lora_dir_z_image, loras_root=args.loras,
-        transformer_quantization=args.transformer_quantization,
-        text_encoder_quantization=args.text_encoder_quantization))
+    service = GenerationService(ServiceConfig.from_args(args))
     model_name = args.model or profile.get("model_type")
     model_type = service.definition(model_name).model_type if model_name else "z_image_base"
     d = {"cfg_normalization": 0.0, "cfg_truncation": 1.0, "seed": -1, "num_images": 1,
@@ -320,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             from app.profiles_cli import run_profiles
 
             return run_profiles(args)
-        sys.stderr.write("the web UI is not available yet; use `python wgp_zimage.py generate --help`\n")
-        return EXIT_USAGE
+        from app.launch import launch
+
+        return launch(args)
     except UserError as e:
         log.debug("user error", exc_info=True)
         sys.stderr.write(f"error: {e}\n")

@@ -62,6 +62,18 @@ class ServiceConfig:
     transformer_quantization: str = "auto"
     text_encoder_quantization: str = "auto"
 
+    @classmethod
+    def from_args(cls, args) -> ServiceConfig:
+        """From parsed command-line options (the shared ones); what is absent keeps its default."""
+        names = {
+            "checkpoints_dir": "checkpoints_dir", "output_dir": "output_dir", "device": "device", "dtype": "dtype",
+            "vae_dtype": "vae_dtype", "vae_tiling": "vae_tiling", "compile": "compile", "attention": "attention",
+            "lora_dir": "lora_dir_z_image", "loras_root": "loras",
+            "transformer_quantization": "transformer_quantization",
+            "text_encoder_quantization": "text_encoder_quantization",
+        }
+        return cls(**{field: getattr(args, opt) for field, opt in names.items() if hasattr(args, opt)})
+
 
 @dataclass
 class JobResult:

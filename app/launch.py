@@ -1,0 +1,82 @@
+"""Starting the web UI: its command-line options and `launch(args)`.
+
+The page opens in seconds: no model loads before the first job. The job queue is saved to
+`<state-dir>/wgp_zimage_queue.json` (state dir: --state-dir, default the output folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from models.errors import UserError
+
+QUEUE_FILE = "wgp_zimage_queue.json"
+
+
+def add_launch_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The web UI's own options (--output-dir, --checkpoints-dir... come from shared_options())."""
+    g = parser.add_argument_group("web UI")
+    g.add_argument("--listen", action="store_true", help="serve on every network interface (0.0.0.0)")
+    g.add_argument("--server-name", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    g.add_argument("--server-port", type=int, default=7860, help="port (default 7860)")
+    g.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    g.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this user name and password")
+    g.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    g.add_argument("--state-dir", type=Path, default=None,
+                   help=f"where the job queue is saved as {QUEUE_FILE} (default: the output folder)")
+    return parser
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise UserError("--auth must be USER:PASSWORD (both non-empty)")
+    return user, password
+
+
+def queue_file(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "state_dir", None) or args.output_dir) / QUEUE_FILE
+
+
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Build the service, the persisted queue and the page, and serve until Ctrl-C. Returns an exit code."""
+    import gradio as gr  # noqa: F401  (fail here, before the model service starts, if it is missing)
+
+    from app.queue import JobQueue
+    from app.service import GenerationService, ServiceConfig
+    from app.ui import build_ui, launch_options
+
+    port = args.server_port
+    if not 1 <= port <= 65535:
+        raise UserError(f"--server-port must be 1-65535 (got {port})")
+    auth = parse_auth(args.auth)
+    config = ServiceConfig.from_args(args)
+    service = GenerationService(config)
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    queue = JobQueue(service, queue_file(args)).start()
+    if threading.current_thread() is threading.main_thread():
+        # `kill` / systemd stop: the same clean shutdown as Ctrl-C (the running job is saved as interrupted)
+        signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        demo = build_ui(queue, service, config)
+        server_name = "0.0.0.0" if args.listen else args.server_name
+        print(f"wgp-zimage web UI: images in {config.output_dir}, queue saved in {queue.state_file}", flush=True)
+        try:
+            demo.launch(server_name=server_name, server_port=port, share=args.share, auth=auth,
+                        inbrowser=args.open_browser, ssr_mode=False, **launch_options(config.output_dir))
+        except OSError as e:  # port in use, bad address
+            raise UserError(f"cannot serve on {server_name}:{port}: {e}") from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        queue.close()  # a running job stops within one step and is saved as interrupted
+    return 0

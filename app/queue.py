@@ -1,0 +1,398 @@
+"""The job queue behind the web UI: one worker thread, one GenerationService, a persisted list of jobs.
+
+Gradio's own queue is not used for generation: a page handler only submits here and polls
+`snapshot()`, so closing or reloading the tab never stops a job, and every tab sees the same queue.
+
+The list is written atomically (temp file + os.replace) on every structural change (submit,
+remove, move, retry, a job starting or finishing), not on every denoising step. When the process
+dies, the job it was running comes back as "interrupted": it is re-run only by `retry(id)`, never
+silently (it may be the job that killed the process). Jobs still "queued" run again after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from app.jobs import JobSpec, validate
+from models.errors import GenerationInterrupted, UserError
+
+log = logging.getLogger("wgp_zimage")
+
+STATE_VERSION = 1
+STATUSES = ("queued", "running", "done", "failed", "interrupted", "aborted")
+FINISHED = ("done", "failed", "interrupted", "aborted")
+RETRYABLE = ("failed", "interrupted", "aborted")
+KEEP_FINISHED = 100  # older done/failed/aborted jobs drop off the persisted history
+
+# Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
+# the factors ComfyUI's latent previewer uses for Flux: one matrix product instead of a VAE decode.
+LATENT_RGB_FACTORS = np.array([
+    [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
+    [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
+    [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
+    [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778],
+], dtype=np.float32)
+LATENT_RGB_BIAS = np.array([-0.0329, -0.0718, -0.0851], dtype=np.float32)
+PREVIEW_MAX_SIDE = 256
+
+
+def latent_preview(latents: Any, max_side: int = PREVIEW_MAX_SIDE) -> Image.Image:
+    """A cheap RGB preview of the first image of a (n, C, h, w) latent batch (tensor or array)."""
+    x = latents[0]
+    if hasattr(x, "detach"):  # a torch tensor; no torch import needed here
+        x = x.detach().float().cpu().numpy()
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[0] == LATENT_RGB_FACTORS.shape[0]:
+        rgb = np.einsum("chw,cr->hwr", x, LATENT_RGB_FACTORS) + LATENT_RGB_BIAS
+        rgb = (rgb + 1.0) / 2.0
+    else:  # another latent space: show its first three channels, stretched
+        rgb = np.moveaxis(x[:3], 0, -1)
+        rgb = (rgb - rgb.min()) / max(float(rgb.max() - rgb.min()), 1e-6)
+    image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    scale = max(1, max_side // max(image.size))
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def user_message(exc: BaseException) -> str:
+    """One clear line for the page; the traceback goes to the log."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, UserError):
+        return text
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return ("out of memory: try a smaller size, fewer images per job, or a lower-memory setting "
+                f"({text[:200]})")
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+@dataclass
+class Job:
+    id: str
+    spec: dict[str, Any]
+    status: str = "queued"
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    phase: str = ""  # "loading model", "denoising", "decoding" while running
+    step: int = 0
+    total: int = 0
+    seconds_per_step: float | None = None
+    eta: float | None = None
+    seconds: float | None = None
+    paths: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class JobQueue:
+    """Runs jobs one at a time through `service.generate`; thread-safe; see the module docstring."""
+
+    def __init__(self, service: Any, state_file: str | Path | None = None, preview_every: int = 2):
+        self.service = service
+        self.state_file = Path(state_file) if state_file else None
+        self.preview_every = max(1, int(preview_every))
+        self._jobs: list[Job] = []
+        self._cond = threading.Condition()
+        self._version = 0  # bumped on every change, progress included: pollers skip unchanged snapshots
+        self._results_version = 0  # bumped when a job ends: the gallery rescans the output folder only then
+        self._preview: Image.Image | None = None
+        self._preview_version = 0
+        self._current: Job | None = None
+        self._abort_requested: str | None = None  # id of the job the user asked to stop
+        self._remove_after: set[str] = set()  # running jobs removed by the user: dropped when they stop
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._restore()
+
+    # ------------------------------------------------------------ persistence
+
+    def _restore(self) -> None:
+        if self.state_file is None or not self.state_file.is_file():
+            return
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            jobs = [Job.from_dict(j) for j in data.get("jobs", [])]
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            # a broken state file must not keep the UI from starting; keep it aside for inspection
+            aside = self.state_file.with_name(self.state_file.name + ".broken")
+            log.warning("could not read the saved queue %s (%s); moved it to %s, starting with an empty queue",
+                        self.state_file, e, aside)
+            try:
+                os.replace(self.state_file, aside)
+            except OSError:
+                pass
+            return
+        for job in jobs:
+            if job.status == "running":
+                job.status, job.phase = "interrupted", ""
+                job.error = "the app stopped while this job was running; retry it to run it again"
+            elif job.status not in STATUSES:
+                job.status = "failed"
+                job.error = f"unknown saved status {job.status!r}"
+        self._jobs = jobs
+        self._save()
+
+    def _save(self) -> None:
+        """Write the queue atomically; called with the lock held (or before the worker starts)."""
+        if self.state_file is None:
+            return
+        data = {"version": STATE_VERSION, "jobs": [j.to_dict() for j in self._jobs]}
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".queue-", suffix=".part", dir=self.state_file.parent)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, self.state_file)
+        except OSError:
+            # losing persistence must not stop generation; say so once per failure
+            log.exception("could not save the queue to %s", self.state_file)
+
+    def _changed(self, persist: bool = True) -> None:
+        self._version += 1
+        if persist:
+            self._save()
+        self._cond.notify_all()
+
+    def _prune(self) -> None:
+        finished = [j for j in self._jobs if j.status in ("done", "failed", "aborted")]
+        for job in finished[:-KEEP_FINISHED] if len(finished) > KEEP_FINISHED else []:
+            self._jobs.remove(job)
+
+    # ------------------------------------------------------------ operations
+
+    def submit(self, spec: JobSpec, names: dict[str, str] | None = None) -> str:
+        """Validate and enqueue; raises UserError on bad settings (nothing is queued then)."""
+        validate(spec, names)
+        self.service.definition(spec.model_type)  # unknown model type -> UserError now, not later
+        job = Job(id=uuid.uuid4().hex[:8], spec=spec.to_dict())
+        with self._cond:
+            self._jobs.append(job)
+            self._changed()
+        return job.id
+
+    def _find(self, job_id: str) -> Job:
+        for job in self._jobs:
+            if job.id == job_id:
+                return job
+        raise UserError(f"no job {job_id!r} in the queue")
+
+    def remove(self, job_id: str) -> None:
+        """Remove a job; a running one is stopped first (within one step) and then dropped."""
+        with self._cond:
+            job = self._find(job_id)
+            if job.status == "running":
+                self._remove_after.add(job_id)
+                self._request_abort(job)
+                return
+            self._jobs.remove(job)
+            self._changed()
+
+    def move(self, job_id: str, direction: str) -> None:
+        """Swap a queued job with the previous / next queued job ("up" runs it sooner)."""
+        if direction not in ("up", "down"):
+            raise ValueError("direction is 'up' or 'down'")
+        with self._cond:
+            job = self._find(job_id)
+            if job.status != "queued":
+                raise UserError(f"job {job_id} is {job.status}: only queued jobs can be moved")
+            queued = [j for j in self._jobs if j.status == "queued"]
+            k = queued.index(job) + (-1 if direction == "up" else 1)
+            if not 0 <= k < len(queued):
+                return  # already first / last: nothing to do
+            a, b = self._jobs.index(job), self._jobs.index(queued[k])
+            self._jobs[a], self._jobs[b] = self._jobs[b], self._jobs[a]
+            self._changed()
+
+    def retry(self, job_id: str) -> None:
+        """Queue a failed, aborted or interrupted job again, in its place in the list."""
+        with self._cond:
+            job = self._find(job_id)
+            if job.status not in RETRYABLE:
+                raise UserError(
+                    f"job {job_id} is {job.status}: only failed, aborted or interrupted jobs can be retried")
+            job.status, job.error, job.phase = "queued", "", ""
+            job.step = job.total = 0
+            job.started = job.finished = job.seconds_per_step = job.eta = job.seconds = None
+            self._changed()
+
+    def clear_finished(self) -> int:
+        """Drop done, failed and aborted jobs from the list (their images stay on disk)."""
+        with self._cond:
+            before = len(self._jobs)
+            self._jobs = [j for j in self._jobs if j.status not in ("done", "failed", "aborted")]
+            self._changed()
+            return before - len(self._jobs)
+
+    def abort(self) -> str | None:
+        """Stop the running job after its current step; returns its id (None when idle)."""
+        with self._cond:
+            if self._current is None:
+                return None
+            self._request_abort(self._current)
+            return self._current.id
+
+    def _request_abort(self, job: Job) -> None:
+        self._abort_requested = job.id
+        self.service.abort.set()
+
+    # ------------------------------------------------------------ reading
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def results_version(self) -> int:
+        return self._results_version
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every job as a plain dict, in list order (the queued ones run top to bottom)."""
+        with self._cond:
+            return [j.to_dict() for j in self._jobs]
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        with self._cond:
+            return self._find(job_id).to_dict()
+
+    def preview(self) -> tuple[int, Image.Image | None]:
+        """(version, image) of the latest live preview; the image is None once no job runs."""
+        with self._cond:
+            return self._preview_version, self._preview
+
+    def last_seed(self) -> int | None:
+        """The first image seed of the most recently finished successful job."""
+        with self._cond:
+            done = [j for j in self._jobs if j.status == "done" and j.seeds]
+            return max(done, key=lambda j: j.finished or 0).seeds[0] if done else None
+
+    def wait(self, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        """Block until job_id has finished (any end status); TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._find(job_id).status not in FINISHED:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} still {self._find(job_id).status} after {timeout:g} s")
+                self._cond.wait(left)
+            return self._find(job_id).to_dict()
+
+    def wait_until(self, predicate: Callable[[JobQueue], bool], timeout: float = 60.0) -> None:
+        """Block until predicate(self) holds (it is evaluated with the lock held)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"condition not met after {timeout:g} s")
+                self._cond.wait(min(left, 0.5))
+
+    # ------------------------------------------------------------ worker
+
+    def start(self) -> JobQueue:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="wgp-zimage-queue", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker; a running job is stopped and saved as interrupted (retry to run it)."""
+        with self._cond:
+            self._stopping = True
+            if self._current is not None:
+                self.service.abort.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _next(self) -> Job | None:
+        with self._cond:
+            while not self._stopping:
+                job = next((j for j in self._jobs if j.status == "queued"), None)
+                if job is not None:
+                    job.status, job.started, job.phase, job.error = "running", time.time(), "starting", ""
+                    self._current, self._abort_requested = job, None
+                    self._changed()
+                    return job
+                self._cond.wait()
+            return None
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            self._run_job(job)
+
+    def _run_job(self, job: Job) -> None:
+        status, error, result = "done", "", None
+        try:
+            result = self.service.generate(JobSpec.from_dict(job.spec), on_event=lambda ev: self._on_event(job, ev))
+        except GenerationInterrupted:
+            status = "interrupted" if self._stopping else "aborted"
+        except BaseException as e:  # anything: record it, log the traceback, go on with the next job
+            status, error = "failed", user_message(e)
+            log.error("job %s failed: %s", job.id, error, exc_info=not isinstance(e, UserError))
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            with self._cond:
+                job.status, job.error, job.finished, job.phase, job.eta = status, error, time.time(), "", None
+                if status == "interrupted":
+                    job.error = "the app stopped while this job was running; retry it to run it again"
+                if result is not None:
+                    job.paths = [str(p) for p in result.paths]
+                    job.seeds = list(result.seeds)
+                    job.seconds, job.seconds_per_step = result.seconds, result.seconds_per_step
+                self.service.abort.clear()
+                self._current, self._abort_requested, self._preview = None, None, None
+                self._preview_version += 1
+                self._results_version += 1
+                if job.id in self._remove_after:
+                    self._remove_after.discard(job.id)
+                    self._jobs.remove(job)
+                self._prune()
+                self._changed()
+
+    def _on_event(self, job: Job, ev: dict[str, Any]) -> None:
+        """Progress from the service (worker thread): update the job, make a preview, honour abort."""
+        aborting = self._abort_requested == job.id or self._stopping
+        if aborting and ev["kind"] == "load":
+            raise GenerationInterrupted()  # stop before a long model load finishes
+        if aborting:
+            # the service clears its abort flag when sampling starts: set it again so the next step stops
+            self.service.abort.set()
+        preview = None
+        if ev["kind"] == "step" and (ev["step"] % self.preview_every == 0 or ev["step"] == ev["total"]):
+            try:
+                preview = latent_preview(ev["latents"])
+            except Exception:  # a preview is a nicety: never fail the job over it
+                log.debug("latent preview failed", exc_info=True)
+        with self._cond:
+            if ev["kind"] == "load":
+                job.phase = f"loading model: {ev.get('desc', '')}".rstrip(": ")
+                job.step, job.total = ev["step"], ev["total"]
+            elif ev["kind"] == "step":
+                job.phase = "decoding" if ev["step"] >= ev["total"] else "denoising"
+                job.step, job.total = ev["step"], ev["total"]
+                job.seconds_per_step, job.eta = ev["seconds_per_step"], ev["eta"]
+                if preview is not None:
+                    self._preview, self._preview_version = preview, self._preview_version + 1
+            self._changed(persist=False)

@@ -1,0 +1,491 @@
+"""The Gradio page: settings, Generate / Abort, progress and live preview, results gallery, job queue.
+
+Handlers never generate: they submit to the JobQueue and read it (a 1 s timer polls a snapshot), so
+closing or reloading the tab never stops a job and a reopened tab shows the queue and the results.
+Named API endpoints (see README): /generate, /stop, /queue, /remove, /move_up, /move_down, /retry,
+/clear_finished, /last_seed, /restore. No torch here.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+import pandas as pd
+
+from app.jobs import JobSpec, validate
+from app.metadata import read_settings
+from app.queue import JobQueue
+from models.errors import UserError
+
+if TYPE_CHECKING:  # the service module imports torch; the page itself does not need it
+    from app.service import GenerationService, ServiceConfig
+
+MODEL_ORDER = ("z_image_base", "z_image", "z_image_tiny")
+SHORT_NAMES = {"z_image_base": "Base", "z_image": "Turbo", "z_image_tiny": "tiny"}
+CUSTOM = "Custom"
+# label -> (width, height); about 1 MP and 2 MP, every side a multiple of 16
+PRESETS: dict[str, tuple[int, int]] = {
+    "1:1 · 1024×1024": (1024, 1024), "4:3 · 1152×864": (1152, 864), "3:4 · 864×1152": (864, 1152),
+    "3:2 · 1248×832": (1248, 832), "2:3 · 832×1248": (832, 1248), "16:9 · 1280×720": (1280, 720),
+    "9:16 · 720×1280": (720, 1280), "21:9 · 1568×672": (1568, 672),
+    "1:1 · 1440×1440 (2 MP)": (1440, 1440), "4:3 · 1664×1248 (2 MP)": (1664, 1248),
+    "3:4 · 1248×1664 (2 MP)": (1248, 1664), "16:9 · 1920×1088 (2 MP)": (1920, 1088),
+    "9:16 · 1088×1920 (2 MP)": (1088, 1920), "21:9 · 2240×960 (2 MP)": (2240, 960),
+}
+# field -> the label the user sees, for validate() messages
+UI_NAMES = {
+    "width": "Width", "height": "Height", "num_inference_steps": "Steps", "guidance_scale": "Guidance",
+    "flow_shift": "Flow shift", "num_images": "Number of images", "cfg_normalization": "CFG normalization",
+    "cfg_truncation": "CFG truncation", "seed": "Seed",
+}
+TABLE_HEADERS = ["ID", "Status", "Progress", "Prompt", "Settings", "Seed", "Result"]
+TABLE_WIDTHS = ["11%", "12%", "11%", "23%", "17%", "13%", "13%"]
+STATUS_ICONS = {"queued": "⏳", "running": "▶", "done": "✔", "failed": "✖", "interrupted": "⚠", "aborted": "■"}
+GALLERY_SIZE = 24
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+CSS = """
+#title h1 { margin: 0; font-size: 1.6rem; }
+#generate { min-height: 64px; font-size: 1.15rem; }
+#progress .bar { height: 8px; background: var(--neutral-200); border-radius: 4px; overflow: hidden; margin-top: 4px; }
+#progress .bar > div { height: 100%; background: var(--color-accent); transition: width 0.4s; }
+#progress .muted { color: var(--body-text-color-subdued); }
+#progress .error { color: var(--error-text-color); }
+"""
+
+
+def launch_options(output_dir: str | Path) -> dict[str, Any]:
+    """Keyword arguments for demo.launch() that the page needs (tests pass them too)."""
+    return {
+        "theme": gr.themes.Soft(primary_hue="orange", secondary_hue="slate"),
+        "css": CSS,
+        # gallery files come from the output folder, wherever it is
+        "allowed_paths": [str(Path(output_dir).resolve())],
+        # prompts stay on this machine's server, not in the browser's run history
+        "run_history": False,
+    }
+
+
+# ------------------------------------------------------------------ pure helpers (tested through the API)
+
+def whole(value: Any) -> Any:
+    """30.0 -> 30 (sliders send floats); anything else unchanged so validate() can name it."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def split_prompts(text: str, one_per_line: bool) -> list[str]:
+    if not one_per_line:
+        return [text]
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def preset_for(width: Any, height: Any) -> str:
+    return next((k for k, v in PRESETS.items() if v == (width, height)), CUSTOM)
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def job_progress(job: dict[str, Any]) -> str:
+    if job["status"] != "running":
+        return ""
+    if job["phase"].startswith("loading"):
+        return f"loading {job['step']}/{job['total']}" if job["total"] else "loading"
+    return f"{job['step']}/{job['total']}" if job["total"] else job["phase"]
+
+
+def job_result(job: dict[str, Any]) -> str:
+    if job["status"] == "done":
+        n = len(job["paths"])
+        return f"{n} image{'s' * (n != 1)} in {job['seconds'] or 0:.1f} s"
+    if job["status"] == "aborted" and not job["error"]:
+        return f"stopped at step {job['step']}/{job['total']}" if job["total"] else "stopped"
+    return job["error"]
+
+
+def display_order(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Running, then queued (in run order), then the finished ones newest first: the live part stays on top."""
+    active = [j for j in jobs if j["status"] in ("running", "queued")]
+    active.sort(key=lambda j: j["status"] != "running")  # stable: queued keep their order
+    finished = [j for j in jobs if j["status"] not in ("running", "queued")]
+    finished.sort(key=lambda j: j["finished"] or j["created"], reverse=True)
+    return active + finished
+
+
+def queue_table(jobs: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for j in display_order(jobs):
+        s = j["spec"]
+        seed = j["seeds"][0] if j["seeds"] else ("random" if s["seed"] == -1 else s["seed"])
+        prompt = s["prompt"] if len(s["prompt"]) <= 60 else s["prompt"][:57] + "..."
+        settings = (f"{SHORT_NAMES.get(s['model_type'], s['model_type'])} · {s['width']}×{s['height']} · "
+                    f"{s['num_inference_steps']} steps" + (f" · ×{s['num_images']}" if s["num_images"] > 1 else ""))
+        rows.append([j["id"], f"{STATUS_ICONS.get(j['status'], '')} {j['status']}", job_progress(j), prompt,
+                     settings, seed, job_result(j)])
+    return pd.DataFrame(rows, columns=TABLE_HEADERS)
+
+
+def progress_html(jobs: list[dict[str, Any]]) -> str:
+    """The running job's step i/N, s/step and ETA; else the last finished job's outcome."""
+    waiting = sum(j["status"] == "queued" for j in jobs)
+    tail = f" · {waiting} waiting" if waiting else ""
+    running = next((j for j in jobs if j["status"] == "running"), None)
+    if running is not None:
+        e = html.escape
+        head = f"<b>▶ {e(running['id'])}</b> {e(running['spec']['prompt'][:80])}"
+        if running["phase"] in ("denoising", "decoding"):
+            pct = 100 * running["step"] / max(running["total"], 1)
+            per = running["seconds_per_step"] or 0
+            line = (f"step {running['step']}/{running['total']} · {per:.2f} s/step · "
+                    f"ETA {fmt_seconds(running['eta'])}" + (" · decoding" if running["phase"] == "decoding" else ""))
+        else:
+            pct = 0
+            line = e(running["phase"] or "starting") + (
+                f" ({running['step']}/{running['total']})" if running["total"] else "")
+        return (f"<div>{head}</div><div>{line}{tail}</div>"
+                f"<div class='bar'><div style='width:{pct:.0f}%'></div></div>")
+    finished = [j for j in jobs if j["finished"]]
+    if not finished:
+        return f"<div class='muted'>Idle{tail}. Models load on the first job.</div>"
+    last = max(finished, key=lambda j: j["finished"])
+    icon = STATUS_ICONS.get(last["status"], "")
+    cls = "error" if last["status"] in ("failed", "interrupted") else "muted"
+    what = html.escape(job_result(last) or last["status"])
+    return f"<div class='{cls}'>Idle{tail}. Last job {icon} {html.escape(last['id'])} {last['status']}: {what}</div>"
+
+
+def caption_for(path: Path, cache: dict[str, str]) -> str:
+    """'seed N · prompt' from the image's settings (read once per file), else its name."""
+    key = str(path)
+    if key not in cache:
+        try:
+            meta = read_settings(path) or {}
+        except OSError:
+            meta = {}
+        if len(cache) > 4 * GALLERY_SIZE:
+            cache.clear()
+        cache[key] = f"seed {meta['seed']} · {str(meta.get('prompt', ''))[:60]}" if "seed" in meta else path.name
+    return cache[key]
+
+
+def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str] | None = None
+                  ) -> list[tuple[str, str]]:
+    """(path, caption) of the newest images of the output folder, newest first."""
+    try:
+        files = []
+        for p in Path(folder).iterdir():
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+                try:
+                    files.append((p.stat().st_mtime, p))
+                except OSError:  # deleted meanwhile
+                    pass
+    except OSError:
+        return []
+    files.sort(key=lambda t: t[0], reverse=True)
+    cache = {} if cache is None else cache
+    return [(str(p), caption_for(p, cache)) for _, p in files[:limit]]
+
+
+# ------------------------------------------------------------------ the page
+
+def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig) -> gr.Blocks:
+    """The page for queue (running jobs through service); config.output_dir feeds the gallery."""
+    output_dir = Path(config.output_dir)
+    defs = service.definitions
+    model_types = [t for t in MODEL_ORDER if t in defs] + sorted(t for t in defs if t not in MODEL_ORDER)
+    first = model_types[0]
+    d0 = service.defaults(first)
+
+    def model_updates(model_type: str) -> tuple:
+        d = service.defaults(model_type)
+        show_neg = bool(d.get("show_negative_prompt", True))
+        return (gr.update(value=d["negative_prompt"], visible=show_neg), preset_for(d["width"], d["height"]),
+                d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"], d["flow_shift"],
+                defs[model_type].description)
+
+    with gr.Blocks(title="wgp-zimage") as demo:
+        buttons: dict[str, gr.Button] = {}
+        seen = gr.State({})  # per tab: which queue / preview / gallery version it shows
+        selected_image = gr.State("")
+        with gr.Row(equal_height=True):
+            gr.Markdown("# wgp-zimage · Z-Image", elem_id="title")
+            model = gr.Dropdown([(defs[t].name, t) for t in model_types], value=first, label="Model",
+                                elem_id="model-type", scale=2)
+            model_info = gr.Markdown(defs[first].description, elem_id="model-info", label="model description")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5):
+                prompt = gr.Textbox(label="Prompt", lines=4, max_lines=20, elem_id="prompt",
+                                    placeholder="a red fox in the snow, golden hour, 35 mm photo")
+                one_per_line = gr.Checkbox(False, label="One job per line (lines starting with # are skipped)",
+                                           elem_id="one-per-line")
+                negative = gr.Textbox(d0["negative_prompt"], label="Negative prompt", lines=2,
+                                      elem_id="negative-prompt", visible=bool(d0.get("show_negative_prompt", True)))
+                with gr.Row():
+                    preset = gr.Dropdown([*PRESETS, CUSTOM], value=preset_for(d0["width"], d0["height"]),
+                                         label="Resolution", elem_id="resolution-preset", scale=2)
+                    width = gr.Slider(16, 4096, d0["width"], step=16, label="Width", elem_id="width", scale=2)
+                    height = gr.Slider(16, 4096, d0["height"], step=16, label="Height", elem_id="height", scale=2)
+                steps = gr.Slider(1, 100, d0["num_inference_steps"], step=1, label="Steps", elem_id="steps")
+                with gr.Row():
+                    guidance = gr.Slider(0, 20, d0["guidance_scale"], step=0.1, label="Guidance (0 = off)",
+                                         elem_id="guidance")
+                    flow_shift = gr.Slider(1, 10, d0["flow_shift"], step=0.1, label="Flow shift", elem_id="flow-shift")
+                with gr.Row(equal_height=True):
+                    seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed", scale=3)
+                    reuse_seed = gr.Button("♻ Last seed", elem_id="reuse-seed", scale=1, size="md")
+                    num_images = gr.Slider(1, 16, 1, step=1, label="Number of images", elem_id="num-images", scale=4)
+                with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    cfg_norm = gr.Slider(0, 100, 0.0, step=0.1, label="CFG normalization (0 = off)",
+                                         info="caps the guided prediction's norm at K × the positive one",
+                                         elem_id="cfg-normalization")
+                    cfg_trunc = gr.Slider(0, 1, 1.0, step=0.01, label="CFG truncation (1 = never)",
+                                          info="guidance off once 1 − sigma exceeds C", elem_id="cfg-truncation")
+                with gr.Accordion("Restore settings from a PNG", open=True, elem_id="restore"):
+                    restore_file = gr.File(label="Drop an image made by this app", file_types=[".png"],
+                                           type="filepath", elem_id="restore-png", height=140)
+            with gr.Column(scale=6):
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
+                    abort_btn = gr.Button("Abort", variant="stop", elem_id="abort", scale=1)
+                status = gr.Markdown("", elem_id="status", label="Status message")
+                last_ids = gr.Textbox(label="Last submitted job IDs", elem_id="last-job-ids", interactive=False,
+                                      visible=False)
+                with gr.Row(equal_height=False):
+                    progress = gr.HTML("", elem_id="progress")
+                with gr.Row(equal_height=False):
+                    preview = gr.Image(label="Live preview", elem_id="preview", interactive=False, height=256,
+                                       scale=1, buttons=[])
+                    gallery = gr.Gallery(label="Results (newest first)", elem_id="gallery", columns=4, height=420,
+                                         object_fit="contain", scale=2, interactive=False)
+                use_settings = gr.Button("Load settings of the selected image", elem_id="use-image-settings",
+                                         size="sm")
+                with gr.Group():
+                    table = gr.Dataframe(queue_table([]), label="Queue (click a row to select it)",
+                                         elem_id="queue-table", interactive=False, wrap=True, max_height=320,
+                                         column_widths=TABLE_WIDTHS)
+                    with gr.Row(equal_height=True):
+                        job_id = gr.Textbox(show_label=False, placeholder="job ID (click a row)", elem_id="job-id",
+                                            scale=3, min_width=120, max_lines=1, container=False)
+                        for label, eid in (("▲ Up", "job-up"), ("▼ Down", "job-down"), ("↻ Retry", "job-retry"),
+                                           ("✕ Remove", "job-remove"), ("Clear finished", "queue-clear-finished")):
+                            buttons[eid] = gr.Button(label, elem_id=eid, size="sm", scale=1, min_width=60)
+
+        # ---------------------------------------------------------- polling (the only way results reach the page)
+
+        captions: dict[str, str] = {}
+
+        def poll(state: dict) -> tuple:
+            state = dict(state or {})
+            version = queue.version
+            table_out = progress_out = gallery_out = gr.skip()
+            if state.get("v") != version:
+                jobs = queue.snapshot()
+                table_out, progress_out = queue_table(jobs), progress_html(jobs)
+                state["v"] = version
+            if state.get("rv") != queue.results_version:
+                # only when a job ended (or on a tab's first poll): the folder is not rescanned every step
+                state["rv"] = queue.results_version
+                items = recent_images(output_dir, cache=captions)
+                key = [p for p, _ in items]
+                if key != state.get("gallery"):
+                    # a new file on top while this tab watches: show it large, like A1111
+                    newest = bool(state.get("gallery") is not None and key and key[0] not in state["gallery"])
+                    gallery_out = gr.Gallery(value=items, selected_index=0 if newest else None)
+                    state["gallery"] = key
+            preview_version, image = queue.preview()
+            preview_out = image if state.get("pv") != preview_version else gr.skip()
+            state["pv"] = preview_version
+            return table_out, progress_out, preview_out, gallery_out, state
+
+        poll_io = {"fn": poll, "inputs": [seen], "outputs": [table, progress, preview, gallery, seen],
+                   "queue": False, "show_progress": "hidden", "api_visibility": "private"}
+        gr.Timer(1.0).tick(**poll_io)
+        demo.load(**poll_io)
+
+        # ---------------------------------------------------------- submitting and controlling jobs
+
+        submit_messages: dict[str, str] = {}  # session -> outcome of its last Generate, for the status box
+
+        def generate(model_type: str, prompt: str, one_per_line: bool, negative_prompt: str, width: float,
+                     height: float, steps: float, guidance: float, flow_shift: float, cfg_normalization: float,
+                     cfg_truncation: float, seed: float, num_images: float, request: gr.Request) -> str:
+            """Queue one job (or one per prompt line); returns the new job IDs, comma-separated."""
+            session = getattr(request, "session_hash", None) or ""
+            specs = [JobSpec(
+                model_type=model_type, prompt=p, negative_prompt=negative_prompt or "", width=whole(width),
+                height=whole(height), num_inference_steps=whole(steps), guidance_scale=guidance,
+                flow_shift=flow_shift, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
+                seed=whole(seed), num_images=whole(num_images),
+            ) for p in split_prompts(prompt, one_per_line)]
+            try:
+                if not specs:
+                    raise UserError("the prompt is empty (every line is blank or a # comment)")
+                for s in specs:  # all checked before any is queued
+                    validate(s, UI_NAMES)
+                ids = [queue.submit(s, UI_NAMES) for s in specs]
+            except UserError as e:
+                # an error (not a return value) so API clients cannot mistake it for a job ID
+                submit_messages.pop(session, None)
+                submit_messages[session] = f"⚠ Not queued: {e}"
+                raise gr.Error(str(e), title="Not queued", print_exception=False) from None
+            if len(submit_messages) > 256:  # API calls never read theirs: keep the dict small
+                submit_messages.clear()
+            submit_messages[session] = f"Queued job{'s' * (len(ids) != 1)} {', '.join(ids)}."
+            gr.Info(f"Queued {len(ids)} job{'s' * (len(ids) != 1)}: {', '.join(ids)}")
+            return ",".join(ids)
+
+        def submit_message(request: gr.Request) -> str:
+            return submit_messages.pop(getattr(request, "session_hash", None) or "", gr.skip())
+
+        gen_inputs = [model, prompt, one_per_line, negative, width, height, steps, guidance, flow_shift,
+                      cfg_norm, cfg_trunc, seed, num_images]
+        submitted = generate_btn.click(generate, gen_inputs, last_ids, api_name="generate", show_progress="hidden",
+                                       concurrency_limit=None)
+        # the status box keeps the outcome after the toast fades. Gradio 6.31's page does not run .then()
+        # after an error (whatever its docs say), hence .failure() for that path.
+        message_io = {"fn": submit_message, "inputs": None, "outputs": status, "queue": False,
+                      "show_progress": "hidden", "api_visibility": "private"}
+        submitted.then(**message_io).then(**poll_io)
+        submitted.failure(**message_io)
+
+        def stop() -> str:
+            """Stop the running job after its current step (the queue goes on with the next one)."""
+            job_id = queue.abort()
+            if job_id is None:
+                return "No job is running."
+            try:
+                job = queue.get(job_id)  # read after the flag is set: it stops at most one step later
+            except UserError:
+                return f"Stopping job {job_id}."
+            where = f" at step {job['step']}/{job['total']}" if job["phase"] == "denoising" else ""
+            return f"Stopping job {job_id}{where} after the current step."
+
+        abort_btn.click(stop, None, status, api_name="stop", queue=False, show_progress="hidden")
+
+        def queue_op(op: str):
+            def run(job_id: str) -> str:
+                job_id = (job_id or "").strip()
+                try:
+                    if not job_id:
+                        raise UserError("select a job in the queue table first")
+                    if op == "remove":
+                        queue.remove(job_id)
+                    elif op in ("up", "down"):
+                        queue.move(job_id, op)
+                    else:
+                        queue.retry(job_id)
+                except UserError as e:
+                    gr.Warning(str(e))
+                    return f"⚠ {e}"
+                return {"remove": f"Removed job {job_id}.", "up": f"Moved job {job_id} up.",
+                        "down": f"Moved job {job_id} down.", "retry": f"Queued job {job_id} again."}[op]
+            run.__name__ = f"queue_{op}"
+            return run
+
+        for eid, op, name in (("job-remove", "remove", "remove"), ("job-up", "up", "move_up"),
+                              ("job-down", "down", "move_down"), ("job-retry", "retry", "retry")):
+            buttons[eid].click(queue_op(op), job_id, status, api_name=name, queue=False,
+                      show_progress="hidden").then(**poll_io)
+
+        def clear_finished() -> str:
+            """Drop done, failed and aborted jobs from the table (their images stay on disk)."""
+            return f"Cleared {queue.clear_finished()} finished job(s)."
+
+        buttons["queue-clear-finished"].click(clear_finished, None, status, api_name="clear_finished", queue=False,
+                        show_progress="hidden").then(**poll_io)
+
+        def list_queue() -> list[dict[str, Any]]:
+            """Every job: id, status, spec, step/total, seconds_per_step, eta, paths, seeds, error."""
+            return queue.snapshot()
+
+        gr.api(list_queue, api_name="queue", queue=False)
+
+        def on_select(evt: gr.SelectData) -> str:
+            row = evt.row_value if isinstance(evt.row_value, list) else []
+            return str(row[0]) if row else gr.skip()
+
+        table.select(on_select, None, job_id, queue=False, show_progress="hidden", api_visibility="private")
+
+        # ---------------------------------------------------------- settings helpers
+
+        model.input(model_updates, model, [negative, preset, width, height, steps, guidance, flow_shift, model_info],
+                    queue=False, show_progress="hidden", api_visibility="private")
+
+        def on_preset(label: str) -> tuple:
+            return PRESETS.get(label, (gr.skip(), gr.skip()))
+
+        preset.input(on_preset, preset, [width, height], queue=False, show_progress="hidden",
+                     api_visibility="private")
+        for box in (width, height):
+            box.input(lambda w, h: preset_for(whole(w), whole(h)), [width, height], preset, queue=False,
+                      show_progress="hidden", api_visibility="private")
+
+        def last_seed() -> int:
+            """The seed of the newest finished job's first image."""
+            value = queue.last_seed()
+            if value is None:
+                gr.Warning("no finished job yet: nothing to reuse")
+                return gr.skip()
+            return value
+
+        reuse_seed.click(last_seed, None, seed, api_name="last_seed", queue=False, show_progress="hidden")
+
+        restore_outputs = [model, prompt, negative, preset, width, height, steps, guidance, flow_shift, cfg_norm,
+                           cfg_trunc, seed, num_images, model_info]
+
+        def restore(path: str | None) -> tuple:
+            """Settings stored in a PNG made by this app, into the controls (its own seed, 1 image)."""
+            skip = tuple(gr.skip() for _ in restore_outputs)
+            if not path:
+                return skip
+            try:
+                s = read_settings(path)
+            except OSError as e:
+                gr.Warning(f"cannot read that image: {e}")
+                return skip
+            if not s:
+                gr.Warning("this image holds no wgp-zimage settings")
+                return skip
+            model_type = s.get("model_type")
+            if model_type not in defs:
+                gr.Warning(f"model type {model_type!r} is not installed; keeping the current model")
+                model_type = None
+            show_neg = service.defaults(model_type).get("show_negative_prompt", True) if model_type else True
+            get = lambda k: s[k] if k in s else gr.skip()
+            w, h = s.get("width"), s.get("height")
+            gr.Info("Settings restored from the image")
+            return (model_type or gr.skip(), get("prompt"),
+                    gr.update(value=s.get("negative_prompt", ""), visible=bool(show_neg)),
+                    preset_for(w, h) if w and h else gr.skip(), get("width"), get("height"),
+                    get("num_inference_steps"), get("guidance_scale"), get("flow_shift"), get("cfg_normalization"),
+                    # any C >= 1 never truncates: 1 is the same setting and fits the slider
+                    min(float(s["cfg_truncation"]), 1.0) if "cfg_truncation" in s else gr.skip(), get("seed"), 1,
+                    defs[model_type].description if model_type else gr.skip())
+
+        restore_file.upload(restore, restore_file, restore_outputs, api_name="restore", queue=False,
+                            show_progress="hidden")
+
+        def on_gallery_select(evt: gr.SelectData) -> str:
+            value = evt.value if isinstance(evt.value, dict) else {}
+            image = value.get("image") if isinstance(value.get("image"), dict) else {}
+            return image.get("path") or ""
+
+        gallery.select(on_gallery_select, None, selected_image, queue=False, api_visibility="private")
+        def restore_selected(path: str) -> tuple:
+            if not path:
+                gr.Warning("select an image in the gallery first")
+            return restore(path)
+
+        use_settings.click(restore_selected, selected_image, restore_outputs, queue=False, show_progress="hidden",
+                           api_visibility="private")
+    return demo
+
+
+__all__ = ["build_ui", "launch_options", "PRESETS", "UI_NAMES"]

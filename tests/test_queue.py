@@ -1,0 +1,171 @@
+"""The UI's job queue on the tiny model: order, remove/move, abort, failures, persistence, retry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from app.jobs import JobSpec
+from app.metadata import read_settings
+from app.queue import JobQueue, latent_preview
+from app.service import GenerationService, ServiceConfig
+from models.errors import UserError
+
+
+def spec(prompt: str, **kw) -> JobSpec:
+    return JobSpec(**{"model_type": "z_image_tiny", "prompt": prompt, "width": 64, "height": 64,
+                      "num_inference_steps": 2, "seed": 7, **kw})
+
+
+@pytest.fixture(scope="module")
+def service(tiny_dir, tmp_path_factory) -> GenerationService:
+    """One service (the tiny model loads once) whose checkpoints folder holds the test's tiny model."""
+    root = tmp_path_factory.mktemp("queue")
+    (root / "ckpts").mkdir()
+    (root / "ckpts" / "z_image_tiny").symlink_to(tiny_dir, target_is_directory=True)
+    return GenerationService(ServiceConfig(checkpoints_dir=root / "ckpts", output_dir=root / "outputs"))
+
+
+@pytest.fixture
+def make_queue(service, tmp_path):
+    made: list[JobQueue] = []
+
+    def make(state_file=None, **kw) -> JobQueue:
+        q = JobQueue(service, state_file if state_file is not None else tmp_path / "queue.json", **kw)
+        made.append(q)
+        return q
+
+    yield make
+    for q in made:
+        q.close()
+    service.abort.clear()
+
+
+def denoising(job_id: str, min_step: int = 1):
+    return lambda q: q.get(job_id)["phase"] == "denoising" and q.get(job_id)["step"] >= min_step
+
+
+def test_order_remove_move(make_queue):
+    q = make_queue()  # not started: the order is set before anything runs
+    a, b, c, d = (q.submit(spec(p)) for p in ("first", "second", "third", "fourth"))
+    q.move(c, "up")  # a c b d
+    q.move(a, "up")  # already first: no change
+    q.move(d, "down")  # already last: no change
+    q.remove(b)  # a c d
+    assert [j["id"] for j in q.snapshot()] == [a, c, d]
+    q.start()
+    jobs = [q.wait(i, 120) for i in (a, c, d)]
+    assert [j["status"] for j in jobs] == ["done"] * 3
+    assert [j["id"] for j in sorted(jobs, key=lambda j: j["started"])] == [a, c, d]
+    meta = read_settings(jobs[1]["paths"][0])
+    assert meta["prompt"] == "third" and meta["seed"] == 7 and jobs[1]["seeds"] == [7]
+    with pytest.raises(UserError, match="only queued jobs"):
+        q.move(a, "down")
+
+
+def test_submit_rejects_bad_settings(make_queue):
+    q = make_queue()
+    with pytest.raises(UserError, match="multiple of 16"):
+        q.submit(spec("x", width=100))
+    with pytest.raises(UserError, match="unknown model type"):
+        q.submit(spec("x", model_type="nope"))
+    assert q.snapshot() == []
+
+
+def test_abort_stops_within_a_step_and_next_job_runs(make_queue):
+    q = make_queue(preview_every=1).start()
+    long = q.submit(spec("long", width=256, height=256, num_inference_steps=100))
+    short = q.submit(spec("short"))
+    q.wait_until(denoising(long, 2), 120)
+    _, preview = q.preview()
+    assert preview is not None and preview.mode == "RGB"
+    seen = q.get(long)["step"]
+    assert q.abort() == long
+    job = q.wait(long, 60)
+    assert job["status"] == "aborted" and job["paths"] == []
+    assert job["step"] <= seen + 2  # the step running when we asked, and at most one more (race)
+    assert q.wait(short, 60)["status"] == "done"
+    assert q.abort() is None  # idle
+
+
+def test_failures_are_recorded_and_the_queue_goes_on(make_queue, service, monkeypatch):
+    real = service.generate
+    errors = iter([UserError("missing weights: ckpts/ZImageBase_bf16.safetensors"),
+                   RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"), ValueError("boom\ndetails")])
+
+    def flaky(s, **kw):
+        if s.prompt.startswith("fail"):
+            raise next(errors)
+        return real(s, **kw)
+
+    monkeypatch.setattr(service, "generate", flaky)
+    q = make_queue().start()
+    ids = [q.submit(spec(p)) for p in ("fail 1", "fail 2", "fail 3", "ok")]
+    jobs = [q.wait(i, 120) for i in ids]
+    assert [j["status"] for j in jobs] == ["failed", "failed", "failed", "done"]
+    assert jobs[0]["error"] == "missing weights: ckpts/ZImageBase_bf16.safetensors"
+    assert jobs[1]["error"].startswith("out of memory: try a smaller size")
+    assert jobs[2]["error"] == "ValueError: boom"  # one line, no traceback
+    assert all("Traceback" not in j["error"] for j in jobs)
+
+
+def test_restart_marks_running_job_interrupted_and_retry(make_queue, tmp_path):
+    state = tmp_path / "queue.json"
+    crash = tmp_path / "crash.json"
+    q1 = make_queue(state).start()
+    a = q1.submit(spec("a", num_inference_steps=3))
+    b = q1.submit(spec("b"))
+
+    def snapshot_while_running(q):
+        # evaluated with the queue's lock held: the file is what a crash right now would leave
+        if q.get(a)["status"] != "running":
+            return False
+        shutil.copy(state, crash)
+        return True
+
+    q1.wait_until(snapshot_while_running, 120)
+    q1.close()
+    saved = {j["id"]: j["status"] for j in json.loads(crash.read_text())["jobs"]}
+    assert saved == {a: "running", b: "queued"}
+
+    q2 = make_queue(crash)  # the process "restarts" from the crash-time file
+    jobs = {j["id"]: j for j in q2.snapshot()}
+    assert jobs[a]["status"] == "interrupted" and "retry" in jobs[a]["error"]
+    assert jobs[b]["status"] == "queued"
+    q2.start()
+    assert q2.wait(b, 120)["status"] == "done"
+    assert q2.get(a)["status"] == "interrupted"  # never re-run silently
+    with pytest.raises(UserError, match="only failed"):
+        q2.retry(b)
+    q2.retry(a)
+    job = q2.wait(a, 120)
+    assert job["status"] == "done" and len(job["paths"]) == 1
+    q2.close()
+    # a clean restart keeps the finished history
+    assert {j["id"]: j["status"] for j in make_queue(crash).snapshot()} == {a: "done", b: "done"}
+
+
+def test_close_while_running_saves_interrupted(make_queue, tmp_path):
+    q = make_queue().start()
+    a = q.submit(spec("slow", width=256, height=256, num_inference_steps=100))
+    q.wait_until(denoising(a), 120)
+    q.close()
+    assert q.get(a)["status"] == "interrupted"
+    assert make_queue().get(a)["status"] == "interrupted"
+
+
+def test_broken_state_file_starts_empty(make_queue, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert make_queue(bad).snapshot() == []
+    assert (tmp_path / "bad.json.broken").read_text() == "{not json"
+
+
+def test_latent_preview():
+    rng = np.random.default_rng(0)
+    im = latent_preview(rng.standard_normal((2, 16, 8, 12)).astype(np.float32))
+    assert im.mode == "RGB" and im.size == (12 * 21, 8 * 21)  # scaled up by a whole factor
+    assert latent_preview(rng.standard_normal((1, 4, 8, 8))).mode == "RGB"  # other latent spaces
