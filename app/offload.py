@@ -1,0 +1,471 @@
+"""Memory profiles (mmgp offload), the CPU fallback, VAE tiling choice and out-of-memory errors.
+
+`apply_profile` hands the loaded parts ({"transformer", "text_encoder", "vae"}, as
+`handler.load_model` returns them, loaded on the CPU) to `mmgp.offload.profile` (mmgp 3.8.2)
+with these corrections of mmgp's defaults:
+
+- budgets always go as a dict per model (mmgp silently ignores a bare number);
+- `convertWeightsFloatTo=None`: mmgp would cast every fp32 parameter, the VAE's included, to
+  bf16; the parts keep the dtypes they were loaded in (the user's choice);
+- the transformer root and its timestep embedder take float32 inputs as they are (`_lock_dtype`):
+  mmgp would round the timestep to the model dtype before embedding it;
+- mmgp leaves `torch.set_default_device("cuda")` behind: the previous default is restored;
+- mmgp never quantizes on its own (`quantizeTransformer=False`, no extra models): int8 comes
+  from pre-quantized files or from `models.z_image.quantize.quantize_on_the_fly`, which keeps the
+  precision-sensitive layers in bf16;
+- in the low-VRAM profiles (2, 4, 5) the text encoder leaves VRAM as soon as a prompt is encoded.
+
+Without CUDA nothing is profiled: generation runs on the CPU and a warning says so once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from models.errors import UserError
+
+log = logging.getLogger("wgp_zimage")
+
+DEFAULT_PROFILE = 4
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    number: int
+    name: str
+    pinned: str  # which models mmgp pins in RAM: "all", "transformer" or "none"
+    low_vram: bool  # models streamed block by block (budgets) rather than loaded whole
+    description: str
+
+
+PROFILES: dict[int, MemoryProfile] = {p.number: p for p in (
+    MemoryProfile(1, "HighRAM_HighVRAM", "all", False,
+                  "fastest: all models pinned in RAM, each loaded whole into VRAM; "
+                  "64 GB RAM and a 24 GB card (int8: 32 GB RAM, 12-16 GB card)"),
+    MemoryProfile(2, "HighRAM_LowVRAM", "all", True,
+                  "fast: all models pinned in RAM, streamed into VRAM block by block; "
+                  "64 GB RAM (int8: 32 GB), cards from 6-8 GB"),
+    MemoryProfile(3, "LowRAM_HighVRAM", "transformer", False,
+                  "only the transformer pinned, models loaded whole into VRAM; "
+                  "32 GB RAM (int8: 24 GB) and a 24 GB card (int8: 12-16 GB)"),
+    MemoryProfile(4, "LowRAM_LowVRAM", "transformer", True,
+                  "default: only the transformer pinned, streamed block by block; "
+                  "32 GB RAM (int8: 16-24 GB), cards from 6-8 GB"),
+    MemoryProfile(5, "VerylowRAM_LowVRAM", "none", True,
+                  "slowest: nothing pinned, streamed from ordinary RAM; "
+                  "24 GB RAM (int8: 16 GB), cards from 6 GB"),
+)}
+PROFILE_NAMES: dict[int, str] = {n: p.name for n, p in PROFILES.items()}
+PROFILE_DESCRIPTIONS: dict[int, str] = {n: f"{p.name}: {p.description}" for n, p in PROFILES.items()}
+
+# budgets (MB of a model resident in VRAM at once) of the low-VRAM profiles, as Wan2GP sets them:
+# the transformer and the text encoder keep only their small non-repeated parts and stream their
+# blocks; the VAE (and anything else, "*") loads whole below this size
+LOW_VRAM_BUDGETS = {"transformer": 100, "text_encoder": 100, "*": 3000}
+VERYLOW_OTHER_BUDGET = 1000
+# modules of a profiled model whose float32 inputs must not be cast to the model dtype
+FP32_INPUT_MODULES = ("", "t_embedder")
+
+_cpu_notice_given = False
+
+
+def profile_help() -> str:
+    """One line per profile, for --help and the UI."""
+    return "\n".join(f"{n}: {d}" for n, d in PROFILE_DESCRIPTIONS.items())
+
+
+def check_profile(profile_no: Any) -> int:
+    try:
+        number = int(profile_no)
+    except (TypeError, ValueError):
+        number = -1
+    if number not in PROFILES or isinstance(profile_no, bool) or (isinstance(profile_no, float)
+                                                                 and not profile_no.is_integer()):
+        raise UserError(f"memory profile must be one of {', '.join(map(str, PROFILES))} (got {profile_no!r})")
+    return number
+
+
+def profile_budgets(profile_no: int, preload_mb: float = 0, budgets: Mapping[str, float] | None = None
+                    ) -> dict[str, float] | None:
+    """The per-model budgets (MB) handed to mmgp; None loads every model whole.
+
+    preload_mb > 0 raises the transformer's budget in the low-VRAM profiles: mmgp then keeps that
+    many MB of its blocks resident instead of streaming them. `budgets` entries override.
+    """
+    p = PROFILES[check_profile(profile_no)]
+    if budgets is not None and not isinstance(budgets, Mapping):
+        raise UserError("budgets must be a dict of MB per model (e.g. {'transformer': 100, '*': 3000}): "
+                        "mmgp ignores a bare number")
+    if preload_mb is None or preload_mb < 0:
+        raise UserError(f"preload must be a number of MB >= 0 (got {preload_mb!r})")
+    out: dict[str, float] = {}
+    if p.low_vram:
+        out = dict(LOW_VRAM_BUDGETS)
+        if p.number == 5:
+            out["*"] = VERYLOW_OTHER_BUDGET
+        if preload_mb:
+            out["transformer"] = float(preload_mb)
+    for key, value in (budgets or {}).items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise UserError(f"bad budget {key!r}: {value!r} (MB >= 0 per model name)")
+        out[key] = value
+    return out or None
+
+
+def _check_perc(perc: float | None) -> float:
+    if perc is None or perc == 0:
+        return 0.0  # mmgp's default: 50% of the RAM on Linux (40% on Windows)
+    if isinstance(perc, bool) or not isinstance(perc, int | float) or not 0 < perc <= 1:
+        raise UserError(f"perc_reserved_mem_max must be a fraction of the RAM in (0, 1] (got {perc!r})")
+    return float(perc)
+
+
+def _cpu_notice(profile_no: int) -> None:
+    global _cpu_notice_given
+    if not _cpu_notice_given:
+        _cpu_notice_given = True
+        log.warning("no CUDA device: generating on the CPU without mmgp offload (memory profile %d ignored)",
+                    profile_no)
+
+
+def _default_device() -> torch.device:
+    try:
+        return torch.get_default_device()
+    except (AssertionError, RuntimeError):  # a CUDA default on a machine without CUDA
+        return torch.device("cpu")
+
+
+def _model_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def apply_profile(
+    parts: Mapping[str, nn.Module],
+    profile_no: int = DEFAULT_PROFILE,
+    *,
+    budgets: Mapping[str, float] | None = None,
+    preload_mb: float = 0,
+    quantize_transformer: bool = False,
+    quantize_text_encoder: bool = False,
+    vae_dtype: torch.dtype | None = None,
+    perc_reserved_mem_max: float = 0,
+    device: str | torch.device | None = None,
+    loras: str | list[str] | None = None,
+    verbose: int = 0,
+):
+    """Profile parts with mmgp; returns mmgp's manager, or None on the CPU (no offload).
+
+    parts: {"transformer", "text_encoder", "vae"} modules, on the CPU. budgets: MB per model
+    name overriding the profile's (see `profile_budgets`); preload_mb: MB of transformer blocks
+    kept in VRAM in profiles 2/4/5; perc_reserved_mem_max: cap of pinned RAM as a fraction of
+    the RAM (0: mmgp's default, half the RAM); vae_dtype: cast the VAE to it first (else it keeps
+    its dtype); quantize_*: int8 on the fly for parts not quantized yet; device: where to generate
+    (None: CUDA when available); loras: mmgp's LoRA slots (e.g. "transformer").
+    """
+    from models.z_image.quantize import import_mmgp, is_quantized, quantize_on_the_fly
+
+    number = check_profile(profile_no)
+    model_budgets = profile_budgets(number, preload_mb, budgets)
+    perc = _check_perc(perc_reserved_mem_max)
+    if "transformer" not in parts:
+        raise ValueError("parts need a 'transformer' module")
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    transformer, text_encoder, vae = parts["transformer"], parts.get("text_encoder"), parts.get("vae")
+    if quantize_transformer and not is_quantized(transformer):
+        quantize_on_the_fly(transformer)
+    if quantize_text_encoder and text_encoder is not None and not is_quantized(text_encoder):
+        quantize_on_the_fly(text_encoder)
+    if vae is not None and vae_dtype is not None:
+        nn.Module.to(vae, dtype=vae_dtype)
+    if dev.type != "cuda":
+        _cpu_notice(number)
+        return None
+
+    offload = import_mmgp()
+    locked = []
+    for name in FP32_INPUT_MODULES:
+        try:
+            module = transformer.get_submodule(name)
+        except AttributeError:
+            continue
+        if "_lock_dtype" not in module.__dict__:
+            module._lock_dtype = torch.float32
+            locked.append(module)
+    dtypes_before = {k: _model_dtype(m) for k, m in parts.items()}
+    previous_default = _default_device()
+    if dev.index is not None:
+        torch.cuda.set_device(dev)
+    try:
+        manager = offload.profile(
+            dict(parts), number, verboseLevel=verbose, budgets=model_budgets, quantizeTransformer=False,
+            extraModelsToQuantize=[], convertWeightsFloatTo=None, perc_reserved_mem_max=perc, loras=loras,
+        )
+    except BaseException:
+        # a profile that failed half way (RAM exhausted while pinning...) leaves nothing behind
+        stray = getattr(offload, "last_offload_obj", None)
+        if stray is not None and any(m is p for m in (stray.models or {}).values() for p in parts.values()):
+            with contextlib.suppress(Exception):
+                stray.release()
+        for model in parts.values():
+            _unhook(model, locked)
+        raise
+    finally:
+        torch.set_default_device(previous_default)
+    hooks = []
+    if PROFILES[number].low_vram and text_encoder is not None:
+        # unload right after the prompt is encoded, before the transformer needs the room
+        hooks.append(text_encoder.register_forward_hook(lambda *_: manager.unload_all()))
+    manager._wgp = {"profile": number, "budgets": model_budgets, "hooks": hooks, "locked": locked,
+                    "models": dict(parts)}
+    changed = {k: (before, _model_dtype(parts[k])) for k, before in dtypes_before.items()
+               if _model_dtype(parts[k]) != before}
+    if changed:  # mmgp was told not to convert: a change here is a bug, never a silent downgrade
+        release(manager)
+        raise RuntimeError(f"mmgp changed the dtype of {changed}")
+    log.info("memory profile %d (%s): budgets %s, %.0f MB pinned", number, PROFILES[number].name,
+             model_budgets, pinned_bytes(manager) / 2**20)
+    return manager
+
+
+def pinned_bytes(manager) -> int:
+    """Bytes of RAM mmgp pinned for the manager's models."""
+    if manager is None:
+        return 0
+    models = getattr(manager, "_wgp", {}).get("models") or manager.models or {}
+    return int(sum(getattr(m, "_pinned_bytes", 0) for m in models.values()))
+
+
+def _unhook(model: nn.Module, locked: list[nn.Module]) -> None:
+    """Remove what mmgp attached to a model's modules (forward wrappers, ids, LoRA back references)."""
+    from models.z_image.quantize import import_mmgp
+
+    hf_hook = import_mmgp().HfHook
+    for module in list(model.modules()):
+        attrs = module.__dict__
+        original = attrs.get("_mm_lora_old_forward", attrs.get("_mm_forward"))
+        if original is not None:
+            if getattr(original, "__self__", None) is module and \
+                    getattr(original, "__func__", None) is getattr(type(module), "forward", None):
+                attrs.pop("forward", None)  # back to the class's forward
+            else:
+                attrs["forward"] = original  # a forward the module had before mmgp
+        for name in [n for n in attrs if n.startswith("_mm_")]:
+            delattr(module, name)
+        for name in [n for n in module._modules if n.startswith("_mm_")]:
+            delattr(module, name)  # _mm_lora_model: the parent registered as a child (recursion)
+        if isinstance(attrs.get("_hf_hook"), hf_hook):
+            del module._hf_hook
+        for name in ("_force_device", "_dtype"):
+            attrs.pop(name, None)
+    for module in locked:
+        module.__dict__.pop("_lock_dtype", None)
+
+
+def release(manager) -> None:
+    """Undo apply_profile: unload every model from VRAM, drop mmgp's hooks and references.
+
+    The models stay usable on the CPU (their weights are back where they were loaded; pinned RAM
+    is freed with them). Call before loading another model or switching profile.
+    """
+    if manager is None:
+        return
+    info = getattr(manager, "_wgp", {})
+    for handle in info.get("hooks", ()):
+        handle.remove()
+    models = dict(info.get("models") or manager.models or {})
+    if manager.models is not None:
+        manager.release()
+    for model in models.values():
+        _unhook(model, info.get("locked", []))
+    manager._wgp = {}
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- VAE tiling
+
+# Flux VAE (decoder and encoder): 83.8 M parameters
+FLUX_VAE_PARAMS = 83_819_683
+# peak decode memory per output pixel, in elements of the VAE dtype: anchors.md measured 5.1 GiB
+# (fp32) and 2.6 GiB (bf16) for one 1024x1024 image, i.e. ~1230 elements per pixel beyond the weights
+VAE_ELEMENTS_PER_PIXEL = 1280
+VAE_SAFETY = 1.25  # allocator fragmentation and the CUDA workspace
+
+
+def vae_decode_bytes(height: int, width: int, dtype: torch.dtype, num_images: int = 1,
+                     vae_params: int = FLUX_VAE_PARAMS) -> int:
+    """Estimated peak device bytes of an untiled decode of num_images images (weights included)."""
+    item = torch.empty((), dtype=dtype, device="cpu").element_size()
+    return int(vae_params * item + VAE_ELEMENTS_PER_PIXEL * height * width * max(num_images, 1) * item)
+
+
+def should_tile_vae(free_bytes: int | None, height: int, width: int, dtype: torch.dtype, num_images: int = 1,
+                    *, vae_params: int = FLUX_VAE_PARAMS, vae_resident: bool = False) -> bool:
+    """Whether to decode in tiles: the untiled estimate (x VAE_SAFETY) exceeds the free device memory.
+
+    free_bytes None (no CUDA) never tiles. vae_resident: the weights already sit in VRAM.
+    """
+    if free_bytes is None:
+        return False
+    need = vae_decode_bytes(height, width, dtype, num_images, 0 if vae_resident else vae_params)
+    return need * VAE_SAFETY > free_bytes
+
+
+VAE_TILE_PIXELS = 512
+
+
+def set_vae_tile_size(vae, tile_px: int = VAE_TILE_PIXELS) -> None:
+    """Tile size of diffusers' AutoencoderKL tiled decode, in image pixels (25% overlap).
+
+    diffusers tiles at the config's sample_size, 1024 for the Flux VAE: `enable_tiling()` alone
+    leaves a 1024x1024 image in one piece. 512-pixel tiles take about a quarter of the memory.
+    """
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_sample_min_size = int(tile_px)
+    vae.tile_latent_min_size = int(tile_px) // f
+
+
+def free_device_bytes(device: str | torch.device | None = None) -> int | None:
+    """Device memory free for torch (driver-free + cached by torch); None without CUDA."""
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+
+
+# ---------------------------------------------------------------- out of memory
+
+STAGES = ("load", "encode", "denoise", "decode")
+_OOM_TEXT = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXT)
+
+
+def _smaller(width: int, height: int) -> tuple[int, int]:
+    return max(256, int(width * 0.75) // 16 * 16), max(256, int(height * 0.75) // 16 * 16)
+
+
+def _lower_vram_profile(profile_no: int | None) -> str:
+    if profile_no is None:
+        return "a memory profile that streams the models (--memory-profile 4 or 5)"
+    if profile_no == 1:
+        return "memory profile 2 (--memory-profile 2)"
+    if profile_no == 3:
+        return "memory profile 4 (--memory-profile 4)"
+    if profile_no in (2, 4):
+        return "memory profile 5 (--memory-profile 5), or a smaller --preload"
+    return ""
+
+
+def oom_error(exc: BaseException, stage: str, *, profile_no: int | None = None, width: int | None = None,
+              height: int | None = None, num_images: int = 1) -> UserError | None:
+    """The UserError for an out-of-memory exc raised during stage; None when exc is no OOM."""
+    if not is_oom(exc):
+        return None
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES} (got {stage!r})")
+    ram = not isinstance(exc, torch.OutOfMemoryError) and "cuda" not in str(exc).lower()
+    where = "RAM" if ram else "GPU memory"
+    profile = _lower_vram_profile(profile_no)
+    tips: list[str]
+    if stage == "load":
+        if ram:
+            tips = ["int8 weights (--transformer-quantization int8 --text-encoder-quantization int8)",
+                    "a memory profile that pins less RAM (--memory-profile 4 or 5)",
+                    "a lower --perc-reserved-mem-max"]
+        else:
+            tips = [profile or "a smaller --preload", "int8 weights"]
+        what = "loading the model"
+    elif stage == "encode":
+        tips = [profile or "int8 text encoder weights", "int8 text encoder weights"]
+        what = "encoding the prompt"
+    elif stage == "denoise":
+        tips = [profile] if profile else []
+        if width and height:
+            w2, h2 = _smaller(width, height)
+            tips.append(f"a smaller size (e.g. {w2}x{h2} instead of {width}x{height})")
+        else:
+            tips.append("a smaller size")
+        if num_images > 1:
+            tips.append(f"fewer images per prompt (1 instead of {num_images})")
+        what = "denoising"
+    else:
+        tips = ["VAE tiling (--vae-tiling)", "a bf16 VAE (--vae-dtype bf16)"]
+        if num_images > 1:
+            tips.append(f"fewer images per prompt (1 instead of {num_images})")
+        what = "decoding the image"
+    tips = list(dict.fromkeys(t for t in tips if t))
+    return UserError(f"out of {where} while {what}: try {', or '.join(tips)}")
+
+
+def free_memory(manager=None) -> None:
+    """Unload the profiled models and return torch's cached device memory (after an OOM)."""
+    if manager is not None and getattr(manager, "models", None) is not None:
+        try:
+            manager.unload_all()
+        except Exception as e:
+            log.debug("unload after OOM failed: %s", e)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class OomGuard:
+    """Context manager: an OOM inside becomes a UserError naming the current stage, memory is freed.
+
+    The stage can move on while inside (`guard.stage = "denoise"` from a step callback).
+    """
+
+    def __init__(self, stage: str = "encode", manager=None, *, profile_no: int | None = None,
+                 width: int | None = None, height: int | None = None, num_images: int = 1):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES} (got {stage!r})")
+        self.stage = stage
+        self.manager = manager
+        self.context = {"profile_no": profile_no, "width": width, "height": height, "num_images": num_images}
+
+    def __enter__(self) -> OomGuard:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not is_oom(exc):
+            return False
+        error = oom_error(exc, self.stage, **self.context)
+        # drop the frames that hold the failed step's tensors before returning the memory
+        traceback.clear_frames(tb)
+        exc.__traceback__ = None
+        del exc, tb
+        free_memory(self.manager)
+        log.warning("%s", error)
+        raise error from None
+
+
+def oom_guard(stage: str = "encode", manager=None, **context) -> OomGuard:
+    return OomGuard(stage, manager, **context)
+
+
+__all__ = [
+    "DEFAULT_PROFILE", "PROFILES", "PROFILE_DESCRIPTIONS", "PROFILE_NAMES", "MemoryProfile", "OomGuard",
+    "apply_profile", "check_profile", "free_device_bytes", "free_memory", "is_oom", "oom_error", "oom_guard",
+    "pinned_bytes", "profile_budgets", "profile_help", "release", "set_vae_tile_size", "should_tile_vae",
+    "vae_decode_bytes",
+]
