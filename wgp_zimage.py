@@ -60,6 +60,15 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                         "sage can corrupt Base images)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (slower first image, faster steps)")
+    g.add_argument("--memory-profile", type=int, choices=range(1, 6), default=4, metavar="N",
+                   help="MMGP memory profile on CUDA (default 4): " + "; ".join(
+                       f"{n} {d}" for n, d in _profile_descriptions().items()))
+    g.add_argument("--perc-reserved-mem-max", type=float, default=0.0, metavar="F",
+                   help="cap on pinned RAM as a fraction of RAM (0 = mmgp's default)")
+    g.add_argument("--preload", type=int, default=0, metavar="MB",
+                   help="MB of the transformer kept in VRAM in the low-VRAM profiles")
+    g.add_argument("--save-quantized", action="store_true",
+                   help="write the int8 file of weights quantized on the fly, beside the bf16 one")
     g.add_argument("--loras", type=Path, default=None, metavar="ROOT",
                    help="LoRA root folder (one sub-folder per family: ROOT/z_image); default loras/")
     g.add_argument("--lora-dir-z-image", type=Path, default=None, metavar="DIR",
@@ -69,6 +78,12 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
         for action in p._actions:
             action.default = argparse.SUPPRESS
     return p
+
+
+def _profile_descriptions() -> dict[int, str]:
+    from app.offload import PROFILE_DESCRIPTIONS
+
+    return dict(PROFILE_DESCRIPTIONS)
 
 
 def build_parser() -> Parser:

@@ -61,6 +61,10 @@ class ServiceConfig:
     attention: str = "auto"
     transformer_quantization: str = "auto"
     text_encoder_quantization: str = "auto"
+    memory_profile: int = 4  # MMGP profile (CUDA only)
+    perc_reserved_mem_max: float = 0.0
+    preload_mb: int = 0
+    save_quantized: bool = False
 
     @classmethod
     def from_args(cls, args) -> ServiceConfig:
@@ -71,6 +75,8 @@ class ServiceConfig:
             "lora_dir": "lora_dir_z_image", "loras_root": "loras",
             "transformer_quantization": "transformer_quantization",
             "text_encoder_quantization": "text_encoder_quantization",
+            "memory_profile": "memory_profile", "perc_reserved_mem_max": "perc_reserved_mem_max",
+            "preload_mb": "preload", "save_quantized": "save_quantized",
         }
         return cls(**{field: getattr(args, opt) for field, opt in names.items() if hasattr(args, opt)})
 
@@ -100,6 +106,7 @@ class GenerationService:
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._lora_manager = None
+        self._offload = None  # the mmgp manager of the loaded pipeline (CUDA only)
         self._libraries: dict[str, object] = {}
         self._lock = threading.RLock()
         self.abort = threading.Event()
@@ -134,11 +141,15 @@ class GenerationService:
         on_event: EventFn | None = None,
     ):
         d = self.definition(model_type or "z_image_base")
+        handler = handler_for(d.architecture)
+        quant = (handler.choose_quantization(self.config.transformer_quantization, self.device),
+                 handler.choose_quantization(self.config.text_encoder_quantization, self.device))
         if model_dir is None:
             transformer_file = transformer_file or self.fetch_weights(d, on_event)
         folder = self.model_dir(model_type, model_dir)
         key = (d.model_type if model_type else None, str(folder), str(transformer_file),
-               str(self.device), self.dtype, self.vae_dtype, self.config.compile)
+               str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant,
+               self.config.memory_profile, self.config.preload_mb, self.config.perc_reserved_mem_max)
         with self._lock:
             if self._pipe_key == key:
                 return self._pipe
@@ -153,11 +164,24 @@ class GenerationService:
                 if on_event:
                     on_event({"kind": "load", "step": i, "total": n, "desc": desc})
 
-            pipe, _ = handler_for(d.architecture).load_model(
-                model_filename=transformer_file, base_model_type=d.architecture if model_type else None,
-                dtype=self.dtype, VAE_dtype=self.vae_dtype, model_dir=folder, device=self.device,
-                progress=progress, compile=self.config.compile,
-            )
+            from app.offload import apply_profile, oom_guard, set_vae_tile_size
+
+            offloaded = self.device.type == "cuda"  # mmgp streams the parts from RAM to the GPU
+            with oom_guard("load", profile_no=self.config.memory_profile):
+                pipe, parts = handler.load_model(
+                    model_filename=transformer_file, base_model_type=d.architecture if model_type else None,
+                    dtype=self.dtype, VAE_dtype=self.vae_dtype, model_dir=folder,
+                    device="cpu" if offloaded else self.device, progress=progress, compile=self.config.compile,
+                    transformer_quantization=quant[0], text_encoder_quantization=quant[1],
+                    save_quantized=self.config.save_quantized,
+                )
+                self._offload = apply_profile(
+                    parts, self.config.memory_profile, preload_mb=self.config.preload_mb,
+                    perc_reserved_mem_max=self.config.perc_reserved_mem_max, vae_dtype=self.vae_dtype,
+                    device=self.device)
+            if offloaded:
+                pipe.device = self.device
+                set_vae_tile_size(parts["vae"])
             self._pipe, self._pipe_key = pipe, key
             converter = handler_for(d.architecture).lora_converter()
             if converter is not None:
@@ -182,7 +206,11 @@ class GenerationService:
 
     def unload(self) -> None:
         with self._lock:
-            self._pipe, self._pipe_key, self._lora_manager = None, None, None
+            if self._offload is not None:
+                from app.offload import release
+
+                release(self._offload)
+            self._pipe, self._pipe_key, self._lora_manager, self._offload = None, None, None, None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -259,15 +287,34 @@ class GenerationService:
                 on_event({"kind": "step", "step": i + 1, "total": n, "seconds_per_step": per,
                           "eta": per * (n - i - 1), "latents": latents})
 
+        from app.offload import OomGuard, free_device_bytes, should_tile_vae
+
+        guard = OomGuard("encode", self._offload, profile_no=self.config.memory_profile, width=spec.width,
+                         height=spec.height, num_images=spec.num_images)
+        lora_step = self._lora_manager.step_start if self._lora_manager is not None else None
+
+        def step_start(i: int, n: int) -> None:
+            guard.stage = "denoise"
+            if lora_step is not None:
+                lora_step(i, n)
+
+        tiled = self.config.vae_tiling or (self.device.type == "cuda" and should_tile_vae(
+            free_device_bytes(self.device), spec.height, spec.width, self.vae_dtype, spec.num_images))
         loop_start = [time.perf_counter()]
-        out = pipe(
-            prompt=spec.prompt, negative_prompt=spec.negative_prompt, height=spec.height, width=spec.width,
-            num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-            flow_shift=spec.flow_shift, cfg_normalization=spec.cfg_normalization,
-            cfg_truncation=spec.cfg_truncation, num_images_per_prompt=spec.num_images, seed=seed,
-            callback=callback, interrupt=self.abort.is_set,
-            step_start=self._lora_manager.step_start if self._lora_manager is not None else None,
-        )
+
+        def on_step(i: int, n: int, latents: torch.Tensor) -> None:
+            callback(i, n, latents)
+            if i == n - 1:
+                guard.stage = "decode"
+
+        with guard:
+            out = pipe(
+                prompt=spec.prompt, negative_prompt=spec.negative_prompt, height=spec.height, width=spec.width,
+                num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                flow_shift=spec.flow_shift, cfg_normalization=spec.cfg_normalization,
+                cfg_truncation=spec.cfg_truncation, num_images_per_prompt=spec.num_images, seed=seed,
+                callback=on_step, interrupt=self.abort.is_set, step_start=step_start, vae_tiling=tiled,
+            )
         elapsed = time.perf_counter() - start
         per_step = (step_times[-1] - loop_start[0]) / max(len(step_times), 1)
         when = datetime.now()

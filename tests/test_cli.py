@@ -296,3 +296,22 @@ def test_cli_lora_by_path_and_name_with_schedule(tiny_dir, tmp_path, capsys):
     rc, out, err = main(capsys, *base, "--lora-dir-z-image", str(lora_dir), "--lora", "nope",
                         "--output", str(tmp_path / "x.png"))
     assert rc == 2 and "nope" in err and len(error_lines(err)) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_int8_on_the_fly_save_and_reload(tiny_dbm_dir, tmp_path, capsys):
+    d = _broken_copy(tiny_dbm_dir, tmp_path / "q")
+    common = ["generate", "--model-dir", str(d), "--prompt", "x", "--steps", "2", "--width", "64", "--height", "64",
+              "--seed", "3", "--dtype", "bf16"]
+    rc, _, err = main(capsys, *common, "--output", str(tmp_path / "bf16.png"))
+    assert rc == 0, err
+    rc, _, err = main(capsys, *common, "--transformer-quantization", "int8", "--save-quantized",
+                      "--output", str(tmp_path / "fly.png"))
+    assert rc == 0, err
+    assert (d / "ZImageBase_quanto_bf16_int8.safetensors").is_file()
+    (d / "ZImageBase_bf16.safetensors").unlink()  # now only the int8 file can serve
+    rc, _, err = main(capsys, *common, "--transformer-quantization", "int8", "--output", str(tmp_path / "file.png"))
+    assert rc == 0, err
+    a, b, c = (pixels(tmp_path / n).astype(float) for n in ("bf16.png", "fly.png", "file.png"))
+    assert np.array_equal(b, c)  # the saved file reproduces the on-the-fly weights
+    psnr = 10 * np.log10(255**2 / np.mean((a - b) ** 2))
+    assert psnr > 30, psnr

@@ -56,6 +56,7 @@ class ZImageHandler(FamilyHandler):
                 "flow_shift_advanced": False, "min_recommended_size": 512}
 
     lora_subdir = "z_image"
+    int8_ready = True
 
     def lora_converter(self):
         from models.z_image.lora import convert_state_dict
@@ -128,15 +129,20 @@ class ZImageHandler(FamilyHandler):
         device: str | torch.device = "cpu",
         progress=None,
         compile: bool = False,
+        transformer_quantization: str = "bf16",
+        text_encoder_quantization: str = "bf16",
+        save_quantized: bool = False,
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
 
         model_filename: a single-file transformer (diffusers, DeepBeepMeep or ComfyUI keys) that
         replaces the folder's own; model_dir: any of the supported layouts.
+        *_quantization "int8": the quanto int8 file beside the bf16 one when present, else the bf16
+        weights quantized on the fly (written back as an int8 file with save_quantized).
         """
-        if quantizeTransformer:
-            raise UserError("on-the-fly int8 quantization is not available yet; use bf16 weights")
+        from models.z_image import quantize as q
+
         if model_dir is None:
             raise UserError("no model folder given")
         device = torch.device(device)
@@ -147,14 +153,42 @@ class ZImageHandler(FamilyHandler):
                 raise UserError(f"transformer file not found: {tf}")
             files.missing = [p for p in files.missing if p not in files.transformer]
             files.transformer, files.transformer_config = [tf], None
-        for p in files.transformer:
-            if "_quanto_" in p.name and p.is_file():
-                raise UserError(f"{p.name}: int8 (quanto) weights are not supported yet; use the bf16 file")
+        want_int8 = {"transformer": quantizeTransformer or transformer_quantization == "int8",
+                     "text encoder": text_encoder_quantization == "int8"}
+        int8_files = {}
+        for part, paths in (("transformer", files.transformer), ("text encoder", files.text_encoder)):
+            found = paths[0] if paths[0].is_file() and q.is_quanto_file(paths[0]) else (
+                q.find_int8(paths[0]) if want_int8[part] and len(paths) == 1 else None)
+            if found is not None:
+                files.missing = [p for p in files.missing if p != paths[0]]
+                int8_files[part] = [found]
         files.check()
+
+        def load_transformer():
+            if "transformer" in int8_files:
+                return q.load_transformer_int8(int8_files["transformer"], files.transformer_config, dtype, device)
+            model = ck.load_transformer(files.transformer, files.transformer_config, dtype, device)
+            if want_int8["transformer"]:
+                q.quantize_on_the_fly(model)
+                if save_quantized:
+                    log.warning("saved %s", q.save_quantized(model, q.int8_path(files.transformer[0])))
+            return model
+
+        def load_text_encoder():
+            if "text encoder" in int8_files:
+                return q.load_text_encoder_int8(int8_files["text encoder"], files.text_encoder_config,
+                                                files.tokenizer_dir, dtype, device)
+            enc = ck.load_text_encoder(files.text_encoder, files.text_encoder_config, files.tokenizer_dir, dtype,
+                                       device)
+            if want_int8["text encoder"]:
+                q.quantize_on_the_fly(enc.model)
+                if save_quantized:
+                    log.warning("saved %s", q.save_quantized(enc.model, q.int8_path(files.text_encoder[0])))
+            return enc
+
         steps = [
-            ("transformer", lambda: ck.load_transformer(files.transformer, files.transformer_config, dtype, device)),
-            ("text encoder", lambda: ck.load_text_encoder(
-                files.text_encoder, files.text_encoder_config, files.tokenizer_dir, dtype, device)),
+            ("transformer", load_transformer),
+            ("text encoder", load_text_encoder),
             ("VAE", lambda: ck.load_vae(files.vae, files.vae_config, VAE_dtype, device)),
         ]
         parts = {}
