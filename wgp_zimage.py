@@ -105,6 +105,8 @@ def build_parser() -> Parser:
     gen.add_argument("--gen-profile", default=None, metavar="NAME",
                      help="start from a saved generation profile (explicit flags still win)")
     gen.add_argument("--profiles-dir", type=Path, default=Path("profiles"), help="generation profiles folder")
+    gen.add_argument("--from-image", type=Path, default=None, metavar="IMAGE",
+                     help="re-run the settings stored in an image made by this app (explicit flags still win)")
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--prompt-file", type=Path, help="one job per non-empty line; lines starting with # are comments")
@@ -129,6 +131,8 @@ def build_parser() -> Parser:
                      help="FILE.png (K images: FILE_1.png ... FILE_K.png) or a folder (default: --output-dir)")
 
     sub.add_parser("models", parents=[shared], help="list model types and whether their files are present")
+    info = sub.add_parser("info", parents=[shared], help="print the generation settings stored in an image")
+    info.add_argument("image", type=Path)
     from app.profiles_cli import add_profiles_parser
 
     add_profiles_parser(sub, shared)
@@ -152,6 +156,39 @@ def read_prompts(args: argparse.Namespace, profile_prompt: str | None = None) ->
     if not prompts:
         raise UserError(f"--prompt-file {args.prompt_file} holds no prompt")
     return prompts
+
+
+def image_settings(path: Path) -> dict:
+    """The job settings stored in an image by this app (its own seed, one image)."""
+    from app.jobs import JobSpec
+    from app.metadata import read_settings
+    from models.errors import UserError
+
+    try:
+        data = read_settings(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+    if not data:
+        raise UserError(f"{path} holds no wgp-zimage settings")
+    keep = JobSpec.from_dict(data).to_dict()
+    keep["num_images"] = 1
+    return keep
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from app.metadata import read_settings
+    from models.errors import UserError
+
+    try:
+        data = read_settings(args.image)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read image {args.image}: {e}") from None
+    if not data:
+        raise UserError(f"{args.image} holds no wgp-zimage settings")
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+    return 0
 
 
 def cli_loras(args: argparse.Namespace) -> list[dict]:
@@ -187,6 +224,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from app.profiles_cli import profile_to_spec_overrides
 
         profile = profile_to_spec_overrides(args.gen_profile, args.profiles_dir, model_type=args.model)
+    if args.from_image:
+        profile.update(image_settings(args.from_image))
     prompts = read_prompts(args, profile.get("prompt"))
     service = GenerationService(ServiceConfig.from_args(args))
     model_name = args.model or profile.get("model_type")
@@ -329,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "info":
+            return cmd_info(args)
         if args.command == "profiles":
             from app.profiles_cli import run_profiles
 

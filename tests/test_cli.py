@@ -315,3 +315,24 @@ def test_int8_on_the_fly_save_and_reload(tiny_dbm_dir, tmp_path, capsys):
     assert np.array_equal(b, c)  # the saved file reproduces the on-the-fly weights
     psnr = 10 * np.log10(255**2 / np.mean((a - b) ** 2))
     assert psnr > 30, psnr
+
+
+def test_info_and_from_image(tiny_dir, tmp_path, capsys):
+    rc, _, err = main(capsys, *gen(tiny_dir, "--prompt", "a fox", "--num-images", "2", "--seed", "9", "--guidance",
+                                   "2.5", "--output", str(tmp_path / "b.png")))
+    assert rc == 0, err
+    rc, out, _ = main(capsys, "info", str(tmp_path / "b_2.png"))
+    assert rc == 0
+    info = json.loads(out)
+    assert info["seed"] == 10 and info["guidance_scale"] == 2.5 and info["prompt"] == "a fox"
+    rc, _, err = main(capsys, "generate", "--from-image", str(tmp_path / "b_2.png"), "--model-dir", str(tiny_dir),
+                      "--output", str(tmp_path / "again.png"))
+    assert rc == 0, err
+    again = read_settings(tmp_path / "again.png")
+    assert (again["seed"], again["guidance_scale"], again["num_images"], again["model_type"]) == \
+        (10, 2.5, 1, "z_image_tiny")
+    diff = np.abs(pixels(tmp_path / "again.png").astype(int) - pixels(tmp_path / "b_2.png").astype(int))
+    assert diff.max() <= 2  # image 2 of the batch re-rendered alone
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    rc, _, err = main(capsys, "info", str(tmp_path / "plain.png"))
+    assert rc == 2 and "holds no wgp-zimage settings" in err
