@@ -104,6 +104,8 @@ def test_quantization_choice_on_cpu():
 
     h = registry.handler_for("z_image")
     assert h.choose_quantization("auto", torch.device("cpu")) == "bf16"
-    assert h.choose_quantization("int8", torch.device("cpu")) == "bf16"  # no int8 loader yet: said and bf16 used
+    assert h.choose_quantization("int8", torch.device("cpu")) == "int8"
+    not_ready = type("NoInt8", (FamilyHandler,), {"int8_ready": False})()
+    assert not_ready.choose_quantization("int8", torch.device("cpu")) == "bf16"  # a family without int8 loader
     with pytest.raises(UserError):
         h.choose_quantization("fp8", torch.device("cpu"))
