@@ -25,6 +25,7 @@ def add_launch_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     g.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this user name and password")
     g.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    g.add_argument("--profiles-dir", type=Path, default=Path("profiles"), help="generation profiles folder")
     g.add_argument("--state-dir", type=Path, default=None,
                    help=f"where the job queue is saved as {QUEUE_FILE} (default: the output folder)")
     return parser
@@ -67,7 +68,7 @@ def launch(args: argparse.Namespace) -> int:
         # `kill` / systemd stop: the same clean shutdown as Ctrl-C (the running job is saved as interrupted)
         signal.signal(signal.SIGTERM, _sigterm)
     try:
-        demo = build_ui(queue, service, config)
+        demo = build_ui(queue, service, config, profiles_dir=args.profiles_dir)
         server_name = "0.0.0.0" if args.listen else args.server_name
         print(f"wgp-zimage web UI: images in {config.output_dir}, queue saved in {queue.state_file}", flush=True)
         try:

@@ -94,6 +94,7 @@ class Job:
     paths: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     error: str = ""
+    lora_reports: list[str] = field(default_factory=list)  # "LoRA x (fmt): N of M tensors applied, K unmatched"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -361,6 +362,7 @@ class JobQueue:
                     job.paths = [str(p) for p in result.paths]
                     job.seeds = list(result.seeds)
                     job.seconds, job.seconds_per_step = result.seconds, result.seconds_per_step
+                    job.lora_reports = list(getattr(result, "lora_reports", []) or [])
                 self.service.abort.clear()
                 self._current, self._abort_requested, self._preview = None, None, None
                 self._preview_version += 1

@@ -3,12 +3,14 @@
 Handlers never generate: they submit to the JobQueue and read it (a 1 s timer polls a snapshot), so
 closing or reloading the tab never stops a job and a reopened tab shows the queue and the results.
 Named API endpoints (see README): /generate, /stop, /queue, /remove, /move_up, /move_down, /retry,
-/clear_finished, /last_seed, /restore. No torch here.
+/clear_finished, /last_seed, /restore, /lora_refresh and the generation profiles' (app/ui_profiles.py).
+LoRA selection helpers live in app/ui_loras.py. No torch here.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,17 @@ import pandas as pd
 from app.jobs import JobSpec, validate
 from app.metadata import read_settings
 from app.queue import JobQueue
+from app.settings import ProfileStore, startup_settings
+from app.ui_loras import (
+    check_available,
+    insert_word,
+    names_in,
+    parse_selection,
+    selection_text,
+    sync_lines,
+    trigger_words_of,
+)
+from app.ui_profiles import build_profiles_section, controls_to_settings, profile_choices
 from models.errors import UserError
 
 if TYPE_CHECKING:  # the service module imports torch; the page itself does not need it
@@ -26,6 +39,7 @@ if TYPE_CHECKING:  # the service module imports torch; the page itself does not 
 MODEL_ORDER = ("z_image_base", "z_image", "z_image_tiny")
 SHORT_NAMES = {"z_image_base": "Base", "z_image": "Turbo", "z_image_tiny": "tiny"}
 CUSTOM = "Custom"
+log = logging.getLogger(__name__)
 # label -> (width, height); about 1 MP and 2 MP, every side a multiple of 16
 PRESETS: dict[str, tuple[int, int]] = {
     "1:1 · 1024×1024": (1024, 1024), "4:3 · 1152×864": (1152, 864), "3:4 · 864×1152": (864, 1152),
@@ -104,7 +118,8 @@ def job_progress(job: dict[str, Any]) -> str:
 def job_result(job: dict[str, Any]) -> str:
     if job["status"] == "done":
         n = len(job["paths"])
-        return f"{n} image{'s' * (n != 1)} in {job['seconds'] or 0:.1f} s"
+        reports = job.get("lora_reports") or []  # "LoRA x (fmt): N of M tensors applied, K unmatched"
+        return f"{n} image{'s' * (n != 1)} in {job['seconds'] or 0:.1f} s" + "".join(f" · {r}" for r in reports)
     if job["status"] == "aborted" and not job["error"]:
         return f"stopped at step {job['step']}/{job['total']}" if job["total"] else "stopped"
     return job["error"]
@@ -195,16 +210,44 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
 
 # ------------------------------------------------------------------ the page
 
-def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig) -> gr.Blocks:
-    """The page for queue (running jobs through service); config.output_dir feeds the gallery."""
+def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
+             profiles_dir: str | Path | None = None) -> gr.Blocks:
+    """The page for queue (running jobs through service); config.output_dir feeds the gallery.
+
+    profiles_dir (else config.profiles_dir when it has one): the generation profiles folder, which also
+    keeps the per-model defaults and the last used settings (restored when a page opens). Without
+    either, the page has no generation profiles section and remembers nothing.
+    """
     output_dir = Path(config.output_dir)
+    profiles_dir = profiles_dir if profiles_dir is not None else getattr(config, "profiles_dir", None)
+    store = ProfileStore(profiles_dir) if profiles_dir is not None else None
     defs = service.definitions
     model_types = [t for t in MODEL_ORDER if t in defs] + sorted(t for t in defs if t not in MODEL_ORDER)
     first = model_types[0]
     d0 = service.defaults(first)
 
+    def lora_library(model_type: str | None = None):
+        return service.lora_library(model_type or first)
+
+    def lora_names(model_type: str | None = None) -> list[str]:
+        return lora_library(model_type).names()
+
+    def model_defaults(model_type: str) -> dict[str, Any]:
+        """The definition's defaults, with the user's "default for this model" settings on top."""
+        d = dict(service.defaults(model_type))
+        if store is not None:
+            user, warnings = store.get_model_defaults(model_type)
+            for w in warnings:
+                gr.Warning(w)
+            if user is not None:
+                d.update({k: user[k] for k in ("width", "height", "num_inference_steps", "guidance_scale",
+                                               "flow_shift") if k in user})
+                if user.get("negative_prompt") is not None:
+                    d["negative_prompt"] = user["negative_prompt"]
+        return d
+
     def model_updates(model_type: str) -> tuple:
-        d = service.defaults(model_type)
+        d = model_defaults(model_type)
         show_neg = bool(d.get("show_negative_prompt", True))
         return (gr.update(value=d["negative_prompt"], visible=show_neg), preset_for(d["width"], d["height"]),
                 d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"], d["flow_shift"],
@@ -241,6 +284,18 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig)
                     seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed", scale=3)
                     reuse_seed = gr.Button("♻ Last seed", elem_id="reuse-seed", scale=1, size="md")
                     num_images = gr.Slider(1, 16, 1, step=1, label="Number of images", elem_id="num-images", scale=4)
+                with gr.Accordion("LoRAs", open=True, elem_id="loras"):
+                    with gr.Row(equal_height=True):
+                        lora_select = gr.Dropdown(lora_names(), value=[], multiselect=True, label="LoRAs",
+                                                  info="from the LoRA folder", elem_id="lora-select", scale=5)
+                        lora_refresh = gr.Button("↻ Refresh", elem_id="lora-refresh", size="sm", scale=1,
+                                                 min_width=80)
+                    lora_strengths = gr.Textbox(
+                        "", label="Strengths (one name=strength line per LoRA)", lines=2, max_lines=12,
+                        elem_id="lora-strengths", placeholder="my_style=0.8",
+                        info="a number, or one per step spread over the steps: 1.0,0.5")
+                    lora_triggers = gr.Radio([], value=None, label="Trigger words (click to add to the prompt)",
+                                             elem_id="lora-triggers", visible=False)
                 with gr.Accordion("Advanced", open=False, elem_id="advanced"):
                     cfg_norm = gr.Slider(0, 100, 0.0, step=0.1, label="CFG normalization (0 = off)",
                                          info="caps the guided prediction's norm at K × the positive one",
@@ -250,6 +305,46 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig)
                 with gr.Accordion("Restore settings from a PNG", open=True, elem_id="restore"):
                     restore_file = gr.File(label="Drop an image made by this app", file_types=[".png"],
                                            type="filepath", elem_id="restore-png", height=140)
+                settings_inputs = [model, prompt, negative, width, height, steps, guidance, flow_shift, cfg_norm,
+                                   cfg_trunc, seed, num_images, lora_strengths]
+                settings_outputs = [model, prompt, negative, preset, width, height, steps, guidance, flow_shift,
+                                    cfg_norm, cfg_trunc, seed, num_images, model_info, lora_select, lora_strengths,
+                                    lora_triggers]
+
+                def lora_updates(loras: list[dict[str, Any]], model_type: str | None = None) -> tuple:
+                    """Dropdown (its choices refreshed, the value filtered against them), text, trigger words."""
+                    names = lora_names(model_type)
+                    kept = [x for x in loras if x["name"] in names]
+                    for x in loras:
+                        if x["name"] not in names:
+                            gr.Warning(f"LoRA {x['name']!r} is not in the LoRA folder; left out")
+                    selected = [x["name"] for x in kept]
+                    words = trigger_words_of(lora_library(model_type), selected)
+                    return (gr.update(choices=names, value=selected), selection_text(kept),
+                            gr.update(choices=words, value=None, visible=bool(words)))
+
+                def settings_updates(st: dict[str, Any]) -> tuple:
+                    """Profile / last-used settings -> values for settings_outputs (a missing model keeps the
+                    current one; a null prompt keeps the current text)."""
+                    model_type = st.get("model_type")
+                    if model_type not in defs:
+                        gr.Warning(f"model type {model_type!r} is not installed; keeping the current model")
+                        model_type = None
+                    show_neg = service.defaults(model_type).get("show_negative_prompt", True) if model_type else True
+                    neg = st.get("negative_prompt")
+                    seed_value = -1 if st.get("seed_policy", "fixed") == "random" else st.get("seed", -1)
+                    return (model_type or gr.skip(),
+                            st["prompt"] if st.get("prompt") is not None else gr.skip(),
+                            gr.update(value=neg, visible=bool(show_neg)) if neg is not None
+                            else gr.update(visible=bool(show_neg)),
+                            preset_for(st["width"], st["height"]), st["width"], st["height"],
+                            st["num_inference_steps"], st["guidance_scale"], st["flow_shift"],
+                            st["cfg_normalization"], min(float(st["cfg_truncation"]), 1.0), seed_value,
+                            st["num_images"], defs[model_type].description if model_type else gr.skip(),
+                            *lora_updates(st.get("loras") or [], model_type))
+
+                profile_parts = (build_profiles_section(store, settings_inputs, settings_outputs, settings_updates,
+                                                        lambda: lora_names()) if store is not None else {})
             with gr.Column(scale=6):
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
@@ -315,16 +410,23 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig)
 
         def generate(model_type: str, prompt: str, one_per_line: bool, negative_prompt: str, width: float,
                      height: float, steps: float, guidance: float, flow_shift: float, cfg_normalization: float,
-                     cfg_truncation: float, seed: float, num_images: float, request: gr.Request) -> str:
-            """Queue one job (or one per prompt line); returns the new job IDs, comma-separated."""
+                     cfg_truncation: float, seed: float, num_images: float, loras: str | None = "",
+                     request: gr.Request = None) -> str:
+            """Queue one job (or one per prompt line); returns the new job IDs, comma-separated.
+
+            loras (optional): 'name=strength' lines, or a JSON list of {"name", "strength"} objects; a
+            strength is a number or a per-step schedule such as "1.0,0.5"."""
             session = getattr(request, "session_hash", None) or ""
-            specs = [JobSpec(
-                model_type=model_type, prompt=p, negative_prompt=negative_prompt or "", width=whole(width),
-                height=whole(height), num_inference_steps=whole(steps), guidance_scale=guidance,
-                flow_shift=flow_shift, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
-                seed=whole(seed), num_images=whole(num_images),
-            ) for p in split_prompts(prompt, one_per_line)]
             try:
+                selection = parse_selection(loras)
+                if selection:  # unknown names are refused here, not when the job runs
+                    check_available(selection, lora_library(model_type))
+                specs = [JobSpec(
+                    model_type=model_type, prompt=p, negative_prompt=negative_prompt or "", width=whole(width),
+                    height=whole(height), num_inference_steps=whole(steps), guidance_scale=guidance,
+                    flow_shift=flow_shift, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
+                    seed=whole(seed), num_images=whole(num_images), loras=[dict(x) for x in selection],
+                ) for p in split_prompts(prompt, one_per_line)]
                 if not specs:
                     raise UserError("the prompt is empty (every line is blank or a # comment)")
                 for s in specs:  # all checked before any is queued
@@ -338,6 +440,11 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig)
             if len(submit_messages) > 256:  # API calls never read theirs: keep the dict small
                 submit_messages.clear()
             submit_messages[session] = f"Queued job{'s' * (len(ids) != 1)} {', '.join(ids)}."
+            if store is not None:  # restored when a page opens; never raises
+                for w in store.save_last_used(controls_to_settings(
+                        model_type, prompt, negative_prompt, width, height, steps, guidance, flow_shift,
+                        cfg_normalization, cfg_truncation, seed, num_images, selection)):
+                    log.warning("%s", w)
             gr.Info(f"Queued {len(ids)} job{'s' * (len(ids) != 1)}: {', '.join(ids)}")
             return ",".join(ids)
 
@@ -345,7 +452,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig)
             return submit_messages.pop(getattr(request, "session_hash", None) or "", gr.skip())
 
         gen_inputs = [model, prompt, one_per_line, negative, width, height, steps, guidance, flow_shift,
-                      cfg_norm, cfg_trunc, seed, num_images]
+                      cfg_norm, cfg_trunc, seed, num_images, lora_strengths]
         submitted = generate_btn.click(generate, gen_inputs, last_ids, api_name="generate", show_progress="hidden",
                                        concurrency_limit=None)
         # the status box keeps the outcome after the toast fades. Gradio 6.31's page does not run .then()
@@ -485,6 +592,62 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig)
 
         use_settings.click(restore_selected, selected_image, restore_outputs, queue=False, show_progress="hidden",
                            api_visibility="private")
+
+        # ---------------------------------------------------------- LoRAs (bound to their strengths by name)
+
+        def on_lora_select(selected: list[str] | None, text: str, model_type: str) -> tuple:
+            selected = list(selected or [])
+            words = trigger_words_of(lora_library(model_type), selected)
+            return sync_lines(selected, text), gr.update(choices=words, value=None, visible=bool(words))
+
+        lora_select.input(on_lora_select, [lora_select, lora_strengths, model], [lora_strengths, lora_triggers],
+                           queue=False, show_progress="hidden", api_visibility="private")
+
+        def on_lora_text(text: str, model_type: str) -> Any:
+            """Typed lines select their LoRAs too (names the folder lacks are refused at Generate)."""
+            return gr.update(value=names_in(text, lora_names(model_type)))
+
+        lora_strengths.blur(on_lora_text, [lora_strengths, model], lora_select, queue=False, show_progress="hidden",
+                            api_visibility="private")
+
+        def lora_refresh_fn(selected: list[str] | None, text: str, model_type: str) -> tuple:
+            """Rescan the LoRA folder; returns the LoRA names."""
+            names = [i.name for i in lora_library(model_type).refresh()]
+            kept = [n for n in (selected or []) if n in names]
+            words = trigger_words_of(lora_library(model_type), kept)
+            gr.Info(f"{len(names)} LoRA{'s' * (len(names) != 1)} in the folder")
+            return (gr.update(choices=names, value=kept), sync_lines(kept, text),
+                    gr.update(choices=words, value=None, visible=bool(words)), names)
+
+        lora_names_out = gr.JSON(visible=False)
+        lora_refresh.click(lora_refresh_fn, [lora_select, lora_strengths, model],
+                           [lora_select, lora_strengths, lora_triggers, lora_names_out], api_name="lora_refresh",
+                           queue=False, show_progress="hidden")
+
+        def on_trigger(word: str | None, text: str) -> tuple:
+            return insert_word(text, word), gr.update(value=None)
+
+        lora_triggers.input(on_trigger, [lora_triggers, prompt], [prompt, lora_triggers], queue=False,
+                            show_progress="hidden", api_visibility="private")
+
+        # ---------------------------------------------------------- last used settings, restored on page load
+
+        if store is not None:
+            def startup() -> tuple:
+                try:
+                    if store.load_last_used()[0] is None and store.get_model_defaults(first)[0] is None:
+                        return tuple(gr.skip() for _ in settings_outputs)  # the page already shows that
+                    st, warnings = startup_settings(store, defs, default_model=first, available_loras=lora_names())
+                except UserError as e:
+                    log.warning("cannot restore the last used settings: %s", e)
+                    return tuple(gr.skip() for _ in settings_outputs)
+                for w in warnings:
+                    log.warning("%s", w)
+                return settings_updates(st)
+
+            demo.load(startup, None, settings_outputs, queue=False, show_progress="hidden", api_visibility="private")
+            demo.load(lambda: gr.update(choices=profile_choices(store)), None, profile_parts["profile-select"],
+                      queue=False, show_progress="hidden", api_visibility="private")
     return demo
 
 

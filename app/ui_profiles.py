@@ -1,0 +1,202 @@
+"""The page's "Generation profiles" section (named settings files; not MMGP memory profiles).
+
+A dropdown of the saved profiles (broken ones labelled), Save / Load / Rename / Delete, Export (a JSON
+download), Import (an upload) and "Set as default for this model". The files are app/settings.py's
+ProfileStore; the handlers here only read the page's controls and call it. Named API endpoints:
+/profile_list, /profile_save, /profile_load, /profile_rename, /profile_delete, /profile_export,
+/profile_import, /profile_set_default.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app.settings import ProfileStore
+from app.ui_loras import parse_selection
+from models.errors import UserError
+
+BROKEN_MARK = "⚠ broken: "
+
+
+def profile_choices(store: ProfileStore) -> list[tuple[str, str]]:
+    """(label, name) for the dropdown; a broken file keeps its name and says why it is broken."""
+    out = []
+    for e in store.list():
+        reason = e.error if len(e.error) <= 80 else e.error[:77] + "..."
+        out.append((f"{e.name} ({BROKEN_MARK}{reason})" if e.broken else e.name, e.name))
+    return out
+
+
+def controls_to_settings(model_type: str, prompt: str, negative_prompt: str, width: Any, height: Any, steps: Any,
+                         guidance: Any, flow_shift: Any, cfg_normalization: Any, cfg_truncation: Any, seed: Any,
+                         num_images: Any, loras: Any) -> dict[str, Any]:
+    """The page's controls as profile settings (ProfileStore validates them)."""
+    def whole(v: Any) -> Any:
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    seed = whole(seed if seed is not None else -1)
+    return {
+        "model_type": model_type, "prompt": prompt or None, "negative_prompt": negative_prompt or "",
+        "width": whole(width), "height": whole(height), "num_inference_steps": whole(steps),
+        "guidance_scale": guidance, "flow_shift": flow_shift, "cfg_normalization": cfg_normalization,
+        "cfg_truncation": cfg_truncation, "seed_policy": "random" if seed == -1 else "fixed", "seed": seed,
+        "num_images": whole(num_images), "loras": parse_selection(loras),
+    }
+
+
+def _error(e: UserError) -> gr.Error:
+    return gr.Error(str(e), title="Generation profile", print_exception=False)
+
+
+def build_profiles_section(store: ProfileStore, inputs: list, outputs: list,
+                           to_updates: Callable[[dict[str, Any]], tuple], lora_names: Callable[[], list[str]]
+                           ) -> dict[str, Any]:
+    """Create the section's components (call inside the Blocks) and wire them.
+
+    inputs: the controls in controls_to_settings' order; outputs / to_updates: the controls a loaded
+    profile sets and the values for them. Returns the components by elem_id.
+    """
+    c: dict[str, Any] = {}
+    with gr.Accordion("Generation profiles", open=True, elem_id="profiles"):
+        with gr.Row(equal_height=True):
+            c["profile-select"] = gr.Dropdown(profile_choices(store), value=None, label="Saved generation profiles",
+                                              elem_id="profile-select", scale=3,
+                                              # names are checked by the store; a stale list must not raise
+                                              allow_custom_value=True)
+            c["profile-load"] = gr.Button("Load", elem_id="profile-load", size="sm", scale=1, min_width=60)
+            c["profile-delete"] = gr.Button("Delete", elem_id="profile-delete", size="sm", scale=1, min_width=60,
+                                            variant="stop")
+        with gr.Row(equal_height=True):
+            c["profile-name"] = gr.Textbox(label="Name (to save, rename or import as)", elem_id="profile-name",
+                                           max_lines=1, scale=3)
+            c["profile-save"] = gr.Button("Save", elem_id="profile-save", size="sm", scale=1, min_width=60)
+            c["profile-rename"] = gr.Button("Rename", elem_id="profile-rename", size="sm", scale=1, min_width=60)
+        c["profile-overwrite"] = gr.Checkbox(False, label="Replace a profile of the same name",
+                                             elem_id="profile-overwrite")
+        with gr.Row(equal_height=True):
+            c["profile-set-default"] = gr.Button("Set as default for this model", elem_id="profile-set-default",
+                                                 size="sm")
+            c["profile-export"] = gr.Button("Export", elem_id="profile-export", size="sm")
+        with gr.Row(equal_height=False):
+            c["profile-export-file"] = gr.File(label="Exported profile", elem_id="profile-export-file",
+                                               interactive=False, height=90)
+            c["profile-import"] = gr.File(label="Import a profile (.json)", elem_id="profile-import",
+                                          file_types=[".json"], type="filepath", height=90)
+        c["profile-status"] = gr.Markdown("", elem_id="profile-status")
+
+    select, name, overwrite = c["profile-select"], c["profile-name"], c["profile-overwrite"]
+    status = c["profile-status"]
+    cheap = {"queue": False, "show_progress": "hidden"}
+
+    def choices(value: str | None) -> Any:
+        return gr.update(choices=profile_choices(store), value=value)
+
+    def notify(warnings: list[str]) -> None:
+        for w in warnings:
+            gr.Warning(w)
+
+    def list_profiles() -> list[dict[str, Any]]:
+        """Every generation profile: name, broken, error."""
+        return [{"name": e.name, "broken": e.broken, "error": e.error} for e in store.list()]
+
+    gr.api(list_profiles, api_name="profile_list", queue=False)
+
+    def save(profile: str, replace: bool, *controls: Any) -> tuple:
+        """Save the current settings as a generation profile."""
+        try:
+            warnings = store.save((profile or "").strip(), controls_to_settings(*controls), overwrite=bool(replace),
+                                  overwrite_broken=bool(replace))
+        except UserError as e:
+            raise _error(e) from None
+        notify(warnings)
+        saved = (profile or "").strip().removesuffix(".json")
+        return choices(saved), f"Saved generation profile **{saved}**."
+
+    c["profile-save"].click(save, [name, overwrite, *inputs], [select, status], api_name="profile_save", **cheap)
+
+    def load(profile: str | None) -> tuple:
+        """Put a generation profile's settings into the controls."""
+        try:
+            if not profile:
+                raise UserError("choose a generation profile first")
+            settings, warnings = store.load(profile, available_loras=lora_names())
+        except UserError as e:
+            raise _error(e) from None
+        notify(warnings)
+        return (*to_updates(settings), f"Loaded generation profile **{profile}**.")
+
+    c["profile-load"].click(load, select, [*outputs, status], api_name="profile_load", **cheap)
+
+    def rename(profile: str | None, new: str, replace: bool) -> tuple:
+        """Rename the chosen generation profile to the name in the box."""
+        try:
+            if not profile:
+                raise UserError("choose a generation profile to rename first")
+            new = (new or "").strip().removesuffix(".json")
+            store.rename(profile, new, overwrite=bool(replace))
+        except UserError as e:
+            raise _error(e) from None
+        return choices(new), f"Renamed **{profile}** to **{new}**."
+
+    c["profile-rename"].click(rename, [select, name, overwrite], [select, status], api_name="profile_rename", **cheap)
+
+    def delete(profile: str | None) -> tuple:
+        """Delete the chosen generation profile."""
+        try:
+            if not profile:
+                raise UserError("choose a generation profile to delete first")
+            store.delete(profile)
+        except UserError as e:
+            raise _error(e) from None
+        return choices(None), f"Deleted generation profile **{profile}**."
+
+    c["profile-delete"].click(delete, select, [select, status], api_name="profile_delete", **cheap)
+
+    def export(profile: str | None) -> tuple:
+        """The chosen generation profile as a JSON file to download."""
+        try:
+            if not profile:
+                raise UserError("choose a generation profile to export first")
+            folder = Path(tempfile.mkdtemp(prefix="wgp-zimage-profile-"))
+            path = store.export_to(profile, folder / f"{profile}.json")
+        except UserError as e:
+            raise _error(e) from None
+        return str(path), f"Exported **{profile}**: download it above."
+
+    c["profile-export"].click(export, select, [c["profile-export-file"], status], api_name="profile_export", **cheap)
+
+    def import_file(path: str | None, profile: str, replace: bool) -> tuple:
+        """Add an uploaded profile file (any schema) to the saved ones; named by the box or the file."""
+        if not path:
+            return gr.skip(), gr.skip()
+        try:
+            saved, warnings = store.import_from(path, name=(profile or "").strip() or None, overwrite=bool(replace),
+                                                available_loras=lora_names())
+        except UserError as e:
+            raise _error(e) from None
+        notify(warnings)
+        return choices(saved), f"Imported generation profile **{saved}**."
+
+    c["profile-import"].upload(import_file, [c["profile-import"], name, overwrite], [select, status],
+                               api_name="profile_import", **cheap)
+
+    def set_default(*controls: Any) -> str:
+        """The current settings become what choosing this model type sets."""
+        try:
+            settings = controls_to_settings(*controls)
+            warnings = store.set_model_defaults(settings["model_type"], settings)
+        except UserError as e:
+            raise _error(e) from None
+        notify(warnings)
+        return f"These settings are now the defaults of **{settings['model_type']}**."
+
+    c["profile-set-default"].click(set_default, inputs, status, api_name="profile_set_default", **cheap)
+    return c
+
+
+__all__ = ["build_profiles_section", "controls_to_settings", "profile_choices"]
