@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -255,7 +256,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     def on_sigint(signum, frame):
         service.abort.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.stderr.write("\nstopping after the current step (Ctrl-C again to quit at once)\n")
+        # os.write, not sys.stderr: the signal may arrive while a progress bar is writing to stderr
+        os.write(2, b"\nstopping after the current step (Ctrl-C again to quit at once)\n")
 
     signal.signal(signal.SIGINT, on_sigint)
     bars: dict[str, tqdm] = {}

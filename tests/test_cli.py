@@ -217,7 +217,7 @@ def test_process_level_bad_input_has_no_traceback(tiny_dir):
 def test_ctrl_c_stops_after_current_step_and_writes_nothing(tiny_dir, tmp_path):
     out = tmp_path / "never.png"
     cmd = [sys.executable, str(ROOT / "wgp_zimage.py"), "generate", "--model", "tiny", "--model-dir", str(tiny_dir),
-           "--prompt", "x", "--steps", "100", "--width", "1024", "--height", "1024", "--seed", "1",
+           "--prompt", "x", "--steps", "100", "--width", "2048", "--height", "2048", "--seed", "1",
            "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
