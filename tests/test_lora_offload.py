@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from app import offload as ofl
 from models.lora_runtime import LoraManager
