@@ -140,19 +140,23 @@ def read_state_dict(paths: list[Path]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def key_mismatch(missing, unexpected) -> str | None:
+    """'N missing keys (first: ...); M unexpected keys (first: ...)', or None when both are empty."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (first: {', '.join(sorted(missing)[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(sorted(unexpected)[:3])})")
+    return "; ".join(parts) or None
+
+
 def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], what: str, source: list[Path]) -> None:
     """Strict load with a message naming the first few missing or unexpected keys."""
     expected = set(model.state_dict().keys())
-    missing = sorted(expected - sd.keys())
-    unexpected = sorted(sd.keys() - expected)
     where = ", ".join(str(p) for p in source)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:3])})")
-        raise UserError(f"{what} checkpoint {where} does not match the model: {'; '.join(parts)}")
+    problem = key_mismatch(expected - sd.keys(), sd.keys() - expected)
+    if problem:
+        raise UserError(f"{what} checkpoint {where} does not match the model: {problem}")
     try:
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:

@@ -269,13 +269,9 @@ def _load_quantized(model: nn.Module, sd: dict, qmap: dict, what: str, files: li
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     # the activation scales of weight-only quantization are unused: tolerate files without them
     missing = [k for k in missing if not k.endswith(_SCALE_KEYS)]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first: {', '.join(sorted(missing)[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(sorted(unexpected)[:3])})")
-        raise UserError(f"{what} int8 checkpoint {where} does not match the model: {'; '.join(parts)}")
+    problem = ck.key_mismatch(missing, unexpected)
+    if problem:
+        raise UserError(f"{what} int8 checkpoint {where} does not match the model: {problem}")
     for module in model.modules():
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_meta and name in ("input_scale", "output_scale"):
