@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 log = logging.getLogger("wgp_zimage")
@@ -53,10 +55,10 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--vae-dtype", choices=["bf16", "fp32"], default="fp32", help="VAE decode dtype (default fp32)")
     g.add_argument("--vae-tiling", action="store_true", help="decode the image in tiles (large images, small cards)")
     for part in ("transformer", "text-encoder"):
-        g.add_argument(f"--{part}-quantization", choices=["auto", "bf16", "int8"], default="auto",
+        g.add_argument(f"--{part}-quantization", choices=list(QUANTIZATION_CHOICES), default="auto",
                        help=f"{part.replace('-', ' ')} weights to download and load: auto = int8 on cards under "
                             "24 GB, bf16 otherwise")
-    g.add_argument("--attention", choices=["auto", "sdpa", "flash", "flash3", "sage"], default="auto",
+    g.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
                    help="attention backend (auto: the fastest installed one that is safe for Z-Image; "
                         "sage can corrupt Base images)")
     g.add_argument("--compile", action="store_true",
@@ -74,6 +76,12 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="LoRA root folder (one sub-folder per family: ROOT/z_image); default loras/")
     g.add_argument("--lora-dir-z-image", type=Path, default=None, metavar="DIR",
                    help="Z-Image LoRA folder (default loras/z_image)")
+    g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png",
+                   help="image file format (default png; --output FILE.jpg / .webp picks it by the suffix)")
+    g.add_argument("--output-quality", type=int, choices=range(1, 101), default=95, metavar="Q",
+                   help="JPEG / WebP quality 1-100 (default 95)")
+    g.add_argument("--no-metadata", dest="save_metadata", action="store_false", default=True,
+                   help="store no generation settings in the images")
     g.add_argument("--verbose", "-v", action="store_true", help="log details (and tracebacks) to stderr")
     if suppress:
         for action in p._actions:
@@ -358,9 +366,29 @@ def quiet_libraries(verbose: bool) -> None:
     tlog.disable_progress_bar()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed options; with no sub-command (the web UI) the configuration saved from its Config section
+    supplies the defaults, so explicit flags still win. args.config_file names that file then."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        from app.app_config import config_path, load_config, parser_defaults
+
+        # its place is fixed by the flags (or defaults) before the saved ones apply: a saved output
+        # folder does not move the file that names it
+        config_file = config_path(args.state_dir, args.output_dir)
+        saved, warnings = load_config(config_file)
+        for w in warnings:
+            sys.stderr.write(f"warning: {w}\n")
+        if saved:
+            parser.set_defaults(**parser_defaults(saved))
+            args = parser.parse_args(argv)
+        args.config_file = config_file
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     setup_logging(args.verbose)
     # keep third-party chatter off the user's terminal unless asked
     from models.errors import UserError

@@ -68,7 +68,11 @@ def launch(args: argparse.Namespace) -> int:
         # `kill` / systemd stop: the same clean shutdown as Ctrl-C (the running job is saved as interrupted)
         signal.signal(signal.SIGTERM, _sigterm)
     try:
-        demo = build_ui(queue, service, config, profiles_dir=args.profiles_dir)
+        from app.app_config import config_path
+
+        config_file = getattr(args, "config_file", None) or config_path(getattr(args, "state_dir", None),
+                                                                         args.output_dir)
+        demo = build_ui(queue, service, config, profiles_dir=args.profiles_dir, config_file=config_file)
         server_name = "0.0.0.0" if args.listen else args.server_name
         print(f"wgp-zimage web UI: images in {config.output_dir}, queue saved in {queue.state_file}", flush=True)
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from app.metadata import png_info
+from app.metadata import format_for_suffix, save_kwargs
 
 SLUG_MAX = 50
 
@@ -39,16 +39,21 @@ def unique_path(path: Path) -> Path:
         n += 1
 
 
-def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = None) -> Path:
-    """Write to a temporary file beside path, then rename: no half-written file under its name."""
+def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = None, quality: int = 95) -> Path:
+    """Write to a temporary file beside path, then rename: no half-written file under its name.
+
+    The format follows the suffix (.png, .jpg/.jpeg, .webp); settings (None: none) go in the PNG text
+    chunks or the JPEG / WebP EXIF; quality (1-100) applies to JPEG and WebP.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            fmt = (path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG")
-            kwargs = {"pnginfo": png_info(settings)} if settings and fmt == "PNG" else {}
-            image.save(f, format=fmt, **kwargs)
+            fmt = format_for_suffix(path.suffix)
+            if fmt == "jpeg" and image.mode not in ("RGB", "L"):
+                image = image.convert("RGB")
+            image.save(f, format=fmt.upper(), **save_kwargs(fmt, settings, quality))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -244,6 +244,14 @@ class JobQueue:
             self._changed()
             return before - len(self._jobs)
 
+    def when_idle(self, fn: Callable[[], Any]) -> bool:
+        """Call fn while no job runs (none can start meanwhile); False, without calling it, when one runs."""
+        with self._cond:
+            if self._current is not None:
+                return False
+            fn()
+            return True
+
     def abort(self) -> str | None:
         """Stop the running job after its current step; returns its id (None when idle)."""
         with self._cond:

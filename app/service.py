@@ -47,6 +47,16 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def check_output_options(config: ServiceConfig) -> None:
+    from app.metadata import FORMATS
+
+    if config.output_format not in FORMATS:
+        raise UserError(f"output format must be one of {', '.join(FORMATS)} (got {config.output_format!r})")
+    q = config.output_quality
+    if isinstance(q, bool) or not isinstance(q, int) or not 1 <= q <= 100:
+        raise UserError(f"output quality must be a whole number from 1 to 100 (got {q!r})")
+
+
 @dataclass
 class ServiceConfig:
     checkpoints_dir: Path = Path("ckpts")
@@ -65,6 +75,9 @@ class ServiceConfig:
     perc_reserved_mem_max: float = 0.0
     preload_mb: int = 0
     save_quantized: bool = False
+    output_format: str = "png"  # png | jpeg | webp (changed on a running service: applies to the next image)
+    output_quality: int = 95  # JPEG / WebP quality, 1-100
+    save_metadata: bool = True  # False: images hold no settings
 
     @classmethod
     def from_args(cls, args) -> ServiceConfig:
@@ -76,7 +89,8 @@ class ServiceConfig:
             "transformer_quantization": "transformer_quantization",
             "text_encoder_quantization": "text_encoder_quantization",
             "memory_profile": "memory_profile", "perc_reserved_mem_max": "perc_reserved_mem_max",
-            "preload_mb": "preload", "save_quantized": "save_quantized",
+            "preload_mb": "preload", "save_quantized": "save_quantized", "output_format": "output_format",
+            "output_quality": "output_quality", "save_metadata": "save_metadata",
         }
         return cls(**{field: getattr(args, opt) for field, opt in names.items() if hasattr(args, opt)})
 
@@ -103,6 +117,7 @@ class GenerationService:
         self.dtype_name = dtype_name
         self.dtype = DTYPES[dtype_name]
         self.vae_dtype = DTYPES[self.config.vae_dtype]
+        check_output_options(self.config)
         self._pipe = None
         self._pipe_key: tuple | None = None
         self._lora_manager = None
@@ -148,7 +163,7 @@ class GenerationService:
             transformer_file = transformer_file or self.fetch_weights(d, on_event)
         folder = self.model_dir(model_type, model_dir)
         key = (d.model_type if model_type else None, str(folder), str(transformer_file),
-               str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant,
+               str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
                self.config.memory_profile, self.config.preload_mb, self.config.perc_reserved_mem_max)
         with self._lock:
             if self._pipe_key == key:
@@ -203,6 +218,24 @@ class GenerationService:
             on_event({"kind": "download", "files": [s.repo_path for s in missing]})
         download_files(specs)
         return handler.local_transformer(d, tq)
+
+    def memory_status(self) -> dict[str, Any]:
+        """Device, whether a model is loaded, VRAM (CUDA) and RAM use in bytes (None where unknown)."""
+        out: dict[str, Any] = {"device": str(self.device), "loaded": self._pipe is not None,
+                               "vram_free": None, "vram_total": None, "ram_used": None, "ram_total": None}
+        if self.device.type == "cuda":
+            try:
+                out["vram_free"], out["vram_total"] = torch.cuda.mem_get_info(self.device)
+            except RuntimeError:
+                pass
+        try:
+            import psutil
+
+            vm = psutil.virtual_memory()
+            out["ram_used"], out["ram_total"] = vm.total - vm.available, vm.total
+        except ImportError:
+            pass
+        return out
 
     def unload(self) -> None:
         with self._lock:
@@ -319,6 +352,9 @@ class GenerationService:
         per_step = (step_times[-1] - loop_start[0]) / max(len(step_times), 1)
         when = datetime.now()
         paths, settings = [], []
+        from app.metadata import EXTENSIONS
+
+        ext = EXTENSIONS[self.config.output_format]
         for i, image in enumerate(out.images):
             s = {**spec.to_dict(), "seed": out.seeds[i], "batch_seed": seed, "image_index": i,
                  "dtype": self.dtype_name, "created": when.isoformat(timespec="seconds")}
@@ -326,8 +362,9 @@ class GenerationService:
                 path = file_names[i]
             else:
                 folder = Path(output_dir or self.config.output_dir)
-                path = unique_path(folder / output_name(when, out.seeds[i], i + 1, spec.prompt))
-            paths.append(save_image_atomic(image, path, s))
+                path = unique_path(folder / output_name(when, out.seeds[i], i + 1, spec.prompt, ext))
+            paths.append(save_image_atomic(image, path, s if self.config.save_metadata else None,
+                                           quality=self.config.output_quality))
             settings.append(s)
         if on_event:
             on_event({"kind": "done", "paths": paths, "seconds": elapsed, "seconds_per_step": per_step})

@@ -3,7 +3,8 @@
 Handlers never generate: they submit to the JobQueue and read it (a 1 s timer polls a snapshot), so
 closing or reloading the tab never stops a job and a reopened tab shows the queue and the results.
 Named API endpoints (see README): /generate, /stop, /queue, /remove, /move_up, /move_down, /retry,
-/clear_finished, /last_seed, /restore, /lora_refresh and the generation profiles' (app/ui_profiles.py).
+/clear_finished, /last_seed, /restore, /lora_refresh, the generation profiles' (app/ui_profiles.py) and the
+Config section's /save_config, /unload_models, /system_info (app/ui_config.py).
 LoRA selection helpers live in app/ui_loras.py. No torch here.
 """
 
@@ -211,8 +212,10 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
 # ------------------------------------------------------------------ the page
 
 def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
-             profiles_dir: str | Path | None = None) -> gr.Blocks:
+             profiles_dir: str | Path | None = None, config_file: str | Path | None = None) -> gr.Blocks:
     """The page for queue (running jobs through service); config.output_dir feeds the gallery.
+
+    config_file: where the Config section saves (default <output folder>/wgp_zimage_config.json).
 
     profiles_dir (else config.profiles_dir when it has one): the generation profiles folder, which also
     keeps the per-model defaults and the last used settings (restored when a page opens). Without
@@ -302,8 +305,9 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                                          elem_id="cfg-normalization")
                     cfg_trunc = gr.Slider(0, 1, 1.0, step=0.01, label="CFG truncation (1 = never)",
                                           info="guidance off once 1 − sigma exceeds C", elem_id="cfg-truncation")
-                with gr.Accordion("Restore settings from a PNG", open=True, elem_id="restore"):
-                    restore_file = gr.File(label="Drop an image made by this app", file_types=[".png"],
+                with gr.Accordion("Restore settings from an image", open=True, elem_id="restore"):
+                    restore_file = gr.File(label="Drop an image made by this app",
+                                           file_types=[".png", ".jpg", ".jpeg", ".webp"],
                                            type="filepath", elem_id="restore-png", height=140)
                 settings_inputs = [model, prompt, negative, width, height, steps, guidance, flow_shift, cfg_norm,
                                    cfg_trunc, seed, num_images, lora_strengths]
@@ -371,6 +375,11 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                         for label, eid in (("▲ Up", "job-up"), ("▼ Down", "job-down"), ("↻ Retry", "job-retry"),
                                            ("✕ Remove", "job-remove"), ("Clear finished", "queue-clear-finished")):
                             buttons[eid] = gr.Button(label, elem_id=eid, size="sm", scale=1, min_width=60)
+
+        from app.app_config import CONFIG_FILE
+        from app.ui_config import build_config_section
+
+        build_config_section(queue, service, config, config_file or output_dir / CONFIG_FILE)
 
         # ---------------------------------------------------------- polling (the only way results reach the page)
 
@@ -548,7 +557,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                            cfg_trunc, seed, num_images, model_info]
 
         def restore(path: str | None) -> tuple:
-            """Settings stored in a PNG made by this app, into the controls (its own seed, 1 image)."""
+            """Settings stored in an image (PNG, JPEG, WebP) made by this app, into the controls (1 image)."""
             skip = tuple(gr.skip() for _ in restore_outputs)
             if not path:
                 return skip

@@ -67,3 +67,10 @@ def test_regional_compile_no_recompile_for_new_lengths():
         model(torch.randn(1, 16, 16, 12), t, [caps[40]])  # another resolution
         assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+def test_config_choices_match_the_dispatcher():
+    """The UI's config lists the choices without importing torch; they must stay the dispatcher's."""
+    from app.app_config import ATTENTION_CHOICES
+
+    assert tuple(ATTENTION_CHOICES) == attention.CHOICES

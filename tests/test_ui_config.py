@@ -1,0 +1,118 @@
+"""The Config section through its API (save, unload, system info) and the saved config at the next start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import wgp_zimage
+from app.metadata import read_settings
+from app.queue import JobQueue
+from app.service import GenerationService, ServiceConfig
+from app.ui import build_ui, launch_options
+from tests.test_ui_api import TINY, free_port
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+
+CONFIG = {"memory_profile": 2, "attention": "sdpa", "compile": False, "transformer_quantization": "auto",
+          "text_encoder_quantization": "auto", "output_dir": "elsewhere", "output_format": "jpeg",
+          "output_quality": 80, "save_metadata": True}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui_config")
+    (root / "ckpts").mkdir()
+    (root / "ckpts" / "z_image_tiny").symlink_to(tiny_dir, target_is_directory=True)
+    config = ServiceConfig(checkpoints_dir=root / "ckpts", output_dir=root / "outputs")
+    service = GenerationService(config)
+    queue = JobQueue(service, root / "queue.json").start()
+    demo = build_ui(queue, service, config, config_file=root / "state" / "wgp_zimage_config.json")
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                **launch_options(config.output_dir))
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield root, service, queue, client
+    demo.close()
+    queue.close()
+
+
+def run_job(client, queue, prompt="a fox"):
+    ids = client.predict(prompt=prompt, **TINY, api_name="/generate").split(",")
+    return [queue.wait(i, timeout=120) for i in ids]
+
+
+def test_save_config_applies_output_options(served):
+    root, service, queue, client = served
+    msg = client.predict(**CONFIG, api_name="/save_config")
+    path = root / "state" / "wgp_zimage_config.json"
+    assert str(path) in msg and "next model load" in msg and "next start" in msg
+    assert json.loads(path.read_text()) == CONFIG
+    assert not list(path.parent.glob("*.part"))
+    assert service.config.output_format == "jpeg" and service.config.output_quality == 80
+    assert service.config.memory_profile == 2 and service.config.attention == "sdpa"
+    (job,) = run_job(client, queue)
+    assert job["status"] == "done", job
+    (p,) = job["paths"]
+    assert p.endswith(".jpg") and Path(p).parent == root / "outputs"  # the folder changes at the next start
+    with Image.open(p) as im:
+        assert im.format == "JPEG"
+    assert read_settings(p)["prompt"] == "a fox"
+
+    client.predict(**{**CONFIG, "output_format": "webp", "save_metadata": False}, api_name="/save_config")
+    (job,) = run_job(client, queue, "no metadata")
+    (p,) = job["paths"]
+    assert p.endswith(".webp") and read_settings(p) is None
+    client.predict(**{**CONFIG, "output_format": "png", "attention": "auto", "memory_profile": 4},
+                   api_name="/save_config")
+
+
+def test_save_config_refuses_bad_values(served):
+    root, service, queue, client = served
+    with pytest.raises(AppError, match="not saved"):
+        client.predict(**{**CONFIG, "output_dir": "  "}, api_name="/save_config")
+
+
+def test_unload_and_system_info(served):
+    root, service, queue, client = served
+    (job,) = run_job(client, queue)
+    assert job["status"] == "done"
+    info = client.predict(api_name="/system_info")
+    assert "Device" in info and "cpu" in info and "Model** loaded" in info and "RAM" in info
+    assert client.predict(api_name="/unload_models") == "Models unloaded."
+    assert service._pipe is None
+    assert client.predict(api_name="/unload_models") == "No model was loaded."
+    assert "not loaded" in client.predict(api_name="/system_info")
+
+
+def test_unload_refused_while_running(served):
+    root, service, queue, client = served
+    ids = client.predict(prompt="long", **{**TINY, "width": 512, "height": 512, "steps": 100},
+                         api_name="/generate").split(",")
+    queue.wait_until(lambda q: q.get(ids[0])["status"] == "running" and q.get(ids[0])["step"] >= 1, timeout=120)
+    assert client.predict(api_name="/unload_models").startswith("A job is running")
+    queue.abort()
+    assert queue.wait(ids[0], timeout=120)["status"] == "aborted"
+
+
+def test_saved_config_becomes_launch_defaults(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "wgp_zimage_config.json").write_text(json.dumps(CONFIG))
+    args = wgp_zimage.parse_args(["--output-dir", str(out)])
+    assert args.config_file == out / "wgp_zimage_config.json"
+    assert args.memory_profile == 2 and args.attention == "sdpa" and args.output_format == "jpeg"
+    assert args.output_quality == 80 and args.output_dir == out  # the explicit flag wins
+    cfg = ServiceConfig.from_args(args)
+    assert cfg.output_format == "jpeg" and cfg.memory_profile == 2
+    args = wgp_zimage.parse_args(["--output-dir", str(out), "--memory-profile", "3", "--output-format", "png"])
+    assert args.memory_profile == 3 and args.output_format == "png" and args.attention == "sdpa"
+    # --state-dir holds it when given; sub-commands never read it
+    assert wgp_zimage.parse_args(["--state-dir", str(tmp_path), "--output-dir", str(out)]).memory_profile == 4
+    assert wgp_zimage.parse_args(["--output-dir", str(out), "models"]).memory_profile == 4
