@@ -247,6 +247,15 @@ class GenerationService:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def token_count(self, model_type: str, prompt: str) -> int | None:
+        """Tokens the prompt takes with this model's tokenizer (None until its files are there)."""
+        d = self.definition(model_type)
+        try:
+            folder = self.model_dir(model_type, None)
+        except UserError:
+            return None
+        return handler_for(d.architecture).count_tokens(folder, d.architecture, prompt)
+
     def lora_library(self, model_type: str | None = None):
         """The LoRA folder of a model type's family (scanned once; `refresh()` rescans)."""
         from app.loras import LoraLibrary, lora_dir_for

@@ -269,6 +269,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             with gr.Column(scale=5):
                 prompt = gr.Textbox(label="Prompt", lines=4, max_lines=20, elem_id="prompt",
                                     placeholder="a red fox in the snow, golden hour, 35 mm photo")
+                token_info = gr.Markdown("", elem_id="token-count")
                 one_per_line = gr.Checkbox(False, label="One job per line (lines starting with # are skipped)",
                                            elem_id="one-per-line")
                 negative = gr.Textbox(d0["negative_prompt"], label="Negative prompt", lines=2,
@@ -533,6 +534,24 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
 
         model.input(model_updates, model, [negative, preset, width, height, steps, guidance, flow_shift, model_info],
                     queue=False, show_progress="hidden", api_visibility="private")
+
+        def tokens(model_type: str, text: str) -> str:
+            """Live count against the prompt limit (chat template included); longer prompts are truncated."""
+            if not text:
+                return ""
+            limit = service.definition(model_type).defaults().get("max_prompt_tokens")
+            try:
+                n = service.token_count(model_type, text)
+            except Exception:  # a count must never break typing; the job reports real problems
+                log.debug("token count failed", exc_info=True)
+                n = None
+            if n is None or not limit:
+                return ""
+            return f"**{n} / {limit} tokens**: the end will be cut" if n > limit else f"{n} / {limit} tokens"
+
+        prompt.change(tokens, [model, prompt], token_info, queue=False, show_progress="hidden", api_name="token_count")
+        model.change(tokens, [model, prompt], token_info, queue=False, show_progress="hidden",
+                     api_visibility="private")
 
         def on_preset(label: str) -> tuple:
             return PRESETS.get(label, (gr.skip(), gr.skip()))

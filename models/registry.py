@@ -51,6 +51,10 @@ class FamilyHandler:
         """The function turning a LoRA state dict into this family's module deltas (None: no LoRAs)."""
         return None
 
+    def count_tokens(self, model_dir: Path, architecture: str, prompt: str) -> int | None:
+        """The prompt's length in tokens for the limit shown in the UI (None: unknown)."""
+        return None
+
     def local_transformer(self, definition: ModelDefinition, transformer_quantization: str = "bf16") -> Path | None:
         return None
 

@@ -254,3 +254,13 @@ def test_launch_serves_and_stops_cleanly(tiny_dir, tmp_path):
     saved = json.loads((tmp_path / "state" / "wgp_zimage_queue.json").read_text())
     assert [j["id"] for j in saved["jobs"]] == [job_id]
     assert saved["jobs"][0]["status"] in ("done", "interrupted", "queued")  # never left "running"
+
+
+def test_live_token_count(app):
+    short = app.client.predict(model_type="z_image_tiny", text="hello", api_name="/token_count")
+    # the tiny tokenizer has one token per byte: 5 + the chat template's 19 (2 x <|im_start|>, <|im_end|>,
+    # "user\n", "\n", "assistant\n")
+    assert short == "24 / 512 tokens"
+    long = app.client.predict(model_type="z_image_tiny", text="x" * 600, api_name="/token_count")
+    assert long.startswith("**619 / 512 tokens**") and "cut" in long
+    assert app.client.predict(model_type="z_image_tiny", text="", api_name="/token_count") == ""

@@ -43,6 +43,9 @@ class ZImageHandler(FamilyHandler):
     equivalences = {"z_image_base": ("z_image",), "z_image": ("z_image_base",)}
 
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
+        return {"max_prompt_tokens": 512, **self._defaults(architecture)}
+
+    def _defaults(self, architecture: str) -> dict[str, Any]:
         if architecture == "z_image":
             return {"width": 1024, "height": 1024, "num_inference_steps": 8, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "show_negative_prompt": False,
@@ -57,6 +60,7 @@ class ZImageHandler(FamilyHandler):
 
     lora_subdir = "z_image"
     int8_ready = True
+    _tokenizers: dict = {}  # folder -> tokenizer, for live token counts in the UI
 
     def lora_converter(self):
         from models.z_image.lora import convert_state_dict
@@ -112,6 +116,23 @@ class ZImageHandler(FamilyHandler):
             path = Path(urls[i]).expanduser()
             return path if path.is_absolute() else definition.source.parent.parent / path
         return None
+
+    def count_tokens(self, model_dir: Path, architecture: str, prompt: str) -> int | None:
+        """The prompt's token count with this model's tokenizer; None when its files are not there yet."""
+        from models.z_image.text_encoder import count_tokens
+
+        folder = self.model_files(Path(model_dir), architecture).tokenizer_dir
+        if not folder.is_dir():
+            return None
+        key = str(folder)
+        if key not in self._tokenizers:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizers[key] = AutoTokenizer.from_pretrained(key)
+            except (OSError, ValueError):
+                return None
+        return count_tokens(self._tokenizers[key], prompt)
 
     def scheduler_shift(self, files: ck.ModelFiles) -> float | None:
         if files.scheduler_config is None or not files.scheduler_config.is_file():

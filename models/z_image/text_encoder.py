@@ -66,6 +66,17 @@ class EmbeddingCache:
         return len(self._items)
 
 
+def chat_template(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+
+
+def count_tokens(tokenizer, prompt: str) -> int:
+    """Tokens the prompt takes, chat template included (may exceed the limit)."""
+    return len(tokenizer(chat_template(tokenizer, prompt)).input_ids)
+
+
 class PromptEncoder:
     """Turns prompts into variable-length (L, hidden) caption features."""
 
@@ -80,13 +91,10 @@ class PromptEncoder:
         return self.model.embed_tokens.weight.device
 
     def template(self, prompt: str) -> str:
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-        )
+        return chat_template(self.tokenizer, prompt)
 
     def token_count(self, prompt: str) -> int:
-        """Tokens the prompt takes, chat template included (may exceed the limit)."""
-        return len(self.tokenizer(self.template(prompt)).input_ids)
+        return count_tokens(self.tokenizer, prompt)
 
     def token_ids(self, prompt: str, max_length: int = MAX_SEQUENCE_LENGTH) -> list[int]:
         ids = self.tokenizer(self.template(prompt)).input_ids
