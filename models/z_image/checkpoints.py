@@ -234,8 +234,8 @@ def load_transformer(
 def load_text_encoder(
     files: list[Path], config_path: Path, tokenizer_dir: Path, dtype: torch.dtype, device: torch.device
 ) -> PromptEncoder:
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RotaryEmbedding
+    from transformers import AutoConfig
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
     try:
         config = AutoConfig.from_pretrained(str(config_path.parent))
@@ -254,7 +254,14 @@ def load_text_encoder(
     model.norm = nn.Identity()
     del model.rotary_emb
     _load_into(model, sd, "text encoder", files)
-    model = model.to(device=device, dtype=dtype)
+    return finish_text_encoder(model.to(device=device, dtype=dtype), cfg, tokenizer_dir, device)
+
+
+def finish_text_encoder(model: nn.Module, cfg, tokenizer_dir: Path, device: torch.device) -> PromptEncoder:
+    """RoPE tables, eval mode and the tokenizer, once the weights are loaded and cast."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
     # built after the dtype cast so the RoPE frequencies stay float32, as in transformers
     model.rotary_emb = Qwen3RotaryEmbedding(config=cfg).to(device)
     model.eval().requires_grad_(False)

@@ -353,8 +353,8 @@ def load_text_encoder_int8(
     files: list[Path], config_path: Path, tokenizer_dir: Path, dtype: torch.dtype, device: torch.device
 ) -> PromptEncoder:
     """The Qwen3 prompt encoder from quanto int8 file(s), mirroring `checkpoints.load_text_encoder`."""
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RotaryEmbedding
+    from transformers import AutoConfig
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
     files = [Path(p) for p in files]
     qmap = read_quantization_map(files)
@@ -382,15 +382,7 @@ def load_text_encoder_int8(
     del model.rotary_emb
     _load_quantized(model, sd, qmap, "text encoder", files)
     cast_model(model, dtype)
-    model = model.to(device=device)
-    # built after the dtype cast so the RoPE frequencies stay float32, as in transformers
-    model.rotary_emb = Qwen3RotaryEmbedding(config=cfg).to(device)
-    model.eval().requires_grad_(False)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the tokenizer from {tokenizer_dir}: {e}") from None
-    return PromptEncoder(model, tokenizer)
+    return ck.finish_text_encoder(model.to(device=device), cfg, tokenizer_dir, device)
 
 
 __all__ = [
