@@ -160,7 +160,7 @@ class GenerationService:
         quant = (handler.choose_quantization(self.config.transformer_quantization, self.device),
                  handler.choose_quantization(self.config.text_encoder_quantization, self.device))
         if model_dir is None:
-            transformer_file = transformer_file or self.fetch_weights(d, on_event)
+            transformer_file = transformer_file or self.fetch_weights(d, quant, on_event)
         folder = self.model_dir(model_type, model_dir)
         key = (d.model_type if model_type else None, str(folder), str(transformer_file),
                str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
@@ -205,13 +205,13 @@ class GenerationService:
                 self._lora_manager = LoraManager(pipe.transformer, converter)
             return pipe
 
-    def fetch_weights(self, d: ModelDefinition, on_event: EventFn | None = None) -> Path | None:
-        """Download what a type needs into the checkpoints folder; returns a finetune's local transformer."""
+    def fetch_weights(self, d: ModelDefinition, quant: tuple[str, str], on_event: EventFn | None = None) -> Path | None:
+        """Download what a type needs (quant: the transformer's and text encoder's bf16/int8 choice) into
+        the checkpoints folder; returns a finetune's local transformer."""
         from models.downloads import download_files, missing_files
 
         handler = handler_for(d.architecture)
-        tq = handler.choose_quantization(self.config.transformer_quantization, self.device)
-        teq = handler.choose_quantization(self.config.text_encoder_quantization, self.device)
+        tq, teq = quant
         specs = handler.files_to_download(d, self.config.checkpoints_dir, tq, teq)
         missing = missing_files(specs)
         if missing and on_event:
