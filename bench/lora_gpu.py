@@ -69,7 +69,7 @@ def main() -> dict:
         if name.startswith("layers.") and name.endswith(TARGETS):
             lora[f"transformer.{name}.lora_A.weight"] = torch.randn(RANK, module.in_features, dtype=bf16) * 0.01
             lora[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, RANK, dtype=bf16) * 0.01
-    path = OUT / "bench_lora.safetensors"
+    path = Path(tempfile.gettempdir()) / "bench_lora.safetensors"  # not under $OUT: it would travel back
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(lora, path)
     res["lora_modules"] = len(lora) // 2
@@ -93,6 +93,8 @@ def main() -> dict:
         manager.remove_all()
         res[f"{label}_step_s"], res[f"{label}_lora_step_s"] = base, with_lora
         res[f"{label}_lora_overhead"] = with_lora / base - 1
+        print(label, {k: v for k, v in res.items() if k.startswith(label)}, flush=True)
+        (OUT / "lora.json").write_text(json.dumps(res, indent=1))
     path.unlink()
     return res
 
