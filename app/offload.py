@@ -325,6 +325,23 @@ def should_tile_vae(free_bytes: int | None, height: int, width: int, dtype: torc
     return need * VAE_SAFETY > free_bytes
 
 
+# the low-VRAM profiles keep the whole job near 4 GiB (CUDA context and denoising ~3 GiB): the decode
+# gets at most this much, whatever the card has free. Measured on an H100 (bench/RESULTS.md): an untiled
+# fp32 1024x1024 decode took 8.9 GiB reserved after profile 4's denoising, i.e. 9.7 GiB for the job.
+LOW_VRAM_DECODE_BYTES = 2 * 2**30
+
+
+def decode_needs_tiling(profile_no: int | None, free_bytes: int | None, height: int, width: int,
+                        dtype: torch.dtype, num_images: int = 1) -> bool:
+    """Tile the VAE decode when the untiled estimate exceeds the free VRAM, or, in a low-VRAM
+    profile (2, 4, 5), the profile's decode budget. Without CUDA (free_bytes None): never."""
+    if free_bytes is None:
+        return False
+    if profile_no is not None and PROFILES[check_profile(profile_no)].low_vram:
+        free_bytes = min(free_bytes, LOW_VRAM_DECODE_BYTES)
+    return should_tile_vae(free_bytes, height, width, dtype, num_images)
+
+
 VAE_TILE_PIXELS = 512
 
 
@@ -466,6 +483,6 @@ def oom_guard(stage: str = "encode", manager=None, **context) -> OomGuard:
 __all__ = [
     "DEFAULT_PROFILE", "PROFILES", "PROFILE_DESCRIPTIONS", "PROFILE_NAMES", "MemoryProfile", "OomGuard",
     "apply_profile", "check_profile", "free_device_bytes", "free_memory", "is_oom", "oom_error", "oom_guard",
-    "pinned_bytes", "profile_budgets", "profile_help", "release", "set_vae_tile_size", "should_tile_vae",
-    "vae_decode_bytes",
+    "decode_needs_tiling", "pinned_bytes", "profile_budgets", "profile_help", "release", "set_vae_tile_size",
+    "should_tile_vae", "vae_decode_bytes",
 ]

@@ -329,7 +329,7 @@ class GenerationService:
                 on_event({"kind": "step", "step": i + 1, "total": n, "seconds_per_step": per,
                           "eta": per * (n - i - 1), "latents": latents})
 
-        from app.offload import OomGuard, free_device_bytes, should_tile_vae
+        from app.offload import OomGuard, decode_needs_tiling, free_device_bytes
 
         guard = OomGuard("encode", self._offload, profile_no=self.config.memory_profile, width=spec.width,
                          height=spec.height, num_images=spec.num_images)
@@ -340,8 +340,16 @@ class GenerationService:
             if lora_step is not None:
                 lora_step(i, n)
 
-        tiled = self.config.vae_tiling or (self.device.type == "cuda" and should_tile_vae(
-            free_device_bytes(self.device), spec.height, spec.width, self.vae_dtype, spec.num_images))
+        def tiled() -> bool:
+            """Decided before the decode: the transformer's cached activation memory is returned first,
+            so the decision sees what the VAE can really use."""
+            if self.config.vae_tiling:
+                return True
+            if self.device.type != "cuda":
+                return False
+            torch.cuda.empty_cache()
+            return decode_needs_tiling(self.config.memory_profile, free_device_bytes(self.device), spec.height,
+                                       spec.width, self.vae_dtype, spec.num_images)
         loop_start = [time.perf_counter()]
 
         def on_step(i: int, n: int, latents: torch.Tensor) -> None:

@@ -48,17 +48,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# the app's allocator setting (wgp_zimage.py sets it before torch starts); ALLOC=default measures without
+if os.environ.get("ALLOC", "expandable") == "expandable":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 DRY = bool(os.environ.get("DRY"))
 OUT = Path(os.environ.get("OUT") or tempfile.gettempdir())
 WORK = Path(os.environ.get("WORK") or Path(tempfile.gettempdir()) / ("zimage_offload_dry" if DRY else
                                                                        "zimage_offload_bench"))
-STEPS = int(os.environ.get("STEPS", "2" if DRY else "4"))
+STEPS = int(os.environ.get("STEPS", "3" if DRY else "5"))
 SIDE = 64 if DRY else 1024
 CARD_GIB = float(os.environ.get("CARD_GIB", "8"))  # the card the VAE tiling decision pretends to run on
 BUDGET_S = float(os.environ.get("BUDGET_S", "470"))  # skip the remaining jobs past this (setup included)
 # most wanted first: the time budget may cut the tail
 RUNS = [("int8", 4), ("int8", 5), ("diffusers-group-offload", 0), ("bf16", 1), ("int8", 1), ("bf16", 4),
-        ("int8", 2), ("int8", 3)]
+        ("int8+preload1200", 4), ("int8", 2), ("int8", 3)]
+PROFILE_RUN = ("int8", 4)  # one step of this run goes through torch.profiler (where the time goes)
 T_START = time.perf_counter()
 
 
@@ -295,16 +299,28 @@ def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) ->
         del tr, te, vae
     res["read_s"] = round(time.perf_counter() - t0, 2)
     with cuda_for_mmgp():
-        manager = ofl.apply_profile(parts, profile, device="cuda")
+        preload = 1200 if "preload" in weights else 0
+        manager = ofl.apply_profile(parts, profile, device="cuda", preload_mb=preload)
         res["load_s"] = round(time.perf_counter() - t0, 2)
         res["pinned_GiB"] = gib(ofl.pinned_bytes(manager))
         pipe.device = torch.device(DEV)
-        tiled = tiling_for(parts["vae"].dtype)
-        set_tiles(parts["vae"], tiled)
-        res["vae_tiled"] = tiled
+        decided: list[bool] = []
+
+        def tiled() -> bool:
+            """What the service does before the decode, on an 8 GB card (CARD_GIB)."""
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
+            used_now = (BASE.used() - BASE.used0) if not DRY else 0
+            decided.append(ofl.decode_needs_tiling(profile, int(CARD_GIB * GiB - used_now), SIDE, SIDE,
+                                                   parts["vae"].dtype))
+            set_tiles(parts["vae"], decided[-1])
+            return decided[-1]
+
         res.update(measure_job(lambda step_start, callback: pipe(
             prompt=prompt, negative_prompt=neg, height=SIDE, width=SIDE, num_inference_steps=STEPS,
-            guidance_scale=4.0, seed=1, step_start=step_start, callback=callback, vae_tiling=tiled)))
+            guidance_scale=4.0, seed=1, step_start=step_start, callback=callback, vae_tiling=tiled),
+            profile_step=(weights, profile) == PROFILE_RUN))
+        res["vae_tiled"] = decided[-1] if decided else None
         ofl.release(manager)
     pipe = parts = manager = None
     cleanup()
@@ -376,9 +392,13 @@ def cleanup() -> None:
         torch.cuda.empty_cache()
 
 
-def measure_job(call) -> dict:
-    """Run call(step_start, callback) with phases: encode -> denoise -> decode; memory and times."""
+def measure_job(call, profile_step: bool = False) -> dict:
+    """Run call(step_start, callback) with phases: encode -> denoise -> decode; memory and times.
+
+    profile_step: the last step runs under torch.profiler (its table is printed; the step is left
+    out of s/step)."""
     sampler = Sampler()
+    prof: list = []
     marks: dict[str, float] = {}
     step_ends: list[float] = []
     torch_peaks: dict[str, tuple[int, int]] = {}
@@ -394,10 +414,23 @@ def measure_job(call) -> dict:
     def step_start(i: int, n: int) -> None:
         if i == 0 and "denoise" not in marks:
             enter("denoise")
+        if profile_step and i == n - 1 and n > 2:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+            prof.append(profile(activities=acts))
+            prof[0].__enter__()
 
     def callback(i: int, n: int, latents) -> None:
         sync()
         step_ends.append(time.perf_counter())
+        if prof and i == n - 1:
+            prof[0].__exit__(None, None, None)
+            avg = prof[0].key_averages()
+            for key in ("self_cpu_time_total", "self_cuda_time_total" if DEV.type == "cuda" else None):
+                if key:
+                    print(f"profile of the last step, by {key}:\n"
+                          + avg.table(sort_by=key, row_limit=15, max_name_column_width=60), flush=True)
         if i == n - 1:
             enter("decode")
 
@@ -411,7 +444,8 @@ def measure_job(call) -> dict:
     sampler.stop()
     peaks = sampler.peaks
     job_peak = max((peaks.get(p, 0) for p in ("encode", "denoise", "decode")), default=0)
-    steps = [b - a for a, b in zip(step_ends, step_ends[1:])]
+    timed = step_ends[:-1] if prof else step_ends
+    steps = [b - a for a, b in zip(timed, timed[1:])]
     out = {
         "job_s": round(t_end - t0, 2),
         "encode_s": round(marks["denoise"] - marks["encode"], 3),

@@ -157,10 +157,18 @@ with section("compiled"):
     res["ours_compile_first_call_s"] = time.perf_counter() - t0
     res["ours_step_cfg_1024_compiled_s"] = timeit(cfg_step)
     res["ours_step_nocfg_1024_compiled_s"] = timeit(lambda: ours(x1, t1, [cap]))
+    from torch._dynamo.utils import counters
+
+    frames = counters["stats"]["unique_graphs"]
     t0 = time.perf_counter()
     ours(x2, t2, [torch.randn(CAP + 40, CAP_DIM, device=dev, dtype=bf16)] * 2)  # new prompt length
     sync()
     res["ours_new_prompt_length_first_call_s"] = time.perf_counter() - t0
+    res["ours_new_prompt_length_new_graphs"] = counters["stats"]["unique_graphs"] - frames
+    t0 = time.perf_counter()
+    ours(x2, t2, [torch.randn(CAP + 40, CAP_DIM, device=dev, dtype=bf16)] * 2)
+    sync()
+    res["ours_new_prompt_length_second_call_s"] = time.perf_counter() - t0
 
 with section("small_size_launch_overhead"):
     # CUDA graphs only pay where issuing the kernels (CPU) takes longer than running them (GPU)

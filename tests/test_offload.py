@@ -402,6 +402,32 @@ def test_vae_tiling_decision():
     assert ofl.free_device_bytes("cpu") is None
 
 
+def test_low_vram_profiles_cap_the_decode():
+    """Profiles 2/4/5 keep the job near 4 GiB: a 1024x1024 fp32 decode is tiled even on a large card,
+    while the high-VRAM profiles decode it whole when it fits (H100 run, bench/RESULTS.md)."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    for profile in (2, 4, 5):
+        assert ofl.decode_needs_tiling(profile, 70 * GiB, 1024, 1024, fp32)
+        assert ofl.decode_needs_tiling(profile, 70 * GiB, 1024, 1024, bf16)
+        assert not ofl.decode_needs_tiling(profile, 70 * GiB, 512, 512, bf16)  # ~0.9 GB: fits the cap
+    for profile in (1, 3, None):
+        assert not ofl.decode_needs_tiling(profile, 70 * GiB, 1024, 1024, fp32)
+        assert ofl.decode_needs_tiling(profile, 5 * GiB, 1024, 1024, fp32)
+    assert not ofl.decode_needs_tiling(4, None, 2048, 2048, fp32)  # CPU: never
+    with pytest.raises(UserError):
+        ofl.decode_needs_tiling(7, 70 * GiB, 1024, 1024, fp32)
+
+
+def test_pipeline_decides_tiling_after_denoising(tiny_dir):
+    """A callable vae_tiling is asked once, after the last step (when the denoising memory is free)."""
+    pipe, _ = load(tiny_dir)
+    events = []
+    pipe(prompt="a cat", height=64, width=64, num_inference_steps=2, guidance_scale=0.0, seed=1,
+         callback=lambda i, n, lat: events.append(f"step{i}"),
+         vae_tiling=lambda: events.append("decide") or True)
+    assert events == ["step0", "step1", "decide"]
+
+
 def test_vae_tiles_small_enough_to_split(tiny_dir):
     """enable_tiling() alone tiles at the config's sample_size (1024 for the Flux VAE): no split at 1024."""
     _, parts = load(tiny_dir)

@@ -135,7 +135,7 @@ class ZImagePipeline:
         interrupt: Callable[[], bool] | None = None,
         step_start: Callable[[int, int], None] | None = None,
         output_type: str = "pil",
-        vae_tiling: bool = False,
+        vae_tiling: bool | Callable[[], bool] = False,
     ) -> PipelineOutput:
         f2 = self.vae_scale_factor * 2
         if height % f2 or width % f2:
@@ -179,7 +179,9 @@ class ZImagePipeline:
             return PipelineOutput(images=latents, seeds=seeds)
         if interrupt is not None and interrupt():
             raise GenerationInterrupted()
-        return PipelineOutput(images=self.decode(latents, tiled=vae_tiling), seeds=seeds)
+        # a callable decides now, once the denoising memory is free (the caller may empty caches)
+        tiled = vae_tiling() if callable(vae_tiling) else vae_tiling
+        return PipelineOutput(images=self.decode(latents, tiled=tiled), seeds=seeds)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
