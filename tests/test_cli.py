@@ -336,3 +336,18 @@ def test_info_and_from_image(tiny_dir, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     rc, _, err = main(capsys, "info", str(tmp_path / "plain.png"))
     assert rc == 2 and "holds no wgp-zimage settings" in err
+
+
+@pytest.mark.parametrize("user_value", [None, "max_split_size_mb:128"])
+def test_allocator_setting_before_torch(user_value):
+    """The entry point turns on expandable segments before torch starts, unless the user chose a setting."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    if user_value:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = user_value
+    code = "import wgp_zimage, os; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (user_value or "expandable_segments:True")
