@@ -224,6 +224,8 @@ def apply_profile(
         raise
     finally:
         torch.set_default_device(previous_default)
+    for model in parts.values():
+        _unwrap_compiled_blocks(model)
     hooks = []
     if PROFILES[number].low_vram and text_encoder is not None:
         # unload right after the prompt is encoded, before the transformer needs the room
@@ -246,6 +248,25 @@ def pinned_bytes(manager) -> int:
         return 0
     models = getattr(manager, "_wgp", {}).get("models") or manager.models or {}
     return int(sum(getattr(m, "_pinned_bytes", 0) for m in models.values()))
+
+
+def _unwrap_compiled_blocks(model: nn.Module) -> None:
+    """Give the layers inside compiled blocks their plain forward back.
+
+    mmgp wraps the forward of every module with a loading check that dynamo cannot trace (clock
+    reads, block transfers), which breaks a full-graph compiled block. The block's own wrapper,
+    which runs before its compiled forward, already loads everything the block holds, so the inner
+    checks are redundant there.
+    """
+    for block in model.modules():
+        if not block.__dict__.get("_wgp_compiled"):
+            continue
+        for inner in block.modules():
+            attrs = inner.__dict__
+            original = attrs.get("_mm_forward")
+            if inner is not block and getattr(original, "__self__", None) is inner and \
+                    getattr(original, "__func__", None) is getattr(type(inner), "forward", None):
+                attrs.pop("forward", None)
 
 
 def _unhook(model: nn.Module, locked: list[nn.Module]) -> None:

@@ -197,7 +197,7 @@ class _Branch:
             out = y if out is None else out + y
         return out
 
-    def add_low_rank(self, x: torch.Tensor, out: torch.Tensor, s: float) -> torch.Tensor | None:
+    def add_low_rank(self, x: torch.Tensor, out: torch.Tensor, s: torch.Tensor) -> torch.Tensor | None:
         """out + s * up(down(x)) for a plain low-rank branch, the addition done by the GEMM's epilogue.
 
         The generic path writes the branch output, scales it and adds it: six passes over a tensor of
@@ -210,7 +210,7 @@ class _Branch:
         br = self._for(x)
         if out.dtype != br.up.dtype or x.dtype != br.down.dtype:
             return None
-        h = F.linear(x, br.down).mul_(self.scale * s)
+        h = F.linear(x, br.down).mul_(s * self.scale)
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), br.up.t()).view(out.shape)
 
     def __call__(self, module: nn.Linear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -218,7 +218,7 @@ class _Branch:
 
         DoRA is applied as W + s * (W' - W): linear in s, the base layer at s = 0, W' at s = 1.
         """
-        s = self.owner.current
+        s = self.owner.tensor
         br = self._for(x)
         out: torch.Tensor | float = 0.0
         if br.gain is None:
@@ -247,10 +247,9 @@ class _Hook:
     def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x, base = args[0], out
         for br in self.branches:
-            s = br.owner.current
-            if s == 0.0:  # a zero strength costs nothing
+            if not br.owner.on:  # a zero strength costs nothing
                 continue
-            fast = br.add_low_rank(x, out, s)
+            fast = br.add_low_rank(x, out, br.owner.tensor)
             out = fast if fast is not None else out + br(module, x, base)
         return out
 
@@ -264,6 +263,14 @@ class _Active:
     schedule: tuple[float, ...]
     current: float
     modules: list[str] = field(default_factory=list)
+    # the strength again as a 0-dim tensor changed in place, and whether it is non-zero: compiled blocks
+    # treat a float read in a hook as a constant and would recompile for every new strength
+    tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
+    on: bool = False
+
+    def set(self, strength: float) -> None:
+        self.current, self.on = strength, strength != 0.0
+        self.tensor.fill_(strength)
 
 
 @dataclass
@@ -335,14 +342,26 @@ class LoraManager:
             self._active[key] = self._attach(key, report, deltas, wanted[key][1])
         for key, (path, schedule) in wanted.items():
             act = self._active[key]
-            act.schedule, act.current = schedule, schedule[0]
+            act.schedule = schedule
+            act.set(schedule[0])
             act.report.name = names.get(str(path), path.stem)
         return [self._active[k].report for k in wanted]
+
+    def materialize(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Make every branch's copy for the device and dtype the model computes in, now.
+
+        Under mmgp the layers' weights (and so the branches) live on the CPU while the inputs arrive
+        on the GPU: the copies must not be first made inside a compiled block's trace.
+        """
+        probe = torch.empty(0, device=device, dtype=dtype)
+        for hook in self._hooks.values():
+            for br in hook.branches:
+                br._for(probe)
 
     def step_start(self, step: int, steps: int) -> None:
         """Set each LoRA's strength for denoising step `step` of `steps` (the pipeline's hook)."""
         for act in self._active.values():
-            act.current = strength_at(act.schedule, step, steps)
+            act.set(strength_at(act.schedule, step, steps))
 
     def remove_all(self) -> None:
         self.sync({})
@@ -393,6 +412,7 @@ class LoraManager:
     def _attach(self, key: tuple, report: LoraReport, deltas: dict[str, ModuleDelta],
                 schedule: tuple[float, ...]) -> _Active:
         act = _Active(key=key, report=report, schedule=schedule, current=schedule[0])
+        act.set(schedule[0])
         modules = dict(self.model.named_modules())
         for name, md in deltas.items():
             module = modules[name]

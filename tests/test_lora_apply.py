@@ -265,3 +265,20 @@ def test_library_to_manager(library, tiny_dir):
     assert report.name == "sub/inside" and manager.multipliers == {"sub/inside": 1.0}
     manager.step_start(3, 4)
     assert manager.multipliers == {"sub/inside": 0.5}
+
+
+def test_materialize_makes_the_compute_copies_up_front(tiny_dir, tmp_path):
+    """Under mmgp the branches sit on the CPU beside the weights; the service makes their copies for the
+    compute device and dtype before a (possibly compiled) forward needs them."""
+    model = load_tiny_transformer(tiny_dir, torch.bfloat16)
+    path, _ = write_lora(tmp_path, "kohya_musubi", load_tiny_transformer(tiny_dir, torch.float32), seed=5)
+    manager = LoraManager(model, convert_state_dict)
+    manager.sync({path: 0.8})
+    manager.materialize("cpu", torch.float32)
+    branches = [br for hook in manager._hooks.values() for br in hook.branches]
+    assert branches
+    for br in branches:
+        alt = br._alt[(torch.device("cpu"), torch.float32)]
+        assert alt.down.dtype == torch.float32 and torch.equal(alt.down, br.down.float())
+        assert br._for(torch.empty(0, dtype=torch.float32)) is alt  # found, not made again
+    manager.remove_all()

@@ -75,7 +75,8 @@ class RMSNorm(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1), (x2, x3)... of the head dim; cos/sin: (B|1, S, D/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # not Tensor.unflatten: dynamo cannot trace it under
+    # the default-device mode that mmgp leaves behind
     xr, xi = xf[..., 0], xf[..., 1]
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
@@ -96,9 +97,9 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(head_dim, 1e-5) if qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = self.to_q(x).unflatten(-1, (self.n_heads, -1))
-        k = self.to_k(x).unflatten(-1, (self.n_heads, -1))
-        v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
+        q = self.to_q(x).reshape(*x.shape[:-1], self.n_heads, -1)
+        k = self.to_k(x).reshape(*x.shape[:-1], self.n_heads, -1)
+        v = self.to_v(x).reshape(*x.shape[:-1], self.n_heads, -1)
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -303,12 +304,19 @@ def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: st
     The sequence dimension is dynamic from the first call, so a new prompt length (a caption
     padded to another multiple of 32) or resolution reuses the compiled code instead of
     recompiling; nothing is padded further to get there, since pad tokens change the image.
-    Returns the number of blocks compiled.
+    The block's `forward` is compiled, not its `__call__`: hooks on the block itself (mmgp's
+    loading of streamed blocks) stay outside the graph, while the LoRA hooks of the Linear layers
+    inside are traced. Compiled blocks are marked `_wgp_compiled` (app.offload then moves mmgp's
+    wrappers off their inner layers). Returns the number of blocks compiled.
     """
     # variants per block kind: batch 1 vs more (0/1 specialization), image-only vs full sequence,
     # and CFG on/off; the default limit of 8 is too tight when several models share the code
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # LoRAs are forward hooks on the blocks' Linear layers, added and removed after compiling: by
+    # default dynamo does not guard on hooks and would keep running the code traced without them
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
     for block in blocks:
-        block.compile(backend=backend, mode=mode, dynamic=True, fullgraph=True)
+        block.forward = torch.compile(block.forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
+        block._wgp_compiled = True
     return len(blocks)
