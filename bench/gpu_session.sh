@@ -1,9 +1,10 @@
 #!/bin/bash
-# All GPU benchmarks in one lent-machine call, each bounded in time so that the whole stays under
-# ~9.5 minutes and a hang in one leaves the others' results. Logs and JSON land in $OUT (8 files).
+# GPU benchmarks in one lent-machine call, each bounded in time so that a hang in one leaves the
+# others' results. Logs and JSON land in $OUT (at most 8 files come back: keep PARTS to what fits).
+# PARTS picks and orders them (default: all four; ~8 min on an H100/H200 with the default limits).
 # Carry the wheels listed in bench/offload_gpu.py (".whl"); the device call is:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-#     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash bench/gpu_session.sh
+#     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PARTS="service offload" bash bench/gpu_session.sh
 # Dry run here: DRY=1 OUT=/tmp/gpu_dry bash bench/gpu_session.sh (uses .venv/bin/python if present)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -11,14 +12,20 @@ mkdir -p "$OUT"
 PY=python3
 [ -n "${DRY:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" OUT
-SPEED_S=${SPEED_S:-210} LORA_S=${LORA_S:-60} OFFLOAD_S=${OFFLOAD_S:-280}
-{
-  date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+PARTS=${PARTS:-"speed lora offload service"}
+SPEED_S=${SPEED_S:-150} LORA_S=${LORA_S:-60} OFFLOAD_S=${OFFLOAD_S:-260} SERVICE_S=${SERVICE_S:-300}
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   $PY -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'diffusers', diffusers.__version__)"
-  timeout "$SPEED_S" $PY bench/speed_gpu.py; echo "speed_gpu.py exit $?"
-} >"$OUT/speed.log" 2>&1
-timeout "$LORA_S" $PY bench/lora_gpu.py >"$OUT/lora.log" 2>&1; echo "lora_gpu.py exit $?" >>"$OUT/lora.log"
-BUDGET_S=$((OFFLOAD_S - 60)) timeout "$OFFLOAD_S" $PY bench/offload_gpu.py >"$OUT/offload.log" 2>&1
-echo "offload_gpu.py exit $?" >>"$OUT/offload.log"
+transformers.__version__, 'diffusers', diffusers.__version__)"; } >"$OUT/machine.log" 2>&1
+for part in $PARTS; do
+  case $part in
+    speed) limit=$SPEED_S; script=bench/speed_gpu.py ;;
+    lora) limit=$LORA_S; script=bench/lora_gpu.py ;;
+    offload) limit=$OFFLOAD_S; script=bench/offload_gpu.py; export BUDGET_S=$((OFFLOAD_S - 60)) ;;
+    service) limit=$SERVICE_S; script=bench/service_gpu.py ;;
+    *) echo "unknown part $part" >>"$OUT/machine.log"; continue ;;
+  esac
+  timeout "$limit" $PY "$script" >"$OUT/$part.log" 2>&1
+  echo "$script exit $?" >>"$OUT/$part.log"
+done
 tail -n 3 "$OUT"/*.log
