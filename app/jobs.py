@@ -22,11 +22,13 @@ RANGES: dict[str, tuple[float, float]] = {
     "cfg_truncation": (0.0, 100.0),
 }
 SIZE_MULTIPLE = 16
+MEMORY_PROFILES = range(1, 6)  # MMGP memory profiles (app/offload.py); kept here so this module needs no torch
+DEFAULT_MEMORY_PROFILE = "default"  # how the UI and the API name "no per-job override"
 # the names users type on the command line, for messages
 CLI_NAMES = {
     "width": "--width", "height": "--height", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
     "flow_shift": "--flow-shift", "num_images": "--num-images", "cfg_normalization": "--cfg-normalization",
-    "cfg_truncation": "--cfg-truncation", "seed": "--seed",
+    "cfg_truncation": "--cfg-truncation", "seed": "--seed", "memory_profile": "--memory-profile",
 }
 
 
@@ -45,6 +47,9 @@ class JobSpec:
     seed: int = -1
     num_images: int = 1
     loras: list[dict[str, Any]] = field(default_factory=list)
+    # a per-job MMGP memory profile (1-5); None runs with the app's configured one. Absent from older
+    # queue files and images, hence optional and last.
+    memory_profile: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +81,28 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
                 f"{names.get(key, key)} must be a multiple of {SIZE_MULTIPLE} (got {getattr(spec, key)})")
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not -1 <= spec.seed <= MAX_SEED:
         raise UserError(f"{names.get('seed', 'seed')} must be -1 (random) or 0..{MAX_SEED} (got {spec.seed})")
+    mp = spec.memory_profile
+    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp not in MEMORY_PROFILES):
+        raise UserError(f"{names.get('memory_profile', 'memory_profile')} must be a whole number from "
+                        f"{MEMORY_PROFILES[0]} to {MEMORY_PROFILES[-1]}, or none for the app's default (got {mp!r})")
     return []
+
+
+def parse_memory_profile(value: Any, label: str = "memory profile") -> int | None:
+    """A per-job memory profile from the UI or the API: None for "default" / empty, else a whole number 1-5."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", DEFAULT_MEMORY_PROFILE)):
+        return None
+    number = None
+    if isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    if number not in MEMORY_PROFILES:
+        raise UserError(f"{label} must be {DEFAULT_MEMORY_PROFILE!r} (the Config section's) or a whole number from "
+                        f"{MEMORY_PROFILES[0]} to {MEMORY_PROFILES[-1]} (got {value!r})")
+    return number
 
 
 def size_warnings(spec: JobSpec, min_recommended: int) -> list[str]:

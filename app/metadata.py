@@ -7,7 +7,9 @@ EXIF UserComment tag (as A1111 writes it: "UNICODE\\0" + UTF-16BE).
 Schema 1: {"schema": 1, "app": "wgp-zimage", "model_type", "prompt", "negative_prompt", "width",
 "height", "num_inference_steps", "guidance_scale", "flow_shift", "cfg_normalization",
 "cfg_truncation", "seed" (this image's own seed: re-running it alone with num_images 1 gives
-this image), "batch_seed", "image_index", "num_images", "loras", "dtype", "created"}.
+this image), "batch_seed", "image_index", "num_images", "loras", "memory_profile" (the job's per-generation
+MMGP override, null = the app's configured one; newer files only, informative: restoring ignores it),
+"dtype", "created"}.
 """
 
 from __future__ import annotations

@@ -120,6 +120,7 @@ class GenerationService:
         check_output_options(self.config)
         self._pipe = None
         self._pipe_key: tuple | None = None
+        self.pipe_memory_profile: int | None = None  # the profile the loaded pipeline was set up with
         self._lora_manager = None
         self._offload = None  # the mmgp manager of the loaded pipeline (CUDA only)
         self._libraries: dict[str, object] = {}
@@ -154,8 +155,12 @@ class GenerationService:
         model_dir: str | Path | None = None,
         transformer_file: str | Path | None = None,
         on_event: EventFn | None = None,
+        memory_profile: int | None = None,
     ):
+        """The loaded pipeline, reloaded when any part of its key changed; memory_profile (a job's
+        override) replaces the configured profile for this load."""
         d = self.definition(model_type or "z_image_base")
+        profile = self.config.memory_profile if memory_profile is None else memory_profile
         handler = handler_for(d.architecture)
         quant = (handler.choose_quantization(self.config.transformer_quantization, self.device),
                  handler.choose_quantization(self.config.text_encoder_quantization, self.device))
@@ -164,7 +169,7 @@ class GenerationService:
         folder = self.model_dir(model_type, model_dir)
         key = (d.model_type if model_type else None, str(folder), str(transformer_file),
                str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
-               self.config.memory_profile, self.config.preload_mb, self.config.perc_reserved_mem_max)
+               profile, self.config.preload_mb, self.config.perc_reserved_mem_max)
         with self._lock:
             if self._pipe_key == key:
                 return self._pipe
@@ -182,7 +187,7 @@ class GenerationService:
             from app.offload import apply_profile, oom_guard, set_vae_tile_size
 
             offloaded = self.device.type == "cuda"  # mmgp streams the parts from RAM to the GPU
-            with oom_guard("load", profile_no=self.config.memory_profile):
+            with oom_guard("load", profile_no=profile):
                 pipe, parts = handler.load_model(
                     model_filename=transformer_file, base_model_type=d.architecture if model_type else None,
                     dtype=self.dtype, VAE_dtype=self.vae_dtype, model_dir=folder,
@@ -191,13 +196,13 @@ class GenerationService:
                     save_quantized=self.config.save_quantized,
                 )
                 self._offload = apply_profile(
-                    parts, self.config.memory_profile, preload_mb=self.config.preload_mb,
+                    parts, profile, preload_mb=self.config.preload_mb,
                     perc_reserved_mem_max=self.config.perc_reserved_mem_max, vae_dtype=self.vae_dtype,
                     device=self.device)
             if offloaded:
                 pipe.device = self.device
                 set_vae_tile_size(parts["vae"])
-            self._pipe, self._pipe_key = pipe, key
+            self._pipe, self._pipe_key, self.pipe_memory_profile = pipe, key, profile
             converter = handler_for(d.architecture).lora_converter()
             if converter is not None:
                 from models.lora_runtime import LoraManager
@@ -244,6 +249,7 @@ class GenerationService:
 
                 release(self._offload)
             self._pipe, self._pipe_key, self._lora_manager, self._offload = None, None, None, None
+            self.pipe_memory_profile = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
@@ -279,6 +285,8 @@ class GenerationService:
             strengths[str(item["name"])] = item.get("strength", 1.0)
         files, labels = self.lora_library(spec.model_type).resolve_selection(strengths, allow_paths=allow_paths)
         reports = self._lora_manager.sync(files, labels)
+        if self.device.type == "cuda":  # weights offloaded to the CPU, inputs on the GPU
+            self._lora_manager.materialize(self.device, self.dtype)
         for r in reports:
             log.info("%s", r.summary)
             if r.unmatched:
@@ -309,7 +317,12 @@ class GenerationService:
             log.warning(w)
         if file_names is not None and len(file_names) != spec.num_images:
             raise ValueError("one file name per image")
-        pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file, on_event)
+        profile = self.config.memory_profile if spec.memory_profile is None else spec.memory_profile
+        if spec.memory_profile is not None:
+            log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
+                     "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
+        pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file, on_event,
+                             memory_profile=profile)
         lora_reports = self._sync_loras(spec, allow_lora_paths)
         seed = resolve_seed(spec.seed)
         if spec.seed == -1:
@@ -331,7 +344,7 @@ class GenerationService:
 
         from app.offload import OomGuard, decode_needs_tiling, free_device_bytes
 
-        guard = OomGuard("encode", self._offload, profile_no=self.config.memory_profile, width=spec.width,
+        guard = OomGuard("encode", self._offload, profile_no=profile, width=spec.width,
                          height=spec.height, num_images=spec.num_images)
         lora_step = self._lora_manager.step_start if self._lora_manager is not None else None
 
@@ -348,7 +361,7 @@ class GenerationService:
             if self.device.type != "cuda":
                 return False
             torch.cuda.empty_cache()
-            return decode_needs_tiling(self.config.memory_profile, free_device_bytes(self.device), spec.height,
+            return decode_needs_tiling(profile, free_device_bytes(self.device), spec.height,
                                        spec.width, self.vae_dtype, spec.num_images)
         loop_start = [time.perf_counter()]
 

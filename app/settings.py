@@ -511,11 +511,13 @@ def apply_to_model(settings: Mapping[str, Any], model_type: str,
     try:
         source = resolve_model_type(str(source), defs)
     except UserError:
-        pass  # a model type no longer installed: nothing carries over
+        pass  # a model type no longer installed: judged by its name below
     if source == target:
         return out, []
     rec, name = defs[target].defaults(), defs[target].name
-    if source not in defs or defs[source].architecture not in equivalent_types(target, defs):
+    # a type no longer installed still carries over when it is named after an equivalent architecture
+    source_arch = defs[source].architecture if source in defs else source
+    if source_arch not in equivalent_types(target, defs):
         for key in MODEL_TUNED:
             if key in rec and key in out and (key != "negative_prompt" or out[key] is not None):
                 out[key] = rec[key]

@@ -5,7 +5,8 @@ closing or reloading the tab never stops a job and a reopened tab shows the queu
 Named API endpoints (see README): /generate, /stop, /queue, /remove, /move_up, /move_down, /retry,
 /clear_finished, /last_seed, /restore, /lora_refresh, the generation profiles' (app/ui_profiles.py) and the
 Config section's /save_config, /unload_models, /system_info (app/ui_config.py).
-LoRA selection helpers live in app/ui_loras.py. No torch here.
+LoRA selection helpers live in app/ui_loras.py, restoring settings from a dropped file in app/ui_restore.py.
+No torch here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
-from app.jobs import JobSpec, validate
+from app.jobs import DEFAULT_MEMORY_PROFILE, JobSpec, parse_memory_profile, validate
 from app.metadata import read_settings
 from app.queue import JobQueue
 from app.settings import ProfileStore, startup_settings
@@ -32,6 +33,7 @@ from app.ui_loras import (
     trigger_words_of,
 )
 from app.ui_profiles import build_profiles_section, controls_to_settings, profile_choices
+from app.ui_restore import restore_settings
 from models.errors import UserError
 
 if TYPE_CHECKING:  # the service module imports torch; the page itself does not need it
@@ -54,7 +56,7 @@ PRESETS: dict[str, tuple[int, int]] = {
 UI_NAMES = {
     "width": "Width", "height": "Height", "num_inference_steps": "Steps", "guidance_scale": "Guidance",
     "flow_shift": "Flow shift", "num_images": "Number of images", "cfg_normalization": "CFG normalization",
-    "cfg_truncation": "CFG truncation", "seed": "Seed",
+    "cfg_truncation": "CFG truncation", "seed": "Seed", "memory_profile": "Memory profile",
 }
 TABLE_HEADERS = ["ID", "Status", "Progress", "Prompt", "Settings", "Seed", "Result"]
 TABLE_WIDTHS = ["11%", "12%", "11%", "23%", "17%", "13%", "13%"]
@@ -142,7 +144,9 @@ def queue_table(jobs: list[dict[str, Any]]) -> pd.DataFrame:
         seed = j["seeds"][0] if j["seeds"] else ("random" if s["seed"] == -1 else s["seed"])
         prompt = s["prompt"] if len(s["prompt"]) <= 60 else s["prompt"][:57] + "..."
         settings = (f"{SHORT_NAMES.get(s['model_type'], s['model_type'])} · {s['width']}×{s['height']} · "
-                    f"{s['num_inference_steps']} steps" + (f" · ×{s['num_images']}" if s["num_images"] > 1 else ""))
+                    f"{s['num_inference_steps']} steps" + (f" · ×{s['num_images']}" if s["num_images"] > 1 else "")
+                    # older queue files have no memory_profile
+                    + (f" · memory profile {s['memory_profile']}" if s.get("memory_profile") else ""))
         rows.append([j["id"], f"{STATUS_ICONS.get(j['status'], '')} {j['status']}", job_progress(j), prompt,
                      settings, seed, job_result(j)])
     return pd.DataFrame(rows, columns=TABLE_HEADERS)
@@ -228,6 +232,11 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
     model_types = [t for t in MODEL_ORDER if t in defs] + sorted(t for t in defs if t not in MODEL_ORDER)
     first = model_types[0]
     d0 = service.defaults(first)
+    from app.ui_config import memory_override_choices  # reads app.offload's descriptions (torch)
+
+    def flow_shift_advanced(model_type: str | None) -> bool:
+        """Whether the model's handler puts flow shift under Advanced (Turbo: distilled for one shift)."""
+        return bool(model_type and service.defaults(model_type).get("flow_shift_advanced", False))
 
     def lora_library(model_type: str | None = None):
         return service.lora_library(model_type or first)
@@ -283,7 +292,10 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 with gr.Row():
                     guidance = gr.Slider(0, 20, d0["guidance_scale"], step=0.1, label="Guidance (0 = off)",
                                          elem_id="guidance")
-                    flow_shift = gr.Slider(1, 10, d0["flow_shift"], step=0.1, label="Flow shift", elem_id="flow-shift")
+                    # the one flow shift the jobs read; hidden for models that keep it under Advanced, where
+                    # flow_shift_adv mirrors it (synced in the browser, see below)
+                    flow_shift = gr.Slider(1, 10, d0["flow_shift"], step=0.1, label="Flow shift", elem_id="flow-shift",
+                                           visible=not flow_shift_advanced(first))
                 with gr.Row(equal_height=True):
                     seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed", scale=3)
                     reuse_seed = gr.Button("♻ Last seed", elem_id="reuse-seed", scale=1, size="md")
@@ -306,10 +318,20 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                                          elem_id="cfg-normalization")
                     cfg_trunc = gr.Slider(0, 1, 1.0, step=0.01, label="CFG truncation (1 = never)",
                                           info="guidance off once 1 − sigma exceeds C", elem_id="cfg-truncation")
-                with gr.Accordion("Restore settings from an image", open=True, elem_id="restore"):
-                    restore_file = gr.File(label="Drop an image made by this app",
-                                           file_types=[".png", ".jpg", ".jpeg", ".webp"],
+                    flow_shift_adv = gr.Slider(1, 10, d0["flow_shift"], step=0.1, label="Flow shift",
+                                               info="this model is tuned for its default shift",
+                                               elem_id="flow-shift-advanced", visible=flow_shift_advanced(first))
+                    memory_override = gr.Dropdown(
+                        memory_override_choices(), value=DEFAULT_MEMORY_PROFILE,
+                        label="Memory profile for these jobs (CUDA)",
+                        info="default: the Config section's; a profile other than the loaded model's reloads it",
+                        elem_id="memory-profile-override",
+                        allow_custom_value=True)  # a bad API value gets our message, not Gradio's
+                with gr.Accordion("Restore settings from an image or a settings file", open=True, elem_id="restore"):
+                    restore_file = gr.File(label="Drop an image made by this app, or a settings JSON",
+                                           file_types=[".png", ".jpg", ".jpeg", ".webp", ".json"],
                                            type="filepath", elem_id="restore-png", height=140)
+                    restore_message = gr.Markdown("", elem_id="restore-message")
                 settings_inputs = [model, prompt, negative, width, height, steps, guidance, flow_shift, cfg_norm,
                                    cfg_trunc, seed, num_images, lora_strengths]
                 settings_outputs = [model, prompt, negative, preset, width, height, steps, guidance, flow_shift,
@@ -331,8 +353,8 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 def settings_updates(st: dict[str, Any]) -> tuple:
                     """Profile / last-used settings -> values for settings_outputs (a missing model keeps the
                     current one; a null prompt keeps the current text)."""
-                    model_type = st.get("model_type")
-                    if model_type not in defs:
+                    model_type = st.get("model_type")  # None: keep the current model (already warned)
+                    if model_type is not None and model_type not in defs:
                         gr.Warning(f"model type {model_type!r} is not installed; keeping the current model")
                         model_type = None
                     show_neg = service.defaults(model_type).get("show_negative_prompt", True) if model_type else True
@@ -421,14 +443,16 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         def generate(model_type: str, prompt: str, one_per_line: bool, negative_prompt: str, width: float,
                      height: float, steps: float, guidance: float, flow_shift: float, cfg_normalization: float,
                      cfg_truncation: float, seed: float, num_images: float, loras: str | None = "",
-                     request: gr.Request = None) -> str:
+                     memory_profile: str | int | None = DEFAULT_MEMORY_PROFILE, request: gr.Request = None) -> str:
             """Queue one job (or one per prompt line); returns the new job IDs, comma-separated.
 
             loras (optional): 'name=strength' lines, or a JSON list of {"name", "strength"} objects; a
-            strength is a number or a per-step schedule such as "1.0,0.5"."""
+            strength is a number or a per-step schedule such as "1.0,0.5".
+            memory_profile (optional): "default" (the Config section's) or 1-5 for these jobs only."""
             session = getattr(request, "session_hash", None) or ""
             try:
                 selection = parse_selection(loras)
+                profile = parse_memory_profile(memory_profile, UI_NAMES["memory_profile"])
                 if selection:  # unknown names are refused here, not when the job runs
                     check_available(selection, lora_library(model_type))
                 specs = [JobSpec(
@@ -436,6 +460,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                     height=whole(height), num_inference_steps=whole(steps), guidance_scale=guidance,
                     flow_shift=flow_shift, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
                     seed=whole(seed), num_images=whole(num_images), loras=[dict(x) for x in selection],
+                    memory_profile=profile,
                 ) for p in split_prompts(prompt, one_per_line)]
                 if not specs:
                     raise UserError("the prompt is empty (every line is blank or a # comment)")
@@ -462,7 +487,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             return submit_messages.pop(getattr(request, "session_hash", None) or "", gr.skip())
 
         gen_inputs = [model, prompt, one_per_line, negative, width, height, steps, guidance, flow_shift,
-                      cfg_norm, cfg_trunc, seed, num_images, lora_strengths]
+                      cfg_norm, cfg_trunc, seed, num_images, lora_strengths, memory_override]
         submitted = generate_btn.click(generate, gen_inputs, last_ids, api_name="generate", show_progress="hidden",
                                        concurrency_limit=None)
         # the status box keeps the outcome after the toast fades. Gradio 6.31's page does not run .then()
@@ -535,6 +560,19 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         model.input(model_updates, model, [negative, preset, width, height, steps, guidance, flow_shift, model_info],
                     queue=False, show_progress="hidden", api_visibility="private")
 
+        def flow_shift_place(model_type: str) -> tuple:
+            adv = flow_shift_advanced(model_type)
+            return gr.update(visible=not adv), gr.update(visible=adv)
+
+        # .change: the model may also come from a restored file, a profile or the last used settings
+        model.change(flow_shift_place, model, [flow_shift, flow_shift_adv], queue=False, show_progress="hidden",
+                     api_visibility="private")
+        # the advanced slider mirrors the one the jobs read; synced in the browser (no round trip, so a click
+        # on Generate right after a drag sends the new value)
+        mirror = {"fn": None, "js": "(v) => v", "queue": False, "show_progress": "hidden", "api_visibility": "private"}
+        flow_shift.change(inputs=flow_shift, outputs=flow_shift_adv, **mirror)
+        flow_shift_adv.input(inputs=flow_shift_adv, outputs=flow_shift, **mirror)
+
         def tokens(model_type: str, text: str) -> str:
             """Live count against the prompt limit (chat template included); longer prompts are truncated."""
             if not text:
@@ -572,37 +610,25 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
 
         reuse_seed.click(last_seed, None, seed, api_name="last_seed", queue=False, show_progress="hidden")
 
-        restore_outputs = [model, prompt, negative, preset, width, height, steps, guidance, flow_shift, cfg_norm,
-                           cfg_trunc, seed, num_images, model_info]
+        restore_outputs = [*settings_outputs, restore_message]
 
         def restore(path: str | None) -> tuple:
-            """Settings stored in an image (PNG, JPEG, WebP) made by this app, into the controls (1 image)."""
-            skip = tuple(gr.skip() for _ in restore_outputs)
+            """Settings from a dropped file into the controls: an image made by this app (its own seed, one
+            image), the settings JSON an image carries, or a generation profile. The last output says what
+            happened (warnings included); a file that cannot be used changes nothing else."""
             if not path:
-                return skip
+                return tuple(gr.skip() for _ in restore_outputs)
             try:
-                s = read_settings(path)
-            except OSError as e:
-                gr.Warning(f"cannot read that image: {e}")
-                return skip
-            if not s:
-                gr.Warning("this image holds no wgp-zimage settings")
-                return skip
-            model_type = s.get("model_type")
-            if model_type not in defs:
-                gr.Warning(f"model type {model_type!r} is not installed; keeping the current model")
-                model_type = None
-            show_neg = service.defaults(model_type).get("show_negative_prompt", True) if model_type else True
-            get = lambda k: s[k] if k in s else gr.skip()
-            w, h = s.get("width"), s.get("height")
-            gr.Info("Settings restored from the image")
-            return (model_type or gr.skip(), get("prompt"),
-                    gr.update(value=s.get("negative_prompt", ""), visible=bool(show_neg)),
-                    preset_for(w, h) if w and h else gr.skip(), get("width"), get("height"),
-                    get("num_inference_steps"), get("guidance_scale"), get("flow_shift"), get("cfg_normalization"),
-                    # any C >= 1 never truncates: 1 is the same setting and fits the slider
-                    min(float(s["cfg_truncation"]), 1.0) if "cfg_truncation" in s else gr.skip(), get("seed"), 1,
-                    defs[model_type].description if model_type else gr.skip())
+                restored = restore_settings(path, defs, lambda t: lora_names(t))
+            except UserError as e:
+                gr.Warning(str(e))
+                return (*(gr.skip() for _ in settings_outputs), f"⚠ Not restored: {e}")
+            for w in restored.warnings:
+                gr.Warning(w)
+            gr.Info(f"Settings restored from the {restored.source}")
+            lines = [f"Settings restored from the {restored.source} **{Path(path).name}**."]
+            lines += [f"- ⚠ {w}" for w in restored.warnings]
+            return (*settings_updates(restored.settings), "\n".join(lines))
 
         restore_file.upload(restore, restore_file, restore_outputs, api_name="restore", queue=False,
                             show_progress="hidden")

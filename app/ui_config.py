@@ -1,6 +1,7 @@
 """The page's Config section: memory profile, attention, compile, quantization, output folder / format /
 quality / metadata, saved to the configuration file (applied at the next start); Unload models; device,
-memory profile, attention backend and VRAM / RAM use.
+memory profile, attention backend and VRAM / RAM use. Also the choices of the generation controls' per-job
+memory profile (memory_override_choices).
 
 Output format, quality and metadata apply at once to the running service; the model options at the next
 model load (the next job reloads the model when they changed); the output folder at the next start.
@@ -37,6 +38,15 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / GIB:.1f} GiB"
 
 
+def memory_override_choices() -> list[tuple[str, str]]:
+    """The generation controls' per-job memory profile: the Config section's ("default") or 1-5, described."""
+    from app.jobs import DEFAULT_MEMORY_PROFILE
+    from app.offload import PROFILE_DESCRIPTIONS
+
+    return [("default (from Config)", DEFAULT_MEMORY_PROFILE),
+            *((f"{n} · {d}", str(n)) for n, d in PROFILE_DESCRIPTIONS.items())]
+
+
 def system_info_text(service: GenerationService) -> str:
     from app.offload import PROFILE_NAMES
     from models.attention import get_attention_backend
@@ -46,7 +56,10 @@ def system_info_text(service: GenerationService) -> str:
     backend = get_attention_backend() if m["loaded"] else None
     parts = [f"**Device** {m['device']}",
              f"**Memory profile** {cfg.memory_profile} ({PROFILE_NAMES.get(cfg.memory_profile, '?')})"
-             + ("" if m["device"].startswith("cuda") else ", used on CUDA only"),
+             + ("" if m["device"].startswith("cuda") else ", used on CUDA only")
+             # a job's per-generation override loaded the model with another one
+             + (f"; loaded model: {service.pipe_memory_profile}" if m["loaded"] and getattr(
+                 service, "pipe_memory_profile", None) not in (None, cfg.memory_profile) else ""),
              f"**Attention** {backend + ' (' + cfg.attention + ')' if backend else cfg.attention}",
              f"**Model** {'loaded' if m['loaded'] else 'not loaded'}"]
     if m["vram_total"] is not None:

@@ -166,16 +166,19 @@ def test_restore_settings_from_png(app, tmp_path):
                              cfg_truncation=0.9, num_images=2)
     job = app.wait_done([job_id])[job_id]
     out = app.client.predict(handle_file(job["paths"][1]), api_name="/restore")
-    model, prompt, negative, preset, w, h, steps, guidance, shift, norm, trunc, seed, num, info = out
+    (model, prompt, negative, preset, w, h, steps, guidance, shift, norm, trunc, seed, num, info, loras, strengths,
+     _triggers, message) = out
     assert (model, prompt, w, h, steps, guidance, shift, trunc) == ("z_image_tiny", "restore me", 64, 64, 3, 2.5,
                                                                      4.0, 0.9)
     assert seed == 78 and num == 1  # the image's own seed: it renders alone as it did in its batch
     assert (negative.get("value") if isinstance(negative, dict) else negative) == "ugly"
     assert preset == "Custom" and "tiny" in info
+    assert strengths == "" and "Settings restored from the image" in message
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     out = app.client.predict(handle_file(str(plain)), api_name="/restore")  # no settings: a warning, no change
-    assert all(isinstance(v, dict) and "value" not in v for v in out)  # gr.skip() for every control
+    assert all(isinstance(v, dict) and "value" not in v for v in out[:-1])  # gr.skip() for every control
+    assert "holds no wgp-zimage settings" in out[-1]
 
 
 def test_page_is_served(app):

@@ -1,0 +1,109 @@
+"""A job's per-generation memory profile: validation, the service's reload keyed by the profile, the
+/generate API argument, the queue file and the image metadata. On the CPU the profile is recorded, not used."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from gradio_client.exceptions import AppError
+
+from app import offload
+from app.jobs import JobSpec, parse_memory_profile, validate
+from app.metadata import read_settings
+from app.service import GenerationService, ServiceConfig
+from app.ui import queue_table
+from models.errors import UserError
+from tests.test_ui_api import App
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+SMALL = {"model_type": "z_image_tiny", "width": 64, "height": 64, "num_inference_steps": 2, "guidance_scale": 0.0}
+
+
+def test_parse_and_validate_the_override():
+    for given, expected in ((None, None), ("", None), ("default", None), (" Default ", None), ("2", 2), (5, 5),
+                            (3.0, 3), ("1", 1)):
+        assert parse_memory_profile(given) == expected, given
+    for bad in ("7", "0", 0, 6, -1, "abc", "2.5", 2.5, True, "1 · HighRAM"):
+        with pytest.raises(UserError, match=r"memory profile must be 'default' .* from 1 to 5"):
+            parse_memory_profile(bad)
+    validate(JobSpec(prompt="x", **SMALL, memory_profile=3))
+    for bad in (0, 6, True, 2.0, "2"):
+        with pytest.raises(UserError, match="Memory profile must be a whole number from 1 to 5"):
+            validate(JobSpec(prompt="x", **SMALL, memory_profile=bad), {"memory_profile": "Memory profile"})
+    # older queue files and images have no memory_profile: the app's default
+    old = JobSpec(prompt="x", **SMALL).to_dict()
+    del old["memory_profile"]
+    assert JobSpec.from_dict(old).memory_profile is None
+    table = queue_table([{"id": "a", "status": "queued", "spec": old, "seeds": [], "phase": "", "step": 0, "total": 0,
+                          "paths": [], "error": "", "finished": None, "created": 0.0, "seconds": None}])
+    assert "memory profile" not in table.iloc[0]["Settings"]
+
+
+def test_service_reloads_for_an_override_and_goes_back(tiny_dir, tmp_path, monkeypatch, caplog):
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "z_image_tiny").symlink_to(tiny_dir, target_is_directory=True)
+    service = GenerationService(ServiceConfig(checkpoints_dir=tmp_path / "ckpts", output_dir=tmp_path / "out",
+                                              memory_profile=4))
+    unloads = []
+    real_unload = service.unload
+    monkeypatch.setattr(service, "unload", lambda: (unloads.append(service.pipe_memory_profile), real_unload())[1])
+    monkeypatch.setattr(offload, "_cpu_notice_given", False)  # the once-per-process notice, for this test
+    caplog.set_level(logging.INFO, logger="wgp_zimage")
+
+    def run(profile, seed=1):
+        result = service.generate(JobSpec(prompt="a fox", **SMALL, seed=seed, memory_profile=profile))
+        return service._pipe, result
+
+    first, _ = run(None)
+    assert service.pipe_memory_profile == 4
+    assert "memory profile 4 ignored" in caplog.text  # the CPU notice: no mmgp offload here
+    override, result = run(2)
+    assert service.pipe_memory_profile == 2 and override is not first and 2 in service._pipe_key
+    assert unloads[-1] == 4  # the profile-4 pipeline was unloaded before the profile-2 load
+    assert "memory profile 2 for this job (configured: 4); recorded only" in caplog.text
+    assert read_settings(result.paths[0])["memory_profile"] == 2  # recorded in the image
+    back, result = run(None)
+    assert service.pipe_memory_profile == 4 and back is not override and unloads[-1] == 2
+    assert read_settings(result.paths[0])["memory_profile"] is None
+    same, _ = run(None, seed=2)
+    assert same is back and unloads[-1] == 2  # no override, same profile: no reload
+    again, _ = run(4)  # an override equal to the configured profile keeps the loaded model
+    assert again is back
+
+
+@pytest.fixture(scope="module")
+def app(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui_memory")
+    served = App(root, tiny_dir)
+    served.root = root
+    yield served
+    served.close()
+
+
+def test_api_override_travels_with_the_job(app):
+    tiny = {"model_type": "z_image_tiny", "width": 64, "height": 64, "steps": 2}
+    (job_id,) = app.generate("an overridden fox", **tiny, memory_profile="2")
+    saved = json.loads((app.root / "queue.json").read_text())
+    assert {j["id"]: j for j in saved["jobs"]}[job_id]["spec"]["memory_profile"] == 2  # in the queue file
+    job = app.wait_done([job_id])[job_id]
+    assert job["status"] == "done", job["error"]
+    assert app.service.pipe_memory_profile == 2 and read_settings(job["paths"][0])["memory_profile"] == 2
+    assert "loaded model: 2" in app.client.predict(api_name="/system_info")  # shown beside the configured 4
+    (plain,) = app.generate("a default fox", **tiny)  # no argument: the Config section's profile
+    job = app.wait_done([plain])[plain]
+    assert job["status"] == "done" and job["spec"]["memory_profile"] is None
+    assert app.service.pipe_memory_profile == app.config.memory_profile == 4
+    (explicit,) = app.generate("a default fox", **tiny, memory_profile="default")
+    assert app.wait_done([explicit])[explicit]["spec"]["memory_profile"] is None
+
+
+def test_api_refuses_bad_overrides(app):
+    before = len(app.jobs())
+    for bad in ("7", "0", "fast", "2.5"):
+        with pytest.raises(AppError, match=r"Memory profile must be 'default' \(the Config section's\) or a whole "
+                                           "number from 1 to 5"):
+            app.generate("a fox", memory_profile=bad)
+    assert len(app.jobs()) == before  # nothing queued
