@@ -116,3 +116,21 @@ def test_saved_config_becomes_launch_defaults(tmp_path):
     # --state-dir holds it when given; sub-commands never read it
     assert wgp_zimage.parse_args(["--state-dir", str(tmp_path), "--output-dir", str(out)]).memory_profile == 4
     assert wgp_zimage.parse_args(["--output-dir", str(out), "models"]).memory_profile == 4
+
+
+def test_vram_readout_on_cuda(tmp_path, monkeypatch):
+    """On a CUDA device the page shows VRAM used of total, read from torch.cuda.mem_get_info."""
+    import torch
+
+    from app.service import GenerationService, ServiceConfig
+    from app.ui_config import system_info_text
+
+    service = GenerationService(ServiceConfig(checkpoints_dir=tmp_path / "ckpts", output_dir=tmp_path / "out"))
+    service.device = torch.device("cuda")  # as resolved on a GPU machine
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: asked.append(device) or (3 * 2**30, 8 * 2**30))
+    status = service.memory_status()
+    assert (status["vram_free"], status["vram_total"]) == (3 * 2**30, 8 * 2**30) and asked == [service.device]
+    text = system_info_text(service)
+    assert "**VRAM** 5.0 GiB used of 8.0 GiB" in text and "**Device** cuda" in text
+    assert "used on CUDA only" not in text
