@@ -6,7 +6,8 @@ fp32/bf16, end-to-end Base (30 steps) and Turbo (8 steps), peak VRAM, and checks
 (bf16, compiled) against the reference path (fp32 eager) on the GPU. Then the levers of the speed
 issue: SDPA kernels (flash / cuDNN / efficient), fused QKV and w1/w3 projections (per-layer
 micro-benchmark scaled to the model), launch overhead and CUDA-graph capture at 512x512, and a
-kernel profile of one compiled step. Each section is independent: a failure is recorded and the
+kernel profile of one compiled step; opt-in (COMPILE_LEVERS), inductor's coordinate-descent tuning
+and max-autotune. Each section is independent: a failure is recorded and the
 rest runs. Prints a table and writes `$OUT/speed.json` (after every section) and
 `$OUT/speed_profile.txt`; append the table to bench/RESULTS.md with card, date and command.
 
@@ -314,6 +315,26 @@ with section("levers_sdpa_kernels"):
                 res[f"lever_sdpa_{name.lower()}_per_layer_ms"] = timeit(attn, reps=3 if DRY else 20) * 1e3
         except Exception as e:
             res[f"lever_sdpa_{name.lower()}_per_layer_ms"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
+
+# inductor settings that may speed up the elementwise kernels (12% of the compiled step on an H200);
+# opt-in because each recompiles the whole model: COMPILE_LEVERS="cdt max-autotune-no-cudagraphs"
+for lever in os.environ.get("COMPILE_LEVERS", "").split():
+    with section(f"lever_compile_{lever}"):
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.reset()
+        with torch.device("meta"):
+            tuned = ZImageTransformer(cfg)
+        tuned = rand_(tuned, bf16)
+        inductor_config.coordinate_descent_tuning = lever == "cdt"
+        t0 = time.perf_counter()
+        compile_blocks(tuned, mode=None if lever == "cdt" else lever)
+        tuned(x2, t2, [cap, neg])
+        sync()
+        res[f"lever_compile_{lever}_first_call_s"] = time.perf_counter() - t0
+        res[f"lever_compile_{lever}_step_cfg_1024_s"] = timeit(lambda m=tuned: m(x2, t2, [cap, neg]))
+        inductor_config.coordinate_descent_tuning = False
+        tuned = None
 
 for key in ("eager", "compiled"):
     a, b = res.get(f"ours_step_cfg_1024_{key}_s"), res.get(f"diffusers_step_cfg_1024_{key}_s")
