@@ -316,6 +316,24 @@ with section("levers_sdpa_kernels"):
         except Exception as e:
             res[f"lever_sdpa_{name.lower()}_per_layer_ms"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
 
+with section("int8"):
+    # quanto int8 weights (the default below 24 GB): eager, then compiled, against the bf16 steps above
+    from models.z_image.quantize import quantize_on_the_fly
+
+    torch._dynamo.reset()
+    ours = None
+    with torch.device("meta"):
+        q8 = ZImageTransformer(cfg)
+    q8 = quantize_on_the_fly(rand_(q8, bf16))
+    res["int8_step_cfg_1024_eager_s"] = timeit(lambda: q8(x2, t2, [cap, neg]))
+    compile_blocks(q8)
+    t0 = time.perf_counter()
+    q8(x2, t2, [cap, neg])
+    sync()
+    res["int8_compile_first_call_s"] = time.perf_counter() - t0
+    res["int8_step_cfg_1024_compiled_s"] = timeit(lambda: q8(x2, t2, [cap, neg]))
+    q8 = None
+
 # inductor settings that may speed up the elementwise kernels (12% of the compiled step on an H200);
 # opt-in because each recompiles the whole model: COMPILE_LEVERS="cdt max-autotune-no-cudagraphs"
 for lever in os.environ.get("COMPILE_LEVERS", "").split():
@@ -340,6 +358,9 @@ for key in ("eager", "compiled"):
     a, b = res.get(f"ours_step_cfg_1024_{key}_s"), res.get(f"diffusers_step_cfg_1024_{key}_s")
     if a and b:
         res[f"ratio_{key}_ours_over_diffusers"] = a / b
+    q = res.get(f"int8_step_cfg_1024_{key}_s")
+    if a and isinstance(q, float):
+        res[f"ratio_{key}_int8_over_bf16"] = q / a
 res["total_s"] = time.perf_counter() - T0
 width = max(len(k) for k in res)
 for k, v in res.items():
