@@ -10,9 +10,9 @@ with these corrections of mmgp's defaults:
 - the transformer root and its timestep embedder take float32 inputs as they are (`_lock_dtype`):
   mmgp would round the timestep to the model dtype before embedding it;
 - mmgp leaves `torch.set_default_device("cuda")` behind: the previous default is restored;
-- mmgp never quantizes on its own (`quantizeTransformer=False`, no extra models): int8 comes
-  from pre-quantized files or from `models.z_image.quantize.quantize_on_the_fly`, which keeps the
-  precision-sensitive layers in bf16;
+- mmgp never quantizes on its own (`quantizeTransformer=False`, no extra models): int8 parts come
+  from the family's loader (pre-quantized files, or quantized on the fly keeping the
+  precision-sensitive layers in bf16);
 - in the low-VRAM profiles (2, 4, 5) the text encoder leaves VRAM as soon as a prompt is encoded.
 
 Without CUDA nothing is profiled: generation runs on the CPU and a warning says so once.
@@ -157,8 +157,6 @@ def apply_profile(
     *,
     budgets: Mapping[str, float] | None = None,
     preload_mb: float = 0,
-    quantize_transformer: bool = False,
-    quantize_text_encoder: bool = False,
     vae_dtype: torch.dtype | None = None,
     perc_reserved_mem_max: float = 0,
     device: str | torch.device | None = None,
@@ -171,10 +169,10 @@ def apply_profile(
     name overriding the profile's (see `profile_budgets`); preload_mb: MB of transformer blocks
     kept in VRAM in profiles 2/4/5; perc_reserved_mem_max: cap of pinned RAM as a fraction of
     the RAM (0: mmgp's default, half the RAM); vae_dtype: cast the VAE to it first (else it keeps
-    its dtype); quantize_*: int8 on the fly for parts not quantized yet; device: where to generate
-    (None: CUDA when available); loras: mmgp's LoRA slots (e.g. "transformer").
+    its dtype); device: where to generate (None: CUDA when available); loras: mmgp's LoRA slots
+    (e.g. "transformer"). int8 parts come quantized from the family's loader (mmgp quantizes nothing).
     """
-    from models.z_image.quantize import import_mmgp, is_quantized, quantize_on_the_fly
+    from models.mmgp_support import import_mmgp
 
     number = check_profile(profile_no)
     model_budgets = profile_budgets(number, preload_mb, budgets)
@@ -184,10 +182,6 @@ def apply_profile(
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     transformer, text_encoder, vae = parts["transformer"], parts.get("text_encoder"), parts.get("vae")
-    if quantize_transformer and not is_quantized(transformer):
-        quantize_on_the_fly(transformer)
-    if quantize_text_encoder and text_encoder is not None and not is_quantized(text_encoder):
-        quantize_on_the_fly(text_encoder)
     if vae is not None and vae_dtype is not None:
         nn.Module.to(vae, dtype=vae_dtype)
     if dev.type != "cuda":
@@ -271,7 +265,7 @@ def _unwrap_compiled_blocks(model: nn.Module) -> None:
 
 def _unhook(model: nn.Module, locked: list[nn.Module]) -> None:
     """Remove what mmgp attached to a model's modules (forward wrappers, ids, LoRA back references)."""
-    from models.z_image.quantize import import_mmgp
+    from models.mmgp_support import import_mmgp
 
     hf_hook = import_mmgp().HfHook
     for module in list(model.modules()):

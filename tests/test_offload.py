@@ -26,8 +26,8 @@ import torch
 
 from app import offload as ofl
 from models.errors import UserError
+from models.mmgp_support import import_mmgp
 from models.z_image.handler import HANDLER
-from models.z_image.quantize import import_mmgp
 
 KW = dict(prompt="a red fox", negative_prompt="blurry", height=64, width=64, num_inference_steps=3,
           guidance_scale=3.0, flow_shift=3.0, seed=11)
@@ -247,8 +247,12 @@ def test_vae_dtype_choice_is_kept(tiny_dir, fake_cuda):
 def test_quantize_in_profile(tiny_dir, reference, fake_cuda):
     from optimum.quanto import QModuleMixin as Q  # mmgp swaps quanto's QLinear for its own router class
 
+    from models.z_image.quantize import quantize_on_the_fly
+
     pipe, parts = load(tiny_dir)
-    manager = ofl.apply_profile(parts, 4, device="cuda", quantize_transformer=True, quantize_text_encoder=True)
+    quantize_on_the_fly(parts["transformer"])
+    quantize_on_the_fly(parts["text_encoder"])
+    manager = ofl.apply_profile(parts, 4, device="cuda")
     tr = parts["transformer"]
     assert isinstance(tr.layers[0].attention.to_q, Q)
     assert not isinstance(tr.all_x_embedder["2-1"], Q) and not isinstance(tr.t_embedder.mlp[0], Q)
