@@ -508,6 +508,9 @@ def main() -> None:
             cleanup()
         if DEV.type == "cuda":
             r["device_used_after_release_GiB"] = gib(BASE.used() - BASE.used0)
+        import psutil  # RAM after release: pinned and pageable copies must go with the job
+
+        r["process_rss_after_release_GiB"] = gib(psutil.Process().memory_info().rss)
         say(json.dumps(r))
         res["runs"].append(r)
         OUT.mkdir(parents=True, exist_ok=True)
