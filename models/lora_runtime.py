@@ -210,7 +210,9 @@ class _Branch:
         br = self._for(x)
         if out.dtype != br.up.dtype or x.dtype != br.down.dtype:
             return None
-        h = F.linear(x, br.down).mul_(s * self.scale)
+        h = F.linear(x, br.down).mul_(s)
+        if self.scale != 1.0:
+            h.mul_(self.scale)
         return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), br.up.t()).view(out.shape)
 
     def __call__(self, module: nn.Linear, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
@@ -351,12 +353,14 @@ class LoraManager:
         """Make every branch's copy for the device and dtype the model computes in, now.
 
         Under mmgp the layers' weights (and so the branches) live on the CPU while the inputs arrive
-        on the GPU: the copies must not be first made inside a compiled block's trace.
+        on the GPU: the copies, and the strengths, must not first be made inside a compiled block's trace.
         """
         probe = torch.empty(0, device=device, dtype=dtype)
         for hook in self._hooks.values():
             for br in hook.branches:
                 br._for(probe)
+        for act in self._active.values():  # the strength beside the inputs: no CPU scalar in a CUDA graph
+            act.tensor = act.tensor.to(probe.device)
 
     def step_start(self, step: int, steps: int) -> None:
         """Set each LoRA's strength for denoising step `step` of `steps` (the pipeline's hook)."""
