@@ -223,6 +223,12 @@ def parse_document(text: str, available_loras: Iterable[str] | None = None,
         raise UserError(f"{label}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{label}: expected a JSON object, got {type(data).__name__}")
+    return parse_settings(data, available_loras, label)
+
+
+def parse_settings(data: Mapping[str, Any], available_loras: Iterable[str] | None = None,
+                   label: str = "settings") -> tuple[dict[str, Any], list[str]]:
+    """A parsed profile document of any known schema -> (current settings, warnings)."""
     try:
         doc, version = migrate(data)
     except UserError as e:

@@ -23,7 +23,7 @@ from app.settings import (
     MODEL_TUNED,
     apply_to_model,
     normalize_settings,
-    parse_document,
+    parse_settings,
 )
 from models.errors import UserError
 from models.registry import aliases, discover_handlers, resolve_model_type
@@ -147,7 +147,7 @@ def restore_settings(path: str | Path, definitions: Mapping[str, Any],
 
     warnings: list[str] = []
     if kind == "generation profile":
-        doc, warnings = parse_document(json.dumps(data), label=label)
+        doc, warnings = parse_settings(data, label=label)
     else:
         if "model_type" not in data:
             raise UserError(f"{label} names no model type: not settings made by this app")

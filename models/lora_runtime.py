@@ -263,7 +263,7 @@ class _Active:
     key: tuple  # (resolved path, mtime_ns, size)
     report: LoraReport
     schedule: tuple[float, ...]
-    current: float
+    current: float = 0.0  # set() keeps it, `tensor` and `on` together
     modules: list[str] = field(default_factory=list)
     # the strength again as a 0-dim tensor changed in place, and whether it is non-zero: compiled blocks
     # treat a float read in a hook as a constant and would recompile for every new strength
@@ -415,7 +415,7 @@ class LoraManager:
 
     def _attach(self, key: tuple, report: LoraReport, deltas: dict[str, ModuleDelta],
                 schedule: tuple[float, ...]) -> _Active:
-        act = _Active(key=key, report=report, schedule=schedule, current=schedule[0])
+        act = _Active(key=key, report=report, schedule=schedule)
         act.set(schedule[0])
         modules = dict(self.model.named_modules())
         for name, md in deltas.items():

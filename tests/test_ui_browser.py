@@ -6,6 +6,7 @@ Screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -51,16 +52,25 @@ def local_only(route) -> None:
         route.abort()
 
 
+@contextlib.contextmanager
+def open_page(browser, url: str, height: int = 1100):
+    """The app's page in a fresh browser context, non-loopback requests refused, once its prompt box is up."""
+    context = browser.new_context(viewport={"width": 1600, "height": height})
+    try:
+        pg = context.new_page()
+        pg.route("**/*", local_only)
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(url)
+        pg.wait_for_selector("#prompt textarea")
+        yield pg
+    finally:
+        context.close()
+
+
 @pytest.fixture
 def page(browser, app):
-    context = browser.new_context(viewport={"width": 1600, "height": 1100})
-    pg = context.new_page()
-    pg.route("**/*", local_only)
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.goto(app.url)
-    pg.wait_for_selector("#prompt textarea")
-    yield pg
-    context.close()
+    with open_page(browser, app.url) as pg:
+        yield pg
 
 
 def choose_model(page: Page, name: str) -> None:

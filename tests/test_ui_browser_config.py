@@ -12,7 +12,7 @@ from playwright.sync_api import Page, expect
 
 from app.metadata import settings_json
 from tests.test_ui_api import App
-from tests.test_ui_browser import TIMEOUT_MS, browser, choose_model, local_only, screenshot  # noqa: F401 (fixture)
+from tests.test_ui_browser import browser, choose_model, open_page, screenshot  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
@@ -27,14 +27,8 @@ def app(tiny_dir, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, app):  # noqa: F811 - the browser fixture imported above
-    context = browser.new_context(viewport={"width": 1600, "height": 1400})
-    pg = context.new_page()
-    pg.route("**/*", local_only)
-    pg.set_default_timeout(TIMEOUT_MS)
-    pg.goto(app.url)
-    pg.wait_for_selector("#prompt textarea")
-    yield pg
-    context.close()
+    with open_page(browser, app.url, height=1400) as pg:
+        yield pg
 
 
 def open_accordion(page: Page, elem_id: str, label: str) -> None:

@@ -21,7 +21,7 @@ from app.ui_loras import insert_word, parse_selection, sync_lines
 from models.errors import UserError
 from tests.test_lora_formats import load_tiny_transformer, write_lora
 from tests.test_ui_api import App, free_port, pixels
-from tests.test_ui_browser import TIMEOUT_MS, browser, local_only, screenshot  # noqa: F401  (browser: a fixture)
+from tests.test_ui_browser import browser, open_page, screenshot  # noqa: F401  (browser: a fixture)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
@@ -180,15 +180,9 @@ def test_set_as_default_for_this_model(app):
 
 @pytest.fixture
 def page(browser, app):  # noqa: F811 - the browser fixture imported above
-    context = browser.new_context(viewport={"width": 1600, "height": 1400})
-    pg = context.new_page()
-    pg.route("**/*", local_only)
-    pg.set_default_timeout(TIMEOUT_MS)
     (app.profiles_dir / ".state" / "last_used.json").unlink(missing_ok=True)  # a page with the model defaults
-    pg.goto(app.url)
-    pg.wait_for_selector("#prompt textarea")
-    yield pg
-    context.close()
+    with open_page(browser, app.url, height=1400) as pg:
+        yield pg
 
 
 def choose(page: Page, elem_id: str, option: str) -> None:
