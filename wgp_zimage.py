@@ -76,6 +76,9 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="cap on pinned RAM as a fraction of RAM (0 = mmgp's default)")
     g.add_argument("--preload", type=int, default=0, metavar="MB",
                    help="MB of the transformer kept in VRAM in the low-VRAM profiles")
+    g.add_argument("--overlap-transfers", action="store_true",
+                   help="experimental, low-VRAM profiles: copy the next streamed block while the current one "
+                        "computes, without mmgp's device sync per block (one more block in VRAM)")
     g.add_argument("--save-quantized", action="store_true",
                    help="write the int8 file of weights quantized on the fly, beside the bf16 one")
     g.add_argument("--loras", type=Path, default=None, metavar="ROOT",

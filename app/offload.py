@@ -161,6 +161,7 @@ def apply_profile(
     perc_reserved_mem_max: float = 0,
     device: str | torch.device | None = None,
     loras: str | list[str] | None = None,
+    overlap_transfers: bool = False,
     verbose: int = 0,
 ):
     """Profile parts with mmgp; returns mmgp's manager, or None on the CPU (no offload).
@@ -171,6 +172,8 @@ def apply_profile(
     the RAM (0: mmgp's default, half the RAM); vae_dtype: cast the VAE to it first (else it keeps
     its dtype); device: where to generate (None: CUDA when available); loras: mmgp's LoRA slots
     (e.g. "transformer"). int8 parts come quantized from the family's loader (mmgp quantizes nothing).
+    overlap_transfers: streamed blocks copy ahead without mmgp's device sync per block
+    (app/block_overlap.py; low-VRAM profiles only).
     """
     from models.mmgp_support import import_mmgp
 
@@ -224,6 +227,10 @@ def apply_profile(
     if PROFILES[number].low_vram and text_encoder is not None:
         # unload right after the prompt is encoded, before the transformer needs the room
         hooks.append(text_encoder.register_forward_hook(lambda *_: manager.unload_all()))
+    if overlap_transfers and PROFILES[number].low_vram:
+        from app.block_overlap import overlap_block_transfers
+
+        overlap_block_transfers(manager)
     manager._wgp = {"profile": number, "budgets": model_budgets, "hooks": hooks, "locked": locked,
                     "models": dict(parts)}
     changed = {k: (before, _model_dtype(parts[k])) for k, before in dtypes_before.items()

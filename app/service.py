@@ -74,6 +74,7 @@ class ServiceConfig:
     memory_profile: int = 4  # MMGP profile (CUDA only)
     perc_reserved_mem_max: float = 0.0
     preload_mb: int = 0
+    overlap_transfers: bool = False  # app/block_overlap.py (experimental)
     save_quantized: bool = False
     output_format: str = "png"  # png | jpeg | webp (changed on a running service: applies to the next image)
     output_quality: int = 95  # JPEG / WebP quality, 1-100
@@ -89,7 +90,8 @@ class ServiceConfig:
             "transformer_quantization": "transformer_quantization",
             "text_encoder_quantization": "text_encoder_quantization",
             "memory_profile": "memory_profile", "perc_reserved_mem_max": "perc_reserved_mem_max",
-            "preload_mb": "preload", "save_quantized": "save_quantized", "output_format": "output_format",
+            "preload_mb": "preload", "overlap_transfers": "overlap_transfers",
+            "save_quantized": "save_quantized", "output_format": "output_format",
             "output_quality": "output_quality", "save_metadata": "save_metadata",
         }
         return cls(**{field: getattr(args, opt) for field, opt in names.items() if hasattr(args, opt)})
@@ -169,7 +171,7 @@ class GenerationService:
         folder = self.model_dir(model_type, model_dir)
         key = (d.model_type if model_type else None, str(folder), str(transformer_file),
                str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
-               profile, self.config.preload_mb, self.config.perc_reserved_mem_max)
+               profile, self.config.preload_mb, self.config.perc_reserved_mem_max, self.config.overlap_transfers)
         with self._lock:
             if self._pipe_key == key:
                 return self._pipe
@@ -198,7 +200,7 @@ class GenerationService:
                 self._offload = apply_profile(
                     parts, profile, preload_mb=self.config.preload_mb,
                     perc_reserved_mem_max=self.config.perc_reserved_mem_max, vae_dtype=self.vae_dtype,
-                    device=self.device)
+                    device=self.device, overlap_transfers=self.config.overlap_transfers)
             if offloaded:
                 pipe.device = self.device
                 set_vae_tile_size(parts["vae"])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -60,8 +61,12 @@ SIDE = 64 if DRY else 1024
 CARD_GIB = float(os.environ.get("CARD_GIB", "8"))  # the card the VAE tiling decision pretends to run on
 BUDGET_S = float(os.environ.get("BUDGET_S", "470"))  # skip the remaining jobs past this (setup included)
 # most wanted first: the time budget may cut the tail
-RUNS = [("int8", 4), ("int8", 5), ("diffusers-group-offload", 0), ("bf16", 1), ("int8", 1), ("bf16", 4),
-        ("int8+preload1200", 4), ("int8", 2), ("int8", 3)]
+# "+overlap": app/block_overlap.py (--overlap-transfers); its final latents must equal the run without
+RUNS = [("int8", 4), ("int8+overlap", 4), ("int8", 5), ("int8+overlap", 5), ("diffusers-group-offload", 0),
+        ("bf16", 1), ("int8", 1), ("bf16", 4), ("bf16+overlap", 4), ("int8+preload1200", 4), ("int8", 2),
+        ("int8", 3)]
+if os.environ.get("RUNS"):  # e.g. RUNS="int8:4 int8+overlap:4"
+    RUNS = [(w, int(p)) for w, p in (x.split(":") for x in os.environ["RUNS"].split())]
 PROFILE_RUN = ("int8", 4)  # one step of this run goes through torch.profiler (where the time goes)
 T_START = time.perf_counter()
 
@@ -171,10 +176,17 @@ def cuda_for_mmgp():
     if not DRY:
         yield
         return
+    import app.block_overlap as overlap
+    from tests.test_block_overlap import Recorder
     from tests.test_offload import cpu_cuda_standins
 
-    with cpu_cuda_standins():
-        yield
+    real = overlap.CudaStreams
+    overlap.CudaStreams = Recorder  # the overlap's stream calls, logged on the CPU
+    try:
+        with cpu_cuda_standins():
+            yield
+    finally:
+        overlap.CudaStreams = real
 
 
 # ---------------------------------------------------------------- model files
@@ -285,7 +297,7 @@ def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) ->
     res: dict = {"weights": weights, "profile": profile}
     files = HANDLER.model_files(folder, "z_image_base")
     t0 = time.perf_counter()
-    if weights == "bf16":
+    if weights.startswith("bf16"):
         pipe, parts = HANDLER.load_model(base_model_type="z_image_base", dtype=BF16, VAE_dtype=torch.float32,
                                          model_dir=folder, device="cpu")
     else:
@@ -300,7 +312,8 @@ def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) ->
     res["read_s"] = round(time.perf_counter() - t0, 2)
     with cuda_for_mmgp():
         preload = 1200 if "preload" in weights else 0
-        manager = ofl.apply_profile(parts, profile, device="cuda", preload_mb=preload)
+        manager = ofl.apply_profile(parts, profile, device="cuda", preload_mb=preload,
+                                    overlap_transfers="overlap" in weights)
         res["load_s"] = round(time.perf_counter() - t0, 2)
         res["pinned_GiB"] = gib(ofl.pinned_bytes(manager))
         pipe.device = torch.device(DEV)
@@ -321,6 +334,8 @@ def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) ->
             guidance_scale=4.0, seed=1, step_start=step_start, callback=callback, vae_tiling=tiled),
             profile_step=(weights, profile) == PROFILE_RUN))
         res["vae_tiled"] = decided[-1] if decided else None
+        if getattr(manager, "_wgp_overlap", None) is not None:
+            res["blocks_copied_ahead"] = manager._wgp_overlap.copies
         ofl.release(manager)
     pipe = parts = manager = None
     cleanup()
@@ -424,6 +439,8 @@ def measure_job(call, profile_step: bool = False) -> dict:
     def callback(i: int, n: int, latents) -> None:
         sync()
         step_ends.append(time.perf_counter())
+        if i == n - 1:  # runs that must compute the same thing compare these
+            marks["latents_sha"] = hashlib.sha1(latents.float().cpu().numpy().tobytes()).hexdigest()[:16]
         if prof and i == n - 1:
             prof[0].__exit__(None, None, None)
             avg = prof[0].key_averages()
@@ -455,6 +472,7 @@ def measure_job(call, profile_step: bool = False) -> dict:
         "device_used_rise_job_GiB": gib(job_peak - BASE.used0),
         "device_used_rise_denoise_GiB": gib(peaks.get("denoise", 0) - BASE.used0),
         "device_used_at_job_start_GiB": gib(before - BASE.used0),
+        "latents_sha": marks.get("latents_sha"),
     }
     if DEV.type == "cuda":
         out["torch_peak_reserved_GiB"] = {k: gib(v[0]) for k, v in torch_peaks.items() if k != "idle"}
@@ -466,17 +484,18 @@ def measure_job(call, profile_step: bool = False) -> dict:
 
 def table(res: dict) -> str:
     rows = ["| weights | profile | s/step | first step s | encode s | decode s | job s | used rise, job GiB | "
-            "used rise, denoise GiB | torch reserved, denoise GiB | pinned GiB | load s | VAE tiled |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "used rise, denoise GiB | torch reserved, denoise GiB | pinned GiB | load s | VAE tiled | "
+            "same latents as without overlap |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         if "error" in r:
-            rows.append(f"| {r['weights']} | {r['profile']} | error: {r['error'][:80]} |" + " |" * 10)
+            rows.append(f"| {r['weights']} | {r['profile']} | error: {r['error'][:80]} |" + " |" * 11)
             continue
         den = (r.get("torch_peak_reserved_GiB") or {}).get("denoise", "")
         rows.append(f"| {r['weights']} | {r['profile']} | {r['s_per_step']} | {r['first_step_s']} | {r['encode_s']} | "
                     f"{r['decode_s']} | {r['job_s']} | {r['device_used_rise_job_GiB']} | "
                     f"{r['device_used_rise_denoise_GiB']} | {den} | {r['pinned_GiB']} | {r['load_s']} | "
-                    f"{r['vae_tiled']} |")
+                    f"{r['vae_tiled']} | {r.get('same_latents_as_without_overlap', '')} |")
     return "\n".join(rows)
 
 
@@ -515,6 +534,11 @@ def main() -> None:
         res["runs"].append(r)
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "offload_gpu.json").write_text(json.dumps(res, indent=1))  # partial results survive a kill
+    for r in res["runs"]:  # overlapped transfers must not change a single bit
+        if "+overlap" in str(r.get("weights")) and r.get("latents_sha"):
+            base = next((x for x in res["runs"] if x.get("weights") == r["weights"].replace("+overlap", "")
+                         and x.get("profile") == r["profile"] and x.get("latents_sha")), None)
+            r["same_latents_as_without_overlap"] = None if base is None else base["latents_sha"] == r["latents_sha"]
     res["total_s"] = round(time.perf_counter() - T_START, 1)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "offload_gpu.json").write_text(json.dumps(res, indent=1))

@@ -35,7 +35,12 @@ RUNS = [  # name, extra CLI flags
                                     "--lora-multipliers", "1.0,0.5"]),
     ("bf16_profile1_compile", ["--memory-profile", "1", "--transformer-quantization", "bf16",
                                "--text-encoder-quantization", "bf16", "--compile"]),
+    # app/block_overlap.py on the real path: the image must equal int8_profile4_compile_lora's
+    ("int8_profile4_compile_lora_overlap", ["--memory-profile", "4", "--transformer-quantization", "int8",
+                                            "--text-encoder-quantization", "int8", "--compile", "--lora", "LORA",
+                                            "--lora-multipliers", "1.0,0.5", "--overlap-transfers"]),
 ]
+SAME_AS = {"int8_profile4_compile_lora_overlap": "int8_profile4_compile_lora"}
 
 
 def write_lora(folder: Path) -> Path:
@@ -96,6 +101,14 @@ def main() -> None:
     res = {"date": time.strftime("%Y-%m-%d"), "dry": DRY, "steps": STEPS, "size": SIDE, "setup": setup, "runs": []}
     for name, flags in RUNS:
         res["runs"].append(run(name, flags, WORK / "models", lora, images))
+        other = images / f"{SAME_AS.get(name, '')}.png"
+        if name in SAME_AS and other.is_file() and (images / f"{name}.png").is_file():
+            import numpy as np
+            from PIL import Image
+
+            res["runs"][-1]["same_pixels_as_" + SAME_AS[name]] = bool(np.array_equal(
+                np.asarray(Image.open(other)), np.asarray(Image.open(images / f"{name}.png"))))
+            print(name, "same pixels:", res["runs"][-1]["same_pixels_as_" + SAME_AS[name]], flush=True)
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "service_gpu.json").write_text(json.dumps(res, indent=1))
     if not os.environ.get("KEEP"):

@@ -1,0 +1,263 @@
+"""Overlapped block transfers (app/block_overlap.py) through mmgp's real streaming code on the CPU.
+
+mmgp runs with the same CUDA stand-ins as tests/test_offload.py. The overlap's CUDA calls go
+through a `CudaStreams` object; `Recorder` stands in for it and logs every stream operation
+(copies, events, waits, `record_stream`), so the tests check the ordering rules that make the
+overlap safe on a GPU: a block copied ahead is waited for on the compute stream before it runs,
+every tensor copied ahead is marked as used by the compute stream, and the CPU never runs more
+than one block ahead. Images must come out bit for bit as without the overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from app import offload as ofl
+from app.block_overlap import CudaStreams, _storage_tensors, overlap_block_transfers
+from models.z_image import quantize as q
+from tests.test_offload import cpu_cuda_standins, load, render
+
+SMALL = {"transformer": 0.001, "text_encoder": 0.001}  # every block streams
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir) -> np.ndarray:
+    return render(load(tiny_dir)[0], under_cuda_default=False)
+
+
+class Event:
+    ids = itertools.count()
+
+    def __init__(self, log):
+        self.log, self.id, self.stream = log, next(Event.ids), None
+
+    def record(self, stream):
+        self.stream = stream
+        self.log.append(("record", self.id, stream))
+
+    def synchronize(self):
+        self.log.append(("sync", self.id))
+
+
+class Stream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_event(self, event):
+        self.log.append(("wait", event.id, self.name))
+
+    def __repr__(self):
+        return self.name
+
+
+class Recorder(CudaStreams):
+    """Logs stream operations; copies are real clones so each block gets fresh tensors."""
+
+    def __init__(self):
+        self.log: list[tuple] = []
+        self.compute = Stream("compute", self.log)
+        self.current = self.compute
+        self.copied: dict[int, str] = {}  # id of each copied storage tensor -> stream it was copied on
+        self.alive: list[torch.Tensor] = []  # keeps the ids above unique
+
+    def current_stream(self):
+        return self.current
+
+    @contextlib.contextmanager
+    def use_stream(self, stream):
+        previous, self.current = self.current, stream
+        try:
+            yield
+        finally:
+            self.current = previous
+
+    def event(self):
+        return Event(self.log)
+
+    def to_device(self, tensor):
+        out = tensor.to("cpu", copy=True)
+        for t in _storage_tensors(out):
+            self.copied[id(t)] = str(self.current)
+            self.alive.append(t)
+        self.log.append(("copy", str(self.current)))
+        return out
+
+    def on_device(self, tensor):
+        return False
+
+    def record_stream(self, tensor, stream):
+        self.log.append(("record_stream", id(tensor), str(stream)))
+
+
+@pytest.fixture
+def overlapped(tiny_dir):
+    """A profile-4 pipeline streaming every block, with the overlap installed on its manager."""
+    with cpu_cuda_standins() as transfers:
+        pipe, parts = load(tiny_dir)
+        manager = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL)
+        manager.transfer_stream = Stream("transfer", [])
+        rec = Recorder()
+        manager.transfer_stream.log = rec.log
+        state = overlap_block_transfers(manager, rec)
+        # ("run", block): a layer inside a streamed block starts, so after mmgp's check on the block
+        # itself has loaded it (logged once per block call)
+        inner = {}
+        for model in ("transformer", "text_encoder"):
+            for name, module in parts[model].named_modules():
+                if re.search(r"(^|\.)(layers|noise_refiner|context_refiner)\.\d+$", name):
+                    inner.update({m: f"{model}/{name}" for m in module.modules() if m is not module})
+
+        def log_run(m, *_):
+            if not rec.log or rec.log[-1] != ("run", inner[m]):
+                rec.log.append(("run", inner[m]))
+
+        for m in inner:
+            m.register_forward_pre_hook(log_run)
+        yield pipe, parts, manager, state, rec, transfers
+        ofl.release(manager)
+
+
+def test_overlapped_streaming_renders_like_unprofiled(overlapped, reference):
+    pipe, parts, manager, state, rec, transfers = overlapped
+    assert np.array_equal(render(pipe), reference)
+    # copied ahead: layers.1 in each of the 3 steps (the towers of the tiny model have one or two
+    # blocks) and the text encoder's second layer for each prompt (the last layer is not run)
+    assert state.copies == 3 + 2
+    # mmgp's own path (the stand-in) still loaded the models' non-block parts
+    assert {m for m, b, _ in transfers if b is None} >= {"transformer", "text_encoder"}
+
+
+def test_blocks_copied_ahead_are_waited_for_and_marked(overlapped):
+    pipe, parts, manager, state, rec, _ = overlapped
+    render(pipe, num_inference_steps=2)
+    log = rec.log
+    # every copy on the transfer stream records its storages as used by the compute stream
+    ahead = [i for i, e in enumerate(log) if e == ("copy", "transfer")]
+    assert ahead
+    marked = {e[1] for e in log if e[0] == "record_stream" and e[2] == "compute"}
+    transfer_storages = {i for i, s in rec.copied.items() if s == "transfer"}
+    assert transfer_storages and transfer_storages <= marked
+    assert not {i for i, s in rec.copied.items() if s == "compute"} & marked
+    # a block's transfer-stream event is waited for on the compute stream before the block runs
+    events_by_id = {e[1]: e[2] for e in log if e[0] == "record"}
+    waits = [(i, e[1]) for i, e in enumerate(log) if e[0] == "wait"]
+    assert waits and all(events_by_id[ev] is manager.transfer_stream and e_stream == "compute"
+                         for (_, ev), e_stream in zip(waits, [log[i][2] for i, _ in waits]))
+    runs = [i for i, e in enumerate(log) if e[0] == "run"]
+    for i, _ in waits:
+        assert any(r > i for r in runs)
+        next_run = min(r for r in runs if r > i)
+        assert all(log[j][0] not in ("copy",) or log[j][1] == "transfer" for j in range(i, next_run))
+    # the second main layer of every step was copied ahead: no compute-stream copy right before it
+    for r in (i for i, e in enumerate(log) if e == ("run", "transformer/layers.1")):
+        since = max(i for i in range(r) if log[i][0] == "run")
+        assert ("copy", "compute") not in log[since:r] and any(e[0] == "wait" for e in log[since:r])
+
+
+def test_cpu_lead_is_bounded(overlapped):
+    """Markers recorded on the compute stream at each block start (the end of the previous block):
+    before anything is copied for block i, the marker of block i-1 (the end of block i-2) was
+    waited on, so the GPU is at most one block behind."""
+    pipe, parts, manager, state, rec, _ = overlapped
+    render(pipe, num_inference_steps=2)
+    log = rec.log
+    markers = [e[1] for e in log if e[0] == "record" and e[2] is rec.compute]
+    synced = [e[1] for e in log if e[0] == "sync"]
+    assert synced == markers[:len(synced)] and len(markers) - len(synced) == 1  # lead_blocks=1
+    recorded = done = 0
+    for e in log:
+        if e[0] == "record" and e[2] is rec.compute:
+            recorded += 1
+        elif e[0] == "sync":
+            done += 1
+        elif e[0] == "copy":  # any copy takes memory: only the current block's marker is pending
+            assert recorded - done <= 1
+
+
+def test_unload_all_drops_the_block_copied_ahead(overlapped, reference):
+    pipe, parts, manager, state, rec, _ = overlapped
+    render(pipe)
+    manager.unload_all()
+    assert state.ahead is None and manager.loaded_blocks["transformer"] is None
+    rec.log.clear()
+    assert np.array_equal(render(pipe), reference)
+    # the first block after the unload is copied in order on the compute stream, not waited for
+    first_copy = next(e for e in rec.log if e[0] in ("copy", "wait"))
+    assert first_copy == ("copy", "compute")
+
+
+def test_preloaded_blocks_and_int8_with_overlap(tiny_dir):
+    """int8 (quanto) weights: both storages of every weight are marked; a budget that keeps some
+    blocks resident skips them in the chain; images match the same profile without the overlap."""
+    images = []
+    for overlap in (False, True):
+        with cpu_cuda_standins():
+            pipe, parts = load(tiny_dir)
+            q.quantize_on_the_fly(parts["transformer"])
+            size = sum(p.numel() for p in parts["transformer"].layers[0].parameters()) / 2**20
+            manager = ofl.apply_profile(parts, 4, device="cuda",
+                                        budgets={"transformer": 4 * size, "text_encoder": 0.001})
+            if overlap:
+                rec = Recorder()
+                manager.transfer_stream = Stream("transfer", rec.log)
+                state = overlap_block_transfers(manager, rec)
+            images.append(render(pipe))
+            if overlap:
+                assert state.copies > 0
+                weights = [p for p in parts["transformer"].parameters() if hasattr(p, "_scale")]
+                assert weights  # quantized
+                marked = sum(1 for e in rec.log if e[0] == "record_stream")
+                assert marked == sum(1 for s in rec.copied.values() if s == "transfer")
+            ofl.release(manager)
+    assert np.array_equal(images[0], images[1])
+
+
+def test_storage_tensors_of_quantized_weights():
+    lin = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    model = torch.nn.Sequential(lin)
+    q.quantize_on_the_fly(model, exclude=())
+    w = model[0].weight
+    inner = _storage_tensors(w)
+    assert len(inner) == 2 and {t.dtype for t in inner} == {torch.int8, torch.bfloat16}
+    plain = torch.zeros(3)
+    assert _storage_tensors(plain) == [plain]
+
+
+def test_profile_option_installs_the_overlap(tiny_dir):
+    with cpu_cuda_standins():
+        pipe, parts = load(tiny_dir)
+        manager = ofl.apply_profile(parts, 4, device="cuda", overlap_transfers=True)
+        assert getattr(manager, "_wgp_overlap", None) is not None
+        ofl.release(manager)
+        pipe, parts = load(tiny_dir)
+        manager = ofl.apply_profile(parts, 1, device="cuda", overlap_transfers=True)
+        assert getattr(manager, "_wgp_overlap", None) is None  # nothing streams in profile 1
+        ofl.release(manager)
+        manager = ofl.apply_profile(load(tiny_dir)[1], 4, device="cuda")
+        assert getattr(manager, "_wgp_overlap", None) is None  # opt-in
+        ofl.release(manager)
+
+
+def test_flag_reaches_the_profile(tiny_dir, tmp_path, monkeypatch):
+    import wgp_zimage
+    from app.service import GenerationService, ServiceConfig
+
+    assert ServiceConfig.from_args(wgp_zimage.parse_args(["generate", "--prompt", "x"])).overlap_transfers is False
+    cfg = ServiceConfig.from_args(wgp_zimage.parse_args(["generate", "--prompt", "x", "--overlap-transfers"]))
+    assert cfg.overlap_transfers is True
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "ckpts" / "z_image_tiny").symlink_to(tiny_dir, target_is_directory=True)
+    seen = []
+    real = ofl.apply_profile
+    monkeypatch.setattr(ofl, "apply_profile", lambda *a, **k: (seen.append(k), real(*a, **k))[1])
+    for overlap in (True, False):
+        service = GenerationService(ServiceConfig(checkpoints_dir=tmp_path / "ckpts", output_dir=tmp_path / "out",
+                                                  overlap_transfers=overlap))
+        service.pipeline("z_image_tiny")
+        assert seen[-1]["overlap_transfers"] is overlap and overlap in service._pipe_key
