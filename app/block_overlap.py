@@ -15,6 +15,8 @@ compute barely overlapping (bench/RESULTS.md).
 - the CPU runs at most one block ahead of the GPU: before it copies block i+1 it waits for the end
   of block i-2, which bounds the streamed blocks resident at once to three (i-1 running, i queued,
   i+1 copying; with mmgp's sync: two).
+- weights kept in ordinary RAM (profile 5; the text encoder in profile 4) are copied into pinned
+  memory first (torch's caching pool), so their transfer is asynchronous too.
 Which blocks stream, budgets, preloading and unloading stay mmgp's. mmgp's own LoRA slots (not
 used by the app) fall back to mmgp's path.
 """
@@ -27,12 +29,13 @@ import types
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 log = logging.getLogger("wgp_zimage")
 
 
 class CudaStreams:
-    """The CUDA calls the overlap makes; the tests stand in for this object on a CPU-only torch."""
+    """The CUDA calls the overlap makes; the tests stand in for the primitives on a CPU-only torch."""
 
     def current_stream(self) -> Any:
         return torch.cuda.current_stream()
@@ -43,8 +46,22 @@ class CudaStreams:
     def event(self) -> Any:
         return torch.cuda.Event()
 
+    def is_pinned(self, tensor: torch.Tensor) -> bool:
+        return tensor.is_pinned()
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.pin_memory()  # torch's caching pinned-memory pool: reused once the copy is done
+
+    def move(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to("cuda", non_blocking=True)
+
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to("cuda", non_blocking=True)  # pinned sources copy asynchronously
+        """An asynchronous copy. Weights in ordinary RAM (profile 5, the text encoder of profile 4)
+        are first copied into pinned memory: a copy from pageable memory would hold the CPU for
+        the whole transfer and leave the GPU without queued work."""
+        if not all(self.is_pinned(t) for t in _storage_tensors(tensor)):
+            tensor = _map_storages(tensor, self.pin)
+        return self.move(tensor)
 
     def on_device(self, tensor: torch.Tensor) -> bool:
         return tensor.is_cuda
@@ -54,15 +71,20 @@ class CudaStreams:
 
 
 def _storage_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding a (possibly quanto-quantized) tensor's memory."""
-    getter = getattr(tensor, "get_quantized_subtensors", None)  # quanto tensors (mmgp adds the getter)
-    if getter is not None:
-        subs = getter()
-        subs = subs.items() if isinstance(subs, dict) else subs
-        inner = [t for _, t in subs if torch.is_tensor(t)]
-        if inner:
-            return inner
+    """The plain tensors holding a tensor's memory (a quanto weight: its int8 data and its scale)."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [t for n in names for t in _storage_tensors(getattr(tensor, n))]
     return [tensor]
+
+
+def _map_storages(tensor: torch.Tensor, fn) -> torch.Tensor:
+    """tensor rebuilt with fn applied to each plain tensor it holds."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, ctx = tensor.__tensor_flatten__()
+        inner = {n: _map_storages(getattr(tensor, n), fn) for n in names}
+        return type(tensor).__tensor_unflatten__(inner, ctx, tensor.size(), tensor.stride())
+    return fn(tensor)
 
 
 class _Overlap:

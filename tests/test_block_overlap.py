@@ -65,6 +65,7 @@ class Recorder(CudaStreams):
         self.current = self.compute
         self.copied: dict[int, str] = {}  # id of each copied storage tensor -> stream it was copied on
         self.alive: list[torch.Tensor] = []  # keeps the ids above unique
+        self.pinned: set[int] = set()  # nothing is pinned on the CPU stand-in: every copy is staged
 
     def current_stream(self):
         return self.current
@@ -80,7 +81,18 @@ class Recorder(CudaStreams):
     def event(self):
         return Event(self.log)
 
-    def to_device(self, tensor):
+    def is_pinned(self, tensor):
+        return id(tensor) in self.pinned
+
+    def pin(self, tensor):
+        out = tensor.clone()
+        self.pinned.add(id(out))
+        self.alive.append(out)
+        self.log.append(("pin", str(self.current)))
+        return out
+
+    def move(self, tensor):
+        assert all(self.is_pinned(t) for t in _storage_tensors(tensor))  # staged first
         out = tensor.to("cpu", copy=True)
         for t in _storage_tensors(out):
             self.copied[id(t)] = str(self.current)
@@ -227,6 +239,14 @@ def test_storage_tensors_of_quantized_weights():
     assert len(inner) == 2 and {t.dtype for t in inner} == {torch.int8, torch.bfloat16}
     plain = torch.zeros(3)
     assert _storage_tensors(plain) == [plain]
+    # weights in ordinary RAM are staged in (stand-in) pinned memory, quantized ones as quanto tensors
+    rec = Recorder()
+    moved = rec.to_device(w)
+    assert type(moved) is type(w) and torch.equal(moved.dequantize(), w.dequantize())
+    assert [e[0] for e in rec.log] == ["pin", "pin", "copy"]
+    staged = rec.pin(plain)
+    rec.log.clear()
+    assert torch.equal(rec.to_device(staged), plain) and [e[0] for e in rec.log] == ["copy"]  # pinned: as is
 
 
 def test_profile_option_installs_the_overlap(tiny_dir):
