@@ -6,8 +6,8 @@ fp32/bf16, end-to-end Base (30 steps) and Turbo (8 steps), peak VRAM, and checks
 (bf16, compiled) against the reference path (fp32 eager) on the GPU. Then the levers of the speed
 issue: SDPA kernels (flash / cuDNN / efficient), fused QKV and w1/w3 projections (per-layer
 micro-benchmark scaled to the model), launch overhead and CUDA-graph capture at 512x512, and a
-kernel profile of one compiled step; opt-in (COMPILE_LEVERS), inductor's coordinate-descent tuning
-and max-autotune. Each section is independent: a failure is recorded and the
+kernel profile of one compiled step; opt-in (COMPILE_LEVERS), static shapes but the sequence,
+inductor's coordinate-descent tuning and max-autotune. Each section is independent: a failure is recorded and the
 rest runs. Prints a table and writes `$OUT/speed.json` (after every section) and
 `$OUT/speed_profile.txt`; append the table to bench/RESULTS.md with card, date and command.
 
@@ -335,7 +335,8 @@ with section("int8"):
     q8 = None
 
 # inductor settings that may speed up the elementwise kernels (12% of the compiled step on an H200);
-# opt-in because each recompiles the whole model: COMPILE_LEVERS="cdt max-autotune-no-cudagraphs"
+# opt-in because each recompiles the whole model: COMPILE_LEVERS="seqdyn cdt max-autotune-no-cudagraphs"
+# (seqdyn: only the sequence dimension symbolic, compile_blocks(dynamic="sequence"))
 for lever in os.environ.get("COMPILE_LEVERS", "").split():
     with section(f"lever_compile_{lever}"):
         import torch._inductor.config as inductor_config
@@ -346,7 +347,10 @@ for lever in os.environ.get("COMPILE_LEVERS", "").split():
         tuned = rand_(tuned, bf16)
         inductor_config.coordinate_descent_tuning = lever == "cdt"
         t0 = time.perf_counter()
-        compile_blocks(tuned, mode=None if lever == "cdt" else lever)
+        if lever == "seqdyn":
+            compile_blocks(tuned, dynamic="sequence")
+        else:
+            compile_blocks(tuned, mode=None if lever == "cdt" else lever)
         tuned(x2, t2, [cap, neg])
         sync()
         res[f"lever_compile_{lever}_first_call_s"] = time.perf_counter() - t0

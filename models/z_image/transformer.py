@@ -298,7 +298,20 @@ class ZImageTransformer(nn.Module):
         return out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
 
-def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: str | None = None) -> int:
+def _mark_sequence_dynamic(forward):
+    """forward with the sequence dimension of its inputs marked dynamic before each call."""
+
+    def marked(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], *args):
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+        for table in rope:
+            torch._dynamo.maybe_mark_dynamic(table, 1)
+        return forward(x, rope, *args)
+
+    return marked
+
+
+def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: str | None = None,
+                   dynamic: str = "all") -> int:
     """Regional torch.compile: each repeated block is compiled once and its code shared.
 
     The sequence dimension is dynamic from the first call, so a new prompt length (a caption
@@ -308,7 +321,13 @@ def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: st
     loading of streamed blocks) stay outside the graph, while the LoRA hooks of the Linear layers
     inside are traced. Compiled blocks are marked `_wgp_compiled` (app.offload then moves mmgp's
     wrappers off their inner layers). Returns the number of blocks compiled.
+
+    dynamic: "all" compiles every dimension symbolic (dynamic=True); "sequence" marks only the
+    sequence dimension dynamic and lets the rest (batch, widths) specialize, which gives inductor
+    static sizes to tune for (a benchmark lever; the batch of 1 or 2 is a variant either way).
     """
+    if dynamic not in ("all", "sequence"):
+        raise ValueError(f"dynamic must be 'all' or 'sequence' (got {dynamic!r})")
     # variants per block kind: batch 1 vs more (0/1 specialization), image-only vs full sequence,
     # and CFG on/off; the default limit of 8 is too tight when several models share the code
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -317,6 +336,10 @@ def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: st
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
     for block in blocks:
-        block.forward = torch.compile(block.forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
+        if dynamic == "all":
+            block.forward = torch.compile(block.forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
+        else:
+            block.forward = _mark_sequence_dynamic(
+                torch.compile(block.forward, backend=backend, mode=mode, dynamic=None, fullgraph=True))
         block._wgp_compiled = True
     return len(blocks)
