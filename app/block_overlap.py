@@ -12,6 +12,8 @@ compute barely overlapping (bench/RESULTS.md).
 - every tensor copied on the transfer stream is marked as used by the compute stream
   (`record_stream`), so the caching allocator cannot give its memory to a later copy before the
   kernels that read it have run;
+- the block copied ahead is the next one in its tower (mmgp's chain) or, for the last block of a
+  tower, the block that followed it last time (the next tower, the next step's first block);
 - the CPU runs at most one block ahead of the GPU: before it copies block i+1 it waits for the end
   of block i-2, which bounds the streamed blocks resident at once to three (i-1 running, i queued,
   i+1 copying; with mmgp's sync: two).
@@ -99,12 +101,20 @@ class _Overlap:
         self.lead_blocks = lead_blocks
         self.original_load = manager.gpu_load_blocks
         self.original_unload_all = manager.unload_all
-        self.ahead: tuple[str, Any] | None = None  # (entry copied ahead, its copies' event)
+        self.ahead: tuple[str, str, Any] | None = None  # (model id, block copied ahead, its copies' event)
         self.markers: collections.deque = collections.deque()
+        # the block that followed each block last time (within a model): mmgp only chains the blocks
+        # of one tower, so the first block of each tower (3 per transformer step) would wait
+        self.successor: dict[str, str] = {}
+        self.previous: str | None = None
         self.copies = 0  # blocks copied on the transfer stream (for logs and tests)
 
-    def reset(self) -> None:
-        self.ahead = None
+    def drop_ahead(self) -> None:
+        """Unload the block copied ahead (its memory returns once the GPU is past this point)."""
+        if self.ahead is not None:
+            model_id, blocks_name, _ = self.ahead
+            self.ahead = None
+            self.manager.gpu_unload_blocks(model_id, blocks_name)
 
     def _copy(self, entry: str, compute_stream: Any, ahead: bool) -> None:
         m = self.manager
@@ -142,23 +152,30 @@ class _Overlap:
         self.markers.append(marker)
         while len(self.markers) > self.lead_blocks:  # marker i-1 marks the end of block i-2
             self.markers.popleft().synchronize()
-        ahead, self.ahead = self.ahead, None
-        if ahead is not None and ahead[0] == entry:
-            compute.wait_event(ahead[1])
+        if self.ahead is not None and self.ahead[:2] == (model_id, blocks_name):
+            compute.wait_event(self.ahead[2])
+            self.ahead = None
         else:
+            self.drop_ahead()  # another block than expected: do not leave that one in VRAM
             self._copy(entry, compute, ahead=False)  # in order on the compute stream
-        following = m.next_blocks_names.get(entry)
+        if self.previous is not None and self.previous.startswith(model_id + "/"):
+            self.successor[self.previous] = entry
+        self.previous = entry
+        following = m.next_blocks_names.get(entry) or self.successor.get(entry)
         if following is not None:
             with self.streams.use_stream(m.transfer_stream):
                 self._copy(following, compute, ahead=True)
                 done = self.streams.event()
                 done.record(m.transfer_stream)
-            self.ahead = (following, done)
+            self.ahead = (model_id, following[len(model_id) + 1:], done)
             self.copies += 1
         m.loaded_blocks[model_id] = blocks_name
 
     def unload_all(self, *args, **kwargs):
-        self.reset()  # whatever was copied ahead is unloaded with the rest
+        keep = kwargs.get("keep", args[0] if args else ())
+        if self.ahead is not None and self.ahead[0] not in keep:
+            self.drop_ahead()  # mmgp unloads only the next block of a tower
+        self.previous = None
         return self.original_unload_all(*args, **kwargs)
 
 

@@ -131,6 +131,12 @@ def overlapped(tiny_dir):
 
         for m in inner:
             m.register_forward_pre_hook(log_run)
+        # ("ran", block) once any streamed block (embedders and final layer included) has run
+        for entry in manager.blocks_of_modules:
+            if "/" in entry:
+                model, name = entry.split("/", 1)
+                parts[model].get_submodule(name).register_forward_hook(
+                    lambda m, *_, e=entry: rec.log.append(("ran", e)))
         yield pipe, parts, manager, state, rec, transfers
         ofl.release(manager)
 
@@ -138,9 +144,16 @@ def overlapped(tiny_dir):
 def test_overlapped_streaming_renders_like_unprofiled(overlapped, reference):
     pipe, parts, manager, state, rec, transfers = overlapped
     assert np.array_equal(render(pipe), reference)
-    # copied ahead: layers.1 in each of the 3 steps (the towers of the tiny model have one or two
-    # blocks) and the text encoder's second layer for each prompt (the last layer is not run)
-    assert state.copies == 3 + 2
+    # from the second step on, every streamed transformer block (the towers' blocks, and with these
+    # tiny budgets the embedders and the final layer too) was copied ahead: the first block of each
+    # tower follows the last block of the previous one, the next step's first the last layer
+    log = rec.log
+    starts = [i for i, e in enumerate(log) if e == ("run", "transformer/noise_refiner.0")]
+    assert len(starts) == 3  # one forward per step (prompt and negative prompt batched)
+    second_step = log[starts[1]:starts[2]]
+    assert ("copy", "compute") not in second_step
+    assert sum(e[0] == "wait" for e in second_step) >= 4  # the four tower blocks at least
+    assert state.successor["transformer/layers.1"] != "transformer/layers.0"  # not a tower's own chain
     # mmgp's own path (the stand-in) still loaded the models' non-block parts
     assert {m for m, b, _ in transfers if b is None} >= {"transformer", "text_encoder"}
 
@@ -161,11 +174,10 @@ def test_blocks_copied_ahead_are_waited_for_and_marked(overlapped):
     waits = [(i, e[1]) for i, e in enumerate(log) if e[0] == "wait"]
     assert waits and all(events_by_id[ev] is manager.transfer_stream and e_stream == "compute"
                          for (_, ev), e_stream in zip(waits, [log[i][2] for i, _ in waits]))
-    runs = [i for i, e in enumerate(log) if e[0] == "run"]
-    for i, _ in waits:
-        assert any(r > i for r in runs)
-        next_run = min(r for r in runs if r > i)
-        assert all(log[j][0] not in ("copy",) or log[j][1] == "transfer" for j in range(i, next_run))
+    ran = [i for i, e in enumerate(log) if e[0] == "ran"]
+    for i, _ in waits:  # the waiting block runs next: nothing is copied on the compute stream before
+        assert any(r > i for r in ran)
+        assert ("copy", "compute") not in log[i:min(r for r in ran if r > i)]
     # the second main layer of every step was copied ahead: no compute-stream copy right before it
     for r in (i for i, e in enumerate(log) if e == ("run", "transformer/layers.1")):
         since = max(i for i in range(r) if log[i][0] == "run")
@@ -281,3 +293,27 @@ def test_flag_reaches_the_profile(tiny_dir, tmp_path, monkeypatch):
                                                   overlap_transfers=overlap))
         service.pipeline("z_image_tiny")
         assert seen[-1]["overlap_transfers"] is overlap and overlap in service._pipe_key
+
+
+def _on_device(manager, entry: str) -> bool:
+    """Whether a block's parameters are the copies made for it (not mmgp's stored RAM tensors)."""
+    return any(_storage_tensors(getattr(parent, name))[0].data_ptr() != _storage_tensors(p)[0].data_ptr()
+               for parent, name, p, _, _ in manager.blocks_of_modules[entry])
+
+
+def test_an_unexpected_block_drops_the_one_copied_ahead(overlapped):
+    pipe, parts, manager, state, rec, _ = overlapped
+    render(pipe, num_inference_steps=2)
+    manager.unload_all()
+    assert not any(_on_device(manager, e) for e in manager.blocks_of_modules if e.startswith("transformer/"))
+    state.load_blocks("transformer", "layers.0")
+    assert state.ahead[:2] == ("transformer", "layers.1") and _on_device(manager, "transformer/layers.1")
+    state.load_blocks("transformer", "noise_refiner.0")  # not the block copied ahead
+    assert not _on_device(manager, "transformer/layers.1") and not _on_device(manager, "transformer/layers.0")
+    assert _on_device(manager, "transformer/noise_refiner.0")
+    # a model kept through unload_all keeps its block copied ahead; the others' go
+    state.load_blocks("transformer", "layers.0")
+    manager.unload_all(keep=["transformer"])
+    assert state.ahead is not None and _on_device(manager, "transformer/layers.1")
+    manager.unload_all()
+    assert state.ahead is None and not _on_device(manager, "transformer/layers.1")
