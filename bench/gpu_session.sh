@@ -13,6 +13,8 @@ PY=python3
 [ -n "${DRY:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:-}:$PWD" OUT
 PARTS=${PARTS:-"speed lora offload service"}
+# offload and service write the same model files (1-2 min): the first writes, the next reuses
+export KEEP=1 REUSE_MODELS=1
 SPEED_S=${SPEED_S:-150} LORA_S=${LORA_S:-60} OFFLOAD_S=${OFFLOAD_S:-260} SERVICE_S=${SERVICE_S:-300}
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   $PY -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers',
@@ -28,4 +30,5 @@ for part in $PARTS; do
   timeout "$limit" $PY "$script" >"$OUT/$part.log" 2>&1
   echo "$script exit $?" >>"$OUT/$part.log"
 done
+rm -rf "${WORK:-/tmp/zimage_offload_bench}" /tmp/zimage_offload_dry
 tail -n 3 "$OUT"/*.log

@@ -201,11 +201,15 @@ def randomize(module: torch.nn.Module) -> None:
 
 
 def write_models(folder: Path) -> dict:
-    """A DeepBeepMeep-layout folder (bf16 files) plus the int8 files our --save-quantized would write."""
+    """A DeepBeepMeep-layout folder (bf16 files) plus the int8 files our --save-quantized would write.
+    With REUSE_MODELS=1 a complete folder left by an earlier part (KEEP=1) is used as it is."""
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
     from transformers import Qwen3Config, Qwen3Model
 
+    done = folder / "setup.json"
+    if os.environ.get("REUSE_MODELS") and done.is_file():
+        return {**json.loads(done.read_text()), "reused": True}
     t0 = time.perf_counter()
     if folder.exists():
         shutil.rmtree(folder)
@@ -254,8 +258,10 @@ def write_models(folder: Path) -> dict:
         torch.cuda.empty_cache()
     sizes = {p.name: round(p.stat().st_size / GiB, 3) for p in [*folder.glob("*.safetensors"),
                                                                  *(folder / "Qwen3").glob("*.safetensors")]}
-    return {"write_bf16_s": round(t_bf16, 1), "quantize_and_save_int8_s": round(time.perf_counter() - t1, 1),
-            "file_GiB": sizes}
+    setup = {"write_bf16_s": round(t_bf16, 1), "quantize_and_save_int8_s": round(time.perf_counter() - t1, 1),
+             "file_GiB": sizes}
+    done.write_text(json.dumps(setup))
+    return setup
 
 
 # ---------------------------------------------------------------- prompts
