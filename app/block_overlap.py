@@ -152,24 +152,27 @@ class _Overlap:
         self.markers.append(marker)
         while len(self.markers) > self.lead_blocks:  # marker i-1 marks the end of block i-2
             self.markers.popleft().synchronize()
-        if self.ahead is not None and self.ahead[:2] == (model_id, blocks_name):
+        # the block is registered before its copies start, so that an error half way (out of
+        # memory) leaves it where unload_all finds it
+        m.loaded_blocks[model_id] = blocks_name
+        if self.ahead is not None and self.ahead[:2] == (model_id, blocks_name) and self.ahead[2] is not None:
             compute.wait_event(self.ahead[2])
             self.ahead = None
         else:
-            self.drop_ahead()  # another block than expected: do not leave that one in VRAM
+            self.drop_ahead()  # another block than expected, or a copy cut short
             self._copy(entry, compute, ahead=False)  # in order on the compute stream
         if self.previous is not None and self.previous.startswith(model_id + "/"):
             self.successor[self.previous] = entry
         self.previous = entry
         following = m.next_blocks_names.get(entry) or self.successor.get(entry)
         if following is not None:
+            self.ahead = (model_id, following[len(model_id) + 1:], None)  # no event: not complete
             with self.streams.use_stream(m.transfer_stream):
                 self._copy(following, compute, ahead=True)
                 done = self.streams.event()
                 done.record(m.transfer_stream)
-            self.ahead = (model_id, following[len(model_id) + 1:], done)
+            self.ahead = (*self.ahead[:2], done)
             self.copies += 1
-        m.loaded_blocks[model_id] = blocks_name
 
     def unload_all(self, *args, **kwargs):
         keep = kwargs.get("keep", args[0] if args else ())

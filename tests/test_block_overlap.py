@@ -317,3 +317,30 @@ def test_an_unexpected_block_drops_the_one_copied_ahead(overlapped):
     assert state.ahead is not None and _on_device(manager, "transformer/layers.1")
     manager.unload_all()
     assert state.ahead is None and not _on_device(manager, "transformer/layers.1")
+
+
+@pytest.mark.parametrize("fail_at", ["ahead", "in_order"])
+def test_out_of_memory_half_way_leaves_nothing_on_the_device(overlapped, reference, fail_at):
+    """A copy that fails part way (out of memory) raises; unload_all (what the app's OOM handling
+    calls) then leaves no block on the device, and the next render is right."""
+    pipe, parts, manager, state, rec, _ = overlapped
+    render(pipe, num_inference_steps=2)
+    manager.unload_all()
+    real_move = rec.move
+    calls = []
+
+    def failing(tensor):
+        calls.append(rec.current)
+        if len(calls) == 3 and (str(rec.current) == "transfer") == (fail_at == "ahead"):
+            raise torch.OutOfMemoryError("stand-in: CUDA out of memory")
+        if len(calls) == 3:
+            calls.clear()  # not the stream asked for: fail on a later block
+        return real_move(tensor)
+
+    rec.move = failing
+    with pytest.raises(torch.OutOfMemoryError):
+        render(pipe)
+    rec.move = real_move
+    manager.unload_all()
+    assert not any(_on_device(manager, e) for e in manager.blocks_of_modules if "/" in e)
+    assert np.array_equal(render(pipe), reference)
