@@ -182,13 +182,14 @@ def test_bf16_layers(tiny_dir, tmp_path):
 
 
 def test_quanto_int8_layers(tiny_dir, tmp_path):
-    from optimum.quanto import QLinear, freeze, qint8, quantize
+    from optimum.quanto import QModuleMixin, freeze, qint8, quantize
 
     model = load_tiny_transformer(tiny_dir)
     quantize(model, weights=qint8)
     freeze(model)
     modules = dict(model.named_modules())
-    assert isinstance(modules["layers.0.attention.to_q"], QLinear)
+    # quanto's QLinear, or mmgp's router class for it once mmgp has been imported (another test may have)
+    assert isinstance(modules["layers.0.attention.to_q"], QModuleMixin)
     manager = LoraManager(model, convert_state_dict)
     for fmt in ("kohya_musubi", "dora_kohya"):
         path, refs = write_lora(tmp_path, fmt, model, seed=51)  # DoRA refs from the dequantized weights
