@@ -334,13 +334,26 @@ with section("int8"):
     res["int8_step_cfg_1024_compiled_s"] = timeit(lambda: q8(x2, t2, [cap, neg]))
     q8 = None
 
+def int8_variants(xin: torch.Tensor, layer: torch.nn.Module, w8: torch.Tensor, scale: torch.Tensor) -> dict:
+    lin = torch.nn.functional.linear
+    wbf = (w8.to(bf16) * scale).contiguous()
+    return {
+        "bf16": lambda: lin(xin, wbf),
+        "quanto": lambda: layer(xin),
+        "scale_times_int8": lambda: lin(xin, scale * w8),
+        "cast_then_mul_": lambda: lin(xin, w8.to(bf16).mul_(scale)),
+        "scale_output": lambda: lin(xin, w8.to(bf16)) * scale.view(1, -1),
+        "dequant_only_scale_times_int8": lambda: scale * w8,
+        "dequant_only_cast_then_mul_": lambda: w8.to(bf16).mul_(scale),
+    }
+
+
 with section("int8_dequant"):
     # where the int8 step's extra time goes (issue: int8 step <= 1.05x bf16), per linear shape of a main
     # layer at the CFG step's token count: quanto's path against plain bf16 and other dequant orders
     # (not torch._weight_int8pack_mm: it crashed the process (segfault) in the CPU dry run)
     from models.z_image.quantize import quantize_on_the_fly
 
-    lin = torch.nn.functional.linear
     rows = 2 * ((SIDE // 16) ** 2 + CAP)
     hid = int(cfg.dim / 3 * 8)
     shapes = {"qkvo": (cfg.dim, cfg.dim, 4), "w1w3": (hid, cfg.dim, 2), "w2": (cfg.dim, hid, 1)}  # (out, in, per layer)
@@ -351,17 +364,7 @@ with section("int8_dequant"):
                                     exclude=())[0]
         w = layer.weight
         w8, scale = w._data, w._scale  # (out, in) int8, (out, 1) bf16
-        wbf = (w8.to(bf16) * scale).contiguous()
-        variants = {
-            "bf16": lambda: lin(xin, wbf),
-            "quanto": lambda: layer(xin),
-            "scale_times_int8": lambda: lin(xin, scale * w8),
-            "cast_then_mul_": lambda: lin(xin, w8.to(bf16).mul_(scale)),
-            "scale_output": lambda: lin(xin, w8.to(bf16)) * scale.view(1, -1),
-            "dequant_only_scale_times_int8": lambda: scale * w8,
-            "dequant_only_cast_then_mul_": lambda: w8.to(bf16).mul_(scale),
-        }
-        for v, fn in variants.items():
+        for v, fn in int8_variants(xin, layer, w8, scale).items():
             try:
                 ms = timeit(fn, reps=3 if DRY else 20) * 1e3
             except Exception as e:
