@@ -312,15 +312,17 @@ def release(manager) -> None:
         manager.release()
     for model in models.values():
         _unhook(model, info.get("locked", []))
-    overlapped = getattr(manager, "_wgp_overlap", None) is not None
     manager._wgp = {}
     manager.__dict__.pop("_wgp_overlap", None)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        host_empty_cache = getattr(torch._C, "_host_emptyCache", None)
-        if overlapped and host_empty_cache is not None:
-            host_empty_cache()  # the pinned staging blocks of --overlap-transfers go back to the system
+        # mmgp pins with torch.empty(pin_memory=True) and --overlap-transfers stages through
+        # pin_memory(): both come from torch's caching host allocator, which keeps freed pinned
+        # blocks (page-locked RAM) for reuse; hand them back so RAM returns to its previous level
+        host_empty_cache = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds only
+        if host_empty_cache is not None:
+            host_empty_cache()
 
 
 # ---------------------------------------------------------------- VAE tiling

@@ -309,6 +309,23 @@ def test_release_restores_models_and_leaks_nothing(tiny_dir, reference, fake_cud
     assert [r() for r in refs] == [None, None, None]
 
 
+def test_release_returns_the_cached_pinned_memory(tiny_dir, monkeypatch):
+    """mmgp's pinned copies and the overlap's staging come from torch's caching host allocator, which
+    keeps freed pinned blocks; release empties that cache (on CUDA builds)."""
+    emptied = []
+    with cpu_cuda_standins():
+        for overlap in (True, False):
+            pipe, parts = load(tiny_dir)
+            manager = ofl.apply_profile(parts, 4, device="cuda", overlap_transfers=overlap)
+            with monkeypatch.context() as m:
+                m.setattr(torch.cuda, "is_available", lambda: True)
+                m.setattr(torch.cuda, "empty_cache", lambda: None)
+                m.setattr(torch._C, "_host_emptyCache", lambda o=overlap: emptied.append(o), raising=False)
+                ofl.release(manager)
+            assert not hasattr(manager, "_wgp_overlap")
+    assert emptied == [True, False]
+
+
 def test_failed_profile_leaves_nothing_behind(tiny_dir, reference, fake_cuda, monkeypatch):
     offload = import_mmgp()
     real = offload.all
