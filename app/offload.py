@@ -314,12 +314,20 @@ def release(manager) -> None:
         _unhook(model, info.get("locked", []))
     manager._wgp = {}
     manager.__dict__.pop("_wgp_overlap", None)
+    empty_caches()
+
+
+def empty_caches() -> None:
+    """Collect garbage, then give torch's cached device memory and cached pinned RAM back.
+
+    mmgp pins with torch.empty(pin_memory=True) and --overlap-transfers stages through
+    pin_memory(): both come from torch's caching host allocator, which keeps freed pinned blocks
+    (page-locked RAM) for reuse. Call once the models themselves are dropped, so that RAM returns
+    to its level before the load.
+    """
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        # mmgp pins with torch.empty(pin_memory=True) and --overlap-transfers stages through
-        # pin_memory(): both come from torch's caching host allocator, which keeps freed pinned
-        # blocks (page-locked RAM) for reuse; hand them back so RAM returns to its previous level
         host_empty_cache = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds only
         if host_empty_cache is not None:
             host_empty_cache()
@@ -512,6 +520,6 @@ def oom_guard(stage: str = "encode", manager=None, **context) -> OomGuard:
 __all__ = [
     "DEFAULT_PROFILE", "PROFILES", "PROFILE_DESCRIPTIONS", "PROFILE_NAMES", "MemoryProfile", "OomGuard",
     "apply_profile", "check_profile", "free_device_bytes", "free_memory", "is_oom", "oom_error", "oom_guard",
-    "decode_needs_tiling", "pinned_bytes", "profile_budgets", "profile_help", "release", "set_vae_tile_size",
-    "should_tile_vae", "vae_decode_bytes",
+    "decode_needs_tiling", "empty_caches", "pinned_bytes", "profile_budgets", "profile_help", "release",
+    "set_vae_tile_size", "should_tile_vae", "vae_decode_bytes",
 ]

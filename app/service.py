@@ -252,8 +252,9 @@ class GenerationService:
                 release(self._offload)
             self._pipe, self._pipe_key, self._lora_manager, self._offload = None, None, None, None
             self.pipe_memory_profile = None
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            from app.offload import empty_caches
+
+            empty_caches()  # the models are gone now: their pinned RAM too
 
     def token_count(self, model_type: str, prompt: str) -> int | None:
         """Tokens the prompt takes with this model's tokenizer (None until its files are there)."""
