@@ -62,8 +62,8 @@ CARD_GIB = float(os.environ.get("CARD_GIB", "8"))  # the card the VAE tiling dec
 BUDGET_S = float(os.environ.get("BUDGET_S", "470"))  # skip the remaining jobs past this (setup included)
 # most wanted first: the time budget may cut the tail
 # "+overlap": app/block_overlap.py (--overlap-transfers); its final latents must equal the run without
-RUNS = [("int8", 4), ("int8+overlap", 4), ("int8", 5), ("int8+overlap", 5), ("diffusers-group-offload", 0),
-        ("bf16", 1), ("int8", 1), ("bf16", 4), ("bf16+overlap", 4), ("int8+preload1200", 4), ("int8", 2),
+RUNS = [("int8", 1), ("int8", 4), ("int8+overlap", 4), ("int8", 5), ("int8+overlap", 5), ("bf16", 1),
+        ("bf16", 4), ("bf16+overlap", 4), ("diffusers-group-offload", 0), ("int8+preload1200", 4), ("int8", 2),
         ("int8", 3)]
 if os.environ.get("RUNS"):  # e.g. RUNS="int8:4 int8+overlap:4"
     RUNS = [(w, int(p)) for w, p in (x.split(":") for x in os.environ["RUNS"].split())]
