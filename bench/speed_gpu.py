@@ -334,6 +334,51 @@ with section("int8"):
     res["int8_step_cfg_1024_compiled_s"] = timeit(lambda: q8(x2, t2, [cap, neg]))
     q8 = None
 
+def rope_variants(heads: int, head_dim: int) -> dict:
+    """Formulations of the attention's q/k RMSNorm + RoPE (8.8 ms of the compiled H200 step, at about a
+    quarter of the memory bandwidth): each maps (q, k, wq, wk, cos, sin) -> (q', k') in (B, S, H, D)."""
+    from models.z_image.transformer import apply_rope
+
+    fn_ = torch.nn.functional
+    eps = 1e-5
+
+    def current(q, k, wq, wk, cos, sin):  # the model's code: bf16 norm, then RoPE in fp32 by pairs
+        q, k = fn_.rms_norm(q, (head_dim,), wq, eps), fn_.rms_norm(k, (head_dim,), wk, eps)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def complex_mul(q, k, wq, wk, cos, sin):  # diffusers' formulation: complex multiply
+        freqs = torch.polar(torch.ones_like(cos), torch.atan2(sin, cos)).unsqueeze(2)
+
+        def rope(x):
+            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+        q, k = fn_.rms_norm(q, (head_dim,), wq, eps), fn_.rms_norm(k, (head_dim,), wk, eps)
+        return rope(q), rope(k)
+
+    def rotate_pairs(q, k, wq, wk, cos, sin):  # full-width tables, pair swap by a flip: one FMA form
+        c = cos.repeat_interleave(2, -1).unsqueeze(2)
+        sgn = torch.tensor([-1.0, 1.0], device=cos.device)
+        s_ = (sin.unsqueeze(-1) * sgn).flatten(-2).unsqueeze(2)
+
+        def rope(x):
+            xf = x.float()
+            return (xf * c + xf.reshape(*x.shape[:-1], -1, 2).flip(-1).flatten(-2) * s_).type_as(x)
+        q, k = fn_.rms_norm(q, (head_dim,), wq, eps), fn_.rms_norm(k, (head_dim,), wk, eps)
+        return rope(q), rope(k)
+
+    def fp32_through(q, k, wq, wk, cos, sin):  # no bf16 rounding between norm and RoPE (numerics differ)
+        def one(x, w):
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+            xr, xi = xf.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+            c, s_ = cos.unsqueeze(2), sin.unsqueeze(2)
+            return torch.stack((xr * c - xi * s_, xr * s_ + xi * c), -1).flatten(-2).type_as(x)
+        return one(q, wq), one(k, wk)
+
+    return {"current": current, "complex_mul": complex_mul, "rotate_pairs": rotate_pairs,
+            "fp32_through": fp32_through}
+
+
 def int8_variants(xin: torch.Tensor, layer: torch.nn.Module, w8: torch.Tensor, scale: torch.Tensor) -> dict:
     lin = torch.nn.functional.linear
     wbf = (w8.to(bf16) * scale).contiguous()
@@ -347,6 +392,30 @@ def int8_variants(xin: torch.Tensor, layer: torch.nn.Module, w8: torch.Tensor, s
         "dequant_only_cast_then_mul_": lambda: w8.to(bf16).mul_(scale),
     }
 
+
+with section("rope_variants"):
+    # the q/k norm + RoPE region of one attention at the CFG step's size, summed over the 34 blocks
+    seq = (SIDE // 16) ** 2 + CAP
+    heads, hd = cfg.n_heads, cfg.dim // cfg.n_heads
+    gen = torch.Generator(dev).manual_seed(1)
+    qk = [torch.randn(2, seq, heads, hd, device=dev, dtype=bf16, generator=gen) for _ in range(2)]
+    wq, wk = (1 + 0.1 * torch.randn(hd, device=dev, dtype=bf16, generator=gen) for _ in range(2))
+    ang = torch.rand(1, seq, hd // 2, device=dev, generator=gen) * 6.0
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    n_blocks = cfg.n_layers + 2 * cfg.n_refiner_layers
+    variants = rope_variants(heads, hd)
+    ref = [t.float() for t in variants["current"](*qk, wq, wk, cos, sin)]
+    for name, fn in variants.items():
+        out = fn(*qk, wq, wk, cos, sin)
+        err = max((o.float() - r).abs().max().item() for o, r in zip(out, ref))
+        res[f"rope_{name}_max_abs_diff_vs_current"] = err
+        assert err < 0.1, f"{name} does not compute the same thing ({err})"
+        res[f"rope_{name}_eager_ms_per_step"] = timeit(lambda f=fn: f(*qk, wq, wk, cos, sin), reps=3 if DRY else 20) \
+            * 1e3 * n_blocks
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        compiled(*qk, wq, wk, cos, sin)
+        res[f"rope_{name}_compiled_ms_per_step"] = timeit(lambda f=compiled: f(*qk, wq, wk, cos, sin),
+                                                          reps=3 if DRY else 20) * 1e3 * n_blocks
 
 with section("int8_dequant"):
     # where the int8 step's extra time goes (issue: int8 step <= 1.05x bf16), per linear shape of a main
