@@ -8,12 +8,11 @@ values become the command-line defaults, so flags given explicitly still win. No
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from models.errors import UserError
+from models.files import atomic_path
 
 CONFIG_FILE = "wgp_zimage_config.json"
 ATTENTION_CHOICES = ("auto", "sdpa", "flash", "flash3", "sage")
@@ -83,16 +82,8 @@ def save_config(path: str | Path, data: dict[str, Any]) -> Path:
     """Validate data and write it atomically (temporary file, then rename)."""
     clean = validate_config(data)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(clean, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(clean, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import unicodedata
 from datetime import datetime
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from app.metadata import format_for_suffix, save_kwargs
+from models.files import atomic_path
 
 SLUG_MAX = 50
 
@@ -46,16 +45,9 @@ def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = No
     chunks or the JPEG / WebP EXIF; quality (1-100) applies to JPEG and WebP.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fmt = format_for_suffix(path.suffix)
-            if fmt == "jpeg" and image.mode not in ("RGB", "L"):
-                image = image.convert("RGB")
-            image.save(f, format=fmt.upper(), **save_kwargs(fmt, settings, quality))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fmt = format_for_suffix(path.suffix)
+    if fmt == "jpeg" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        image.save(f, format=fmt.upper(), **save_kwargs(fmt, settings, quality))
     return path

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ from PIL import Image
 
 from app.jobs import JobSpec, validate
 from models.errors import GenerationInterrupted, UserError
+from models.files import atomic_path
 
 log = logging.getLogger("wgp_zimage")
 
@@ -159,11 +159,8 @@ class JobQueue:
             return
         data = {"version": STATE_VERSION, "jobs": [j.to_dict() for j in self._jobs]}
         try:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".queue-", suffix=".part", dir=self.state_file.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, self.state_file)
+            with atomic_path(self.state_file) as tmp:
+                tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
         except OSError:
             # losing persistence must not stop generation; say so once per failure
             log.exception("could not save the queue to %s", self.state_file)

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from typing import Any
 
 from app.jobs import MAX_SEED, JobSpec, validate
 from models.errors import UserError
+from models.files import atomic_path
 
 try:  # a cross-process lock where the OS offers one; threads are covered by _folder_lock anyway
     import fcntl
@@ -252,29 +252,11 @@ def _read(path: Path, label: str) -> str:
 
 
 def write_atomic(path: Path, settings: Mapping[str, Any]) -> None:
-    """Temp file beside path + fsync + os.replace: a crash leaves the old file or the new one, never half."""
+    """Temp file beside path, flushed, then renamed: a crash leaves the old file or the new one, never half."""
     text = json.dumps({"schema_version": SCHEMA_VERSION, **settings}, indent=2, ensure_ascii=False,
                       allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
+    with atomic_path(path, durable=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ------------------------------------------------------------------ the store

@@ -39,7 +39,8 @@ def defs():
 
 
 def leftovers(folder):
-    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    """Temporary files of the atomic writes (models/files.py) left behind."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith((".part", ".tmp"))]
 
 
 # ------------------------------------------------------------------ round trip and schema

@@ -21,14 +21,13 @@ import base64
 import binascii
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from models.errors import UserError
+from models.files import atomic_path
 from models.mmgp_support import import_mmgp, is_quantized
 from models.z_image import checkpoints as ck
 from models.z_image.text_encoder import PromptEncoder, truncated_config
@@ -178,18 +177,11 @@ def save_quantized(model: nn.Module, path: str | Path, config: dict | None = Non
     metadata = {"format": "pt", "quantization_format": "quanto", "quantization_map_base64": _b64(qmap)}
     if config is not None:
         metadata["config_base64"] = _b64(config)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     log.info("saved int8 weights to %s", path)
     return path
 
