@@ -26,6 +26,11 @@ def _umask() -> int:
 _UMASK = _umask()  # read once at import, before any worker thread exists
 
 
+def creation_mode(directory: bool = False) -> int:
+    """The mode a plain open() / mkdir() would give a new file / folder (the umask applied)."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 def _fsync_dir(folder: Path) -> None:
     if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
         with contextlib.suppress(OSError):
@@ -50,7 +55,7 @@ def atomic_path(path: str | Path, durable: bool = False) -> Iterator[Path]:
         try:
             mode = stat.S_IMODE(path.stat().st_mode)
         except FileNotFoundError:
-            mode = 0o666 & ~_UMASK
+            mode = creation_mode()
         os.chmod(tmp, mode)
         if durable:
             with open(tmp, "rb") as f:

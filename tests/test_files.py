@@ -68,3 +68,12 @@ def test_umask_is_read_without_changing_it():
         assert files._umask() == 0o027 and files._umask() == 0o027
     finally:
         os.umask(before)
+
+
+def test_tiny_model_folder_is_not_private(tmp_path, monkeypatch):
+    from models.z_image.tiny import write_tiny_model
+
+    monkeypatch.setattr(files, "_UMASK", 0o022)
+    folder = write_tiny_model(tmp_path / "tiny")
+    assert mode(folder) == 0o755  # not mkdtemp's 0700
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from models.files import creation_mode
 from models.z_image.transformer import ZImageConfig, ZImageTransformer
 
 CHAT_TEMPLATE = (
@@ -114,6 +115,7 @@ def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
         }, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
+        os.chmod(tmp, creation_mode(directory=True))  # mkdtemp's folders are private (0700)
         os.replace(tmp, folder)
     finally:
         if tmp.exists():
