@@ -138,6 +138,13 @@ def overlapped(tiny_dir):
                 model, name = entry.split("/", 1)
                 parts[model].get_submodule(name).register_forward_hook(
                     lambda m, *_, e=entry: rec.log.append(("ran", e)))
+        real_copy = state._copy
+
+        def logged_copy(entry, compute_stream, ahead):  # ("copying", block, ahead?) before its copies
+            rec.log.append(("copying", entry, ahead))
+            return real_copy(entry, compute_stream, ahead)
+
+        state._copy = logged_copy
         yield pipe, parts, manager, state, rec, transfers
         ofl.release(manager)
 
@@ -175,10 +182,19 @@ def test_blocks_copied_ahead_are_waited_for_and_marked(overlapped):
     waits = [(i, e[1]) for i, e in enumerate(log) if e[0] == "wait"]
     assert waits and all(events_by_id[ev] is manager.transfer_stream and e_stream == "compute"
                          for (_, ev), e_stream in zip(waits, [log[i][2] for i, _ in waits]))
+    # each transfer-stream event follows the copies of one block; the block that runs right after a
+    # wait is the one whose copies that event follows, and nothing is copied in order in between
+    copying, event_block = None, {}
+    for e in log:
+        if e[0] == "copying":
+            copying = e[1]
+        elif e[0] == "record" and e[2] is manager.transfer_stream:
+            event_block[e[1]] = copying
     ran = [i for i, e in enumerate(log) if e[0] == "ran"]
-    for i, _ in waits:  # the waiting block runs next: nothing is copied on the compute stream before
-        assert any(r > i for r in ran)
-        assert ("copy", "compute") not in log[i:min(r for r in ran if r > i)]
+    for i, ev in waits:
+        following = [r for r in ran if r > i]
+        assert following and log[following[0]][1] == event_block[ev]
+        assert ("copy", "compute") not in log[i:following[0]]
     # the second main layer of every step was copied ahead: no compute-stream copy right before it
     for r in (i for i, e in enumerate(log) if e == ("run", "transformer/layers.1")):
         since = max(i for i in range(r) if log[i][0] == "run")
