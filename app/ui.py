@@ -630,8 +630,10 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             lines += [f"- ⚠ {w}" for w in restored.warnings]
             return (*settings_updates(restored.settings), "\n".join(lines))
 
+        # the box empties once read (the message names the file), so the next file can be dropped at once
         restore_file.upload(restore, restore_file, restore_outputs, api_name="restore", queue=False,
-                            show_progress="hidden")
+                            show_progress="hidden").then(lambda: None, None, restore_file, queue=False,
+                                                         show_progress="hidden", api_visibility="private")
 
         def on_gallery_select(evt: gr.SelectData) -> str:
             value = evt.value if isinstance(evt.value, dict) else {}
