@@ -21,7 +21,12 @@ import torch
 from app import offload as ofl
 from app.block_overlap import CudaStreams, _storage_tensors, overlap_block_transfers
 from models.z_image import quantize as q
-from tests.test_lora_offload import lora_file, lora_reference, with_lora  # noqa: F401 - fixtures
+from tests.test_lora_offload import (  # noqa: F401 - fixtures
+    assert_lora_round_trip,
+    fresh_dynamo,
+    lora_file,
+    lora_reference,
+)
 from tests.test_offload import cpu_cuda_standins, load, render
 
 SMALL = {"transformer": 0.001, "text_encoder": 0.001}  # every block streams
@@ -363,12 +368,11 @@ def test_out_of_memory_half_way_leaves_nothing_on_the_device(overlapped, referen
     assert np.array_equal(render(pipe), reference)
 
 
-def test_compile_lora_and_overlap(tiny_dir, lora_file, lora_reference):  # noqa: F811
+def test_compile_lora_and_overlap(tiny_dir, lora_file, lora_reference, fresh_dynamo):  # noqa: F811
     """The service's order with every block streaming: compile at load, profile, overlap, LoRA.
     Compiled blocks read the weights the overlap swaps in; images equal the unprofiled ones."""
     from models.z_image.transformer import compile_blocks
 
-    torch._dynamo.reset()
     with cpu_cuda_standins():
         pipe, parts = load(tiny_dir)
         compile_blocks(pipe.transformer, backend="aot_eager")
@@ -377,13 +381,8 @@ def test_compile_lora_and_overlap(tiny_dir, lora_file, lora_reference):  # noqa:
         manager.transfer_stream = Stream("transfer", rec.log)
         state = overlap_block_transfers(manager, rec)
         try:
-            assert np.array_equal(render(pipe), lora_reference[1])
-            loras = with_lora(pipe, lora_file, "1.0,0.3")
-            assert np.array_equal(render(pipe, step_start=loras.step_start), lora_reference[0])
-            loras.remove_all()
-            assert np.array_equal(render(pipe), lora_reference[1])
+            assert_lora_round_trip(pipe, lora_file, lora_reference)
             assert state.copies > 0 and any(e[0] == "wait" for e in rec.log)
         finally:
             ofl.release(manager)
-            torch._dynamo.reset()
 

@@ -24,6 +24,15 @@ def with_lora(pipe, lora_file, strength):
     return manager
 
 
+def assert_lora_round_trip(pipe, lora_file, lora_reference) -> None:
+    """Without the LoRA, with it (a per-step schedule), removed again: each image as without offload."""
+    assert np.array_equal(render(pipe), lora_reference[1])
+    loras = with_lora(pipe, lora_file, "1.0,0.3")
+    assert np.array_equal(render(pipe, step_start=loras.step_start), lora_reference[0])
+    loras.remove_all()
+    assert np.array_equal(render(pipe), lora_reference[1])
+
+
 @pytest.fixture(scope="module")
 def lora_reference(tiny_dir, lora_file):
     pipe, _ = load(tiny_dir)
@@ -91,10 +100,6 @@ def test_lora_under_compile_and_profile(tiny_dir, lora_file, lora_reference, fak
     compile_blocks(pipe.transformer, backend="aot_eager")
     manager = ofl.apply_profile(parts, profile_no, device="cuda")
     try:
-        assert np.array_equal(render(pipe), lora_reference[1])
-        loras = with_lora(pipe, lora_file, "1.0,0.3")
-        assert np.array_equal(render(pipe, step_start=loras.step_start), lora_reference[0])
-        loras.remove_all()
-        assert np.array_equal(render(pipe), lora_reference[1])
+        assert_lora_round_trip(pipe, lora_file, lora_reference)
     finally:
         ofl.release(manager)
