@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from models.errors import UserError
 from models.files import atomic_path
-from models.mmgp_support import import_mmgp, is_quantized
+from models.mmgp_support import align_int8_storage, import_mmgp, is_quantized
 from models.z_image import checkpoints as ck
 from models.z_image.text_encoder import PromptEncoder, truncated_config
 from models.z_image.transformer import ZImageTransformer
@@ -236,6 +236,7 @@ def _load_quantized(model: nn.Module, sd: dict, qmap: dict, what: str, files: li
     if meta:
         raise UserError(f"{what} int8 checkpoint {where} has no data for {len(meta)} tensors "
                         f"(first: {', '.join(meta[:3])})")
+    align_int8_storage(model)  # the file's int8 views can sit at any offset: see its docstring
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
