@@ -169,23 +169,32 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], what: str, source:
 _SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
+def _convert_key(key: str) -> str | None:
+    """One ComfyUI / original single-file key -> its diffusers key (None: a tensor the model drops).
+
+    A fused `.attention.qkv.weight` keeps its name here; the callers split it."""
+    for prefix in _SINGLE_FILE_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    if key == "norm_final.weight":
+        return None  # present in original files, unused by the model (diffusers drops it too)
+    if key.startswith("x_embedder."):
+        key = "all_x_embedder.2-1." + key[len("x_embedder."):]
+    elif key.startswith("final_layer."):
+        key = "all_final_layer.2-1." + key[len("final_layer."):]
+    key = key.replace(".attention.out.", ".attention.to_out.0.")
+    key = re.sub(r"\.attention\.q_norm\.", ".attention.norm_q.", key)
+    return re.sub(r"\.attention\.k_norm\.", ".attention.norm_k.", key)
+
+
 def convert_transformer_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ComfyUI / original single-file keys -> diffusers keys; diffusers keys pass unchanged."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        for prefix in _SINGLE_FILE_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        if key == "norm_final.weight":
-            continue  # present in original files, unused by the model (diffusers drops it too)
-        if key.startswith("x_embedder."):
-            key = "all_x_embedder.2-1." + key[len("x_embedder."):]
-        elif key.startswith("final_layer."):
-            key = "all_final_layer.2-1." + key[len("final_layer."):]
-        key = key.replace(".attention.out.", ".attention.to_out.0.")
-        key = re.sub(r"\.attention\.q_norm\.", ".attention.norm_q.", key)
-        key = re.sub(r"\.attention\.k_norm\.", ".attention.norm_k.", key)
+        key = _convert_key(key)
+        if key is None:
+            continue
         if key.endswith(".attention.qkv.weight"):
             base = key[: -len("qkv.weight")]
             q, k, v = value.chunk(3, dim=0)
@@ -195,8 +204,91 @@ def convert_transformer_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def transformer_config(files: list[Path], config_path: Path | None) -> ZImageConfig:
-    """Config from config.json, else the file's metadata, else a sibling json, else the 6B default."""
+def transformer_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """The diffusers names and shapes of the tensors in files, read from their headers only.
+
+    quanto int8 files name a weight's data `<module>.weight._data`: it is reported as `<module>.weight`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for raw in f.keys():
+                    key = _convert_key(raw)
+                    if key is None or key.endswith(("._scale", ".input_scale", ".output_scale")):
+                        continue
+                    key = key.removesuffix("._data")
+                    shape = tuple(f.get_slice(raw).get_shape())
+                    if key.endswith(".attention.qkv.weight"):
+                        base = key[: -len("qkv.weight")]
+                        for part in ("to_q", "to_k", "to_v"):
+                            shapes[f"{base}{part}.weight"] = (shape[0] // 3, *shape[1:])
+                        continue
+                    shapes[key] = shape
+        except FileNotFoundError:
+            raise UserError(f"missing weight file: {path}") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"corrupt or unreadable weight file {path}: {e}") from None
+    return shapes
+
+
+def infer_transformer_config(shapes: dict[str, tuple[int, ...]], source: Path) -> ZImageConfig:
+    """The architecture a checkpoint's tensor shapes describe, as ComfyUI detects models.
+
+    Read from the shapes: dim and patch sizes (the x embedder), the channel count, the number of
+    main and refiner layers, heads and KV heads (the q/k norm size is the head dim), the caption
+    width, whether q/k are normed. Not in the shapes, so the 6B values: norm eps, RoPE theta and
+    table lengths, the timestep scale. The RoPE axes split the head dim 1/4, 3/8, 3/8 as the 6B's
+    128 = 32 + 48 + 48 does.
+    """
+    def need(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise UserError(f"{source} is not a Z-Image transformer: it has no tensor {key!r} "
+                            f"(first keys: {', '.join(sorted(shapes)[:3]) or 'none'})")
+        return shapes[key]
+
+    embedders = sorted(k for k in shapes if re.fullmatch(r"all_x_embedder\.\d+-\d+\.weight", k))
+    if len(embedders) != 1:
+        need("all_x_embedder.2-1.weight")  # names the key when there is none
+        raise UserError(f"{source}: several patch embedders ({', '.join(embedders)}): not a Z-Image checkpoint")
+    p, pf = (int(n) for n in embedders[0].split(".")[1].split("-"))
+    dim, patch_in = need(embedders[0])
+    if patch_in % (p * p * pf):
+        raise UserError(f"{source}: tensor {embedders[0]} of shape {(dim, patch_in)} fits no {p}x{p} patch layout")
+
+    def count(prefix: str) -> int:
+        found = {int(m.group(1)) for k in shapes if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
+        return max(found) + 1 if found else 0
+
+    n_layers, n_refiner = count("layers"), count("noise_refiner")
+    if n_layers == 0:
+        need("layers.0.attention.to_q.weight")
+    norm_q = shapes.get("layers.0.attention.norm_q.weight")
+    head_dim = norm_q[0] if norm_q else None
+    if head_dim is None:  # no q/k norm: the 6B's head dim
+        head_dim = sum(ZImageConfig().axes_dims)
+    q_rows = need("layers.0.attention.to_q.weight")[0]
+    k_rows = need("layers.0.attention.to_k.weight")[0]
+    if dim % head_dim or q_rows != dim or k_rows % head_dim or head_dim % 8:
+        raise UserError(f"{source}: tensor layers.0.attention.norm_q.weight (head dim {head_dim}) does not "
+                        f"divide the width {dim} (to_q {q_rows} rows, to_k {k_rows}): no Z-Image architecture fits")
+    cap = need("cap_embedder.1.weight")
+    quarter = head_dim // 4
+    axes = [quarter, (head_dim - quarter) // 2, head_dim - quarter - (head_dim - quarter) // 2]
+    return ZImageConfig(all_patch_size=[p], all_f_patch_size=[pf], in_channels=patch_in // (p * p * pf), dim=dim,
+                        n_layers=n_layers, n_refiner_layers=n_refiner, n_heads=dim // head_dim,
+                        n_kv_heads=k_rows // head_dim, qk_norm=norm_q is not None, cap_feat_dim=cap[1],
+                        axes_dims=axes)
+
+
+def _fits(cfg: ZImageConfig, shapes: dict[str, tuple[int, ...]]) -> bool:
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ZImageTransformer(cfg).state_dict().items()}
+    return all(shapes.get(k) == v for k, v in expected.items())
+
+
+def transformer_config(files: list[Path], config_path: Path | None, folder_config: Path | None = None) -> ZImageConfig:
+    """config.json when given, else the file's metadata, else a sibling json, else the model folder's
+    config when the file's tensors fit it, else the architecture read from the tensors' shapes."""
     if config_path is not None:
         return _config_or_error(_read_json(config_path), config_path)
     meta = read_metadata(files[0])
@@ -208,7 +300,12 @@ def transformer_config(files: list[Path], config_path: Path | None) -> ZImageCon
     for sibling in (files[0].with_name(files[0].stem + "_config.json"), files[0].with_name("config.json")):
         if sibling.is_file():
             return _config_or_error(_read_json(sibling), sibling)
-    return ZImageConfig()
+    shapes = transformer_shapes(files)
+    if folder_config is not None and Path(folder_config).is_file():
+        cfg = _config_or_error(_read_json(folder_config), folder_config)
+        if _fits(cfg, shapes):
+            return cfg
+    return infer_transformer_config(shapes, files[0])
 
 
 def _config_or_error(cfg: dict, source: Path) -> ZImageConfig:
@@ -219,9 +316,10 @@ def _config_or_error(cfg: dict, source: Path) -> ZImageConfig:
 
 
 def load_transformer(
-    files: list[Path], config_path: Path | None, dtype: torch.dtype, device: torch.device
+    files: list[Path], config_path: Path | None, dtype: torch.dtype, device: torch.device,
+    folder_config: Path | None = None,
 ) -> ZImageTransformer:
-    cfg = transformer_config(files, config_path)
+    cfg = transformer_config(files, config_path, folder_config)
     sd = convert_transformer_keys(read_state_dict(files))
     with torch.device("meta"):
         model = ZImageTransformer(cfg)

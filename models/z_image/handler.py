@@ -173,7 +173,10 @@ class ZImageHandler(FamilyHandler):
             if not tf.is_file():
                 raise UserError(f"transformer file not found: {tf}")
             files.missing = [p for p in files.missing if p not in files.transformer]
-            files.transformer, files.transformer_config = [tf], None
+            # the folder's config still serves when the file's tensors fit it (it carries what shapes cannot say)
+            folder_config, files.transformer, files.transformer_config = files.transformer_config, [tf], None
+        else:
+            folder_config = None
         want_int8 = {"transformer": quantizeTransformer or transformer_quantization == "int8",
                      "text encoder": text_encoder_quantization == "int8"}
         int8_files = {}
@@ -187,8 +190,9 @@ class ZImageHandler(FamilyHandler):
 
         def load_transformer():
             if "transformer" in int8_files:
-                return q.load_transformer_int8(int8_files["transformer"], files.transformer_config, dtype, device)
-            model = ck.load_transformer(files.transformer, files.transformer_config, dtype, device)
+                return q.load_transformer_int8(int8_files["transformer"], files.transformer_config, dtype, device,
+                                               folder_config)
+            model = ck.load_transformer(files.transformer, files.transformer_config, dtype, device, folder_config)
             if want_int8["transformer"]:
                 q.quantize_on_the_fly(model)
                 if save_quantized:

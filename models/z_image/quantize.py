@@ -283,7 +283,8 @@ def _transformer_module_name(name: str) -> str:
 
 
 def load_transformer_int8(
-    files: list[Path], config_path: Path | None, dtype: torch.dtype, device: torch.device
+    files: list[Path], config_path: Path | None, dtype: torch.dtype, device: torch.device,
+    folder_config: Path | None = None,
 ) -> ZImageTransformer:
     """The transformer from quanto int8 file(s), mirroring `checkpoints.load_transformer`.
 
@@ -296,7 +297,8 @@ def load_transformer_int8(
         raise UserError(f"{files[0]} has no quantization map (metadata 'quantization_map' or "
                         f"{files[0].stem}_map.json): not a quanto int8 file")
     meta_cfg = None if config_path is not None else _metadata_json(ck.read_metadata(files[0]), "config", files[0])
-    cfg = ck.transformer_config(files, config_path) if meta_cfg is None else ck._config_or_error(meta_cfg, files[0])
+    cfg = (ck.transformer_config(files, config_path, folder_config) if meta_cfg is None
+           else ck._config_or_error(meta_cfg, files[0]))
     sd = ck.convert_transformer_keys(ck.read_state_dict(files))
     qmap = _rename_map(qmap, _transformer_module_name)
     with torch.device("meta"):
