@@ -260,7 +260,7 @@ def _unwrap_compiled_blocks(model: nn.Module) -> None:
     checks are redundant there.
     """
     for block in model.modules():
-        if not block.__dict__.get("_wgp_compiled"):
+        if getattr(block, "is_compiled_region", False) is not True:
             continue
         for inner in block.modules():
             attrs = inner.__dict__

@@ -67,6 +67,9 @@ def test_regional_compile_no_recompile_for_new_lengths(dynamic):
             assert torch.allclose(model(x, t, [c]), eager[n], atol=1e-5)
         model(torch.randn(1, 16, 16, 12), t, [caps[40]])  # another resolution
         assert counters["stats"]["unique_graphs"] == graphs
+    # the blocks' dynamo settings apply around their calls, not to the whole process
+    assert torch._dynamo.config.skip_nnmodule_hook_guards is True
+    assert torch._dynamo.config.recompile_limit == 8
     torch._dynamo.reset()
 
 

@@ -121,6 +121,8 @@ class FeedForward(nn.Module):
 class _BlockBase(nn.Module):
     """Sandwich-normed attention + SwiGLU (the parts every block shares)."""
 
+    is_compiled_region = False  # set by compile_blocks: app.offload keeps mmgp's checks out of such blocks
+
     def __init__(self, cfg: ZImageConfig):
         super().__init__()
         dim = cfg.dim
@@ -319,7 +321,7 @@ def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: st
     recompiling; nothing is padded further to get there, since pad tokens change the image.
     The block's `forward` is compiled, not its `__call__`: hooks on the block itself (mmgp's
     loading of streamed blocks) stay outside the graph, while the LoRA hooks of the Linear layers
-    inside are traced. Compiled blocks are marked `_wgp_compiled` (app.offload then moves mmgp's
+    inside are traced. Compiled blocks say so (`is_compiled_region`; app.offload then moves mmgp's
     wrappers off their inner layers). Returns the number of blocks compiled.
 
     dynamic: "all" compiles every dimension symbolic (dynamic=True); "sequence" marks only the
@@ -328,18 +330,21 @@ def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: st
     """
     if dynamic not in ("all", "sequence"):
         raise ValueError(f"dynamic must be 'all' or 'sequence' (got {dynamic!r})")
-    # variants per block kind: batch 1 vs more (0/1 specialization), image-only vs full sequence,
-    # and CFG on/off; the default limit of 8 is too tight when several models share the code
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    # LoRAs are forward hooks on the blocks' Linear layers, added and removed after compiling: by
-    # default dynamo does not guard on hooks and would keep running the code traced without them
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    # Two dynamo settings these blocks need, applied around each of their calls only (that is when
+    # dynamo traces, guards and counts recompiles), not to the whole process:
+    # - variants per block kind: batch 1 vs more (0/1 specialization), image-only vs full sequence,
+    #   and CFG on/off; the default limit of 8 is too tight when several models share the code
+    # - LoRAs are forward hooks on the blocks' Linear layers, added and removed after compiling: by
+    #   default dynamo does not guard on hooks and would keep running the code traced without them
+    limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
     for block in blocks:
         if dynamic == "all":
-            block.forward = torch.compile(block.forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
+            compiled = torch.compile(block.forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
         else:
-            block.forward = _mark_sequence_dynamic(
+            compiled = _mark_sequence_dynamic(
                 torch.compile(block.forward, backend=backend, mode=mode, dynamic=None, fullgraph=True))
-        block._wgp_compiled = True
+        # a patch object per block: it saves the values it replaces on itself
+        block.forward = torch._dynamo.config.patch(recompile_limit=limit, skip_nnmodule_hook_guards=False)(compiled)
+        block.is_compiled_region = True
     return len(blocks)
