@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import UserError
+from models.params import Param
 
 log = logging.getLogger("wgp_zimage")
 
@@ -36,6 +37,14 @@ class FamilyHandler:
     equivalences: dict[str, tuple[str, ...]] = {}
 
     int8_ready: bool = False  # whether load_model can take quanto int8 weights
+    # the family's own generation parameters (app/params.py has the common ones); its pipeline
+    # receives each under its name
+    params: tuple[Param, ...] = ()
+
+    def param_layout(self, architecture: str) -> dict[str, str]:
+        """Where the page shows a parameter for this architecture, when not where it is declared:
+        {name: "main" | "advanced" | "hidden"} (hidden ones keep the model's default)."""
+        return {}
 
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {}

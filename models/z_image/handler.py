@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from models.errors import UserError
+from models.params import Param
 from models.registry import FamilyHandler, register_handler
 from models.z_image import checkpoints as ck
 from models.z_image.pipeline import ZImagePipeline
@@ -31,6 +32,23 @@ SHARED_FILES = (
 )
 
 
+# Z-Image's own generation parameters (the common ones are in app/params.py); the pipeline takes
+# each under its name. Guidance g means pos + g * (pos - neg), so A1111's CFG scale is g + 1.
+PARAMS = (
+    Param("guidance_scale", float, 4.0, "Guidance", minimum=0.0, maximum=20.0, step=0.1, cli="--guidance",
+          model_tuned=True, a1111="CFG scale", a1111_value=lambda g: g + 1, legacy=("guidance",),
+          help="CFG scale g (0 = off, no negative pass; Base's 4 is 'CFG 5' in other UIs)"),
+    Param("flow_shift", float, 6.0, "Flow shift", minimum=1.0, maximum=10.0, step=0.1, cli="--flow-shift",
+          model_tuned=True, a1111="Flow shift", help="sampling shift (1-10; Base 6, Turbo 3)"),
+    Param("cfg_normalization", float, 0.0, "CFG normalization", minimum=0.0, maximum=100.0, step=0.1,
+          cli="--cfg-normalization", group="advanced",
+          help="caps the guided prediction's norm at K x the positive one (0 = off, default)"),
+    Param("cfg_truncation", float, 1.0, "CFG truncation", minimum=0.0, maximum=100.0, slider_maximum=1.0, step=0.01,
+          cli="--cfg-truncation", group="advanced",
+          help="guidance off once 1 - sigma exceeds C (1.0, the default, never truncates)"),
+)
+
+
 def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
@@ -41,6 +59,13 @@ class ZImageHandler(FamilyHandler):
     architectures = ("z_image_base", "z_image", "z_image_tiny")
     aliases = {"base": "z_image_base", "turbo": "z_image", "tiny": "z_image_tiny"}
     equivalences = {"z_image_base": ("z_image",), "z_image": ("z_image_base",)}
+    params = PARAMS
+
+    def param_layout(self, architecture: str) -> dict[str, str]:
+        if architecture == "z_image":  # distilled for one shift and no CFG
+            return {"negative_prompt": "hidden", "flow_shift": "advanced", "cfg_normalization": "hidden",
+                    "cfg_truncation": "hidden"}
+        return {}
 
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {"max_prompt_tokens": 512, **self._defaults(architecture)}

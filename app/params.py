@@ -1,0 +1,111 @@
+"""The app's generation parameters and everything derived from the declarations.
+
+Common parameters are declared here (`COMMON`); a family declares its own in its handler
+(`FamilyHandler.params`). From these declarations, and nowhere else: the `generate` options
+(`add_generate_options`), the page's form (app/ui_form.py), the job spec and its validation
+(app/jobs.py: `spec_from_values`), image metadata and its A1111 text (app/metadata.py),
+generation profiles (app/settings.py) and the `/generate` API's arguments.
+
+To add a parameter: declare it (here if every family takes it, else in the family's handler)
+and read it in the family's pipeline, which receives it under its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from typing import Any
+
+from models.params import Param
+
+MAX_SEED = 2**32 - 1
+# The tokenizer reads 512 tokens (a few thousand characters); the cap keeps a pasted book out of the
+# queue file and every image's metadata.
+MAX_PROMPT_CHARS = 20_000
+MEMORY_PROFILES = (1, 2, 3, 4, 5)  # MMGP memory profiles (app/offload.py); kept here so no torch is needed
+
+COMMON: tuple[Param, ...] = (
+    Param("prompt", str, "", "Prompt", cli="--prompt", widget="text", max_length=MAX_PROMPT_CHARS,
+          help="the prompt"),
+    Param("negative_prompt", str, "", "Negative prompt", cli="--negative-prompt", widget="text",
+          max_length=MAX_PROMPT_CHARS, model_tuned=True, help="what the image should not show"),
+    Param("width", int, 1024, "Width", minimum=16, maximum=4096, multiple_of=16, step=16, cli="--width",
+          model_tuned=True, help="image width in pixels (16-4096, a multiple of 16)"),
+    Param("height", int, 1024, "Height", minimum=16, maximum=4096, multiple_of=16, step=16, cli="--height",
+          model_tuned=True, help="image height in pixels (16-4096, a multiple of 16)"),
+    Param("num_inference_steps", int, 30, "Steps", minimum=1, maximum=100, step=1, cli="--steps",
+          model_tuned=True, a1111="Steps", help="denoising steps = model evaluations (1-100)"),
+    Param("seed", int, -1, "Seed", minimum=-1, maximum=MAX_SEED, cli="--seed", widget="number", pipeline=False,
+          a1111="Seed", help="-1 = random (default; reported); image i of a batch uses seed + i"),
+    Param("num_images", int, 1, "Number of images", minimum=1, maximum=16, step=1, cli="--num-images",
+          pipeline=False, legacy=("images",), help="images per prompt (1-16, default 1); image i uses seed + i"),
+    Param("memory_profile", int, None, "Memory profile", choices=MEMORY_PROFILES, optional=True, group="advanced",
+          widget="dropdown", pipeline=False,
+          help="MMGP memory profile for this job only (CUDA); none: the app's configured one"),
+)
+# parameters with controls of their own on the page and the command line (the prompt box with its
+# token count and one-job-per-line, --prompt / --prompt-file, the memory profile's dropdown of
+# descriptions and --memory-profile, which on the command line sets the app's profile)
+CUSTOM_CONTROLS = ("prompt", "memory_profile")
+
+
+def family_params() -> list[Param]:
+    """Every registered family's own parameters (a name declared by two families is one parameter)."""
+    from models.registry import discover_handlers
+
+    out: dict[str, Param] = {}
+    for handler in discover_handlers().values():
+        for p in handler.params:
+            out.setdefault(p.name, p)
+    return list(out.values())
+
+
+def all_params() -> list[Param]:
+    """The common parameters, then the families' (declaration order)."""
+    common = {p.name for p in COMMON}
+    return [*COMMON, *(p for p in family_params() if p.name not in common)]
+
+
+def by_name() -> dict[str, Param]:
+    return {p.name: p for p in all_params()}
+
+
+def params_of(architecture: str | None) -> list[Param]:
+    """The parameters a model architecture takes: the common ones and its family's."""
+    if architecture is None:
+        return list(COMMON)
+    from models.registry import handler_for
+
+    names = {p.name for p in COMMON}
+    return [*COMMON, *(p for p in handler_for(architecture).params if p.name not in names)]
+
+
+def stored(params: Iterable[Param]) -> list[Param]:
+    return [p for p in params if p.stored]
+
+
+# ------------------------------------------------------------------ the command line
+
+def add_generate_options(parser: argparse.ArgumentParser) -> None:
+    """One `generate` option per declared parameter (custom controls excepted).
+
+    Values stay text until `Param.parse` reads them, so a bad value gets the same message as in the
+    page; absent options are None (the profile, image or model default applies).
+    """
+    group = parser.add_argument_group("generation parameters")
+    for p in all_params():
+        if p.cli is None or p.name in CUSTOM_CONTROLS:
+            continue
+        group.add_argument(p.cli, dest=p.name, default=None, metavar=p.metavar or p.kind.__name__.upper(),
+                           help=p.help + (f" ({p.describe_range()})" if p.choices else ""))
+
+
+def cli_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation parameters given on the command line (raw text, not yet parsed)."""
+    return {p.name: getattr(args, p.name) for p in all_params()
+            if p.cli is not None and p.name not in CUSTOM_CONTROLS and getattr(args, p.name, None) is not None}
+
+
+def readme_options() -> list[str]:
+    """`--flag` names of the generate options derived from the table (the README lists them)."""
+    return [p.cli for p in all_params() if p.cli is not None and p.name not in CUSTOM_CONTROLS]

@@ -1,0 +1,159 @@
+"""Generation parameters: each one declared once, as a `Param`.
+
+The app's common parameters are declared in app/params.py, a family's own ones by its handler
+(`FamilyHandler.params`). Everything else derives from the declarations: the `generate` options
+of the CLI, the controls of the page's form, the job spec and its validation, the image metadata
+(with the A1111 `parameters` text), the generation profiles and the `/generate` API. So adding a
+parameter to a family is its declaration plus the family's pipeline reading it.
+
+This module knows nothing of argparse or Gradio; `Param.parse` is the one validation of a value,
+whatever its source (a command-line string, a slider's float, JSON from a file or an image), and
+its messages name the parameter the same way everywhere: "Steps (--steps) must be ...".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from models.errors import UserError
+
+# ASCII only: int("٣") == 3 and float("²") fails differently; a value typed as text must look like this
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+KINDS = (int, float, str, bool)
+GROUPS = ("main", "advanced")
+WIDGETS = ("slider", "number", "text", "checkbox", "dropdown")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class Param:
+    """One generation parameter.
+
+    name: the job spec's field and the key in image metadata, profiles and the API.
+    kind: int, float, str or bool. default: the value when nothing says otherwise (a model
+    definition's settings override it per model type when `model_tuned`).
+    minimum / maximum / multiple_of / choices / max_length: what parse() accepts.
+    label / help: what the page and `--help` show; cli: the option of `generate` (None: none).
+    group: where the page puts it ("main" or "advanced"; a handler may move or hide it per model);
+    widget: its kind of control; step: a slider's step; slider_maximum: a slider's end when
+    narrower than what parse accepts. stored: kept in image metadata and generation profiles. a1111 / a1111_value:
+    its name (and value formatter) in the A1111 `parameters` text. pipeline: passed to the family's
+    pipeline under `name`. legacy: older names read from old profile files. optional: None is a
+    value (meaning "not set": the app's default).
+    """
+
+    name: str
+    kind: type
+    default: Any
+    label: str
+    help: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple_of: int | None = None
+    choices: tuple[Any, ...] = ()
+    max_length: int | None = None
+    cli: str | None = None
+    metavar: str | None = None
+    group: str = "main"
+    widget: str = "slider"
+    step: float | None = None
+    slider_maximum: float | None = None
+    stored: bool = True
+    a1111: str | None = None
+    a1111_value: Callable[[Any], Any] | None = None
+    pipeline: bool = True
+    model_tuned: bool = False
+    legacy: tuple[str, ...] = ()
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"parameter {self.name}: kind must be one of int, float, str, bool")
+        if self.group not in GROUPS or self.widget not in WIDGETS:
+            raise ValueError(f"parameter {self.name}: unknown group {self.group!r} or widget {self.widget!r}")
+
+    @property
+    def display(self) -> str:
+        """How messages name it: "Steps (--steps)"."""
+        return f"{self.label} ({self.cli})" if self.cli else self.label
+
+    def describe_range(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        if self.minimum is not None and self.maximum is not None:
+            return f"{self.minimum:g}-{self.maximum:g}"
+        return ""
+
+    def parse(self, value: Any) -> Any:
+        """value, typed and checked; UserError naming the parameter otherwise."""
+        if value is None or (isinstance(value, str) and not value.strip() and self.kind is not str):
+            if self.optional:
+                return None
+            raise UserError(f"{self.display} is missing")
+        if self.kind is str:
+            out = self._parse_text(value)
+        elif self.kind is bool:
+            out = self._parse_bool(value)
+        else:
+            out = self._parse_number(value)
+        if self.choices and out not in self.choices:
+            raise UserError(f"{self.display} must be {self.describe_range()} (got {_short(value)})")
+        return out
+
+    def _parse_text(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise UserError(f"{self.display} must be text (got {_short(value)})")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{self.display} holds characters that cannot be encoded (a lone surrogate?)") from None
+        if self.max_length is not None and len(value) > self.max_length:
+            raise UserError(f"{self.display} is {len(value)} characters long; the limit is {self.max_length}")
+        return value
+
+    def _parse_bool(self, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise UserError(f"{self.display} must be true or false (got {_short(value)})")
+
+    def _parse_number(self, value: Any) -> int | float:
+        whole = "a whole number" if self.kind is int else "a number"
+        if isinstance(value, bool):
+            raise UserError(f"{self.display} must be {whole} (got {_short(value)})")
+        if isinstance(value, str):
+            text = value.strip()
+            if _INT_RE.fullmatch(text):
+                value = int(text)
+            elif _FLOAT_RE.fullmatch(text):
+                value = float(text)
+            else:
+                raise UserError(f"{self.display} must be {whole} (got {_short(value)})")
+        if not isinstance(value, (int, float)):
+            raise UserError(f"{self.display} must be {whole} (got {_short(value)})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{self.display} must be a finite number (got {value})")
+        if self.kind is int:
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise UserError(f"{self.display} must be a whole number (got {value:g})")
+                value = int(value)
+        else:
+            value = float(value)
+        lo, hi = self.minimum, self.maximum
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise UserError(f"{self.display} must be between {lo:g} and {hi:g} (got {value:g})")
+        if self.multiple_of and value % self.multiple_of:
+            raise UserError(f"{self.display} must be a multiple of {self.multiple_of} (got {value:g})")
+        return value
