@@ -205,8 +205,9 @@ class JobQueue:
             self._jobs.remove(job)
             self._changed()
 
-    def move(self, job_id: str, direction: str) -> None:
-        """Swap a queued job with the previous / next queued job ("up" runs it sooner)."""
+    def move(self, job_id: str, direction: str) -> bool:
+        """Swap a queued job with the previous / next queued job ("up" runs it sooner); False when it is
+        already the first (up) / last (down) queued job, so nothing moved."""
         if direction not in ("up", "down"):
             raise ValueError("direction is 'up' or 'down'")
         with self._cond:
@@ -216,10 +217,11 @@ class JobQueue:
             queued = [j for j in self._jobs if j.status == "queued"]
             k = queued.index(job) + (-1 if direction == "up" else 1)
             if not 0 <= k < len(queued):
-                return  # already first / last: nothing to do
+                return False
             a, b = self._jobs.index(job), self._jobs.index(queued[k])
             self._jobs[a], self._jobs[b] = self._jobs[b], self._jobs[a]
             self._changed()
+            return True
 
     def retry(self, job_id: str) -> None:
         """Queue a failed, aborted or interrupted job again, in its place in the list."""

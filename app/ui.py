@@ -520,7 +520,8 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                     if op == "remove":
                         queue.remove(job_id)
                     elif op in ("up", "down"):
-                        queue.move(job_id, op)
+                        if not queue.move(job_id, op):
+                            return f"Job {job_id} is already {'first' if op == 'up' else 'last'} in the queue."
                     else:
                         queue.retry(job_id)
                 except UserError as e:

@@ -164,6 +164,14 @@ def test_broken_state_file_starts_empty(make_queue, tmp_path):
     assert (tmp_path / "bad.json.broken").read_text() == "{not json"
 
 
+def test_move_reports_first_and_last(make_queue):
+    q = make_queue()
+    a, b = q.submit(spec("a")), q.submit(spec("b"))
+    assert q.move(a, "up") is False and q.move(b, "down") is False
+    assert [j["id"] for j in q.snapshot()] == [a, b]
+    assert q.move(b, "up") is True and [j["id"] for j in q.snapshot()] == [b, a]
+
+
 def test_latent_preview():
     rng = np.random.default_rng(0)
     im = latent_preview(rng.standard_normal((2, 16, 8, 12)).astype(np.float32))

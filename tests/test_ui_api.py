@@ -126,6 +126,9 @@ def test_queue_remove_move_retry_and_abort(app):
     app.wait(lambda jobs: jobs[long]["phase"] == "denoising")  # running: what follows waits behind it
     a, b, c = (app.generate(p, seed=1)[0] for p in ("job a", "job b", "job c"))
     assert "Moved" in app.client.predict(c, api_name="/move_up")  # long | a c b
+    # the next job to run cannot move up, nor the last one down: said so, nothing moves
+    assert app.client.predict(a, api_name="/move_up") == f"Job {a} is already first in the queue."
+    assert app.client.predict(b, api_name="/move_down") == f"Job {b} is already last in the queue."
     assert "Removed" in app.client.predict(b, api_name="/remove")  # long | a c
     order = [i for i in app.jobs() if i in (a, b, c)]
     assert order == [a, c]
