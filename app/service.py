@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from app.jobs import JobSpec, resolve_seed, size_warnings, validate
-from app.outputs import output_name, save_image_atomic, unique_path
+from app.outputs import clean_stale_parts, output_name, save_image_atomic, unique_path
 from models.attention import set_attention_backend
 from models.errors import GenerationInterrupted, UserError
 from models.registry import ModelDefinition, handler_for, load_definitions, resolve_model_type
@@ -128,6 +128,8 @@ class GenerationService:
         self._libraries: dict[str, object] = {}
         self._lock = threading.RLock()
         self.abort = threading.Event()
+        # a process killed while saving leaves a 0-byte or partial temporary file beside the image it wrote
+        clean_stale_parts(self.config.output_dir)
 
     # ------------------------------------------------------------ models and defaults
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -170,6 +171,21 @@ def test_move_reports_first_and_last(make_queue):
     assert q.move(a, "up") is False and q.move(b, "down") is False
     assert [j["id"] for j in q.snapshot()] == [a, b]
     assert q.move(b, "up") is True and [j["id"] for j in q.snapshot()] == [b, a]
+
+
+def test_stale_part_files_are_removed_at_start(service, tmp_path):
+    from app.outputs import clean_stale_parts
+
+    old = tmp_path / ".2024-01-01-10h00m00s_seed1_1_fox.png.k3j9_x0a.part"
+    fresh = tmp_path / ".2024-01-01-10h00m01s_seed2_1_fox.png.Zx81ab2c.part"
+    other = tmp_path / "notes.part"
+    for f in (old, fresh, other):
+        f.write_bytes(b"")
+    os.utime(old, (1, 1))
+    os.utime(other, (1, 1))
+    GenerationService(ServiceConfig(checkpoints_dir=service.config.checkpoints_dir, output_dir=tmp_path))
+    assert not old.exists() and fresh.exists() and other.exists()  # a fresh one may be another process's
+    assert clean_stale_parts(tmp_path / "missing") == []
 
 
 def test_latent_preview():
