@@ -7,6 +7,8 @@ The list is written atomically (temp file + os.replace) on every structural chan
 remove, move, retry, a job starting or finishing), not on every denoising step. When the process
 dies, the job it was running comes back as "interrupted": it is re-run only by `retry(id)`, never
 silently (it may be the job that killed the process). Jobs still "queued" run again after a restart.
+A saved job that does not make sense (no settings, unknown status, duplicate id, text that is not
+Unicode) is moved aside to `<state file>.rejected` with a message; the rest of the queue is kept.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.jobs import JobSpec, validate
+from app.jobs import JobSpec, text_problem, validate
 from models.errors import GenerationInterrupted, UserError
 from models.files import atomic_path
 
@@ -36,6 +39,8 @@ STATUSES = ("queued", "running", "done", "failed", "interrupted", "aborted")
 FINISHED = ("done", "failed", "interrupted", "aborted")
 RETRYABLE = ("failed", "interrupted", "aborted")
 KEEP_FINISHED = 100  # older done/failed/aborted jobs drop off the persisted history
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+INTERRUPTED_ERROR = "the app stopped while this job was running; retry it to run it again"
 
 # Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
 # the factors ComfyUI's latent previewer uses for Flux: one matrix product instead of a VAE decode.
@@ -66,9 +71,15 @@ def latent_preview(latents: Any, max_side: int = PREVIEW_MAX_SIDE) -> Image.Imag
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
+def clean_text(text: str) -> str:
+    """text that any JSON encoder takes: characters that are not Unicode (lone surrogates) become "?"."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def user_message(exc: BaseException) -> str:
     """One clear line for the page; the traceback goes to the log."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = clean_text(text)  # an exception may quote the input: the message must stay serializable
     if isinstance(exc, UserError):
         return text
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
@@ -105,6 +116,57 @@ class Job:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# the saved job's fields and what each must hold (older files lack the later ones: defaults apply)
+_NUMBER = (int, float)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # name -> (types, None allowed)
+    "created": (_NUMBER, False), "started": (_NUMBER, True), "finished": (_NUMBER, True),
+    "phase": ((str,), False), "step": ((int,), False), "total": ((int,), False),
+    "seconds_per_step": (_NUMBER, True), "eta": (_NUMBER, True), "seconds": (_NUMBER, True),
+    "error": ((str,), False),
+}
+_LIST_TYPES: dict[str, type] = {"paths": str, "seeds": int, "lora_reports": str}
+
+
+def job_from_record(record: Any) -> Job:
+    """A saved job, checked; ValueError saying what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"not a job record ({type(record).__name__})")
+    job_id = record.get("id")
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise ValueError(f"no usable id ({str(job_id)[:40]!r})")
+    status = record.get("status")
+    if status not in STATUSES:
+        raise ValueError(f"unknown status {str(status)[:40]!r}")
+    for name, (types, nullable) in _FIELD_TYPES.items():
+        if name in record:
+            value = record[name]
+            if not ((value is None and nullable) or (isinstance(value, types) and not isinstance(value, bool))):
+                raise ValueError(f"bad {name} ({str(value)[:40]!r})")
+    for name, item_type in _LIST_TYPES.items():
+        value = record.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, item_type) and not isinstance(v, bool)
+                                                  for v in value):
+            raise ValueError(f"bad {name} (a list of {item_type.__name__} expected)")
+    for name in ("phase", "error", "paths", "lora_reports"):
+        for text in record.get(name) if isinstance(record.get(name), list) else [record.get(name, "")]:
+            if text_problem(text):
+                raise ValueError(f"{name} {text_problem(text)}")
+    spec = record.get("spec")
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError("no settings (spec)")
+    if not isinstance(spec.get("model_type"), str):
+        raise ValueError("no model type in its settings")
+    try:
+        job_spec = JobSpec.from_dict(spec)
+    except TypeError as e:
+        raise ValueError(f"bad settings ({e})") from None
+    try:
+        validate(job_spec)
+    except UserError as e:
+        raise ValueError(f"bad settings: {e}") from None
+    return Job.from_dict({**record, "spec": job_spec.to_dict()})
+
+
 class JobQueue:
     """Runs jobs one at a time through `service.generate`; thread-safe; see the module docstring."""
 
@@ -123,6 +185,7 @@ class JobQueue:
         self._remove_after: set[str] = set()  # running jobs removed by the user: dropped when they stop
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.notices: list[str] = []  # restore problems, for the page (one line each)
         self._restore()
 
     # ------------------------------------------------------------ persistence
@@ -132,26 +195,59 @@ class JobQueue:
             return
         try:
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            jobs = [Job.from_dict(j) for j in data.get("jobs", [])]
+            records = data.get("jobs", [])
+            if not isinstance(records, list):
+                raise TypeError("'jobs' is not a list")
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # a broken state file must not keep the UI from starting; keep it aside for inspection
             aside = self.state_file.with_name(self.state_file.name + ".broken")
             log.warning("could not read the saved queue %s (%s); moved it to %s, starting with an empty queue",
                         self.state_file, e, aside)
+            self.notices.append(f"the saved queue could not be read ({clean_text(str(e))[:200]}); "
+                                f"it was moved to {aside.name}")
             try:
                 os.replace(self.state_file, aside)
             except OSError:
                 pass
             return
-        for job in jobs:
+        jobs, rejected, seen = [], [], set()
+        for record in records:
+            try:
+                job = job_from_record(record)
+                if job.id in seen:
+                    raise ValueError("duplicate id")
+            except ValueError as e:
+                rejected.append({"reason": str(e), "job": record})
+                continue
+            seen.add(job.id)
             if job.status == "running":
-                job.status, job.phase = "interrupted", ""
-                job.error = "the app stopped while this job was running; retry it to run it again"
-            elif job.status not in STATUSES:
-                job.status = "failed"
-                job.error = f"unknown saved status {job.status!r}"
+                job.status, job.phase, job.error = "interrupted", "", INTERRUPTED_ERROR
+            jobs.append(job)
         self._jobs = jobs
+        if rejected:
+            self._move_aside(rejected)
         self._save()
+
+    def _move_aside(self, rejected: list[dict[str, Any]]) -> None:
+        """Keep saved jobs that cannot be restored in <state file>.rejected (added to what it holds)."""
+        assert self.state_file is not None
+        aside = self.state_file.with_name(self.state_file.name + ".rejected")
+        try:
+            earlier = json.loads(aside.read_text(encoding="utf-8")).get("jobs", [])
+            earlier = earlier if isinstance(earlier, list) else []
+        except (OSError, ValueError, AttributeError):
+            earlier = []
+        try:
+            with atomic_path(aside) as tmp:  # ensure_ascii: a lone surrogate is written as \ud800, readable
+                tmp.write_text(json.dumps({"jobs": earlier + rejected}, indent=1), encoding="utf-8")
+        except OSError:
+            log.exception("could not write %s", aside)
+        for r in rejected:
+            job = r["job"]
+            job_id = clean_text(str(job.get("id") if isinstance(job, dict) else "?"))[:40]
+            line = f"saved job {job_id!r} could not be restored ({clean_text(r['reason'])}); moved to {aside.name}"
+            log.warning("%s", line)
+            self.notices.append(line)
 
     def _save(self) -> None:
         """Write the queue atomically; called with the lock held (or before the worker starts)."""
@@ -236,8 +332,9 @@ class JobQueue:
             self._changed()
 
     def clear_finished(self) -> int:
-        """Drop done, failed and aborted jobs from the list (their images stay on disk)."""
+        """Drop done, failed and aborted jobs from the list (their images stay on disk), and the notices."""
         with self._cond:
+            self.notices.clear()  # seen: the page stops showing them
             before = len(self._jobs)
             self._jobs = [j for j in self._jobs if j.status not in ("done", "failed", "aborted")]
             self._changed()
@@ -364,7 +461,7 @@ class JobQueue:
             with self._cond:
                 job.status, job.error, job.finished, job.phase, job.eta = status, error, time.time(), "", None
                 if status == "interrupted":
-                    job.error = "the app stopped while this job was running; retry it to run it again"
+                    job.error = INTERRUPTED_ERROR
                 if result is not None:
                     job.paths = [str(p) for p in result.paths]
                     job.seeds = list(result.seeds)

@@ -188,6 +188,74 @@ def test_stale_part_files_are_removed_at_start(service, tmp_path):
     assert clean_stale_parts(tmp_path / "missing") == []
 
 
+# ------------------------------------------------------------------ hardening: odd input, limits, crashes
+
+def test_text_that_is_not_unicode_is_refused_at_submit(make_queue, tmp_path):
+    q = make_queue()
+    for bad in (spec("a\ud800b"), spec("ok", negative_prompt="\udcff"),
+                spec("ok", loras=[{"name": "x\ud800", "strength": 1.0}])):
+        with pytest.raises(UserError, match="not valid Unicode text .*lone surrogate") as e:
+            q.submit(bad)
+        str(e.value).encode("utf-8")  # the message itself is sendable
+    assert q.snapshot() == [] and not (tmp_path / "queue.json").exists()  # nothing queued, nothing saved
+
+
+def v1_job(job_id: str, status: str = "queued", **spec_kw) -> dict:
+    """A job as the first queue file format saved it (spec inline, no image indexes)."""
+    s = {**spec("saved " + job_id).to_dict(), **spec_kw}
+    return {"id": job_id, "spec": s, "status": status, "created": 1.0, "started": None, "finished": None,
+            "phase": "", "step": 0, "total": 0, "seconds_per_step": None, "eta": None, "seconds": None,
+            "paths": [], "seeds": [], "error": "", "lora_reports": []}
+
+
+def test_odd_saved_jobs_are_moved_aside_and_the_rest_kept(make_queue, tmp_path):
+    from app.ui import progress_html, queue_table
+
+    state = tmp_path / "queue.json"
+    good, other = v1_job("g00d0001"), v1_job("0ther002", "failed")
+    odd = [
+        {**v1_job("empty001"), "spec": {}},
+        v1_job("status01", "sleeping"),
+        v1_job("g00d0001", "done"),  # a duplicate id
+        v1_job("surr0001", prompt="poison \ud800"),  # what the submit bug let in
+        {**v1_job("types001"), "step": "three"},
+        {**v1_job("types002"), "paths": "a.png"},
+        v1_job("range001", width=100),
+        "not a job",
+        {**v1_job("../evil"), "id": "../evil"},
+    ]
+    state.write_text(json.dumps({"version": 1, "jobs": [good, *odd, other]}))
+    q = make_queue(state)
+    assert [j["id"] for j in q.snapshot()] == ["g00d0001", "0ther002"]
+    assert len(q.notices) == len(odd)
+    assert "'empty001' could not be restored (no settings (spec)); moved to queue.json.rejected" in q.notices[0]
+    assert "unknown status 'sleeping'" in q.notices[1] and "duplicate id" in q.notices[2]
+    assert "lone surrogate" in q.notices[3] and "bad step" in q.notices[4] and "multiple of 16" in q.notices[6]
+    aside = json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"]
+    assert [r["job"] for r in aside] == odd  # every odd record kept, as it was
+    assert all(r["reason"] for r in aside)
+    # the page's table and progress line, and a JSON reply, all work on the restored queue
+    jobs = q.snapshot()
+    json.dumps(jobs, ensure_ascii=False).encode("utf-8")
+    assert list(queue_table(jobs)["ID"]) == ["g00d0001", "0ther002"]
+    assert "could not be restored" in progress_html(jobs, q.notices)
+    # a restart keeps the good jobs; the rejected file keeps its records
+    assert [j["id"] for j in make_queue(state).snapshot()] == ["g00d0001", "0ther002"]
+    assert len(json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"]) == len(odd)
+
+
+def test_queue_table_survives_odd_jobs():
+    from app.ui import progress_html, queue_table
+
+    good = {**v1_job("g00d0001"), "image_indexes": [], "batch_seed": None}
+    jobs = [good, {"id": "x1", "status": "queued"}, {**good, "id": "x2", "spec": {**good["spec"], "width": None}},
+            {**good, "id": "x3", "error": "bad \ud800", "status": "failed", "finished": "soon"}, "junk"]
+    table = queue_table(jobs)
+    assert list(table["ID"])[:2] == ["g00d0001", "x1"] and len(table) == 5
+    json.dumps(table.values.tolist(), ensure_ascii=False).encode("utf-8")  # no lone surrogate reaches the page
+    progress_html(jobs).encode("utf-8")
+
+
 def test_latent_preview():
     rng = np.random.default_rng(0)
     im = latent_preview(rng.standard_normal((2, 16, 8, 12)).astype(np.float32))

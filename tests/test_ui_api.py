@@ -270,3 +270,32 @@ def test_live_token_count(app):
     long = app.client.predict(model_type="z_image_tiny", text="x" * 600, api_name="/token_count")
     assert long.startswith("**619 / 512 tokens**") and "cut" in long
     assert app.client.predict(model_type="z_image_tiny", text="", api_name="/token_count") == ""
+
+
+def raw_call(app, api_name: str, data: list) -> tuple[str, str]:
+    """Call an endpoint over plain HTTP with ASCII-escaped JSON, as any client may (gradio_client cannot send a
+    lone surrogate); (event, data) of the reply's last event."""
+    import httpx
+
+    r = httpx.post(f"{app.url}gradio_api/call/{api_name}", content=json.dumps({"data": data}),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.get(f"{app.url}gradio_api/call/{api_name}/{r.json()['event_id']}", timeout=60)
+    assert r.status_code == 200, r.text
+    events = re.findall(r"^event: (\w+)\ndata: (.*)$", r.text, re.M)
+    return events[-1]
+
+
+def generate_args(prompt: str, one_per_line: bool = False) -> list:
+    return ["z_image_tiny", prompt, one_per_line, "", 64, 64, 2, 4.0, 6.0, 0.0, 1.0, 7, 1, "", "default"]
+
+
+def test_text_that_is_not_unicode_is_refused_and_the_queue_stays_readable(app):
+    before = set(app.jobs())
+    event, data = raw_call(app, "generate", generate_args("a fox \ud800 in the snow"))
+    assert event == "error" and "the prompt holds a character that is not valid Unicode text" in data
+    event, _ = raw_call(app, "generate", generate_args("fine\nbad \udcff", one_per_line=True))
+    assert event == "error"
+    assert set(app.jobs()) == before  # nothing queued; /queue still answers
+    event, data = raw_call(app, "token_count", ["z_image_tiny", "x\ud800"])
+    assert event == "complete" and "lone surrogate" in data
