@@ -9,6 +9,11 @@ from typing import Any
 from models.errors import UserError
 
 MAX_SEED = 2**32 - 1
+# The text encoder reads only the first 512 tokens (chat template included); a token is rarely more than a
+# few characters, so 20,000 characters hold far more than it reads. Longer prompts are cut to this: the
+# queue file, the image metadata and the token counter never carry megabytes.
+PROMPT_TOKEN_LIMIT = 512
+MAX_PROMPT_CHARS = 20_000
 TEXT_FIELDS = ("prompt", "negative_prompt")
 
 # field -> (min, max) inclusive; sizes must also be multiples of SIZE_MULTIPLE
@@ -78,6 +83,19 @@ def check_text(value: Any, label: str) -> None:
     problem = text_problem(value)
     if problem is not None:
         raise UserError(f"{label} {problem}")
+
+
+def cap_texts(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
+    """Cut the prompt and negative prompt to MAX_PROMPT_CHARS (in place); one warning per cut text."""
+    names = names or {}
+    warnings = []
+    for key in TEXT_FIELDS:
+        text = getattr(spec, key)
+        if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
+            setattr(spec, key, text[:MAX_PROMPT_CHARS])
+            warnings.append(f"{names.get(key, key.replace('_', ' '))} is {len(text):,} characters: cut to the first "
+                            f"{MAX_PROMPT_CHARS:,} (the text encoder reads only its first {PROMPT_TOKEN_LIMIT} tokens)")
+    return warnings
 
 
 def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:

@@ -3,10 +3,15 @@
 Gradio's own queue is not used for generation: a page handler only submits here and polls
 `snapshot()`, so closing or reloading the tab never stops a job, and every tab sees the same queue.
 
-The list is written atomically (temp file + os.replace) on every structural change (submit,
-remove, move, retry, a job starting or finishing), not on every denoising step. When the process
-dies, the job it was running comes back as "interrupted": it is re-run only by `retry(id)`, never
-silently (it may be the job that killed the process). Jobs still "queued" run again after a restart.
+Persistence: the state file (e.g. `wgp_zimage_queue.json`) is the list of jobs (status, progress, results,
+settings), rewritten atomically (temp file + os.replace) on every structural change (submit, remove, move,
+retry, a job starting or finishing), not on every denoising step. Each job's prompt and
+negative prompt live in a small file of their own, `<state file stem>.prompts/<id>.json`, written once when
+the job is queued and removed after it leaves the list, so a change never rewrites every prompt. A state file
+of the first format (prompts inline) is still read; the next save converts it.
+
+When the process dies, the job it was running comes back as "interrupted": it is re-run only by `retry(id)`,
+never silently (it may be the job that killed the process). Jobs still "queued" run again after a restart.
 A saved job that does not make sense (no settings, unknown status, duplicate id, text that is not
 Unicode) is moved aside to `<state file>.rejected` with a message; the rest of the queue is kept.
 """
@@ -28,18 +33,23 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.jobs import JobSpec, text_problem, validate
+from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
+from app.outputs import clean_stale_parts
 from models.errors import GenerationInterrupted, UserError
 from models.files import atomic_path
 
 log = logging.getLogger("wgp_zimage")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: prompts inline in the state file; 2: in one file per job
 STATUSES = ("queued", "running", "done", "failed", "interrupted", "aborted")
 FINISHED = ("done", "failed", "interrupted", "aborted")
 RETRYABLE = ("failed", "interrupted", "aborted")
+WAITING = ("queued", "running")
 KEEP_FINISHED = 100  # older done/failed/aborted jobs drop off the persisted history
-JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# limits, so one request cannot fill memory and disk: jobs one submit may add, and jobs waiting to run at once
+MAX_JOBS_PER_REQUEST = 100
+MAX_WAITING = 200
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ids name the per-job prompt files
 INTERRUPTED_ERROR = "the app stopped while this job was running; retry it to run it again"
 
 # Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
@@ -127,8 +137,8 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # name -> (types, No
 _LIST_TYPES: dict[str, type] = {"paths": str, "seeds": int, "lora_reports": str}
 
 
-def job_from_record(record: Any) -> Job:
-    """A saved job, checked; ValueError saying what is wrong."""
+def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
+    """A saved job, checked; ValueError saying what is wrong. texts: its prompt file's content (format 2)."""
     if not isinstance(record, dict):
         raise ValueError(f"not a job record ({type(record).__name__})")
     job_id = record.get("id")
@@ -154,12 +164,19 @@ def job_from_record(record: Any) -> Job:
     spec = record.get("spec")
     if not isinstance(spec, dict) or not spec:
         raise ValueError("no settings (spec)")
+    spec = dict(spec)
+    if "prompt" not in spec:  # format 2: the texts are in the job's own file
+        if texts is None:
+            raise ValueError("its prompt file is missing")
+        spec.update({k: texts.get(k, "") for k in TEXT_FIELDS})
     if not isinstance(spec.get("model_type"), str):
         raise ValueError("no model type in its settings")
     try:
         job_spec = JobSpec.from_dict(spec)
     except TypeError as e:
         raise ValueError(f"bad settings ({e})") from None
+    for w in cap_texts(job_spec):  # a file from before the cap may hold megabytes
+        log.warning("saved job %s: %s", job_id, w)
     try:
         validate(job_spec)
     except UserError as e:
@@ -185,13 +202,39 @@ class JobQueue:
         self._remove_after: set[str] = set()  # running jobs removed by the user: dropped when they stop
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._texts_saved: set[str] = set()  # jobs whose prompt file is written (it never changes after)
         self.notices: list[str] = []  # restore problems, for the page (one line each)
         self._restore()
 
     # ------------------------------------------------------------ persistence
 
+    @property
+    def texts_dir(self) -> Path | None:
+        """The folder of the per-job prompt files, beside the state file."""
+        return self.state_file.with_name(self.state_file.stem + ".prompts") if self.state_file else None
+
+    def _texts_path(self, job_id: str) -> Path:
+        assert self.texts_dir is not None
+        return self.texts_dir / f"{job_id}.json"
+
+    def _read_texts(self, record: Any) -> dict[str, Any] | None:
+        job_id = record.get("id") if isinstance(record, dict) else None
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            return None
+        try:
+            texts = json.loads(self._texts_path(job_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return texts if isinstance(texts, dict) else None
+
     def _restore(self) -> None:
-        if self.state_file is None or not self.state_file.is_file():
+        if self.state_file is None:
+            return
+        for folder in (self.state_file.parent, self.texts_dir):  # what a killed save left
+            clean_stale_parts(folder)
+        if not self.state_file.is_file():
+            if self.texts_dir is not None and self.texts_dir.is_dir():
+                self._save(sweep=True)  # prompt files no state file refers to: removed
             return
         try:
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
@@ -205,28 +248,34 @@ class JobQueue:
                         self.state_file, e, aside)
             self.notices.append(f"the saved queue could not be read ({clean_text(str(e))[:200]}); "
                                 f"it was moved to {aside.name}")
-            try:
-                os.replace(self.state_file, aside)
-            except OSError:
-                pass
+            for src, dst in ((self.state_file, aside),  # the prompt files go with it (they help recover it)
+                             (self.texts_dir, self.texts_dir.with_name(self.texts_dir.name + ".broken"))):
+                try:
+                    os.replace(src, dst)
+                except OSError:
+                    pass
             return
         jobs, rejected, seen = [], [], set()
         for record in records:
+            spec = record.get("spec") if isinstance(record, dict) else None
+            texts = self._read_texts(record) if isinstance(spec, dict) and spec and "prompt" not in spec else None
             try:
-                job = job_from_record(record)
+                job = job_from_record(record, texts)
                 if job.id in seen:
                     raise ValueError("duplicate id")
             except ValueError as e:
-                rejected.append({"reason": str(e), "job": record})
+                rejected.append({"reason": str(e), "job": record, "texts": texts})
                 continue
             seen.add(job.id)
+            if texts is not None:
+                self._texts_saved.add(job.id)  # its prompt file is there already
             if job.status == "running":
                 job.status, job.phase, job.error = "interrupted", "", INTERRUPTED_ERROR
             jobs.append(job)
         self._jobs = jobs
         if rejected:
             self._move_aside(rejected)
-        self._save()
+        self._save(sweep=True)
 
     def _move_aside(self, rejected: list[dict[str, Any]]) -> None:
         """Keep saved jobs that cannot be restored in <state file>.rejected (added to what it holds)."""
@@ -249,14 +298,33 @@ class JobQueue:
             log.warning("%s", line)
             self.notices.append(line)
 
-    def _save(self) -> None:
-        """Write the queue atomically; called with the lock held (or before the worker starts)."""
+    def _save(self, sweep: bool = False) -> None:
+        """Write the queue atomically; called with the lock held (or before the worker starts).
+
+        Order, so that a crash at any point leaves a readable queue: new prompt files first, then the state
+        file, then the prompt files of jobs that left it (sweep: every prompt file no job refers to)."""
         if self.state_file is None:
             return
-        data = {"version": STATE_VERSION, "jobs": [j.to_dict() for j in self._jobs]}
         try:
+            records = []
+            for job in self._jobs:
+                record = job.to_dict()
+                texts = {k: record["spec"].pop(k) for k in TEXT_FIELDS}
+                if job.id not in self._texts_saved:
+                    with atomic_path(self._texts_path(job.id)) as tmp:
+                        tmp.write_text(json.dumps(texts), encoding="utf-8")
+                    self._texts_saved.add(job.id)
+                records.append(record)
             with atomic_path(self.state_file) as tmp:
-                tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+                tmp.write_text(json.dumps({"version": STATE_VERSION, "jobs": records}, indent=1), encoding="utf-8")
+            kept = {j.id for j in self._jobs}
+            gone = [self._texts_path(i) for i in self._texts_saved - kept]
+            assert self.texts_dir is not None
+            if sweep and self.texts_dir.is_dir():
+                gone = [f for f in self.texts_dir.glob("*.json") if f.stem not in kept]
+            self._texts_saved &= kept
+            for leftover in gone:
+                leftover.unlink(missing_ok=True)
         except OSError:
             # losing persistence must not stop generation; say so once per failure
             log.exception("could not save the queue to %s", self.state_file)
@@ -276,13 +344,35 @@ class JobQueue:
 
     def submit(self, spec: JobSpec, names: dict[str, str] | None = None) -> str:
         """Validate and enqueue; raises UserError on bad settings (nothing is queued then)."""
-        validate(spec, names)
-        self.service.definition(spec.model_type)  # unknown model type -> UserError now, not later
-        job = Job(id=uuid.uuid4().hex[:8], spec=spec.to_dict())
+        return self.submit_many([spec], names)[0]
+
+    def submit_many(self, specs: list[JobSpec], names: dict[str, str] | None = None) -> list[str]:
+        """Validate every spec, then enqueue them all, or none (UserError): bad settings, more than
+        MAX_JOBS_PER_REQUEST jobs, or a queue that would hold more than MAX_WAITING waiting jobs.
+        Prompts longer than MAX_PROMPT_CHARS are cut (app.jobs.cap_texts says so to the caller)."""
+        if len(specs) > MAX_JOBS_PER_REQUEST:
+            raise UserError(f"one request can queue at most {MAX_JOBS_PER_REQUEST} jobs (got {len(specs)}): "
+                            "split it into smaller ones")
+        for spec in specs:
+            cap_texts(spec, names)
+            validate(spec, names)
+            self.service.definition(spec.model_type)  # unknown model type -> UserError now, not later
         with self._cond:
-            self._jobs.append(job)
+            waiting = sum(j.status in WAITING for j in self._jobs)
+            if waiting + len(specs) > MAX_WAITING:
+                raise UserError(f"the queue is full: {waiting} jobs wait to run and it takes at most {MAX_WAITING}; "
+                                f"{len(specs)} more do not fit (wait for some to finish, or remove some)")
+            taken = {j.id for j in self._jobs}
+            jobs = []
+            for spec in specs:
+                job_id = uuid.uuid4().hex[:8]
+                while job_id in taken:  # 8 hex digits: rare, but an id names one job and one file
+                    job_id = uuid.uuid4().hex[:8]
+                taken.add(job_id)
+                jobs.append(Job(id=job_id, spec=spec.to_dict()))
+            self._jobs.extend(jobs)
             self._changed()
-        return job.id
+        return [j.id for j in jobs]
 
     def _find(self, job_id: str) -> Job:
         for job in self._jobs:
@@ -326,6 +416,9 @@ class JobQueue:
             if job.status not in RETRYABLE:
                 raise UserError(
                     f"job {job_id} is {job.status}: only failed, aborted or interrupted jobs can be retried")
+            waiting = sum(j.status in WAITING for j in self._jobs)
+            if waiting >= MAX_WAITING:
+                raise UserError(f"the queue is full: {waiting} jobs wait to run (at most {MAX_WAITING})")
             job.status, job.error, job.phase = "queued", "", ""
             job.step = job.total = 0
             job.started = job.finished = job.seconds_per_step = job.eta = job.seconds = None
@@ -370,10 +463,17 @@ class JobQueue:
     def results_version(self) -> int:
         return self._results_version
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Every job as a plain dict, in list order (the queued ones run top to bottom)."""
+    def snapshot(self, prompt_chars: int | None = None) -> list[dict[str, Any]]:
+        """Every job as a plain dict, in list order (the queued ones run top to bottom); prompt_chars: the
+        prompts cut to that many characters (the page's table shows only their start, and it is rebuilt on
+        every step)."""
         with self._cond:
-            return [j.to_dict() for j in self._jobs]
+            out = [j.to_dict() for j in self._jobs]
+        if prompt_chars is not None:
+            for job in out:
+                for key in TEXT_FIELDS:
+                    job["spec"][key] = job["spec"][key][:prompt_chars]
+        return out
 
     def get(self, job_id: str) -> dict[str, Any]:
         with self._cond:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from app.jobs import JobSpec, resolve_seed, size_warnings, validate
+from app.jobs import MAX_PROMPT_CHARS, JobSpec, cap_texts, resolve_seed, size_warnings, validate
 from app.outputs import clean_stale_parts, output_name, save_image_atomic, unique_path
 from models.attention import set_attention_backend
 from models.errors import GenerationInterrupted, UserError
@@ -259,7 +259,9 @@ class GenerationService:
             empty_caches()  # the models are gone now: their pinned RAM too
 
     def token_count(self, model_type: str, prompt: str) -> int | None:
-        """Tokens the prompt takes with this model's tokenizer (None until its files are there)."""
+        """Tokens the prompt takes with this model's tokenizer (None until its files are there). Only the first
+        MAX_PROMPT_CHARS characters are counted: jobs never keep more, and tokenizing megabytes takes seconds."""
+        prompt = prompt[:MAX_PROMPT_CHARS]
         d = self.definition(model_type)
         try:
             folder = self.model_dir(model_type, None)
@@ -315,6 +317,8 @@ class GenerationService:
         allow_lora_paths: bool = False,
     ) -> JobResult:
         """Render spec and save its images; file_names (one per image) override the naming scheme."""
+        for w in cap_texts(spec, extra_names):  # a huge prompt is cut here too (the CLI's path)
+            log.warning(w)
         validate(spec, extra_names)
         d = self.definition(spec.model_type)
         warnings = size_warnings(spec, int(d.defaults().get("min_recommended_size", 0)))

@@ -19,9 +19,18 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
-from app.jobs import DEFAULT_MEMORY_PROFILE, JobSpec, check_text, parse_memory_profile, text_problem, validate
+from app.jobs import (
+    DEFAULT_MEMORY_PROFILE,
+    MAX_PROMPT_CHARS,
+    JobSpec,
+    cap_texts,
+    check_text,
+    parse_memory_profile,
+    text_problem,
+    validate,
+)
 from app.metadata import read_settings
-from app.queue import JobQueue, clean_text
+from app.queue import MAX_JOBS_PER_REQUEST, JobQueue, clean_text
 from app.settings import ProfileStore, startup_settings
 from app.ui_loras import (
     check_available,
@@ -62,6 +71,7 @@ TABLE_HEADERS = ["ID", "Status", "Progress", "Prompt", "Settings", "Seed", "Resu
 TABLE_WIDTHS = ["11%", "12%", "11%", "23%", "17%", "13%", "13%"]
 STATUS_ICONS = {"queued": "⏳", "running": "▶", "done": "✔", "failed": "✖", "interrupted": "⚠", "aborted": "■"}
 GALLERY_SIZE = 24
+PROMPT_PREVIEW_CHARS = 100  # of each prompt, in the table and progress line (rebuilt on every step)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 CSS = """
@@ -446,7 +456,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             version = queue.version
             table_out = progress_out = gallery_out = gr.skip()
             if state.get("v") != version:
-                jobs = queue.snapshot()
+                jobs = queue.snapshot(prompt_chars=PROMPT_PREVIEW_CHARS)  # the table shows only their start
                 table_out, progress_out = queue_table(jobs), progress_html(jobs, queue.notices)
                 state["v"] = version
             if state.get("rv") != queue.results_version:
@@ -483,6 +493,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             strength is a number or a per-step schedule such as "1.0,0.5".
             memory_profile (optional): "default" (the Config section's) or 1-5 for these jobs only."""
             session = getattr(request, "session_hash", None) or ""
+            cut: list[str] = []
             try:
                 # refused here, before anything else reads them: text that is not Unicode breaks every
                 # JSON reply that would carry it
@@ -500,12 +511,16 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                     flow_shift=flow_shift, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
                     seed=whole(seed), num_images=whole(num_images), loras=[dict(x) for x in selection],
                     memory_profile=profile,
-                ) for p in split_prompts(prompt, one_per_line)]
+                ) for p in split_prompts(prompt, one_per_line)[:MAX_JOBS_PER_REQUEST + 1]]
                 if not specs:
                     raise UserError("the prompt is empty (every line is blank or a # comment)")
+                if len(specs) > MAX_JOBS_PER_REQUEST:
+                    raise UserError(f"one request can queue at most {MAX_JOBS_PER_REQUEST} jobs: split the "
+                                    "prompt lines into smaller batches")
                 for s in specs:  # all checked before any is queued
+                    cut += cap_texts(s, UI_NAMES)
                     validate(s, UI_NAMES)
-                ids = [queue.submit(s, UI_NAMES) for s in specs]
+                ids = queue.submit_many(specs, UI_NAMES)  # all or none (the queue's length is capped)
             except UserError as e:
                 # an error (not a return value) so API clients cannot mistake it for a job ID
                 submit_messages.pop(session, None)
@@ -513,7 +528,11 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 raise gr.Error(str(e), title="Not queued", print_exception=False) from None
             if len(submit_messages) > 256:  # API calls never read theirs: keep the dict small
                 submit_messages.clear()
-            submit_messages[session] = f"Queued job{'s' * (len(ids) != 1)} {', '.join(ids)}."
+            cut = list(dict.fromkeys(cut))  # one line per kind of cut, not one per prompt line
+            for w in cut:
+                gr.Warning(w)
+            submit_messages[session] = f"Queued job{'s' * (len(ids) != 1)} {', '.join(ids)}." + "".join(
+                f"\n\n⚠ {w}" for w in cut)
             if store is not None:  # restored when a page opens; never raises
                 for w in store.save_last_used(controls_to_settings(
                         model_type, prompt, negative_prompt, width, height, steps, guidance, flow_shift,
@@ -621,12 +640,15 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 return f"⚠ the prompt {text_problem(text)}: remove it"
             limit = service.definition(model_type).defaults().get("max_prompt_tokens")
             try:
-                n = service.token_count(model_type, text)
+                n = service.token_count(model_type, text)  # counts the first MAX_PROMPT_CHARS only: cheap
             except Exception:  # a count must never break typing; the job reports real problems
                 log.debug("token count failed", exc_info=True)
                 n = None
             if n is None or not limit:
                 return ""
+            if len(text) > MAX_PROMPT_CHARS:
+                return (f"**{n}+ / {limit} tokens**: {len(text):,} characters; a job keeps the first "
+                        f"{MAX_PROMPT_CHARS:,} and the model reads its first {limit} tokens")
             return f"**{n} / {limit} tokens**: the end will be cut" if n > limit else f"{n} / {limit} tokens"
 
         prompt.change(tokens, [model, prompt], token_info, queue=False, show_progress="hidden", api_name="token_count")

@@ -113,18 +113,28 @@ def test_failures_are_recorded_and_the_queue_goes_on(make_queue, service, monkey
     assert all("Traceback" not in j["error"] for j in jobs)
 
 
+def crash_copy(state, dest):
+    """What a crash right now would leave of the queue at state: its file and its prompt files, copied."""
+    dest.mkdir()
+    shutil.copy(state, dest / state.name)
+    prompts = state.with_name(state.stem + ".prompts")
+    if prompts.is_dir():
+        shutil.copytree(prompts, dest / prompts.name)
+    return dest / state.name
+
+
 def test_restart_marks_running_job_interrupted_and_retry(make_queue, tmp_path):
     state = tmp_path / "queue.json"
-    crash = tmp_path / "crash.json"
+    crash = tmp_path / "crash" / "queue.json"
     q1 = make_queue(state).start()
     a = q1.submit(spec("a", num_inference_steps=3))
     b = q1.submit(spec("b"))
 
     def snapshot_while_running(q):
-        # evaluated with the queue's lock held: the file is what a crash right now would leave
+        # evaluated with the queue's lock held: the files are what a crash right now would leave
         if q.get(a)["status"] != "running":
             return False
-        shutil.copy(state, crash)
+        crash_copy(state, crash.parent)
         return True
 
     q1.wait_until(snapshot_while_running, 120)
@@ -254,6 +264,92 @@ def test_queue_table_survives_odd_jobs():
     assert list(table["ID"])[:2] == ["g00d0001", "x1"] and len(table) == 5
     json.dumps(table.values.tolist(), ensure_ascii=False).encode("utf-8")  # no lone surrogate reaches the page
     progress_html(jobs).encode("utf-8")
+
+
+def test_first_format_queue_file_is_restored_and_converted(make_queue, tmp_path):
+    state = tmp_path / "wgp_zimage_queue.json"
+    done = {**v1_job("d0ne0001", "done"), "paths": ["/x/a.png", "/x/b.png"], "seeds": [5, 6], "finished": 3.0}
+    state.write_text(json.dumps({"version": 1, "jobs": [v1_job("aaaa0001"), v1_job("bbbb0002", "running"), done]},
+                                indent=1))
+    q = make_queue(state)
+    jobs = {j["id"]: j for j in q.snapshot()}
+    assert list(jobs) == ["aaaa0001", "bbbb0002", "d0ne0001"] and q.notices == []
+    assert jobs["aaaa0001"]["status"] == "queued" and jobs["aaaa0001"]["spec"]["prompt"] == "saved aaaa0001"
+    assert jobs["bbbb0002"]["status"] == "interrupted" and "retry" in jobs["bbbb0002"]["error"]
+    assert jobs["d0ne0001"]["paths"] == ["/x/a.png", "/x/b.png"] and jobs["d0ne0001"]["seeds"] == [5, 6]
+    # converted: the prompts moved to one file per job, the list keeps the other settings
+    saved = json.loads(state.read_text())
+    assert saved["version"] == 2 and "prompt" not in saved["jobs"][0]["spec"]
+    assert saved["jobs"][0]["spec"]["width"] == 64
+    prompts = tmp_path / "wgp_zimage_queue.prompts"
+    assert sorted(p.name for p in prompts.iterdir()) == ["aaaa0001.json", "bbbb0002.json", "d0ne0001.json"]
+    assert json.loads((prompts / "aaaa0001.json").read_text())["prompt"] == "saved aaaa0001"
+    again = {j["id"]: j for j in make_queue(state).snapshot()}  # and the new format reads back the same
+    assert again == jobs
+
+
+def test_long_prompts_are_cut_and_not_rewritten_on_each_change(make_queue, tmp_path):
+    from app.jobs import MAX_PROMPT_CHARS
+
+    state = tmp_path / "queue.json"
+    q = make_queue(state)
+    huge = "a fox " * 200_000  # 1.2 MB
+    ids = [q.submit(spec(huge, negative_prompt=huge)) for _ in range(3)]
+    job = q.get(ids[0])
+    assert job["spec"]["prompt"] == huge[:MAX_PROMPT_CHARS] and len(job["spec"]["negative_prompt"]) == MAX_PROMPT_CHARS
+    assert state.stat().st_size < 10_000  # the list holds no prompt
+    prompts = state.with_name("queue.prompts")
+    files = {p.name: p.stat().st_ino for p in prompts.iterdir()}
+    assert len(files) == 3 and all(p.stat().st_size < 3 * MAX_PROMPT_CHARS for p in prompts.iterdir())
+    q.move(ids[2], "up")
+    q.remove(ids[1])
+    assert {p.name: p.stat().st_ino for p in prompts.iterdir()} == {k: v for k, v in files.items()
+                                                                    if k != f"{ids[1]}.json"}  # not rewritten
+    assert [j["id"] for j in make_queue(state).snapshot()] == [ids[0], ids[2]]
+    assert q.snapshot(prompt_chars=10)[0]["spec"]["prompt"] == huge[:10]
+    # the image's metadata carries the cut prompt only
+    q.start()
+    done = q.wait(ids[0], 120)
+    assert done["status"] == "done", done["error"]
+    assert read_settings(done["paths"][0])["prompt"] == huge[:MAX_PROMPT_CHARS]
+    from pathlib import Path
+
+    assert Path(done["paths"][0]).stat().st_size < 5 * MAX_PROMPT_CHARS
+
+
+def test_a_crash_between_the_queue_files_loses_nothing_else(make_queue, tmp_path):
+    state = tmp_path / "queue.json"
+    q = make_queue(state)
+    a, b = q.submit(spec("a")), q.submit(spec("b"))
+    prompts = state.with_name("queue.prompts")
+    (prompts / f"{a}.json").unlink()  # a crash before a's prompt file was complete
+    (prompts / "orphan01.json").write_text("{}")  # one written just before a crash, never listed
+    stale = prompts / ".x.json.abcd1234.part"
+    stale.write_bytes(b"")
+    os.utime(stale, (1, 1))
+    q2 = make_queue(state)
+    assert [j["id"] for j in q2.snapshot()] == [b]
+    assert "its prompt file is missing" in q2.notices[0]
+    assert sorted(p.name for p in prompts.iterdir()) == [f"{b}.json"]
+
+
+def test_request_and_queue_limits(make_queue, monkeypatch):
+    import app.queue as queue_module
+
+    q = make_queue()
+    with pytest.raises(UserError, match="one request can queue at most 100 jobs"):
+        q.submit_many([spec(f"p{i}") for i in range(101)])
+    assert q.snapshot() == []
+    monkeypatch.setattr(queue_module, "MAX_WAITING", 3)
+    ids = q.submit_many([spec("a"), spec("b")])
+    with pytest.raises(UserError, match="the queue is full: 2 jobs wait to run and it takes at most 3"):
+        q.submit_many([spec("c"), spec("d")])  # all or none
+    assert len(q.snapshot()) == 2
+    q.submit(spec("c"))
+    with pytest.raises(UserError, match="queue is full"):
+        q.submit(spec("d"))
+    q.remove(ids[0])
+    q.submit(spec("d"))
 
 
 def test_latent_preview():

@@ -299,3 +299,21 @@ def test_text_that_is_not_unicode_is_refused_and_the_queue_stays_readable(app):
     assert set(app.jobs()) == before  # nothing queued; /queue still answers
     event, data = raw_call(app, "token_count", ["z_image_tiny", "x\ud800"])
     assert event == "complete" and "lone surrogate" in data
+
+
+def test_request_and_prompt_limits(app):
+    from app.jobs import MAX_PROMPT_CHARS
+
+    before = set(app.jobs())
+    with pytest.raises(AppError, match="one request can queue at most 100 jobs"):
+        app.generate("\n".join(f"fox {i}" for i in range(1000)), one_per_line=True)
+    assert set(app.jobs()) == before
+    huge = "a red fox " * 500_000  # 5 MB
+    t0 = time.monotonic()
+    count = app.client.predict(model_type="z_image_tiny", text=huge, api_name="/token_count")
+    assert time.monotonic() - t0 < 5  # counting cuts first (it took 6 s of CPU before)
+    assert count.startswith(f"**{MAX_PROMPT_CHARS + 19}+ / 512 tokens**") and "5,000,000 characters" in count
+    (job_id,) = app.generate(huge[:1_000_000])
+    job = app.jobs()[job_id]
+    assert job["spec"]["prompt"] == huge[:MAX_PROMPT_CHARS]
+    app.client.predict(job_id, api_name="/remove")
