@@ -5,14 +5,15 @@ Gradio's own queue is not used for generation: a page handler only submits here 
 
 Persistence: the state file (e.g. `wgp_zimage_queue.json`) is the list of jobs (status, progress, results,
 settings), rewritten atomically (temp file + os.replace) on every structural change (submit, remove, move,
-retry, a job starting or finishing), not on every denoising step. Each job's prompt and
+retry, a job starting or finishing, each image saved), not on every denoising step. Each job's prompt and
 negative prompt live in a small file of their own, `<state file stem>.prompts/<id>.json`, written once when
 the job is queued and removed after it leaves the list, so a change never rewrites every prompt. A state file
 of the first format (prompts inline) is still read; the next save converts it.
 
 When the process dies, the job it was running comes back as "interrupted": it is re-run only by `retry(id)`,
 never silently (it may be the job that killed the process). Jobs still "queued" run again after a restart.
-A saved job that does not make sense (no settings, unknown status, duplicate id, text that is not
+Each image is recorded in its job as soon as it is saved, so a retry renders only the missing ones (same
+seeds). A saved job that does not make sense (no settings, unknown status, duplicate id, text that is not
 Unicode) is moved aside to `<state file>.rejected` with a message; the rest of the queue is kept.
 """
 
@@ -116,6 +117,10 @@ class Job:
     seeds: list[int] = field(default_factory=list)
     error: str = ""
     lora_reports: list[str] = field(default_factory=list)  # "LoRA x (fmt): N of M tensors applied, K unmatched"
+    # image index (0-based) of each entry of paths / seeds: images are recorded as they are saved, so after a
+    # crash a retry knows which ones exist; batch_seed is image 0's seed (a random seed is resolved once)
+    image_indexes: list[int] = field(default_factory=list)
+    batch_seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,9 +137,9 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # name -> (types, No
     "created": (_NUMBER, False), "started": (_NUMBER, True), "finished": (_NUMBER, True),
     "phase": ((str,), False), "step": ((int,), False), "total": ((int,), False),
     "seconds_per_step": (_NUMBER, True), "eta": (_NUMBER, True), "seconds": (_NUMBER, True),
-    "error": ((str,), False),
+    "error": ((str,), False), "batch_seed": ((int,), True),
 }
-_LIST_TYPES: dict[str, type] = {"paths": str, "seeds": int, "lora_reports": str}
+_LIST_TYPES: dict[str, type] = {"paths": str, "seeds": int, "lora_reports": str, "image_indexes": int}
 
 
 def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
@@ -181,7 +186,12 @@ def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
         validate(job_spec)
     except UserError as e:
         raise ValueError(f"bad settings: {e}") from None
-    return Job.from_dict({**record, "spec": job_spec.to_dict()})
+    job = Job.from_dict({**record, "spec": job_spec.to_dict()})
+    if "image_indexes" not in record:  # format 1 recorded the images of finished jobs only, in order
+        job.image_indexes = list(range(len(job.paths)))
+    if not len(job.paths) == len(job.seeds) == len(job.image_indexes):
+        raise ValueError("paths, seeds and image indexes differ in length")
+    return job
 
 
 class JobQueue:
@@ -410,7 +420,8 @@ class JobQueue:
             return True
 
     def retry(self, job_id: str) -> None:
-        """Queue a failed, aborted or interrupted job again, in its place in the list."""
+        """Queue a failed, aborted or interrupted job again, in its place in the list. The images it already
+        saved (recorded in the job) are kept: only the missing ones are rendered."""
         with self._cond:
             job = self._find(job_id)
             if job.status not in RETRYABLE:
@@ -548,8 +559,12 @@ class JobQueue:
 
     def _run_job(self, job: Job) -> None:
         status, error, result = "done", "", None
+        with self._cond:  # a retry: the images saved before are kept (the service checks they are still there)
+            existing = dict(zip(job.image_indexes, job.paths))
+            batch_seed = job.batch_seed
         try:
-            result = self.service.generate(JobSpec.from_dict(job.spec), on_event=lambda ev: self._on_event(job, ev))
+            result = self.service.generate(JobSpec.from_dict(job.spec), on_event=lambda ev: self._on_event(job, ev),
+                                           existing_images=existing, batch_seed=batch_seed)
         except GenerationInterrupted:
             status = "interrupted" if self._stopping else "aborted"
         except BaseException as e:  # anything: record it, log the traceback, go on with the next job
@@ -565,6 +580,7 @@ class JobQueue:
                 if result is not None:
                     job.paths = [str(p) for p in result.paths]
                     job.seeds = list(result.seeds)
+                    job.image_indexes = list(range(len(job.paths)))
                     job.seconds, job.seconds_per_step = result.seconds, result.seconds_per_step
                     job.lora_reports = list(getattr(result, "lora_reports", []) or [])
                 self.service.abort.clear()
@@ -601,4 +617,12 @@ class JobQueue:
                 job.seconds_per_step, job.eta = ev["seconds_per_step"], ev["eta"]
                 if preview is not None:
                     self._preview, self._preview_version = preview, self._preview_version + 1
-            self._changed(persist=False)
+            elif ev["kind"] == "image":
+                # saved on disk: recorded (and persisted) now, so a crash before the job ends orphans nothing
+                # and a retry does not write it again
+                keep = [k for k, i in enumerate(job.image_indexes) if i != ev["index"]]  # a re-rendered one
+                job.paths = [job.paths[k] for k in keep] + [str(ev["path"])]
+                job.seeds = [job.seeds[k] for k in keep] + [int(ev["seed"])]
+                job.image_indexes = [job.image_indexes[k] for k in keep] + [int(ev["index"])]
+                job.batch_seed = int(ev["batch_seed"])
+            self._changed(persist=ev["kind"] == "image")

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from app.jobs import JobSpec
 from app.metadata import read_settings
@@ -276,7 +277,7 @@ def test_first_format_queue_file_is_restored_and_converted(make_queue, tmp_path)
     assert list(jobs) == ["aaaa0001", "bbbb0002", "d0ne0001"] and q.notices == []
     assert jobs["aaaa0001"]["status"] == "queued" and jobs["aaaa0001"]["spec"]["prompt"] == "saved aaaa0001"
     assert jobs["bbbb0002"]["status"] == "interrupted" and "retry" in jobs["bbbb0002"]["error"]
-    assert jobs["d0ne0001"]["paths"] == ["/x/a.png", "/x/b.png"] and jobs["d0ne0001"]["seeds"] == [5, 6]
+    assert jobs["d0ne0001"]["image_indexes"] == [0, 1] and jobs["d0ne0001"]["seeds"] == [5, 6]
     # converted: the prompts moved to one file per job, the list keeps the other settings
     saved = json.loads(state.read_text())
     assert saved["version"] == 2 and "prompt" not in saved["jobs"][0]["spec"]
@@ -350,6 +351,57 @@ def test_request_and_queue_limits(make_queue, monkeypatch):
         q.submit(spec("d"))
     q.remove(ids[0])
     q.submit(spec("d"))
+
+
+def test_retry_after_a_crash_writes_only_the_missing_images(make_queue, service, tmp_path, monkeypatch):
+    """kill -9 after the first of three images: the restarted queue retries and writes images 2 and 3 only."""
+    import app.service as service_module
+
+    out = service.config.output_dir
+    state = tmp_path / "live" / "queue.json"
+    crash = tmp_path / "crash"
+    real_save = service_module.save_image_atomic
+    calls = []
+
+    def save_then_crash(image, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:  # image 1 is on disk and recorded: what a kill -9 now leaves
+            crash_copy(state, crash)
+            raise RuntimeError("killed")
+        return real_save(image, path, *a, **kw)
+
+    monkeypatch.setattr(service_module, "save_image_atomic", save_then_crash)
+    q1 = make_queue(state).start()
+    job_id = q1.submit(spec("three foxes", num_images=3, seed=-1))
+    assert q1.wait(job_id, 120)["status"] == "failed"
+    q1.close()
+    monkeypatch.setattr(service_module, "save_image_atomic", real_save)
+    before = set(out.iterdir())
+
+    q2 = make_queue(crash / "queue.json")
+    job = q2.get(job_id)
+    assert job["status"] == "interrupted" and len(job["paths"]) == 1 and job["image_indexes"] == [0]
+    batch = job["batch_seed"]
+    assert job["seeds"] == [batch] and job["paths"][0] == str(calls[0])
+    q2.retry(job_id)
+    q2.start()
+    job = q2.wait(job_id, 120)
+    assert job["status"] == "done", job["error"]
+    assert job["paths"][0] == str(calls[0]) and job["seeds"] == [batch, batch + 1, batch + 2]
+    new = set(out.iterdir()) - before
+    assert sorted(str(p) for p in new) == sorted(job["paths"][1:])  # two new files, no duplicate of image 1
+    for i, path in enumerate(job["paths"]):
+        meta = read_settings(path)
+        assert (meta["seed"], meta["image_index"], meta["batch_seed"]) == (batch + i, i, batch)
+        assert f"_seed{batch + i}_{i + 1}_three_foxes" in path  # the usual names
+    # the same pixels as one uninterrupted batch of three
+    ref = service.generate(spec("three foxes", num_images=3, seed=batch), output_dir=tmp_path / "ref")
+    for path, ref_path in zip(job["paths"], ref.paths):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(ref_path)))
+    # a retry of a job whose images are all there renders nothing
+    again = service.generate(spec("three foxes", num_images=3, seed=-1), batch_seed=batch,
+                             existing_images=dict(enumerate(job["paths"])), output_dir=tmp_path / "none")
+    assert [str(p) for p in again.paths] == job["paths"] and not (tmp_path / "none").exists()
 
 
 def test_latent_preview():
