@@ -9,6 +9,12 @@ from typing import Any
 from models.errors import UserError
 
 MAX_SEED = 2**32 - 1
+# The text encoder reads only the first 512 tokens (chat template included); a token is rarely more than a
+# few characters, so 20,000 characters hold far more than it reads. Longer prompts are cut to this: the
+# queue file, the image metadata and the token counter never carry megabytes.
+PROMPT_TOKEN_LIMIT = 512
+MAX_PROMPT_CHARS = 20_000
+TEXT_FIELDS = ("prompt", "negative_prompt")
 
 # field -> (min, max) inclusive; sizes must also be multiples of SIZE_MULTIPLE
 RANGES: dict[str, tuple[float, float]] = {
@@ -60,11 +66,53 @@ class JobSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def text_problem(value: Any) -> str | None:
+    """Why value cannot be stored as UTF-8 text (None when it can). A lone surrogate ("\\ud800", or bytes of a
+    command line that are not UTF-8) passes through Python but breaks every JSON reply and file holding it."""
+    if not isinstance(value, str):
+        return f"must be text (got {type(value).__name__})"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds a character that is not valid Unicode text at position {e.start} (a lone surrogate)"
+    return None
+
+
+def check_text(value: Any, label: str) -> None:
+    """UserError when value is not storable text; the message never repeats the text itself."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise UserError(f"{label} {problem}")
+
+
+def cap_texts(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
+    """Cut the prompt and negative prompt to MAX_PROMPT_CHARS (in place); one warning per cut text."""
+    names = names or {}
+    warnings = []
+    for key in TEXT_FIELDS:
+        text = getattr(spec, key)
+        if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
+            setattr(spec, key, text[:MAX_PROMPT_CHARS])
+            warnings.append(f"{names.get(key, key.replace('_', ' '))} is {len(text):,} characters: cut to the first "
+                            f"{MAX_PROMPT_CHARS:,} (the text encoder reads only its first {PROMPT_TOKEN_LIMIT} tokens)")
+    return warnings
+
+
 def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
     """Raise UserError naming the first bad field; return warnings for legal but odd values."""
     names = names or {}
-    if not spec.prompt or not spec.prompt.strip():
+    for key in ("model_type", *TEXT_FIELDS):
+        check_text(getattr(spec, key), names.get(key, key.replace("_", " ")))
+    if not spec.prompt.strip():
         raise UserError("the prompt is empty")
+    if not isinstance(spec.loras, list):
+        raise UserError(f"loras must be a list (got {type(spec.loras).__name__})")
+    for item in spec.loras:
+        if not isinstance(item, dict):
+            raise UserError(f"bad LoRA entry {item!r}: expected {{'name': ..., 'strength': ...}}")
+        for value in item.values():
+            if isinstance(value, str):
+                check_text(value, "a LoRA name or strength")
     for key, (lo, hi) in RANGES.items():
         value = getattr(spec, key)
         label = names.get(key, key)

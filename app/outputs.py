@@ -1,8 +1,11 @@
-"""Output file names and atomic image writes."""
+"""Output file names, atomic image writes, and the cleanup of temporary files a killed process left."""
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import time
 import unicodedata
 from datetime import datetime
 from pathlib import Path
@@ -13,6 +16,13 @@ from app.metadata import format_for_suffix, save_kwargs
 from models.files import atomic_path
 
 SLUG_MAX = 50
+# models.files.atomic_path's temporary files: ".<name>.<8 random characters>.part" beside the target
+PART_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.part$")
+# a temporary file older than this belongs to no write in progress (an image is written in well under a
+# second): it is what a killed process left. Younger ones may be another process's (the CLI writing into
+# the same folder), so they stay.
+STALE_PART_SECONDS = 60.0
+log = logging.getLogger("wgp_zimage")
 
 
 def prompt_slug(prompt: str, max_len: int = SLUG_MAX) -> str:
@@ -51,3 +61,25 @@ def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = No
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         image.save(f, format=fmt.upper(), **save_kwargs(fmt, settings, quality))
     return path
+
+
+def clean_stale_parts(folder: str | Path, older_than: float = STALE_PART_SECONDS) -> list[Path]:
+    """Remove the temporary files a killed write left in folder (not its subfolders); the removed paths."""
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder yet: nothing to clean
+        return removed
+    for entry in entries:
+        if not PART_PATTERN.match(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > older_than:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    if removed:
+        log.info("removed %d unfinished temporary file(s) a stopped process left in %s", len(removed), folder)
+    return removed

@@ -3,10 +3,18 @@
 Gradio's own queue is not used for generation: a page handler only submits here and polls
 `snapshot()`, so closing or reloading the tab never stops a job, and every tab sees the same queue.
 
-The list is written atomically (temp file + os.replace) on every structural change (submit,
-remove, move, retry, a job starting or finishing), not on every denoising step. When the process
-dies, the job it was running comes back as "interrupted": it is re-run only by `retry(id)`, never
-silently (it may be the job that killed the process). Jobs still "queued" run again after a restart.
+Persistence: the state file (e.g. `wgp_zimage_queue.json`) is the list of jobs (status, progress, results,
+settings), rewritten atomically (temp file + os.replace) on every structural change (submit, remove, move,
+retry, a job starting or finishing, each image saved), not on every denoising step. Each job's prompt and
+negative prompt live in a small file of their own, `<state file stem>.prompts/<id>.json`, written once when
+the job is queued and removed after it leaves the list, so a change never rewrites every prompt. A state file
+of the first format (prompts inline) is still read; the next save converts it.
+
+When the process dies, the job it was running comes back as "interrupted": it is re-run only by `retry(id)`,
+never silently (it may be the job that killed the process). Jobs still "queued" run again after a restart.
+Each image is recorded in its job as soon as it is saved, so a retry renders only the missing ones (same
+seeds). A saved job that does not make sense (no settings, unknown status, duplicate id, text that is not
+Unicode) is moved aside to `<state file>.rejected` with a message; the rest of the queue is kept.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -25,17 +34,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from app.jobs import JobSpec, validate
+from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
+from app.outputs import clean_stale_parts
 from models.errors import GenerationInterrupted, UserError
 from models.files import atomic_path
 
 log = logging.getLogger("wgp_zimage")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: prompts inline in the state file; 2: in one file per job
 STATUSES = ("queued", "running", "done", "failed", "interrupted", "aborted")
 FINISHED = ("done", "failed", "interrupted", "aborted")
 RETRYABLE = ("failed", "interrupted", "aborted")
+WAITING = ("queued", "running")
 KEEP_FINISHED = 100  # older done/failed/aborted jobs drop off the persisted history
+# limits, so one request cannot fill memory and disk: jobs one submit may add, and jobs waiting to run at once
+MAX_JOBS_PER_REQUEST = 100
+MAX_WAITING = 200
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ids name the per-job prompt files
+INTERRUPTED_ERROR = "the app stopped while this job was running; retry it to run it again"
 
 # Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
 # the factors ComfyUI's latent previewer uses for Flux: one matrix product instead of a VAE decode.
@@ -66,9 +82,15 @@ def latent_preview(latents: Any, max_side: int = PREVIEW_MAX_SIDE) -> Image.Imag
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
+def clean_text(text: str) -> str:
+    """text that any JSON encoder takes: characters that are not Unicode (lone surrogates) become "?"."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def user_message(exc: BaseException) -> str:
     """One clear line for the page; the traceback goes to the log."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = clean_text(text)  # an exception may quote the input: the message must stay serializable
     if isinstance(exc, UserError):
         return text
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
@@ -95,6 +117,10 @@ class Job:
     seeds: list[int] = field(default_factory=list)
     error: str = ""
     lora_reports: list[str] = field(default_factory=list)  # "LoRA x (fmt): N of M tensors applied, K unmatched"
+    # image index (0-based) of each entry of paths / seeds: images are recorded as they are saved, so after a
+    # crash a retry knows which ones exist; batch_seed is image 0's seed (a random seed is resolved once)
+    image_indexes: list[int] = field(default_factory=list)
+    batch_seed: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +129,69 @@ class Job:
     def from_dict(cls, data: dict[str, Any]) -> Job:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# the saved job's fields and what each must hold (older files lack the later ones: defaults apply)
+_NUMBER = (int, float)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # name -> (types, None allowed)
+    "created": (_NUMBER, False), "started": (_NUMBER, True), "finished": (_NUMBER, True),
+    "phase": ((str,), False), "step": ((int,), False), "total": ((int,), False),
+    "seconds_per_step": (_NUMBER, True), "eta": (_NUMBER, True), "seconds": (_NUMBER, True),
+    "error": ((str,), False), "batch_seed": ((int,), True),
+}
+_LIST_TYPES: dict[str, type] = {"paths": str, "seeds": int, "lora_reports": str, "image_indexes": int}
+
+
+def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
+    """A saved job, checked; ValueError saying what is wrong. texts: its prompt file's content (format 2)."""
+    if not isinstance(record, dict):
+        raise ValueError(f"not a job record ({type(record).__name__})")
+    job_id = record.get("id")
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise ValueError(f"no usable id ({str(job_id)[:40]!r})")
+    status = record.get("status")
+    if status not in STATUSES:
+        raise ValueError(f"unknown status {str(status)[:40]!r}")
+    for name, (types, nullable) in _FIELD_TYPES.items():
+        if name in record:
+            value = record[name]
+            if not ((value is None and nullable) or (isinstance(value, types) and not isinstance(value, bool))):
+                raise ValueError(f"bad {name} ({str(value)[:40]!r})")
+    for name, item_type in _LIST_TYPES.items():
+        value = record.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, item_type) and not isinstance(v, bool)
+                                                  for v in value):
+            raise ValueError(f"bad {name} (a list of {item_type.__name__} expected)")
+    for name in ("phase", "error", "paths", "lora_reports"):
+        for text in record.get(name) if isinstance(record.get(name), list) else [record.get(name, "")]:
+            if text_problem(text):
+                raise ValueError(f"{name} {text_problem(text)}")
+    spec = record.get("spec")
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError("no settings (spec)")
+    spec = dict(spec)
+    if "prompt" not in spec:  # format 2: the texts are in the job's own file
+        if texts is None:
+            raise ValueError("its prompt file is missing")
+        spec.update({k: texts.get(k, "") for k in TEXT_FIELDS})
+    if not isinstance(spec.get("model_type"), str):
+        raise ValueError("no model type in its settings")
+    try:
+        job_spec = JobSpec.from_dict(spec)
+    except TypeError as e:
+        raise ValueError(f"bad settings ({e})") from None
+    for w in cap_texts(job_spec):  # a file from before the cap may hold megabytes
+        log.warning("saved job %s: %s", job_id, w)
+    try:
+        validate(job_spec)
+    except UserError as e:
+        raise ValueError(f"bad settings: {e}") from None
+    job = Job.from_dict({**record, "spec": job_spec.to_dict()})
+    if "image_indexes" not in record:  # format 1 recorded the images of finished jobs only, in order
+        job.image_indexes = list(range(len(job.paths)))
+    if not len(job.paths) == len(job.seeds) == len(job.image_indexes):
+        raise ValueError("paths, seeds and image indexes differ in length")
+    return job
 
 
 class JobQueue:
@@ -123,44 +212,129 @@ class JobQueue:
         self._remove_after: set[str] = set()  # running jobs removed by the user: dropped when they stop
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._texts_saved: set[str] = set()  # jobs whose prompt file is written (it never changes after)
+        self.notices: list[str] = []  # restore problems, for the page (one line each)
         self._restore()
 
     # ------------------------------------------------------------ persistence
 
+    @property
+    def texts_dir(self) -> Path | None:
+        """The folder of the per-job prompt files, beside the state file."""
+        return self.state_file.with_name(self.state_file.stem + ".prompts") if self.state_file else None
+
+    def _texts_path(self, job_id: str) -> Path:
+        assert self.texts_dir is not None
+        return self.texts_dir / f"{job_id}.json"
+
+    def _read_texts(self, record: Any) -> dict[str, Any] | None:
+        job_id = record.get("id") if isinstance(record, dict) else None
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            return None
+        try:
+            texts = json.loads(self._texts_path(job_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return texts if isinstance(texts, dict) else None
+
     def _restore(self) -> None:
-        if self.state_file is None or not self.state_file.is_file():
+        if self.state_file is None:
+            return
+        for folder in (self.state_file.parent, self.texts_dir):  # what a killed save left
+            clean_stale_parts(folder)
+        if not self.state_file.is_file():
+            if self.texts_dir is not None and self.texts_dir.is_dir():
+                self._save(sweep=True)  # prompt files no state file refers to: removed
             return
         try:
             data = json.loads(self.state_file.read_text(encoding="utf-8"))
-            jobs = [Job.from_dict(j) for j in data.get("jobs", [])]
+            records = data.get("jobs", [])
+            if not isinstance(records, list):
+                raise TypeError("'jobs' is not a list")
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # a broken state file must not keep the UI from starting; keep it aside for inspection
             aside = self.state_file.with_name(self.state_file.name + ".broken")
             log.warning("could not read the saved queue %s (%s); moved it to %s, starting with an empty queue",
                         self.state_file, e, aside)
-            try:
-                os.replace(self.state_file, aside)
-            except OSError:
-                pass
+            self.notices.append(f"the saved queue could not be read ({clean_text(str(e))[:200]}); "
+                                f"it was moved to {aside.name}")
+            for src, dst in ((self.state_file, aside),  # the prompt files go with it (they help recover it)
+                             (self.texts_dir, self.texts_dir.with_name(self.texts_dir.name + ".broken"))):
+                try:
+                    os.replace(src, dst)
+                except OSError:
+                    pass
             return
-        for job in jobs:
+        jobs, rejected, seen = [], [], set()
+        for record in records:
+            spec = record.get("spec") if isinstance(record, dict) else None
+            texts = self._read_texts(record) if isinstance(spec, dict) and spec and "prompt" not in spec else None
+            try:
+                job = job_from_record(record, texts)
+                if job.id in seen:
+                    raise ValueError("duplicate id")
+            except ValueError as e:
+                rejected.append({"reason": str(e), "job": record, "texts": texts})
+                continue
+            seen.add(job.id)
+            if texts is not None:
+                self._texts_saved.add(job.id)  # its prompt file is there already
             if job.status == "running":
-                job.status, job.phase = "interrupted", ""
-                job.error = "the app stopped while this job was running; retry it to run it again"
-            elif job.status not in STATUSES:
-                job.status = "failed"
-                job.error = f"unknown saved status {job.status!r}"
+                job.status, job.phase, job.error = "interrupted", "", INTERRUPTED_ERROR
+            jobs.append(job)
         self._jobs = jobs
-        self._save()
+        if rejected:
+            self._move_aside(rejected)
+        self._save(sweep=True)
 
-    def _save(self) -> None:
-        """Write the queue atomically; called with the lock held (or before the worker starts)."""
+    def _move_aside(self, rejected: list[dict[str, Any]]) -> None:
+        """Keep saved jobs that cannot be restored in <state file>.rejected (added to what it holds)."""
+        assert self.state_file is not None
+        aside = self.state_file.with_name(self.state_file.name + ".rejected")
+        try:
+            earlier = json.loads(aside.read_text(encoding="utf-8")).get("jobs", [])
+            earlier = earlier if isinstance(earlier, list) else []
+        except (OSError, ValueError, AttributeError):
+            earlier = []
+        try:
+            with atomic_path(aside) as tmp:  # ensure_ascii: a lone surrogate is written as \ud800, readable
+                tmp.write_text(json.dumps({"jobs": earlier + rejected}, indent=1), encoding="utf-8")
+        except OSError:
+            log.exception("could not write %s", aside)
+        for r in rejected:
+            job = r["job"]
+            job_id = clean_text(str(job.get("id") if isinstance(job, dict) else "?"))[:40]
+            line = f"saved job {job_id!r} could not be restored ({clean_text(r['reason'])}); moved to {aside.name}"
+            log.warning("%s", line)
+            self.notices.append(line)
+
+    def _save(self, sweep: bool = False) -> None:
+        """Write the queue atomically; called with the lock held (or before the worker starts).
+
+        Order, so that a crash at any point leaves a readable queue: new prompt files first, then the state
+        file, then the prompt files of jobs that left it (sweep: every prompt file no job refers to)."""
         if self.state_file is None:
             return
-        data = {"version": STATE_VERSION, "jobs": [j.to_dict() for j in self._jobs]}
         try:
+            records = []
+            for job in self._jobs:
+                record = job.to_dict()
+                texts = {k: record["spec"].pop(k) for k in TEXT_FIELDS}
+                if job.id not in self._texts_saved:
+                    with atomic_path(self._texts_path(job.id)) as tmp:
+                        tmp.write_text(json.dumps(texts), encoding="utf-8")
+                    self._texts_saved.add(job.id)
+                records.append(record)
             with atomic_path(self.state_file) as tmp:
-                tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+                tmp.write_text(json.dumps({"version": STATE_VERSION, "jobs": records}, indent=1), encoding="utf-8")
+            kept = {j.id for j in self._jobs}
+            gone = [self._texts_path(i) for i in self._texts_saved - kept]
+            assert self.texts_dir is not None
+            if sweep and self.texts_dir.is_dir():
+                gone = [f for f in self.texts_dir.glob("*.json") if f.stem not in kept]
+            self._texts_saved &= kept
+            for leftover in gone:
+                leftover.unlink(missing_ok=True)
         except OSError:
             # losing persistence must not stop generation; say so once per failure
             log.exception("could not save the queue to %s", self.state_file)
@@ -180,13 +354,35 @@ class JobQueue:
 
     def submit(self, spec: JobSpec, names: dict[str, str] | None = None) -> str:
         """Validate and enqueue; raises UserError on bad settings (nothing is queued then)."""
-        validate(spec, names)
-        self.service.definition(spec.model_type)  # unknown model type -> UserError now, not later
-        job = Job(id=uuid.uuid4().hex[:8], spec=spec.to_dict())
+        return self.submit_many([spec], names)[0]
+
+    def submit_many(self, specs: list[JobSpec], names: dict[str, str] | None = None) -> list[str]:
+        """Validate every spec, then enqueue them all, or none (UserError): bad settings, more than
+        MAX_JOBS_PER_REQUEST jobs, or a queue that would hold more than MAX_WAITING waiting jobs.
+        Prompts longer than MAX_PROMPT_CHARS are cut (app.jobs.cap_texts says so to the caller)."""
+        if len(specs) > MAX_JOBS_PER_REQUEST:
+            raise UserError(f"one request can queue at most {MAX_JOBS_PER_REQUEST} jobs (got {len(specs)}): "
+                            "split it into smaller ones")
+        for spec in specs:
+            cap_texts(spec, names)
+            validate(spec, names)
+            self.service.definition(spec.model_type)  # unknown model type -> UserError now, not later
         with self._cond:
-            self._jobs.append(job)
+            waiting = sum(j.status in WAITING for j in self._jobs)
+            if waiting + len(specs) > MAX_WAITING:
+                raise UserError(f"the queue is full: {waiting} jobs wait to run and it takes at most {MAX_WAITING}; "
+                                f"{len(specs)} more do not fit (wait for some to finish, or remove some)")
+            taken = {j.id for j in self._jobs}
+            jobs = []
+            for spec in specs:
+                job_id = uuid.uuid4().hex[:8]
+                while job_id in taken:  # 8 hex digits: rare, but an id names one job and one file
+                    job_id = uuid.uuid4().hex[:8]
+                taken.add(job_id)
+                jobs.append(Job(id=job_id, spec=spec.to_dict()))
+            self._jobs.extend(jobs)
             self._changed()
-        return job.id
+        return [j.id for j in jobs]
 
     def _find(self, job_id: str) -> Job:
         for job in self._jobs:
@@ -205,8 +401,9 @@ class JobQueue:
             self._jobs.remove(job)
             self._changed()
 
-    def move(self, job_id: str, direction: str) -> None:
-        """Swap a queued job with the previous / next queued job ("up" runs it sooner)."""
+    def move(self, job_id: str, direction: str) -> bool:
+        """Swap a queued job with the previous / next queued job ("up" runs it sooner); False when it is
+        already the first (up) / last (down) queued job, so nothing moved."""
         if direction not in ("up", "down"):
             raise ValueError("direction is 'up' or 'down'")
         with self._cond:
@@ -216,26 +413,32 @@ class JobQueue:
             queued = [j for j in self._jobs if j.status == "queued"]
             k = queued.index(job) + (-1 if direction == "up" else 1)
             if not 0 <= k < len(queued):
-                return  # already first / last: nothing to do
+                return False
             a, b = self._jobs.index(job), self._jobs.index(queued[k])
             self._jobs[a], self._jobs[b] = self._jobs[b], self._jobs[a]
             self._changed()
+            return True
 
     def retry(self, job_id: str) -> None:
-        """Queue a failed, aborted or interrupted job again, in its place in the list."""
+        """Queue a failed, aborted or interrupted job again, in its place in the list. The images it already
+        saved (recorded in the job) are kept: only the missing ones are rendered."""
         with self._cond:
             job = self._find(job_id)
             if job.status not in RETRYABLE:
                 raise UserError(
                     f"job {job_id} is {job.status}: only failed, aborted or interrupted jobs can be retried")
+            waiting = sum(j.status in WAITING for j in self._jobs)
+            if waiting >= MAX_WAITING:
+                raise UserError(f"the queue is full: {waiting} jobs wait to run (at most {MAX_WAITING})")
             job.status, job.error, job.phase = "queued", "", ""
             job.step = job.total = 0
             job.started = job.finished = job.seconds_per_step = job.eta = job.seconds = None
             self._changed()
 
     def clear_finished(self) -> int:
-        """Drop done, failed and aborted jobs from the list (their images stay on disk)."""
+        """Drop done, failed and aborted jobs from the list (their images stay on disk), and the notices."""
         with self._cond:
+            self.notices.clear()  # seen: the page stops showing them
             before = len(self._jobs)
             self._jobs = [j for j in self._jobs if j.status not in ("done", "failed", "aborted")]
             self._changed()
@@ -271,10 +474,17 @@ class JobQueue:
     def results_version(self) -> int:
         return self._results_version
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        """Every job as a plain dict, in list order (the queued ones run top to bottom)."""
+    def snapshot(self, prompt_chars: int | None = None) -> list[dict[str, Any]]:
+        """Every job as a plain dict, in list order (the queued ones run top to bottom); prompt_chars: the
+        prompts cut to that many characters (the page's table shows only their start, and it is rebuilt on
+        every step)."""
         with self._cond:
-            return [j.to_dict() for j in self._jobs]
+            out = [j.to_dict() for j in self._jobs]
+        if prompt_chars is not None:
+            for job in out:
+                for key in TEXT_FIELDS:
+                    job["spec"][key] = job["spec"][key][:prompt_chars]
+        return out
 
     def get(self, job_id: str) -> dict[str, Any]:
         with self._cond:
@@ -349,8 +559,12 @@ class JobQueue:
 
     def _run_job(self, job: Job) -> None:
         status, error, result = "done", "", None
+        with self._cond:  # a retry: the images saved before are kept (the service checks they are still there)
+            existing = dict(zip(job.image_indexes, job.paths))
+            batch_seed = job.batch_seed
         try:
-            result = self.service.generate(JobSpec.from_dict(job.spec), on_event=lambda ev: self._on_event(job, ev))
+            result = self.service.generate(JobSpec.from_dict(job.spec), on_event=lambda ev: self._on_event(job, ev),
+                                           existing_images=existing, batch_seed=batch_seed)
         except GenerationInterrupted:
             status = "interrupted" if self._stopping else "aborted"
         except BaseException as e:  # anything: record it, log the traceback, go on with the next job
@@ -362,10 +576,11 @@ class JobQueue:
             with self._cond:
                 job.status, job.error, job.finished, job.phase, job.eta = status, error, time.time(), "", None
                 if status == "interrupted":
-                    job.error = "the app stopped while this job was running; retry it to run it again"
+                    job.error = INTERRUPTED_ERROR
                 if result is not None:
                     job.paths = [str(p) for p in result.paths]
                     job.seeds = list(result.seeds)
+                    job.image_indexes = list(range(len(job.paths)))
                     job.seconds, job.seconds_per_step = result.seconds, result.seconds_per_step
                     job.lora_reports = list(getattr(result, "lora_reports", []) or [])
                 self.service.abort.clear()
@@ -402,4 +617,12 @@ class JobQueue:
                 job.seconds_per_step, job.eta = ev["seconds_per_step"], ev["eta"]
                 if preview is not None:
                     self._preview, self._preview_version = preview, self._preview_version + 1
-            self._changed(persist=False)
+            elif ev["kind"] == "image":
+                # saved on disk: recorded (and persisted) now, so a crash before the job ends orphans nothing
+                # and a retry does not write it again
+                keep = [k for k, i in enumerate(job.image_indexes) if i != ev["index"]]  # a re-rendered one
+                job.paths = [job.paths[k] for k in keep] + [str(ev["path"])]
+                job.seeds = [job.seeds[k] for k in keep] + [int(ev["seed"])]
+                job.image_indexes = [job.image_indexes[k] for k in keep] + [int(ev["index"])]
+                job.batch_seed = int(ev["batch_seed"])
+            self._changed(persist=ev["kind"] == "image")

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from app.jobs import JobSpec, resolve_seed, size_warnings, validate
-from app.outputs import output_name, save_image_atomic, unique_path
+from app.jobs import MAX_PROMPT_CHARS, JobSpec, cap_texts, resolve_seed, size_warnings, validate
+from app.outputs import clean_stale_parts, output_name, save_image_atomic, unique_path
 from models.attention import set_attention_backend
 from models.errors import GenerationInterrupted, UserError
 from models.registry import ModelDefinition, handler_for, load_definitions, resolve_model_type
@@ -128,6 +128,8 @@ class GenerationService:
         self._libraries: dict[str, object] = {}
         self._lock = threading.RLock()
         self.abort = threading.Event()
+        # a process killed while saving leaves a 0-byte or partial temporary file beside the image it wrote
+        clean_stale_parts(self.config.output_dir)
 
     # ------------------------------------------------------------ models and defaults
 
@@ -257,7 +259,9 @@ class GenerationService:
             empty_caches()  # the models are gone now: their pinned RAM too
 
     def token_count(self, model_type: str, prompt: str) -> int | None:
-        """Tokens the prompt takes with this model's tokenizer (None until its files are there)."""
+        """Tokens the prompt takes with this model's tokenizer (None until its files are there). Only the first
+        MAX_PROMPT_CHARS characters are counted: jobs never keep more, and tokenizing megabytes takes seconds."""
+        prompt = prompt[:MAX_PROMPT_CHARS]
         d = self.definition(model_type)
         try:
             folder = self.model_dir(model_type, None)
@@ -311,8 +315,18 @@ class GenerationService:
         on_event: EventFn | None = None,
         extra_names: dict[str, str] | None = None,
         allow_lora_paths: bool = False,
+        existing_images: dict[int, str | Path] | None = None,
+        batch_seed: int | None = None,
     ) -> JobResult:
-        """Render spec and save its images; file_names (one per image) override the naming scheme."""
+        """Render spec and save its images; file_names (one per image) override the naming scheme.
+
+        Each image is reported as it is saved (event "image": index, seed, batch_seed, path), so a caller can
+        record it at once. A retry passes what was recorded: existing_images (index -> path; those still on disk
+        are kept, not rendered again) and batch_seed (the seed image 0 had): only the missing images are
+        rendered, each with the seed and name it would have had in the first run.
+        """
+        for w in cap_texts(spec, extra_names):  # a huge prompt is cut here too (the CLI's path)
+            log.warning(w)
         validate(spec, extra_names)
         d = self.definition(spec.model_type)
         warnings = size_warnings(spec, int(d.defaults().get("min_recommended_size", 0)))
@@ -320,18 +334,54 @@ class GenerationService:
             log.warning(w)
         if file_names is not None and len(file_names) != spec.num_images:
             raise ValueError("one file name per image")
-        profile = self.config.memory_profile if spec.memory_profile is None else spec.memory_profile
-        if spec.memory_profile is not None:
-            log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
-                     "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
-        pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file, on_event,
-                             memory_profile=profile)
-        lora_reports = self._sync_loras(spec, allow_lora_paths)
-        seed = resolve_seed(spec.seed)
-        if spec.seed == -1:
+        kept = {int(i): Path(p) for i, p in (existing_images or {}).items()
+                if 0 <= int(i) < spec.num_images and Path(p).is_file()}
+        missing = [i for i in range(spec.num_images) if i not in kept]
+        seed = batch_seed if batch_seed is not None else resolve_seed(spec.seed)
+        if spec.seed == -1 and batch_seed is None:
             log.info("random seed: %d", seed)
-        self.abort.clear()
+        if kept:
+            log.info("%d of %d images already written; rendering %s", len(kept), spec.num_images,
+                     ", ".join(str(i + 1) for i in missing) or "none")
+        per_step, lora_reports = 0.0, []
+        paths: dict[int, Path] = dict(kept)
+        settings: dict[int, dict[str, Any]] = {}
         start = time.perf_counter()
+        if missing:
+            profile = self.config.memory_profile if spec.memory_profile is None else spec.memory_profile
+            if spec.memory_profile is not None:
+                log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
+                         "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
+            pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file,
+                                 on_event, memory_profile=profile)
+            lora_reports = self._sync_loras(spec, allow_lora_paths)
+            # consecutive missing images render together (image i of a batch uses seed + i, so a run starting at
+            # image k with seed + k gives the same images as the full batch)
+            runs: list[list[int]] = []
+            for i in missing:
+                if runs and runs[-1][-1] == i - 1:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            start = time.perf_counter()  # sampling and saving time, as before: the model load is not counted
+            for run in runs:
+                per_step = self._render_run(pipe, spec, run, seed, profile, output_dir, file_names, on_event,
+                                            paths, settings)
+        elapsed = time.perf_counter() - start
+        order = range(spec.num_images)
+        result_paths = [paths[i] for i in order]
+        seeds = [seed + i for i in order]
+        if on_event:
+            on_event({"kind": "done", "paths": result_paths, "seconds": elapsed, "seconds_per_step": per_step})
+        return JobResult(result_paths, seeds, [settings.get(i, {}) for i in order], elapsed, per_step, warnings,
+                         lora_reports)
+
+    def _render_run(self, pipe, spec: JobSpec, indexes: list[int], seed: int, profile: int,
+                    output_dir: Path | None, file_names: list[Path] | None, on_event: EventFn | None,
+                    paths: dict[int, Path], settings: dict[int, dict[str, Any]]) -> float:
+        """Render images indexes (consecutive) of spec's batch and save each as it comes; seconds per step."""
+        first, count = indexes[0], len(indexes)
+        self.abort.clear()
         step_times: list[float] = []
         sync = self.device.type == "cuda" and on_event is not None
 
@@ -348,7 +398,7 @@ class GenerationService:
         from app.offload import OomGuard, decode_needs_tiling, free_device_bytes
 
         guard = OomGuard("encode", self._offload, profile_no=profile, width=spec.width,
-                         height=spec.height, num_images=spec.num_images)
+                         height=spec.height, num_images=count)
         lora_step = self._lora_manager.step_start if self._lora_manager is not None else None
 
         def step_start(i: int, n: int) -> None:
@@ -365,7 +415,7 @@ class GenerationService:
                 return False
             torch.cuda.empty_cache()
             return decode_needs_tiling(profile, free_device_bytes(self.device), spec.height,
-                                       spec.width, self.vae_dtype, spec.num_images)
+                                       spec.width, self.vae_dtype, count)
         loop_start = [time.perf_counter()]
 
         def on_step(i: int, n: int, latents: torch.Tensor) -> None:
@@ -378,30 +428,28 @@ class GenerationService:
                 prompt=spec.prompt, negative_prompt=spec.negative_prompt, height=spec.height, width=spec.width,
                 num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
                 flow_shift=spec.flow_shift, cfg_normalization=spec.cfg_normalization,
-                cfg_truncation=spec.cfg_truncation, num_images_per_prompt=spec.num_images, seed=seed,
+                cfg_truncation=spec.cfg_truncation, num_images_per_prompt=count, seed=seed + first,
                 callback=on_step, interrupt=self.abort.is_set, step_start=step_start, vae_tiling=tiled,
             )
-        elapsed = time.perf_counter() - start
-        per_step = (step_times[-1] - loop_start[0]) / max(len(step_times), 1)
         when = datetime.now()
-        paths, settings = [], []
         from app.metadata import EXTENSIONS
 
         ext = EXTENSIONS[self.config.output_format]
-        for i, image in enumerate(out.images):
-            s = {**spec.to_dict(), "seed": out.seeds[i], "batch_seed": seed, "image_index": i,
+        for index, image, image_seed in zip(indexes, out.images, out.seeds):
+            s = {**spec.to_dict(), "seed": image_seed, "batch_seed": seed, "image_index": index,
                  "dtype": self.dtype_name, "created": when.isoformat(timespec="seconds")}
             if file_names is not None:
-                path = file_names[i]
+                path = file_names[index]
             else:
                 folder = Path(output_dir or self.config.output_dir)
-                path = unique_path(folder / output_name(when, out.seeds[i], i + 1, spec.prompt, ext))
-            paths.append(save_image_atomic(image, path, s if self.config.save_metadata else None,
-                                           quality=self.config.output_quality))
-            settings.append(s)
-        if on_event:
-            on_event({"kind": "done", "paths": paths, "seconds": elapsed, "seconds_per_step": per_step})
-        return JobResult(paths, out.seeds, settings, elapsed, per_step, warnings, lora_reports)
+                path = unique_path(folder / output_name(when, image_seed, index + 1, spec.prompt, ext))
+            paths[index] = save_image_atomic(image, path, s if self.config.save_metadata else None,
+                                             quality=self.config.output_quality)
+            settings[index] = s
+            if on_event:  # recorded by the caller now: a crash later does not orphan this file
+                on_event({"kind": "image", "index": index, "seed": image_seed, "batch_seed": seed,
+                          "path": paths[index]})
+        return (step_times[-1] - loop_start[0]) / max(len(step_times), 1)
 
 
 __all__ = ["GenerationService", "ServiceConfig", "JobResult", "GenerationInterrupted", "resolve_device"]

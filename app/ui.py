@@ -19,9 +19,18 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import pandas as pd
 
-from app.jobs import DEFAULT_MEMORY_PROFILE, JobSpec, parse_memory_profile, validate
+from app.jobs import (
+    DEFAULT_MEMORY_PROFILE,
+    MAX_PROMPT_CHARS,
+    JobSpec,
+    cap_texts,
+    check_text,
+    parse_memory_profile,
+    text_problem,
+    validate,
+)
 from app.metadata import read_settings
-from app.queue import JobQueue
+from app.queue import MAX_JOBS_PER_REQUEST, JobQueue, clean_text
 from app.settings import ProfileStore, startup_settings
 from app.ui_loras import (
     check_available,
@@ -62,6 +71,7 @@ TABLE_HEADERS = ["ID", "Status", "Progress", "Prompt", "Settings", "Seed", "Resu
 TABLE_WIDTHS = ["11%", "12%", "11%", "23%", "17%", "13%", "13%"]
 STATUS_ICONS = {"queued": "⏳", "running": "▶", "done": "✔", "failed": "✖", "interrupted": "⚠", "aborted": "■"}
 GALLERY_SIZE = 24
+PROMPT_PREVIEW_CHARS = 100  # of each prompt, in the table and progress line (rebuilt on every step)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 CSS = """
@@ -133,27 +143,60 @@ def display_order(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     active = [j for j in jobs if j["status"] in ("running", "queued")]
     active.sort(key=lambda j: j["status"] != "running")  # stable: queued keep their order
     finished = [j for j in jobs if j["status"] not in ("running", "queued")]
-    finished.sort(key=lambda j: j["finished"] or j["created"], reverse=True)
+    finished.sort(key=lambda j: _sort_key(j.get("finished") or j.get("created")), reverse=True)
     return active + finished
 
 
+def table_row(j: dict[str, Any]) -> list[Any]:
+    s = j["spec"]
+    seed = j["seeds"][0] if j["seeds"] else ("random" if s["seed"] == -1 else s["seed"])
+    prompt = s["prompt"] if len(s["prompt"]) <= 60 else s["prompt"][:57] + "..."
+    settings = (f"{SHORT_NAMES.get(s['model_type'], s['model_type'])} · {s['width']}×{s['height']} · "
+                f"{s['num_inference_steps']} steps" + (f" · ×{s['num_images']}" if s["num_images"] > 1 else "")
+                # older queue files have no memory_profile
+                + (f" · memory profile {s['memory_profile']}" if s.get("memory_profile") else ""))
+    return [j["id"], f"{STATUS_ICONS.get(j['status'], '')} {j['status']}", job_progress(j), prompt,
+            settings, seed, job_result(j)]
+
+
+def _sort_key(value: Any) -> float:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
 def queue_table(jobs: list[dict[str, Any]]) -> pd.DataFrame:
+    """The queue as the page's table. One odd job (a field missing or of the wrong type, text that is not
+    Unicode) gets a placeholder row instead of failing the whole table, which every tab polls."""
+    try:
+        ordered = display_order(jobs)
+    except Exception:  # an unsortable job: keep the list order rather than show nothing
+        log.warning("queue table: cannot order the jobs", exc_info=True)
+        ordered = list(jobs)
     rows = []
-    for j in display_order(jobs):
-        s = j["spec"]
-        seed = j["seeds"][0] if j["seeds"] else ("random" if s["seed"] == -1 else s["seed"])
-        prompt = s["prompt"] if len(s["prompt"]) <= 60 else s["prompt"][:57] + "..."
-        settings = (f"{SHORT_NAMES.get(s['model_type'], s['model_type'])} · {s['width']}×{s['height']} · "
-                    f"{s['num_inference_steps']} steps" + (f" · ×{s['num_images']}" if s["num_images"] > 1 else "")
-                    # older queue files have no memory_profile
-                    + (f" · memory profile {s['memory_profile']}" if s.get("memory_profile") else ""))
-        rows.append([j["id"], f"{STATUS_ICONS.get(j['status'], '')} {j['status']}", job_progress(j), prompt,
-                     settings, seed, job_result(j)])
+    for j in ordered:
+        try:
+            row = table_row(j)
+        except Exception:
+            job_id = j.get("id", "?") if isinstance(j, dict) else "?"
+            log.warning("queue table: job %r cannot be shown", job_id, exc_info=True)
+            row = [job_id, "?", "", "", "", "", "this job's saved data is unreadable; remove it"]
+        # every cell JSON-safe: a lone surrogate would fail the page's poll (HTTP 500) for every client
+        rows.append([clean_text(str(v)) if not isinstance(v, int) or isinstance(v, bool) else v for v in row])
     return pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
-def progress_html(jobs: list[dict[str, Any]]) -> str:
-    """The running job's step i/N, s/step and ETA; else the last finished job's outcome."""
+def progress_html(jobs: list[dict[str, Any]], notices: list[str] | None = None) -> str:
+    """The running job's step i/N, s/step and ETA; else the last finished job's outcome; notices (saved jobs
+    that could not be restored) below. Never raises: it is polled by every tab."""
+    try:
+        out = _progress_html(jobs)
+    except Exception:
+        log.warning("progress: cannot show the queue's state", exc_info=True)
+        out = "<div class='error'>The queue's state cannot be shown (see the log).</div>"
+    out += "".join(f"<div class='error'>⚠ {html.escape(n)}</div>" for n in (notices or [])[-5:])
+    return clean_text(out)
+
+
+def _progress_html(jobs: list[dict[str, Any]]) -> str:
     waiting = sum(j["status"] == "queued" for j in jobs)
     tail = f" · {waiting} waiting" if waiting else ""
     running = next((j for j in jobs if j["status"] == "running"), None)
@@ -413,8 +456,8 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             version = queue.version
             table_out = progress_out = gallery_out = gr.skip()
             if state.get("v") != version:
-                jobs = queue.snapshot()
-                table_out, progress_out = queue_table(jobs), progress_html(jobs)
+                jobs = queue.snapshot(prompt_chars=PROMPT_PREVIEW_CHARS)  # the table shows only their start
+                table_out, progress_out = queue_table(jobs), progress_html(jobs, queue.notices)
                 state["v"] = version
             if state.get("rv") != queue.results_version:
                 # only when a job ended (or on a tab's first poll): the folder is not rescanned every step
@@ -450,7 +493,14 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             strength is a number or a per-step schedule such as "1.0,0.5".
             memory_profile (optional): "default" (the Config section's) or 1-5 for these jobs only."""
             session = getattr(request, "session_hash", None) or ""
+            cut: list[str] = []
             try:
+                # refused here, before anything else reads them: text that is not Unicode breaks every
+                # JSON reply that would carry it
+                for text, label in ((prompt, "the prompt"), (negative_prompt or "", "the negative prompt"),
+                                    (loras or "", "the LoRAs text")):
+                    if isinstance(text, str):
+                        check_text(text, label)
                 selection = parse_selection(loras)
                 profile = parse_memory_profile(memory_profile, UI_NAMES["memory_profile"])
                 if selection:  # unknown names are refused here, not when the job runs
@@ -461,12 +511,16 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                     flow_shift=flow_shift, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
                     seed=whole(seed), num_images=whole(num_images), loras=[dict(x) for x in selection],
                     memory_profile=profile,
-                ) for p in split_prompts(prompt, one_per_line)]
+                ) for p in split_prompts(prompt, one_per_line)[:MAX_JOBS_PER_REQUEST + 1]]
                 if not specs:
                     raise UserError("the prompt is empty (every line is blank or a # comment)")
+                if len(specs) > MAX_JOBS_PER_REQUEST:
+                    raise UserError(f"one request can queue at most {MAX_JOBS_PER_REQUEST} jobs: split the "
+                                    "prompt lines into smaller batches")
                 for s in specs:  # all checked before any is queued
+                    cut += cap_texts(s, UI_NAMES)
                     validate(s, UI_NAMES)
-                ids = [queue.submit(s, UI_NAMES) for s in specs]
+                ids = queue.submit_many(specs, UI_NAMES)  # all or none (the queue's length is capped)
             except UserError as e:
                 # an error (not a return value) so API clients cannot mistake it for a job ID
                 submit_messages.pop(session, None)
@@ -474,7 +528,11 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 raise gr.Error(str(e), title="Not queued", print_exception=False) from None
             if len(submit_messages) > 256:  # API calls never read theirs: keep the dict small
                 submit_messages.clear()
-            submit_messages[session] = f"Queued job{'s' * (len(ids) != 1)} {', '.join(ids)}."
+            cut = list(dict.fromkeys(cut))  # one line per kind of cut, not one per prompt line
+            for w in cut:
+                gr.Warning(w)
+            submit_messages[session] = f"Queued job{'s' * (len(ids) != 1)} {', '.join(ids)}." + "".join(
+                f"\n\n⚠ {w}" for w in cut)
             if store is not None:  # restored when a page opens; never raises
                 for w in store.save_last_used(controls_to_settings(
                         model_type, prompt, negative_prompt, width, height, steps, guidance, flow_shift,
@@ -520,7 +578,8 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                     if op == "remove":
                         queue.remove(job_id)
                     elif op in ("up", "down"):
-                        queue.move(job_id, op)
+                        if not queue.move(job_id, op):
+                            return f"Job {job_id} is already {'first' if op == 'up' else 'last'} in the queue."
                     else:
                         queue.retry(job_id)
                 except UserError as e:
@@ -575,16 +634,21 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
 
         def tokens(model_type: str, text: str) -> str:
             """Live count against the prompt limit (chat template included); longer prompts are truncated."""
-            if not text:
+            if not text or not isinstance(text, str):
                 return ""
+            if text_problem(text):  # the tokenizer would fail on it, and Generate refuses it
+                return f"⚠ the prompt {text_problem(text)}: remove it"
             limit = service.definition(model_type).defaults().get("max_prompt_tokens")
             try:
-                n = service.token_count(model_type, text)
+                n = service.token_count(model_type, text)  # counts the first MAX_PROMPT_CHARS only: cheap
             except Exception:  # a count must never break typing; the job reports real problems
                 log.debug("token count failed", exc_info=True)
                 n = None
             if n is None or not limit:
                 return ""
+            if len(text) > MAX_PROMPT_CHARS:
+                return (f"**{n}+ / {limit} tokens**: {len(text):,} characters; a job keeps the first "
+                        f"{MAX_PROMPT_CHARS:,} and the model reads its first {limit} tokens")
             return f"**{n} / {limit} tokens**: the end will be cut" if n > limit else f"{n} / {limit} tokens"
 
         prompt.change(tokens, [model, prompt], token_info, queue=False, show_progress="hidden", api_name="token_count")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from app.jobs import JobSpec
 from app.metadata import read_settings
@@ -112,18 +114,28 @@ def test_failures_are_recorded_and_the_queue_goes_on(make_queue, service, monkey
     assert all("Traceback" not in j["error"] for j in jobs)
 
 
+def crash_copy(state, dest):
+    """What a crash right now would leave of the queue at state: its file and its prompt files, copied."""
+    dest.mkdir()
+    shutil.copy(state, dest / state.name)
+    prompts = state.with_name(state.stem + ".prompts")
+    if prompts.is_dir():
+        shutil.copytree(prompts, dest / prompts.name)
+    return dest / state.name
+
+
 def test_restart_marks_running_job_interrupted_and_retry(make_queue, tmp_path):
     state = tmp_path / "queue.json"
-    crash = tmp_path / "crash.json"
+    crash = tmp_path / "crash" / "queue.json"
     q1 = make_queue(state).start()
     a = q1.submit(spec("a", num_inference_steps=3))
     b = q1.submit(spec("b"))
 
     def snapshot_while_running(q):
-        # evaluated with the queue's lock held: the file is what a crash right now would leave
+        # evaluated with the queue's lock held: the files are what a crash right now would leave
         if q.get(a)["status"] != "running":
             return False
-        shutil.copy(state, crash)
+        crash_copy(state, crash.parent)
         return True
 
     q1.wait_until(snapshot_while_running, 120)
@@ -162,6 +174,234 @@ def test_broken_state_file_starts_empty(make_queue, tmp_path):
     bad.write_text("{not json")
     assert make_queue(bad).snapshot() == []
     assert (tmp_path / "bad.json.broken").read_text() == "{not json"
+
+
+def test_move_reports_first_and_last(make_queue):
+    q = make_queue()
+    a, b = q.submit(spec("a")), q.submit(spec("b"))
+    assert q.move(a, "up") is False and q.move(b, "down") is False
+    assert [j["id"] for j in q.snapshot()] == [a, b]
+    assert q.move(b, "up") is True and [j["id"] for j in q.snapshot()] == [b, a]
+
+
+def test_stale_part_files_are_removed_at_start(service, tmp_path):
+    from app.outputs import clean_stale_parts
+
+    old = tmp_path / ".2024-01-01-10h00m00s_seed1_1_fox.png.k3j9_x0a.part"
+    fresh = tmp_path / ".2024-01-01-10h00m01s_seed2_1_fox.png.Zx81ab2c.part"
+    other = tmp_path / "notes.part"
+    for f in (old, fresh, other):
+        f.write_bytes(b"")
+    os.utime(old, (1, 1))
+    os.utime(other, (1, 1))
+    GenerationService(ServiceConfig(checkpoints_dir=service.config.checkpoints_dir, output_dir=tmp_path))
+    assert not old.exists() and fresh.exists() and other.exists()  # a fresh one may be another process's
+    assert clean_stale_parts(tmp_path / "missing") == []
+
+
+# ------------------------------------------------------------------ hardening: odd input, limits, crashes
+
+def test_text_that_is_not_unicode_is_refused_at_submit(make_queue, tmp_path):
+    q = make_queue()
+    for bad in (spec("a\ud800b"), spec("ok", negative_prompt="\udcff"),
+                spec("ok", loras=[{"name": "x\ud800", "strength": 1.0}])):
+        with pytest.raises(UserError, match="not valid Unicode text .*lone surrogate") as e:
+            q.submit(bad)
+        str(e.value).encode("utf-8")  # the message itself is sendable
+    assert q.snapshot() == [] and not (tmp_path / "queue.json").exists()  # nothing queued, nothing saved
+
+
+def v1_job(job_id: str, status: str = "queued", **spec_kw) -> dict:
+    """A job as the first queue file format saved it (spec inline, no image indexes)."""
+    s = {**spec("saved " + job_id).to_dict(), **spec_kw}
+    return {"id": job_id, "spec": s, "status": status, "created": 1.0, "started": None, "finished": None,
+            "phase": "", "step": 0, "total": 0, "seconds_per_step": None, "eta": None, "seconds": None,
+            "paths": [], "seeds": [], "error": "", "lora_reports": []}
+
+
+def test_odd_saved_jobs_are_moved_aside_and_the_rest_kept(make_queue, tmp_path):
+    from app.ui import progress_html, queue_table
+
+    state = tmp_path / "queue.json"
+    good, other = v1_job("g00d0001"), v1_job("0ther002", "failed")
+    odd = [
+        {**v1_job("empty001"), "spec": {}},
+        v1_job("status01", "sleeping"),
+        v1_job("g00d0001", "done"),  # a duplicate id
+        v1_job("surr0001", prompt="poison \ud800"),  # what the submit bug let in
+        {**v1_job("types001"), "step": "three"},
+        {**v1_job("types002"), "paths": "a.png"},
+        v1_job("range001", width=100),
+        "not a job",
+        {**v1_job("../evil"), "id": "../evil"},
+    ]
+    state.write_text(json.dumps({"version": 1, "jobs": [good, *odd, other]}))
+    q = make_queue(state)
+    assert [j["id"] for j in q.snapshot()] == ["g00d0001", "0ther002"]
+    assert len(q.notices) == len(odd)
+    assert "'empty001' could not be restored (no settings (spec)); moved to queue.json.rejected" in q.notices[0]
+    assert "unknown status 'sleeping'" in q.notices[1] and "duplicate id" in q.notices[2]
+    assert "lone surrogate" in q.notices[3] and "bad step" in q.notices[4] and "multiple of 16" in q.notices[6]
+    aside = json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"]
+    assert [r["job"] for r in aside] == odd  # every odd record kept, as it was
+    assert all(r["reason"] for r in aside)
+    # the page's table and progress line, and a JSON reply, all work on the restored queue
+    jobs = q.snapshot()
+    json.dumps(jobs, ensure_ascii=False).encode("utf-8")
+    assert list(queue_table(jobs)["ID"]) == ["g00d0001", "0ther002"]
+    assert "could not be restored" in progress_html(jobs, q.notices)
+    # a restart keeps the good jobs; the rejected file keeps its records
+    assert [j["id"] for j in make_queue(state).snapshot()] == ["g00d0001", "0ther002"]
+    assert len(json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"]) == len(odd)
+
+
+def test_queue_table_survives_odd_jobs():
+    from app.ui import progress_html, queue_table
+
+    good = {**v1_job("g00d0001"), "image_indexes": [], "batch_seed": None}
+    jobs = [good, {"id": "x1", "status": "queued"}, {**good, "id": "x2", "spec": {**good["spec"], "width": None}},
+            {**good, "id": "x3", "error": "bad \ud800", "status": "failed", "finished": "soon"}, "junk"]
+    table = queue_table(jobs)
+    assert list(table["ID"])[:2] == ["g00d0001", "x1"] and len(table) == 5
+    json.dumps(table.values.tolist(), ensure_ascii=False).encode("utf-8")  # no lone surrogate reaches the page
+    progress_html(jobs).encode("utf-8")
+
+
+def test_first_format_queue_file_is_restored_and_converted(make_queue, tmp_path):
+    state = tmp_path / "wgp_zimage_queue.json"
+    done = {**v1_job("d0ne0001", "done"), "paths": ["/x/a.png", "/x/b.png"], "seeds": [5, 6], "finished": 3.0}
+    state.write_text(json.dumps({"version": 1, "jobs": [v1_job("aaaa0001"), v1_job("bbbb0002", "running"), done]},
+                                indent=1))
+    q = make_queue(state)
+    jobs = {j["id"]: j for j in q.snapshot()}
+    assert list(jobs) == ["aaaa0001", "bbbb0002", "d0ne0001"] and q.notices == []
+    assert jobs["aaaa0001"]["status"] == "queued" and jobs["aaaa0001"]["spec"]["prompt"] == "saved aaaa0001"
+    assert jobs["bbbb0002"]["status"] == "interrupted" and "retry" in jobs["bbbb0002"]["error"]
+    assert jobs["d0ne0001"]["image_indexes"] == [0, 1] and jobs["d0ne0001"]["seeds"] == [5, 6]
+    # converted: the prompts moved to one file per job, the list keeps the other settings
+    saved = json.loads(state.read_text())
+    assert saved["version"] == 2 and "prompt" not in saved["jobs"][0]["spec"]
+    assert saved["jobs"][0]["spec"]["width"] == 64
+    prompts = tmp_path / "wgp_zimage_queue.prompts"
+    assert sorted(p.name for p in prompts.iterdir()) == ["aaaa0001.json", "bbbb0002.json", "d0ne0001.json"]
+    assert json.loads((prompts / "aaaa0001.json").read_text())["prompt"] == "saved aaaa0001"
+    again = {j["id"]: j for j in make_queue(state).snapshot()}  # and the new format reads back the same
+    assert again == jobs
+
+
+def test_long_prompts_are_cut_and_not_rewritten_on_each_change(make_queue, tmp_path):
+    from app.jobs import MAX_PROMPT_CHARS
+
+    state = tmp_path / "queue.json"
+    q = make_queue(state)
+    huge = "a fox " * 200_000  # 1.2 MB
+    ids = [q.submit(spec(huge, negative_prompt=huge)) for _ in range(3)]
+    job = q.get(ids[0])
+    assert job["spec"]["prompt"] == huge[:MAX_PROMPT_CHARS] and len(job["spec"]["negative_prompt"]) == MAX_PROMPT_CHARS
+    assert state.stat().st_size < 10_000  # the list holds no prompt
+    prompts = state.with_name("queue.prompts")
+    files = {p.name: p.stat().st_ino for p in prompts.iterdir()}
+    assert len(files) == 3 and all(p.stat().st_size < 3 * MAX_PROMPT_CHARS for p in prompts.iterdir())
+    q.move(ids[2], "up")
+    q.remove(ids[1])
+    assert {p.name: p.stat().st_ino for p in prompts.iterdir()} == {k: v for k, v in files.items()
+                                                                    if k != f"{ids[1]}.json"}  # not rewritten
+    assert [j["id"] for j in make_queue(state).snapshot()] == [ids[0], ids[2]]
+    assert q.snapshot(prompt_chars=10)[0]["spec"]["prompt"] == huge[:10]
+    # the image's metadata carries the cut prompt only
+    q.start()
+    done = q.wait(ids[0], 120)
+    assert done["status"] == "done", done["error"]
+    assert read_settings(done["paths"][0])["prompt"] == huge[:MAX_PROMPT_CHARS]
+    from pathlib import Path
+
+    assert Path(done["paths"][0]).stat().st_size < 5 * MAX_PROMPT_CHARS
+
+
+def test_a_crash_between_the_queue_files_loses_nothing_else(make_queue, tmp_path):
+    state = tmp_path / "queue.json"
+    q = make_queue(state)
+    a, b = q.submit(spec("a")), q.submit(spec("b"))
+    prompts = state.with_name("queue.prompts")
+    (prompts / f"{a}.json").unlink()  # a crash before a's prompt file was complete
+    (prompts / "orphan01.json").write_text("{}")  # one written just before a crash, never listed
+    stale = prompts / ".x.json.abcd1234.part"
+    stale.write_bytes(b"")
+    os.utime(stale, (1, 1))
+    q2 = make_queue(state)
+    assert [j["id"] for j in q2.snapshot()] == [b]
+    assert "its prompt file is missing" in q2.notices[0]
+    assert sorted(p.name for p in prompts.iterdir()) == [f"{b}.json"]
+
+
+def test_request_and_queue_limits(make_queue, monkeypatch):
+    import app.queue as queue_module
+
+    q = make_queue()
+    with pytest.raises(UserError, match="one request can queue at most 100 jobs"):
+        q.submit_many([spec(f"p{i}") for i in range(101)])
+    assert q.snapshot() == []
+    monkeypatch.setattr(queue_module, "MAX_WAITING", 3)
+    ids = q.submit_many([spec("a"), spec("b")])
+    with pytest.raises(UserError, match="the queue is full: 2 jobs wait to run and it takes at most 3"):
+        q.submit_many([spec("c"), spec("d")])  # all or none
+    assert len(q.snapshot()) == 2
+    q.submit(spec("c"))
+    with pytest.raises(UserError, match="queue is full"):
+        q.submit(spec("d"))
+    q.remove(ids[0])
+    q.submit(spec("d"))
+
+
+def test_retry_after_a_crash_writes_only_the_missing_images(make_queue, service, tmp_path, monkeypatch):
+    """kill -9 after the first of three images: the restarted queue retries and writes images 2 and 3 only."""
+    import app.service as service_module
+
+    out = service.config.output_dir
+    state = tmp_path / "live" / "queue.json"
+    crash = tmp_path / "crash"
+    real_save = service_module.save_image_atomic
+    calls = []
+
+    def save_then_crash(image, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:  # image 1 is on disk and recorded: what a kill -9 now leaves
+            crash_copy(state, crash)
+            raise RuntimeError("killed")
+        return real_save(image, path, *a, **kw)
+
+    monkeypatch.setattr(service_module, "save_image_atomic", save_then_crash)
+    q1 = make_queue(state).start()
+    job_id = q1.submit(spec("three foxes", num_images=3, seed=-1))
+    assert q1.wait(job_id, 120)["status"] == "failed"
+    q1.close()
+    monkeypatch.setattr(service_module, "save_image_atomic", real_save)
+    before = set(out.iterdir())
+
+    q2 = make_queue(crash / "queue.json")
+    job = q2.get(job_id)
+    assert job["status"] == "interrupted" and len(job["paths"]) == 1 and job["image_indexes"] == [0]
+    batch = job["batch_seed"]
+    assert job["seeds"] == [batch] and job["paths"][0] == str(calls[0])
+    q2.retry(job_id)
+    q2.start()
+    job = q2.wait(job_id, 120)
+    assert job["status"] == "done", job["error"]
+    assert job["paths"][0] == str(calls[0]) and job["seeds"] == [batch, batch + 1, batch + 2]
+    new = set(out.iterdir()) - before
+    assert sorted(str(p) for p in new) == sorted(job["paths"][1:])  # two new files, no duplicate of image 1
+    for i, path in enumerate(job["paths"]):
+        meta = read_settings(path)
+        assert (meta["seed"], meta["image_index"], meta["batch_seed"]) == (batch + i, i, batch)
+        assert f"_seed{batch + i}_{i + 1}_three_foxes" in path  # the usual names
+    # the same pixels as one uninterrupted batch of three
+    ref = service.generate(spec("three foxes", num_images=3, seed=batch), output_dir=tmp_path / "ref")
+    for path, ref_path in zip(job["paths"], ref.paths):
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(ref_path)))
+    # a retry of a job whose images are all there renders nothing
+    again = service.generate(spec("three foxes", num_images=3, seed=-1), batch_seed=batch,
+                             existing_images=dict(enumerate(job["paths"])), output_dir=tmp_path / "none")
+    assert [str(p) for p in again.paths] == job["paths"] and not (tmp_path / "none").exists()
 
 
 def test_latent_preview():

@@ -126,6 +126,9 @@ def test_queue_remove_move_retry_and_abort(app):
     app.wait(lambda jobs: jobs[long]["phase"] == "denoising")  # running: what follows waits behind it
     a, b, c = (app.generate(p, seed=1)[0] for p in ("job a", "job b", "job c"))
     assert "Moved" in app.client.predict(c, api_name="/move_up")  # long | a c b
+    # the next job to run cannot move up, nor the last one down: said so, nothing moves
+    assert app.client.predict(a, api_name="/move_up") == f"Job {a} is already first in the queue."
+    assert app.client.predict(b, api_name="/move_down") == f"Job {b} is already last in the queue."
     assert "Removed" in app.client.predict(b, api_name="/remove")  # long | a c
     order = [i for i in app.jobs() if i in (a, b, c)]
     assert order == [a, c]
@@ -267,3 +270,50 @@ def test_live_token_count(app):
     long = app.client.predict(model_type="z_image_tiny", text="x" * 600, api_name="/token_count")
     assert long.startswith("**619 / 512 tokens**") and "cut" in long
     assert app.client.predict(model_type="z_image_tiny", text="", api_name="/token_count") == ""
+
+
+def raw_call(app, api_name: str, data: list) -> tuple[str, str]:
+    """Call an endpoint over plain HTTP with ASCII-escaped JSON, as any client may (gradio_client cannot send a
+    lone surrogate); (event, data) of the reply's last event."""
+    import httpx
+
+    r = httpx.post(f"{app.url}gradio_api/call/{api_name}", content=json.dumps({"data": data}),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.get(f"{app.url}gradio_api/call/{api_name}/{r.json()['event_id']}", timeout=60)
+    assert r.status_code == 200, r.text
+    events = re.findall(r"^event: (\w+)\ndata: (.*)$", r.text, re.M)
+    return events[-1]
+
+
+def generate_args(prompt: str, one_per_line: bool = False) -> list:
+    return ["z_image_tiny", prompt, one_per_line, "", 64, 64, 2, 4.0, 6.0, 0.0, 1.0, 7, 1, "", "default"]
+
+
+def test_text_that_is_not_unicode_is_refused_and_the_queue_stays_readable(app):
+    before = set(app.jobs())
+    event, data = raw_call(app, "generate", generate_args("a fox \ud800 in the snow"))
+    assert event == "error" and "the prompt holds a character that is not valid Unicode text" in data
+    event, _ = raw_call(app, "generate", generate_args("fine\nbad \udcff", one_per_line=True))
+    assert event == "error"
+    assert set(app.jobs()) == before  # nothing queued; /queue still answers
+    event, data = raw_call(app, "token_count", ["z_image_tiny", "x\ud800"])
+    assert event == "complete" and "lone surrogate" in data
+
+
+def test_request_and_prompt_limits(app):
+    from app.jobs import MAX_PROMPT_CHARS
+
+    before = set(app.jobs())
+    with pytest.raises(AppError, match="one request can queue at most 100 jobs"):
+        app.generate("\n".join(f"fox {i}" for i in range(1000)), one_per_line=True)
+    assert set(app.jobs()) == before
+    huge = "a red fox " * 500_000  # 5 MB
+    t0 = time.monotonic()
+    count = app.client.predict(model_type="z_image_tiny", text=huge, api_name="/token_count")
+    assert time.monotonic() - t0 < 5  # counting cuts first (it took 6 s of CPU before)
+    assert count.startswith(f"**{MAX_PROMPT_CHARS + 19}+ / 512 tokens**") and "5,000,000 characters" in count
+    (job_id,) = app.generate(huge[:1_000_000])
+    job = app.jobs()[job_id]
+    assert job["spec"]["prompt"] == huge[:MAX_PROMPT_CHARS]
+    app.client.predict(job_id, api_name="/remove")
