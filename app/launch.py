@@ -60,6 +60,10 @@ def launch(args: argparse.Namespace) -> int:
     if not 1 <= port <= 65535:
         raise UserError(f"--server-port must be 1-65535 (got {port})")
     auth = parse_auth(args.auth)
+    from app.app_config import check_output_dir
+
+    # before anything starts: an unusable or too wide output folder is one error line (it is served from)
+    check_output_dir(args.output_dir, getattr(args, "state_dir", None) or args.output_dir)
     config = ServiceConfig.from_args(args)
     service = GenerationService(config)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
