@@ -81,7 +81,8 @@ def launch(args: argparse.Namespace) -> int:
         print(f"wgp-zimage web UI: images in {config.output_dir}, queue saved in {queue.state_file}", flush=True)
         try:
             demo.launch(server_name=server_name, server_port=port, share=args.share, auth=auth,
-                        inbrowser=args.open_browser, ssr_mode=False, **launch_options(config.output_dir))
+                        inbrowser=args.open_browser, ssr_mode=False,
+                        **launch_options(config.output_dir, private_files=[queue.state_file, config_file]))
         except OSError as e:  # port in use, bad address
             raise UserError(f"cannot serve on {server_name}:{port}: {e}") from None
     except KeyboardInterrupt:
