@@ -224,8 +224,11 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
 # ------------------------------------------------------------------ the page
 
 def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
-             profiles_dir: str | Path | None = None, config_file: str | Path | None = None) -> gr.Blocks:
+             profiles_dir: str | Path | None = None, config_file: str | Path | None = None,
+             notice: str = "") -> gr.Blocks:
     """The page for queue (running jobs through service); config.output_dir feeds the gallery.
+
+    notice: a warning shown at the top of the page (serving on the network without --auth).
 
     config_file: where the Config section saves (default <output folder>/wgp_zimage_config.json).
 
@@ -277,6 +280,8 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         buttons: dict[str, gr.Button] = {}
         seen = gr.State({})  # per tab: which queue / preview / gallery version it shows
         selected_image = gr.State("")
+        if notice:
+            gr.Markdown(f"⚠ **{html.escape(notice)}**", elem_id="exposure-warning")
         with gr.Row(equal_height=True):
             gr.Markdown("# wgp-zimage · Z-Image", elem_id="title")
             model = gr.Dropdown([(defs[t].name, t) for t in model_types], value=first, label="Model",
