@@ -3,11 +3,18 @@
 Keys (all optional): memory_profile (1-5), attention, compile, transformer_quantization,
 text_encoder_quantization, output_dir, output_format, output_quality, save_metadata. On start the saved
 values become the command-line defaults, so flags given explicitly still win. No torch here.
+
+The output folder is checked on save and at start (check_output_dir): it must be creatable and writable,
+and must not be the root folder or contain the home folder, the app folder or the state folder (the queue
+and this file). A bad saved value is dropped at start with a warning, so the default applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,7 @@ FORMAT_CHOICES = ("png", "jpeg", "webp")
 KEYS = ("memory_profile", "attention", "compile", "transformer_quantization", "text_encoder_quantization",
         "output_dir", "output_format", "output_quality", "save_metadata")
 MODEL_KEYS = ("memory_profile", "attention", "compile", "transformer_quantization", "text_encoder_quantization")
+APP_DIR = Path(__file__).resolve().parent.parent
 
 
 def config_path(state_dir: str | Path | None, output_dir: str | Path) -> Path:
@@ -55,6 +63,8 @@ def validate_config(data: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(v, str) or not v.strip():
                 raise UserError("the output folder must be a non-empty path")
             v = v.strip()
+            if any(ord(c) < 32 or ord(c) == 127 for c in v):  # a NUL byte made every later start fail
+                raise UserError(f"the output folder must not contain control characters (got {v!r})")
         else:
             choices = {"attention": ATTENTION_CHOICES, "output_format": FORMAT_CHOICES}.get(key, QUANTIZATION_CHOICES)
             if v not in choices:
@@ -63,8 +73,56 @@ def validate_config(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _resolved(path: str | Path) -> Path:
+    return Path(os.path.abspath(path)).resolve()
+
+
+def _writable(folder: Path) -> None:
+    """Create folder (and a file in it) to prove the next start can; remove what this created."""
+    missing = []
+    p = Path(os.path.abspath(folder))
+    while not p.is_dir() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"the output folder {folder} cannot be created or written ({e.strerror or e})") from None
+    finally:
+        for m in missing:  # deepest first: the folder is made for real at the next start
+            with contextlib.suppress(OSError):
+                m.rmdir()
+
+
+def check_output_dir(output_dir: str | Path, state_dir: str | Path) -> None:
+    """Raise UserError (one line) when the web UI must not use output_dir: it cannot be created or written,
+    or it is the root folder or contains the home folder, the app folder or state_dir (the queue and config;
+    state_dir may be the output folder itself). Defence in depth: the server sends only the images the
+    gallery lists (app/served_files.py), but a folder this wide is a mistake worth stopping."""
+    text = str(output_dir)
+    if "\x00" in text:
+        raise UserError(f"the output folder must not contain control characters (got {text!r})")
+    out = _resolved(output_dir)
+    if out == out.parent:
+        raise UserError(f"the output folder cannot be the root folder {out}: choose a folder of its own")
+    protected = [("your home folder", None), ("the app folder", APP_DIR)]
+    with contextlib.suppress(RuntimeError, KeyError):  # no home folder known
+        protected[0] = ("your home folder", Path.home())
+    for what, folder in protected:
+        if folder is not None and (out == _resolved(folder) or out in _resolved(folder).parents):
+            raise UserError(f"the output folder {output_dir} is or contains {what} ({folder}): "
+                            "choose a folder of its own")
+    if out in _resolved(state_dir).parents:
+        raise UserError(f"the output folder {output_dir} contains the state folder {state_dir} (queue and "
+                        "config): choose a folder of its own")
+    _writable(Path(output_dir))
+
+
 def load_config(path: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """(the saved settings, warnings); a missing file is an empty config, a bad one is ignored with a warning."""
+    """(the saved settings, warnings); a missing file is an empty config, an unreadable one is ignored with a
+    warning, and each bad value is dropped with a warning (its default applies), so the app still starts."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -72,16 +130,32 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], list[str]]:
         return {}, []
     except (OSError, ValueError) as e:
         return {}, [f"ignoring the configuration file {path}: {e}"]
-    try:
-        return validate_config(data), []
-    except UserError as e:
-        return {}, [f"ignoring the configuration file {path}: {e}"]
+    if not isinstance(data, dict):
+        return {}, [f"ignoring the configuration file {path}: the configuration must be a JSON object"]
+    out: dict[str, Any] = {}
+    warnings = []
+    for key in KEYS:
+        if key not in data:
+            continue
+        try:
+            value = validate_config({key: data[key]})[key]
+            if key == "output_dir":
+                check_output_dir(value, path.parent)  # the file lives in the state folder
+        except UserError as e:
+            name = "output folder" if key == "output_dir" else key.replace("_", " ")
+            warnings.append(f"{path}: ignoring the saved {name}, using the default: {e}")
+            continue
+        out[key] = value
+    return out, warnings
 
 
 def save_config(path: str | Path, data: dict[str, Any]) -> Path:
-    """Validate data and write it atomically (temporary file, then rename)."""
+    """Validate data (the output folder against the file's folder, the state folder) and write it atomically
+    (temporary file, then rename)."""
     clean = validate_config(data)
     path = Path(path)
+    if "output_dir" in clean:
+        check_output_dir(clean["output_dir"], path.parent)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(clean, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path

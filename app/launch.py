@@ -2,12 +2,17 @@
 
 The page opens in seconds: no model loads before the first job. The job queue is saved to
 `<state-dir>/wgp_zimage_queue.json` (state dir: --state-dir, default the output folder).
+Serving beyond this machine (--listen, a non-loopback --server-name, --share) without --auth prints a
+warning and shows it at the top of the page; with --auth, failed logins are rate-limited per client
+address (app/login_guard.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -44,6 +49,29 @@ def queue_file(args: argparse.Namespace) -> Path:
     return Path(getattr(args, "state_dir", None) or args.output_dir) / QUEUE_FILE
 
 
+def is_loopback(host: str) -> bool:
+    """Whether host is only reachable from this machine (a name other than localhost counts as exposed)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(server_name: str, share: bool, auth: object) -> str:
+    """The warning for serving beyond this machine without --auth ("" when there is nothing to warn of)."""
+    if auth:
+        return ""
+    if share:
+        return ("Public share link without --auth: anyone with the link can run jobs, read the queue and "
+                "change the Config. Restart with --auth USER:PASSWORD.")
+    if not is_loopback(server_name):
+        return (f"Serving on {server_name} without --auth: anyone who can reach this machine can run jobs, "
+                "read the queue and change the Config. Restart with --auth USER:PASSWORD.")
+    return ""
+
+
 def _sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -60,6 +88,10 @@ def launch(args: argparse.Namespace) -> int:
     if not 1 <= port <= 65535:
         raise UserError(f"--server-port must be 1-65535 (got {port})")
     auth = parse_auth(args.auth)
+    from app.app_config import check_output_dir
+
+    # before anything starts: an unusable or too wide output folder is one error line (it is served from)
+    check_output_dir(args.output_dir, getattr(args, "state_dir", None) or args.output_dir)
     config = ServiceConfig.from_args(args)
     service = GenerationService(config)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -72,12 +104,24 @@ def launch(args: argparse.Namespace) -> int:
 
         config_file = getattr(args, "config_file", None) or config_path(getattr(args, "state_dir", None),
                                                                          args.output_dir)
-        demo = build_ui(queue, service, config, profiles_dir=args.profiles_dir, config_file=config_file)
         server_name = "0.0.0.0" if args.listen else args.server_name
+        warning = exposure_warning(server_name, args.share, auth)
+        demo = build_ui(queue, service, config, profiles_dir=args.profiles_dir, config_file=config_file,
+                        notice=warning)
         print(f"wgp-zimage web UI: images in {config.output_dir}, queue saved in {queue.state_file}", flush=True)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        guard = None
+        if auth:
+            from app.login_guard import LoginGuard, client_address_middleware
+
+            guard = LoginGuard(*auth)
         try:
-            demo.launch(server_name=server_name, server_port=port, share=args.share, auth=auth,
-                        inbrowser=args.open_browser, ssr_mode=False, **launch_options(config.output_dir))
+            demo.launch(server_name=server_name, server_port=port, share=args.share,
+                        auth=guard.check if guard else None,
+                        inbrowser=args.open_browser, ssr_mode=False,
+                        app_kwargs={"middleware": client_address_middleware()} if guard else None,
+                        **launch_options(config.output_dir, private_files=[queue.state_file, config_file]))
         except OSError as e:  # port in use, bad address
             raise UserError(f"cannot serve on {server_name}:{port}: {e}") from None
     except KeyboardInterrupt:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import html
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from app.jobs import (
 )
 from app.metadata import read_settings
 from app.queue import MAX_JOBS_PER_REQUEST, JobQueue, clean_text
+from app.served_files import served_files
 from app.settings import ProfileStore, startup_settings
 from app.ui_loras import (
     check_available,
@@ -84,13 +87,16 @@ CSS = """
 """
 
 
-def launch_options(output_dir: str | Path) -> dict[str, Any]:
-    """Keyword arguments for demo.launch() that the page needs (tests pass them too)."""
+def launch_options(output_dir: str | Path, private_files: list[str | Path] | tuple = ()) -> dict[str, Any]:
+    """Keyword arguments for demo.launch() that the page needs (tests pass them too).
+
+    private_files (the queue, the config) are refused even if a later change serves their folder."""
     return {
         "theme": gr.themes.Soft(primary_hue="orange", secondary_hue="slate"),
         "css": CSS,
-        # gallery files come from the output folder, wherever it is
-        "allowed_paths": [str(Path(output_dir).resolve())],
+        # only the images the gallery lists are served, never the output folder (app/served_files.py)
+        "allowed_paths": served_files(output_dir),
+        "blocked_paths": [os.path.abspath(p) for p in private_files],
         # prompts stay on this machine's server, not in the browser's run history
         "run_history": False,
     }
@@ -246,9 +252,11 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
         for p in Path(folder).iterdir():
             if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
                 try:
-                    files.append((p.stat().st_mtime, p))
+                    st = p.lstat()  # plain files only: a link could point the server at any file
                 except OSError:  # deleted meanwhile
-                    pass
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    files.append((st.st_mtime, p))
     except OSError:
         return []
     files.sort(key=lambda t: t[0], reverse=True)
@@ -259,8 +267,11 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
 # ------------------------------------------------------------------ the page
 
 def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
-             profiles_dir: str | Path | None = None, config_file: str | Path | None = None) -> gr.Blocks:
+             profiles_dir: str | Path | None = None, config_file: str | Path | None = None,
+             notice: str = "") -> gr.Blocks:
     """The page for queue (running jobs through service); config.output_dir feeds the gallery.
+
+    notice: a warning shown at the top of the page (serving on the network without --auth).
 
     config_file: where the Config section saves (default <output folder>/wgp_zimage_config.json).
 
@@ -312,6 +323,8 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         buttons: dict[str, gr.Button] = {}
         seen = gr.State({})  # per tab: which queue / preview / gallery version it shows
         selected_image = gr.State("")
+        if notice:
+            gr.Markdown(f"⚠ **{html.escape(notice)}**", elem_id="exposure-warning")
         with gr.Row(equal_height=True):
             gr.Markdown("# wgp-zimage · Z-Image", elem_id="title")
             model = gr.Dropdown([(defs[t].name, t) for t in model_types], value=first, label="Model",
@@ -450,6 +463,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         # ---------------------------------------------------------- polling (the only way results reach the page)
 
         captions: dict[str, str] = {}
+        gallery_files = served_files(output_dir)
 
         def poll(state: dict) -> tuple:
             state = dict(state or {})
@@ -463,6 +477,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 # only when a job ended (or on a tab's first poll): the folder is not rescanned every step
                 state["rv"] = queue.results_version
                 items = recent_images(output_dir, cache=captions)
+                gallery_files.allow(p for p, _ in items)  # the only local files the server may send
                 key = [p for p, _ in items]
                 if key != state.get("gallery"):
                     # a new file on top while this tab watches: show it large, like A1111

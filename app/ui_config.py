@@ -1,7 +1,7 @@
 """The page's Config section: memory profile, attention, compile, quantization, output folder / format /
 quality / metadata, saved to the configuration file (applied at the next start); Unload models; device,
-memory profile, attention backend and VRAM / RAM use. Also the choices of the generation controls' per-job
-memory profile (memory_override_choices).
+memory profile, attention backend and VRAM / RAM use, current on page load and within a second of a change.
+Also the choices of the generation controls' per-job memory profile (memory_override_choices).
 
 Output format, quality and metadata apply at once to the running service; the model options at the next
 model load (the next job reloads the model when they changed); the output folder at the next start.
@@ -77,7 +77,9 @@ def build_config_section(queue: JobQueue, service: GenerationService, config: Se
     config_file = Path(config_file)
     parts: dict[str, Any] = {}
     with gr.Accordion("Config", open=False, elem_id="config"):
-        info = gr.Markdown(system_info_text(service), elem_id="system-info")
+        # a callable value is computed at each page load: the facts of now, not of when the page was built
+        info = gr.Markdown(lambda: system_info_text(service), elem_id="system-info")
+        shown = gr.State("")  # per tab: the facts it shows, so the timer below sends only changes
         with gr.Row():
             profile = gr.Dropdown([(f"{n} · {d}", n) for n, d in PROFILE_DESCRIPTIONS.items()],
                                   value=config.memory_profile, label="Memory profile (CUDA)",
@@ -154,5 +156,13 @@ def build_config_section(queue: JobQueue, service: GenerationService, config: Se
         return system_info_text(service)
 
     refresh_btn.click(system_info, None, info, api_name="system_info", queue=False, show_progress="hidden")
-    gr.Timer(5.0).tick(system_info, None, info, queue=False, show_progress="hidden", api_visibility="private")
+
+    def facts_changed(last: str) -> tuple:
+        # every second, but cheap (no lock, psutil / mem_get_info) and sent only when a fact changed: a job
+        # that loaded the model, an unload from another tab or the API, RAM use at the shown 0.1 GiB
+        text = system_info_text(service)
+        return (gr.skip(), gr.skip()) if text == last else (text, text)
+
+    gr.Timer(1.0).tick(facts_changed, shown, [info, shown], queue=False, show_progress="hidden",
+                       api_visibility="private")
     return parts

@@ -111,3 +111,17 @@ def test_drop_a_settings_json(page: Page, app, tmp_path):
     page.locator("#restore-png input[type=file]").set_input_files(str(bad))
     expect(message).to_contain_text("Not restored: settings file 'broken.json' is not valid JSON")
     expect(page.locator("#prompt textarea")).to_have_value("a dropped fox")  # nothing else changed
+
+
+def test_config_facts_are_current_without_refresh(browser, app):  # noqa: F811 - the browser fixture
+    """The Config section shows the facts of now (the page was built before any model loaded): on page load,
+    after a job ends, and after an unload from elsewhere (the API, another tab), with no click on Refresh."""
+    app.wait_done(app.generate("facts"))
+    with open_page(browser, app.url, height=1400) as page:
+        open_accordion(page, "config", "Config")
+        info = page.locator("#system-info")
+        expect(info).to_contain_text("Model loaded", timeout=3000)
+        assert app.client.predict(api_name="/unload_models") == "Models unloaded."
+        expect(info).to_contain_text("Model not loaded", timeout=3000)
+        app.wait_done(app.generate("facts again"))
+        expect(info).to_contain_text("Model loaded", timeout=3000)

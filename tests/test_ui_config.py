@@ -134,3 +134,62 @@ def test_vram_readout_on_cuda(tmp_path, monkeypatch):
     text = system_info_text(service)
     assert "**VRAM** 5.0 GiB used of 8.0 GiB" in text and "**Device** cuda" in text
     assert "used on CUDA only" not in text
+
+
+# ------------------------------------------------------------------ unusable output folders (refused on save,
+# ignored with a warning at start)
+
+def unusable_folders(state: Path) -> list[tuple[str, str]]:
+    """(output folder, words of the refusal): each would break the next start or expose files."""
+    from tests.conftest import ROOT
+
+    return [("out\x00put", "control characters"), ("/proc/nope/out", "cannot be created"),
+            ("/", "root folder"), (str(Path.home()), "home folder"), (str(ROOT), "app folder"),
+            (str(state.parent), "state folder")]
+
+
+def test_save_config_refuses_unusable_output_folders(served):
+    root, service, queue, client = served
+    path = root / "state" / "wgp_zimage_config.json"
+    client.predict(**{**CONFIG, "output_format": "png"}, api_name="/save_config")
+    before = path.read_bytes()
+    for folder, why in unusable_folders(path.parent):
+        with pytest.raises(AppError, match=f"not saved: .*{why}"):
+            client.predict(**{**CONFIG, "output_dir": folder}, api_name="/save_config")
+        assert path.read_bytes() == before, folder  # the saved file is untouched
+    assert not Path("/proc/nope").exists()
+    # the app goes on: a good folder still saves
+    assert "Saved to" in client.predict(**{**CONFIG, "output_dir": str(root / "other")}, api_name="/save_config")
+    assert not (root / "other").exists()  # checked, not left behind: it is created at the next start
+    client.predict(**{**CONFIG, "output_format": "png", "attention": "auto", "memory_profile": 4},
+                   api_name="/save_config")
+
+
+def test_bad_saved_output_folder_warns_and_starts_with_the_default(tmp_path, capsys):
+    state = tmp_path / "state"
+    state.mkdir()
+    for folder, why in unusable_folders(state):
+        (state / "wgp_zimage_config.json").write_text(json.dumps({**CONFIG, "output_dir": folder}))
+        args = wgp_zimage.parse_args(["--state-dir", str(state)])
+        err = capsys.readouterr().err
+        assert err.startswith("warning: ") and why in err and "default" in err and len(err.splitlines()) == 1, err
+        assert args.output_dir == Path("outputs"), folder  # the default
+        assert args.memory_profile == 2 and args.output_format == "jpeg"  # the other saved values still apply
+
+
+def test_launch_refuses_unusable_output_folders(tmp_path, monkeypatch):
+    """A bad --output-dir is one error line before anything starts (it used to be a traceback, or served)."""
+    import app.ui
+    from app.launch import launch
+    from models.errors import UserError
+    from tests.test_ui_api import launch_parser
+
+    def too_far(*a, **k):
+        raise AssertionError("the page was built: the output folder was not checked")
+
+    monkeypatch.setattr(app.ui, "build_ui", too_far)
+    for folder, why in unusable_folders(tmp_path / "state")[1:]:  # argv has no NUL
+        args = launch_parser().parse_args(["--output-dir", folder, "--state-dir", str(tmp_path / "state"),
+                                           "--checkpoints-dir", str(tmp_path / "ckpts")])
+        with pytest.raises(UserError, match=why):
+            launch(args)
