@@ -15,6 +15,7 @@ from typing import Any
 
 from app.settings import OUTPUT_FORMATS, SEED_POLICIES, ProfileStore, apply_to_model, job_seed, model_settings
 from models.errors import UserError
+from models.parsing import ascii_float, parse_schedule
 
 log = logging.getLogger("wgp_zimage")
 
@@ -98,9 +99,12 @@ def _parse_lora(text: str) -> dict[str, Any]:
     if not sep:
         return {"name": text, "strength": 1.0}
     try:
-        return {"name": name, "strength": float(strength)}
+        (value,) = parse_schedule(ascii_float(strength))  # ASCII digits, |s| <= 10
     except ValueError:
         raise UserError(f"--lora {text}: the strength after ':' must be a number") from None
+    except UserError as e:
+        raise UserError(f"--lora {text}: {e}") from None
+    return {"name": name, "strength": value}
 
 
 def settings_from_args(args: argparse.Namespace, store: ProfileStore) -> tuple[dict[str, Any], list[str]]:

@@ -22,7 +22,6 @@ per-model defaults and <folder>/.state/last_used.json (hidden, so they never sho
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import threading
@@ -35,6 +34,7 @@ from typing import Any
 from app.jobs import MAX_SEED, JobSpec, validate
 from models.errors import UserError
 from models.files import atomic_path
+from models.parsing import ascii_float, parse_schedule
 
 try:  # a cross-process lock where the OS offers one; threads are covered by _folder_lock anyway
     import fcntl
@@ -105,7 +105,7 @@ def _migrate_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(item, str):  # "name" or "name:strength"
             name, _, strength = item.rpartition(":") if ":" in item else (item, "", "1")
             try:
-                loras.append({"name": name, "strength": float(strength)})
+                loras.append({"name": name, "strength": ascii_float(strength)})
             except ValueError:
                 raise UserError(f"loras: bad strength in {item!r}") from None
         else:
@@ -196,17 +196,15 @@ def _check_loras(loras: Any, available: Iterable[str] | None, label: str, warnin
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"].strip():
             raise UserError(f"{label}: loras[{i}] needs a \"name\" (got {item!r})")
         strength = item.get("strength", 1.0)
-        if isinstance(strength, str):  # a per-step schedule such as "1.0,0.5"
-            from models.lora_runtime import parse_schedule
-
-            try:
-                parse_schedule(strength)
-            except (UserError, ValueError):
-                raise UserError(f"{label}: loras[{i}] strength {strength!r} is not a number or a schedule") from None
-        elif isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        # the run's own check (ASCII numbers, |s| <= 10): a saved profile never fails when it runs
+        if isinstance(strength, bool) or not isinstance(strength, (str, int, float)):
             raise UserError(f"{label}: loras[{i}] strength must be a number (got {strength!r})")
-        else:
-            strength = float(strength)
+        try:
+            values = parse_schedule(strength)
+        except UserError as e:
+            raise UserError(f"{label}: loras[{i}]: {e}") from None
+        if not isinstance(strength, str):
+            strength = values[0]
         if known is not None and item["name"] not in known:
             warnings.append(f"{label}: LoRA {item['name']!r} is no longer available; dropped")
             continue

@@ -13,7 +13,6 @@ strengths; it re-reads nothing and re-hooks nothing when only the strengths (or 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.errors import UserError
+from models.parsing import MAX_LORA_STRENGTH, Strength, parse_schedule  # noqa: F401  (re-exported)
 
 log = logging.getLogger("wgp_zimage")
-
-Strength = float | int | str | Sequence[float]
 
 
 # ------------------------------------------------------------------------------ canonical form
@@ -117,30 +115,6 @@ Converter = Callable[[dict[str, torch.Tensor]], ConvertedLora]
 
 
 # ------------------------------------------------------------------------------ strengths
-
-def parse_schedule(spec: Strength) -> tuple[float, ...]:
-    """A strength: a number, or a schedule spread over the steps ("1.0,0.8,0.4" or a list)."""
-    if isinstance(spec, bool):
-        raise UserError(f"LoRA strength must be a number or a comma list (got {spec!r})")
-    if isinstance(spec, (int, float)):
-        values = [float(spec)]
-    elif isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",")]
-        if ";" in spec:
-            raise UserError(f"LoRA strength {spec!r}: ';' (per-phase strengths) is not used by this model")
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise UserError(f"LoRA strength {spec!r} must be a number or numbers separated by commas") from None
-    else:
-        try:
-            values = [float(v) for v in spec]
-        except (TypeError, ValueError):
-            raise UserError(f"LoRA strength must be a number or a comma list (got {spec!r})") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise UserError(f"LoRA strength {spec!r} must be finite numbers")
-    return tuple(values)
-
 
 def strength_at(schedule: Sequence[float], step: int, steps: int) -> float:
     """Value for step i of n: m values spread evenly, step i takes value floor(i * m / n)."""
