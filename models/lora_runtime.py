@@ -279,6 +279,12 @@ def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"LoRA file {path.name} is not a readable safetensors file ({e})") from None
     if not sd:
         raise UserError(f"LoRA file {path.name} holds no tensors")
+    # a NaN or Inf weight turns every image into NaN pixels that still save as a "done" job: refuse the file
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"LoRA file {path.name} holds NaN or infinite values in {len(bad)} tensor(s): {listed}; "
+                        "refused (a broken training run or download?)")
     return sd
 
 
