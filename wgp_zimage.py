@@ -176,36 +176,44 @@ def read_prompts(args: argparse.Namespace, profile_prompt: str | None = None) ->
     return prompts
 
 
-def image_settings(path: Path) -> dict:
-    """The job settings stored in an image by this app (its own seed, one image)."""
-    from app.jobs import JobSpec
+def _why(e: Exception) -> str:
+    """An error's reason without Python's "[Errno N]" and repr noise."""
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _read_image_settings(path: Path) -> dict:
     from app.metadata import read_settings
     from models.errors import UserError
 
     try:
         data = read_settings(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    except (OSError, ValueError) as e:  # MetadataError is both; its message names no path
+        raise UserError(f"cannot read image {path}: {_why(e)}") from None
     if not data:
         raise UserError(f"{path} holds no wgp-zimage settings")
-    keep = JobSpec.from_dict(data).to_dict()
-    keep["num_images"] = 1
-    return keep
+    return data
+
+
+def image_settings(path: Path) -> dict:
+    """The job settings stored in an image by this app (its own seed, one image), each value's type checked:
+    the image may come from anywhere."""
+    from app.metadata import MetadataError, job_settings
+    from models.errors import UserError
+
+    try:
+        return job_settings(_read_image_settings(path))
+    except MetadataError as e:
+        raise UserError(f"cannot use image {path}: {e}") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
-    from app.metadata import read_settings
-    from models.errors import UserError
-
+    text = json.dumps(_read_image_settings(args.image), indent=2, ensure_ascii=False)
     try:
-        data = read_settings(args.image)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {args.image}: {e}") from None
-    if not data:
-        raise UserError(f"{args.image} holds no wgp-zimage settings")
-    print(json.dumps(data, indent=2, ensure_ascii=False))
+        print(text)
+    except UnicodeEncodeError:  # a terminal that cannot show the prompt's characters: escape them
+        print(json.dumps(json.loads(text), indent=2, ensure_ascii=True))
     return 0
 
 
@@ -215,6 +223,22 @@ def cli_loras(args: argparse.Namespace) -> list[dict]:
 
     schedules = parse_lora_multipliers(args.lora_multipliers, args.lora)
     return [{"name": name, "strength": format_schedule(schedules[name])} for name in args.lora]
+
+
+def check_loras(service, specs: list, allow_paths: bool) -> None:
+    """Every job's LoRAs resolve (UserError naming the first that does not), before any model loads."""
+    from models.errors import UserError
+
+    for spec in specs:
+        library = service.lora_library(spec.model_type)
+        for item in spec.loras:
+            try:
+                library.resolve(item["name"], allow_paths=allow_paths)
+            except UserError as e:
+                if allow_paths:
+                    raise
+                raise UserError(f"{e} (LoRAs from --from-image or --gen-profile are names in the LoRA folder; "
+                                "only --lora takes a file path)") from None
 
 
 def file_targets(output: Path | None, total: int) -> list[Path] | None:
@@ -266,6 +290,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     for spec in specs:
         validate(spec, CLI_NAMES)  # all jobs checked before any model loads
+    # --lora may name a file anywhere (the user's own command line); LoRAs that come from an image's
+    # settings or a profile file are untrusted: names in the LoRA folder only, as in the web UI
+    lora_paths = bool(args.lora)
+    check_loras(service, specs, lora_paths)
     targets = file_targets(args.output, sum(s.num_images for s in specs))
     out_dir = args.output if targets is None and args.output is not None else None
 
@@ -305,7 +333,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             result = service.generate(
                 spec, model_dir=args.model_dir, transformer_file=args.transformer,
                 model_type_given=model_name is not None, output_dir=out_dir, file_names=names,
-                on_event=on_event, extra_names=CLI_NAMES, allow_lora_paths=True)
+                on_event=on_event, extra_names=CLI_NAMES, allow_lora_paths=lora_paths)
             for line in result.lora_reports:
                 print(line)
             for path, seed in zip(result.paths, result.seeds):

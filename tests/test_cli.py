@@ -351,3 +351,94 @@ def test_allocator_setting_before_torch(user_value):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (user_value or "expandable_segments:True")
+
+
+# ------------------------------------------------------------------ untrusted images and files
+
+def png_with_settings(path, text, size=(8, 8)):
+    """A PNG whose wgp_zimage chunk holds text (any JSON, well-formed or not)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("wgp_zimage", text)
+    Image.new("RGB", size).save(path, pnginfo=info)
+    return path
+
+
+def bomb_png(path):
+    """A PNG whose header claims 100000 x 100000 pixels (a decompression bomb), with our settings."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    text = b"wgp_zimage\0" + json.dumps({"app": "wgp-zimage", "model_type": "z_image_tiny", "prompt": "x"}).encode()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+                     + chunk(b"tEXt", text) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    return path
+
+
+JOB = {"app": "wgp-zimage", "model_type": "z_image_tiny", "prompt": "a fox", "width": 64, "height": 64,
+       "num_inference_steps": 1, "seed": 1}
+
+
+@pytest.mark.parametrize("name,make,message", [
+    ("nested", lambda p: png_with_settings(p, '{"app": "wgp-zimage", "x": ' + "[" * 100000 + "]" * 100000 + "}"),
+     "nested more than 32 levels deep"),
+    ("surrogate", lambda p: png_with_settings(p, json.dumps({**JOB, "prompt": "a \ud800 fox"})),
+     "lone surrogate U+D800"),
+    ("bomb", bomb_png, "decompression bomb"),
+    ("list", lambda p: png_with_settings(p, "[1, 2]"), "a JSON list, not an object"),
+    ("broken", lambda p: png_with_settings(p, '{"app": "wgp-zimage", '), "not valid JSON"),
+    ("text", lambda p: (p.write_text("not an image"), p)[1], "is not a PNG, JPEG or WebP image"),
+])
+def test_info_and_from_image_on_hostile_images(tmp_path, capsys, name, make, message):
+    path = make(tmp_path / f"{name}.png")
+    for args in (["info", str(path)], ["generate", "--from-image", str(path), "--output", str(tmp_path / "o.png")]):
+        rc, out, err = main(capsys, *args)
+        assert rc == 2 and message in err, err
+        assert len(error_lines(err)) == 1 and not (tmp_path / "o.png").exists()
+
+
+def test_from_image_with_wrong_value_types(tmp_path, capsys):
+    for key, value in (("model_type", ["z_image_tiny"]), ("prompt", {"a": 1}), ("width", "64"), ("seed", True),
+                       ("guidance_scale", "4"), ("loras", {"name": "x"}),
+                       ("loras", [{"name": "x", "strength": 1e308}])):
+        path = png_with_settings(tmp_path / "t.png", json.dumps({**JOB, key: value}))
+        rc, _, err = main(capsys, "generate", "--from-image", str(path), "--output", str(tmp_path / "o.png"))
+        assert rc == 2 and f"cannot use image {path}" in err and len(error_lines(err)) == 1, (key, err)
+    # info shows what the file holds, odd types included
+    odd = png_with_settings(tmp_path / "l.png", json.dumps({**JOB, "model_type": [1]}))
+    rc, out, _ = main(capsys, "info", str(odd))
+    assert rc == 0 and json.loads(out)["model_type"] == [1]
+
+
+def test_info_of_a_fifo_does_not_hang(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os_mkfifo = __import__("os").mkfifo
+    os_mkfifo(fifo)
+    r = run_cli("info", str(fifo), timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: cannot read image {fifo}: is a pipe, not a regular file"
+
+
+def test_from_image_loras_are_names_in_the_lora_folder_only(tiny_dir, tmp_path, capsys):
+    """An image's settings may name any file: they only ever reach LoRAs inside the LoRA folder."""
+    from tests.test_lora_formats import load_tiny_transformer, write_lora
+
+    outside, _ = write_lora(tmp_path, "kohya_musubi", load_tiny_transformer(tiny_dir), name="evil")
+    (tmp_path / "loras").mkdir()
+    for name in (str(outside), "../evil", "~/evil"):
+        image = png_with_settings(tmp_path / "img.png", json.dumps({**JOB, "loras": [{"name": name, "strength": 1}]}))
+        rc, out, err = main(capsys, "generate", "--from-image", str(image), "--model-dir", str(tiny_dir),
+                            "--lora-dir-z-image", str(tmp_path / "loras"), "--output", str(tmp_path / "o.png"))
+        assert rc == 2 and "only --lora takes a file path" in err and len(error_lines(err)) == 1, err
+        assert "tensors applied" not in out and not (tmp_path / "o.png").exists()
+    # a profile file is no more trusted than an image
+    pdir = str(tmp_path / "profiles")
+    rc, _, err = main(capsys, "profiles", "save", "p", "--profiles-dir", pdir, "--model", "tiny", "--lora",
+                      f"{outside}:1", "--prompt", "x", "--width", "64", "--height", "64")
+    assert rc == 0, err
+    rc, _, err = main(capsys, "generate", "--gen-profile", "p", "--profiles-dir", pdir, "--model-dir", str(tiny_dir),
+                      "--lora-dir-z-image", str(tmp_path / "loras"), "--output", str(tmp_path / "o.png"))
+    assert rc == 2 and "only --lora takes a file path" in err and not (tmp_path / "o.png").exists()
