@@ -166,10 +166,15 @@ def read_prompts(args: argparse.Namespace, profile_prompt: str | None = None) ->
         if profile_prompt:
             return [profile_prompt]
         raise UserError("give --prompt or --prompt-file (or a --gen-profile that holds a prompt)")
-    try:
-        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+    try:  # not app.untrusted.read_text: the user's own file, and <(command) pipes are welcome
+        data = args.prompt_file.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        raise UserError(f"cannot read --prompt-file {args.prompt_file}: {_why(e)}") from None
+    try:
+        lines = data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start}); save it as UTF-8") from None
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not prompts:
         raise UserError(f"--prompt-file {args.prompt_file} holds no prompt")
@@ -223,6 +228,20 @@ def cli_loras(args: argparse.Namespace) -> list[dict]:
 
     schedules = parse_lora_multipliers(args.lora_multipliers, args.lora)
     return [{"name": name, "strength": format_schedule(schedules[name])} for name in args.lora]
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """UserError unless images can be written in folder (made when the first image is saved), checked
+    before any model loads rather than after the whole job has run."""
+    from models.errors import UserError
+
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {folder}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: no permission to write in {probe}")
 
 
 def check_loras(service, specs: list, allow_paths: bool) -> None:
@@ -296,6 +315,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_loras(service, specs, lora_paths)
     targets = file_targets(args.output, sum(s.num_images for s in specs))
     out_dir = args.output if targets is None and args.output is not None else None
+    if targets:
+        check_output_folder(targets[0].parent, "--output")
+    else:
+        check_output_folder(out_dir or service.config.output_dir, "--output" if out_dir else "--output-dir")
 
     # first Ctrl-C: stop after the current step; a second one: stop at once
     def on_sigint(signum, frame):
@@ -447,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         log.debug("user error", exc_info=True)
         sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: one line, not a traceback
+        log.debug("system error", exc_info=True)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        sys.stderr.write(f"error: {_why(e)}{where}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

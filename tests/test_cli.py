@@ -442,3 +442,35 @@ def test_from_image_loras_are_names_in_the_lora_folder_only(tiny_dir, tmp_path, 
     rc, _, err = main(capsys, "generate", "--gen-profile", "p", "--profiles-dir", pdir, "--model-dir", str(tiny_dir),
                       "--lora-dir-z-image", str(tmp_path / "loras"), "--output", str(tmp_path / "o.png"))
     assert rc == 2 and "only --lora takes a file path" in err and not (tmp_path / "o.png").exists()
+
+
+def test_prompt_file_not_utf8(tmp_path, capsys):
+    pf = tmp_path / "latin1.txt"
+    pf.write_bytes(b"caf\xe9 fox\n")
+    rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt-file", str(pf))
+    assert rc == 2 and err == f"error: --prompt-file {pf} is not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8\n"
+
+
+def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    for flag, target in (("--output", blocker / "x.png"), ("--output", blocker / "sub"),
+                         ("--output-dir", blocker / "sub")):
+        rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt", "x", flag, str(target))
+        assert rc == 2 and err == f"error: {flag} {target.parent if target.suffix else target}: {blocker} is not a " \
+                                  "folder\n", err
+    monkeypatch.setattr(wgp_zimage.os, "access", lambda path, mode: False)  # root may write anywhere
+    rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt", "x", "--output",
+                      str(tmp_path / "new" / "x.png"))
+    assert rc == 2 and err == f"error: --output {tmp_path / 'new'}: no permission to write in {tmp_path}\n"
+
+
+def test_write_error_after_the_run_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    import app.service
+
+    def refuse(image, path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(app.service, "save_image_atomic", refuse)
+    rc, _, err = main(capsys, *gen(tiny_dir, "--prompt", "x", "--steps", "1", "--output", str(tmp_path / "x.png")))
+    assert rc == 2 and error_lines(err) == [f"error: Permission denied ({tmp_path / 'x.png'})"]
