@@ -474,3 +474,14 @@ def test_write_error_after_the_run_is_one_line(tiny_dir, tmp_path, capsys, monke
     monkeypatch.setattr(app.service, "save_image_atomic", refuse)
     rc, _, err = main(capsys, *gen(tiny_dir, "--prompt", "x", "--steps", "1", "--output", str(tmp_path / "x.png")))
     assert rc == 2 and error_lines(err) == [f"error: Permission denied ({tmp_path / 'x.png'})"]
+
+
+def test_profiles_import_of_nested_json_and_of_a_fifo(tmp_path, capsys):
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100000 + "]" * 100000)
+    rc, _, err = main(capsys, "profiles", "import", str(nested), "--profiles-dir", str(tmp_path / "p"))
+    assert rc == 2 and err == "error: file 'nested.json' is nested more than 32 levels deep\n"
+    fifo = tmp_path / "pipe.json"
+    __import__("os").mkfifo(fifo)
+    r = run_cli("profiles", "import", str(fifo), "--profiles-dir", str(tmp_path / "p"), timeout=60)
+    assert r.returncode == 2 and r.stderr == "error: file 'pipe.json' is a pipe, not a regular file\n"

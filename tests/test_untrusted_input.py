@@ -3,6 +3,8 @@ it, and is never read more generously than a user would read it: one clear messa
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from app.settings import normalize_settings
@@ -57,3 +59,86 @@ def test_ascii_numbers():
     for bad in ("٣", "۱.۵", "inf", "nan", "1e999", "", "1_0", "1.2.3"):
         with pytest.raises(ValueError):
             ascii_float(bad)
+
+
+# ------------------------------------------------------------------ files: profiles and dropped files
+
+NESTED = "[" * 100000 + "]" * 100000
+
+
+def hostile_files(folder):
+    """name -> (a file of that name, what the message must say)."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nested.json").write_text('{"schema_version": 2, "x": ' + NESTED + "}")
+    (folder / "deep.json").write_text('{"schema_version": 2, "x": ' + "[" * 40 + "]" * 40 + "}")
+    (folder / "surrogate.json").write_text('{"schema_version": 2, "prompt": "a \\ud800 fox"}')
+    (folder / "nan.json").write_text('{"schema_version": 2, "guidance_scale": NaN}')
+    os.mkfifo(folder / "pipe.json")
+    (folder / "dir.json").mkdir()
+    return {"nested": "nested more than 32 levels deep", "deep": "nested more than 32 levels deep",
+            "surrogate": "lone surrogate U+D800", "nan": "not valid JSON", "pipe": "is a pipe, not a regular file",
+            "dir": "is a folder, not a regular file"}
+
+
+def test_profile_folder_with_hostile_files_lists_them_as_broken(tmp_path):
+    from app.settings import ProfileStore
+
+    expected = hostile_files(tmp_path / "profiles")
+    store = ProfileStore(tmp_path / "profiles")
+    entries = {e.name: e for e in store.list()}  # a FIFO used to block here (and /profile_list with it)
+    assert set(entries) == set(expected)
+    for name, message in expected.items():
+        assert entries[name].broken and message in entries[name].error, (name, entries[name].error)
+        assert str(tmp_path) not in entries[name].error
+
+
+@pytest.mark.parametrize("name", ["nested", "deep", "surrogate", "nan", "pipe", "dir"])
+def test_import_and_restore_of_hostile_files_name_the_file_only(tmp_path, name):
+    from app.settings import ProfileStore
+    from app.ui_restore import restore_settings
+    from models.registry import load_definitions
+
+    message = hostile_files(tmp_path / "upload")[name]
+    path = tmp_path / "upload" / f"{name}.json"
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        ProfileStore(tmp_path / "profiles").import_from(path)
+    assert str(e.value).startswith(f"file '{name}.json'") and str(tmp_path) not in str(e.value)
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        restore_settings(path, load_definitions()[0], lambda t: [])
+    assert f"'{name}.json'" in str(e.value) and str(tmp_path) not in str(e.value)
+
+
+def test_restore_of_unreadable_images_names_the_file_only(tmp_path):
+    import os
+
+    from app.ui_restore import restore_settings
+    from models.registry import load_definitions
+
+    defs = load_definitions()[0]
+    (tmp_path / "text.png").write_text("not an image")  # PIL's own message names the full path
+    os.mkfifo(tmp_path / "pipe.png")
+    for name, message in (("text.png", "is not a PNG, JPEG or WebP image"), ("pipe.png", "is a pipe")):
+        with pytest.raises(UserError, match=re.escape(message)) as e:
+            restore_settings(tmp_path / name, defs, lambda t: [])
+        assert f"'{name}'" in str(e.value) and str(tmp_path) not in str(e.value)
+
+
+def test_profile_messages_do_not_name_the_server_folder(tmp_path):
+    from app.settings import ProfileStore
+
+    store = ProfileStore(tmp_path / "secret" / "profiles")
+    for action in (lambda: store.load("nope"), lambda: store.delete("nope"), lambda: store.rename("nope", "x")):
+        with pytest.raises(UserError, match="not found in the generation profiles folder") as e:
+            action()
+        assert str(tmp_path) not in str(e.value)
+
+
+def test_lora_messages_do_not_name_the_server_folder(tmp_path):
+    from app.loras import LoraLibrary
+
+    library = LoraLibrary(tmp_path / "secret" / "loras")
+    with pytest.raises(UserError, match="unknown LoRA 'nope': not in the LoRA folder") as e:
+        library.get("nope")
+    assert str(tmp_path) not in str(e.value)
