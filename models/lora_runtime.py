@@ -272,7 +272,7 @@ def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise UserError(f"LoRA file not found: {path}")
+        raise UserError(f"LoRA file not found: {path.name}")
     try:
         sd = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for any corruption
@@ -315,7 +315,7 @@ class LoraManager:
             try:
                 st = p.stat()
             except OSError:
-                raise UserError(f"LoRA file not found: {p}") from None
+                raise UserError(f"LoRA file not found: {p.name}") from None
             wanted[(str(p.resolve()), st.st_mtime_ns, st.st_size)] = (p, parse_schedule(strength))
         new = {k: self._prepare(p) for k, (p, _) in wanted.items() if k not in self._active}
         for key in [k for k in self._active if k not in wanted]:

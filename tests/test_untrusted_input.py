@@ -142,3 +142,16 @@ def test_lora_messages_do_not_name_the_server_folder(tmp_path):
     with pytest.raises(UserError, match="unknown LoRA 'nope': not in the LoRA folder") as e:
         library.get("nope")
     assert str(tmp_path) not in str(e.value)
+
+
+def test_lora_file_gone_names_the_file_only(tmp_path):
+    import torch
+
+    from models.lora_runtime import LoraManager, load_lora_file
+
+    manager = LoraManager(torch.nn.Linear(2, 2), lambda sd: None)
+    gone = tmp_path / "secret" / "gone.safetensors"
+    for action in (lambda: manager.sync({gone: 1.0}), lambda: load_lora_file(gone)):
+        with pytest.raises(UserError, match="LoRA file not found: gone.safetensors") as e:
+            action()
+        assert str(tmp_path) not in str(e.value)
