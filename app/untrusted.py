@@ -202,6 +202,38 @@ def parse_memory_profile(value: Any, label: str = "memory profile") -> int | Non
     return number
 
 
+_INT_ARGS = ("width", "height", "num_inference_steps", "seed", "num_images")
+_FLOAT_ARGS = ("guidance_scale", "flow_shift", "cfg_normalization", "cfg_truncation")
+
+
+def generate_arguments(values: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The /generate endpoint's raw values (Gradio's own preprocessing is off: it answered "abc" for a seed
+    with a generic error) parsed strictly into JobSpec keywords, plus "prompt" and "one_per_line".
+
+    values: model_type, prompt, one_per_line, negative_prompt, the numeric JobSpec fields, memory_profile.
+    names: field -> the label the page shows, for messages. UserError names the first bad value; ranges
+    are app/jobs.validate's business.
+    """
+    def label(key: str, default: str) -> str:
+        return names.get(key, default)
+
+    model_type = parse_text(values.get("model_type"), label("model_type", "model"))
+    out: dict[str, Any] = {
+        "model_type": model_type.strip(),
+        "prompt": parse_text(values.get("prompt"), label("prompt", "prompt"), optional=True),
+        "one_per_line": parse_bool(values.get("one_per_line"), label("one_per_line", "one job per line")),
+        "negative_prompt": parse_text(values.get("negative_prompt"), label("negative_prompt", "negative prompt"),
+                                      optional=True),
+    }
+    for key in _INT_ARGS:
+        out[key] = parse_int(values.get(key), label(key, key))
+    for key in _FLOAT_ARGS:
+        out[key] = parse_float(values.get(key), label(key, key))
+    out["memory_profile"] = parse_memory_profile(values.get("memory_profile"),
+                                                 label("memory_profile", "memory profile"))
+    return out
+
+
 def file_label(path: str | os.PathLike[str]) -> str:
     """How messages name an uploaded file: its name only (an upload lives under /tmp/gradio/<hash>/)."""
     return repr(Path(path).name)

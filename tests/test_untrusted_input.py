@@ -155,3 +155,32 @@ def test_lora_file_gone_names_the_file_only(tmp_path):
         with pytest.raises(UserError, match="LoRA file not found: gone.safetensors") as e:
             action()
         assert str(tmp_path) not in str(e.value)
+
+
+# ------------------------------------------------------------------ /generate's arguments (the handler's parser)
+
+GOOD = {"model_type": "z_image_tiny", "prompt": "a fox", "one_per_line": False, "negative_prompt": None,
+        "width": 64.0, "height": "64", "num_inference_steps": 2, "guidance_scale": "4.5", "flow_shift": 3,
+        "cfg_normalization": 0.0, "cfg_truncation": 1.0, "seed": -1.0, "num_images": "1", "memory_profile": "default"}
+
+
+def test_generate_arguments_parse_numbers_strictly():
+    from app.untrusted import generate_arguments
+
+    a = generate_arguments(GOOD, {})
+    assert a == {"model_type": "z_image_tiny", "prompt": "a fox", "one_per_line": False, "negative_prompt": "",
+                 "width": 64, "height": 64, "num_inference_steps": 2, "guidance_scale": 4.5, "flow_shift": 3.0,
+                 "cfg_normalization": 0.0, "cfg_truncation": 1.0, "seed": -1, "num_images": 1, "memory_profile": None}
+    assert all(type(a[k]) is int for k in ("width", "height", "num_inference_steps", "seed", "num_images"))
+    assert generate_arguments({**GOOD, "memory_profile": " 3 "}, {})["memory_profile"] == 3
+    for key, bad in (("seed", "abc"), ("seed", "٣"), ("width", None), ("width", "64.5"), ("num_images", True),
+                     ("guidance_scale", "nan"), ("guidance_scale", 10**400), ("flow_shift", [3]),
+                     ("memory_profile", "²"), ("memory_profile", "٣"), ("memory_profile", 6), ("memory_profile", 2.5),
+                     ("prompt", 5), ("prompt", "a \ud800"), ("model_type", None), ("one_per_line", "yes")):
+        with pytest.raises(UserError, match=r"^(Seed|Width|Number of images|Guidance|Flow shift|Memory profile|"
+                                            r"Prompt|Model|One job per line) ") as e:
+            generate_arguments({**GOOD, key: bad}, {"seed": "Seed", "width": "Width", "num_images": "Number of images",
+                                                    "guidance_scale": "Guidance", "flow_shift": "Flow shift",
+                                                    "memory_profile": "Memory profile", "prompt": "Prompt",
+                                                    "model_type": "Model", "one_per_line": "One job per line"})
+        assert "\n" not in str(e.value)
