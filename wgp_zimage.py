@@ -21,6 +21,7 @@ if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in o
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES
+from models.parsing import cli_float, cli_int  # ASCII digits only: int('٣') would be 3
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -69,12 +70,12 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                         "sage can corrupt Base images)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (slower first image, faster steps)")
-    g.add_argument("--memory-profile", type=int, choices=range(1, 6), default=4, metavar="N",
+    g.add_argument("--memory-profile", type=cli_int, choices=range(1, 6), default=4, metavar="N",
                    help="MMGP memory profile on CUDA (default 4): " + "; ".join(
                        f"{n} {d}" for n, d in _profile_descriptions().items()))
-    g.add_argument("--perc-reserved-mem-max", type=float, default=0.0, metavar="F",
+    g.add_argument("--perc-reserved-mem-max", type=cli_float, default=0.0, metavar="F",
                    help="cap on pinned RAM as a fraction of RAM (0 = mmgp's default)")
-    g.add_argument("--preload", type=int, default=0, metavar="MB",
+    g.add_argument("--preload", type=cli_int, default=0, metavar="MB",
                    help="MB of the transformer kept in VRAM in the low-VRAM profiles")
     g.add_argument("--overlap-transfers", action="store_true",
                    help="experimental, low-VRAM profiles: copy the next streamed block while the current one "
@@ -87,7 +88,7 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="Z-Image LoRA folder (default loras/z_image)")
     g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png",
                    help="image file format (default png; --output FILE.jpg / .webp picks it by the suffix)")
-    g.add_argument("--output-quality", type=int, choices=range(1, 101), default=95, metavar="Q",
+    g.add_argument("--output-quality", type=cli_int, choices=range(1, 101), default=95, metavar="Q",
                    help="JPEG / WebP quality 1-100 (default 95)")
     g.add_argument("--no-metadata", dest="save_metadata", action="store_false", default=True,
                    help="store no generation settings in the images")
@@ -129,16 +130,17 @@ def build_parser() -> Parser:
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--prompt-file", type=Path, help="one job per non-empty line; lines starting with # are comments")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps = model evaluations (1-100)")
-    gen.add_argument("--guidance", type=float, default=None, help="CFG scale g (0 = off, 0-20)")
-    gen.add_argument("--flow-shift", type=float, default=None, help="sampling shift (1-10; Base 6, Turbo 3)")
-    gen.add_argument("--cfg-normalization", type=float, default=None, help="cap |pred| at K * |pos| (0 = off, default)")
-    gen.add_argument("--cfg-truncation", type=float, default=None,
+    gen.add_argument("--width", type=cli_int, default=None)
+    gen.add_argument("--height", type=cli_int, default=None)
+    gen.add_argument("--steps", type=cli_int, default=None, help="denoising steps = model evaluations (1-100)")
+    gen.add_argument("--guidance", type=cli_float, default=None, help="CFG scale g (0 = off, 0-20)")
+    gen.add_argument("--flow-shift", type=cli_float, default=None, help="sampling shift (1-10; Base 6, Turbo 3)")
+    gen.add_argument("--cfg-normalization", type=cli_float, default=None,
+                     help="cap |pred| at K * |pos| (0 = off, default)")
+    gen.add_argument("--cfg-truncation", type=cli_float, default=None,
                      help="CFG off once 1 - sigma exceeds C (1.0, the default, never truncates)")
-    gen.add_argument("--seed", type=int, default=None, help="-1 = random (default; reported)")
-    gen.add_argument("--num-images", type=int, default=None,
+    gen.add_argument("--seed", type=cli_int, default=None, help="-1 = random (default; reported)")
+    gen.add_argument("--num-images", type=cli_int, default=None,
                      help="images per prompt (1-16, default 1); image i uses seed + i")
     gen.add_argument("--lora", action="append", default=None, metavar="PATH_OR_NAME",
                      help="apply a LoRA (a file, or a name in the LoRA folder); repeatable")

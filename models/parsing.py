@@ -39,6 +39,19 @@ def ascii_float(text: str) -> float:
     return value
 
 
+def cli_int(text: str) -> int:
+    """argparse type: ascii_int, reported by argparse as "invalid int value: '٣'"."""
+    return ascii_int(text)
+
+
+def cli_float(text: str) -> float:
+    """argparse type: ascii_float, reported by argparse as "invalid float value: 'nan'"."""
+    return ascii_float(text)
+
+
+cli_int.__name__, cli_float.__name__ = "int", "float"  # argparse names the type by __name__ in its message
+
+
 def _number(value: object) -> float:
     if isinstance(value, bool):
         raise TypeError("a bool is not a strength")
@@ -77,4 +90,4 @@ def parse_schedule(spec: Strength) -> tuple[float, ...]:
     return tuple(values)
 
 
-__all__ = ["MAX_LORA_STRENGTH", "Strength", "ascii_float", "ascii_int", "parse_schedule"]
+__all__ = ["MAX_LORA_STRENGTH", "Strength", "ascii_float", "ascii_int", "cli_float", "cli_int", "parse_schedule"]

@@ -139,6 +139,9 @@ def test_long_prompt_warns_then_generates(tiny_dir, tmp_path, capsys):
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--model", "z_image_huge"], "unknown model type 'z_image_huge'"),
     (["--width", "abc"], "argument --width: invalid int value"),
+    (["--steps", "٣"], "argument --steps: invalid int value: '٣'"),  # int() reads it as 3
+    (["--seed", "²"], "argument --seed: invalid int value: '²'"),
+    (["--guidance", "nan"], "argument --guidance: invalid float value: 'nan'"),
 ])
 def test_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys, args, message):
     try:
