@@ -23,6 +23,8 @@ if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in o
 from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES
 from models.parsing import cli_float, cli_int  # ASCII digits only: int('٣') would be 3
 
+# tqdm's bar without its rate / remaining time (see on_event in cmd_generate)
+STEP_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 log = logging.getLogger("wgp_zimage")
@@ -344,9 +346,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif ev["kind"] == "step":
             bar = bars.get("steps")
             if bar is None or bar.total != ev["total"] or bar.disable:
-                bar = bars["steps"] = tqdm(total=ev["total"], desc="denoising", unit="step")
+                # the bar starts at the first step's event, so tqdm's own rate and ETA would measure that step
+                # from microseconds ago ("76260 step/s"): ours come from the pipeline's step times
+                bar = bars["steps"] = tqdm(total=ev["total"], desc="denoising", unit="step", bar_format=STEP_BAR)
             bar.update(1)
-            bar.set_postfix_str(f"{ev['seconds_per_step']:.2f} s/step")
+            bar.set_postfix_str(f"{ev['seconds_per_step']:.2f} s/step, ETA {tqdm.format_interval(ev['eta'])}")
             if ev["step"] >= ev["total"]:
                 bars.pop("steps").close()
 

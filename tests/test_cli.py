@@ -488,3 +488,14 @@ def test_profiles_import_of_nested_json_and_of_a_fifo(tmp_path, capsys):
     __import__("os").mkfifo(fifo)
     r = run_cli("profiles", "import", str(fifo), "--profiles-dir", str(tmp_path / "p"), timeout=60)
     assert r.returncode == 2 and r.stderr == "error: file 'pipe.json' is a pipe, not a regular file\n"
+
+
+def test_progress_shows_seconds_per_step_never_a_rate_from_nothing(tiny_dir, tmp_path, capsys):
+    """tqdm's rate for the first step was measured from the bar's creation, just after that step: "76260 step/s"."""
+    rc, _, err = main(capsys, *gen(tiny_dir, "--prompt", "x", "--steps", "3", "--output", str(tmp_path / "x.png")))
+    assert rc == 0, err
+    bars = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("denoising")]
+    assert bars and all("step/s" not in ln and "it/s" not in ln for ln in bars), bars
+    first = next(ln for ln in bars if "| 1/3 " in ln)
+    assert re.search(r"1/3 \[\d\d:\d\d, \d+\.\d\d s/step, ETA \d\d:\d\d\]", first), first
+    assert re.search(r"3/3 \[.*s/step", bars[-1]), bars[-1]
