@@ -30,6 +30,21 @@ EXIT_INTERRUPTED = 130
 log = logging.getLogger("wgp_zimage")
 
 
+# stands in the --memory-profile help until help is printed: the profiles' table lives beside torch (app.offload)
+PROFILES_HELP = "<memory profiles>"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Fills in PROFILES_HELP when help is printed: building the parser must not import torch (2 s)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and PROFILES_HELP in text:
+            table = "; ".join(f"{n} {d}" for n, d in _profile_descriptions().items())
+            text = text.replace(PROFILES_HELP, table.replace("%", "%%"))  # argparse %-formats help texts
+        return text
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument as one line (no usage dump) and exits 2.
 
@@ -38,6 +53,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -73,8 +89,7 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (slower first image, faster steps)")
     g.add_argument("--memory-profile", type=cli_int, choices=range(1, 6), default=4, metavar="N",
-                   help="MMGP memory profile on CUDA (default 4): " + "; ".join(
-                       f"{n} {d}" for n, d in _profile_descriptions().items()))
+                   help=f"MMGP memory profile on CUDA (default 4): {PROFILES_HELP}")
     g.add_argument("--perc-reserved-mem-max", type=cli_float, default=0.0, metavar="F",
                    help="cap on pinned RAM as a fraction of RAM (0 = mmgp's default)")
     g.add_argument("--preload", type=cli_int, default=0, metavar="MB",
@@ -278,10 +293,7 @@ def file_targets(output: Path | None, total: int) -> list[Path] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from app.jobs import CLI_NAMES, JobSpec
-    from app.service import GenerationService, ServiceConfig
     from models.errors import GenerationInterrupted
 
     profile: dict = {}
@@ -292,6 +304,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.from_image:
         profile.update(image_settings(args.from_image))
     prompts = read_prompts(args, profile.get("prompt"))
+    from tqdm import tqdm
+
+    from app.service import GenerationService, ServiceConfig  # torch: only once the inputs are read
+
     service = GenerationService(ServiceConfig.from_args(args))
     model_name = args.model or profile.get("model_type")
     model_type = service.definition(model_name).model_type if model_name else "z_image_base"
@@ -354,6 +370,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if ev["step"] >= ev["total"]:
                 bars.pop("steps").close()
 
+    quiet_libraries(args.verbose)  # every check passed: models load next
     offset = 0
     try:
         for spec in specs:
@@ -416,12 +433,15 @@ def setup_logging(verbose: bool) -> None:
     handler.setFormatter(_LowerLevel())
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    quiet_libraries(verbose)
+    logging.getLogger("httpx").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """Keep third-party chatter (and their progress bars) off the user's terminal unless asked."""
-    logging.getLogger("httpx").setLevel(logging.INFO if verbose else logging.WARNING)
+    """Keep diffusers' and transformers' chatter (and their progress bars) off the user's terminal unless asked.
+
+    Called just before models load, not at start: importing the two costs ~1 s (diffusers pulls in
+    torch._dynamo), which `info`, `profiles` or a refused `generate` never need.
+    """
     if verbose:
         return
     import diffusers.utils.logging as dlog
@@ -456,7 +476,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    # keep third-party chatter off the user's terminal unless asked
     from models.errors import UserError
 
     try:
@@ -472,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_profiles(args)
         from app.launch import launch
 
+        quiet_libraries(args.verbose)  # the UI's jobs load models
         return launch(args)
     except UserError as e:
         log.debug("user error", exc_info=True)

@@ -499,3 +499,24 @@ def test_progress_shows_seconds_per_step_never_a_rate_from_nothing(tiny_dir, tmp
     first = next(ln for ln in bars if "| 1/3 " in ln)
     assert re.search(r"1/3 \[\d\d:\d\d, \d+\.\d\d s/step, ETA \d\d:\d\d\]", first), first
     assert re.search(r"3/3 \[.*s/step", bars[-1]), bars[-1]
+
+
+@pytest.mark.parametrize("args,allowed", [
+    (["info", "{image}"], set()),
+    (["profiles", "list", "--profiles-dir", "{tmp}"], set()),
+    (["generate", "--prompt-file", "{tmp}/missing.txt"], set()),
+    (["models", "--checkpoints-dir", "{tmp}"], {"torch"}),  # the device decides "auto" quantization
+])
+def test_commands_import_only_what_they_need(tmp_path, args, allowed):
+    """Start-up time: torch (~2 s), diffusers / transformers (~1 s) and gradio only where the command needs them."""
+    image = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(image)
+    argv = [a.format(image=image, tmp=tmp_path) for a in args]
+    code = ("import sys, json, wgp_zimage\n"
+            "try:\n    wgp_zimage.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = ('torch', 'diffusers', 'transformers', 'gradio')\n"
+            "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert "Traceback" not in r.stderr, r.stderr
+    assert set(json.loads(r.stdout.strip().splitlines()[-1])) <= allowed, (r.stdout, r.stderr)
