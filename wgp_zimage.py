@@ -117,7 +117,7 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
 
 
 def _profile_descriptions() -> dict[int, str]:
-    from app.offload import PROFILE_DESCRIPTIONS
+    from app.memory_profiles import PROFILE_DESCRIPTIONS
 
     return dict(PROFILE_DESCRIPTIONS)
 

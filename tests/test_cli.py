@@ -502,6 +502,8 @@ def test_progress_shows_seconds_per_step_never_a_rate_from_nothing(tiny_dir, tmp
 
 
 @pytest.mark.parametrize("args,allowed", [
+    (["--help"], set()),
+    (["generate", "--help"], set()),
     (["info", "{image}"], set()),
     (["profiles", "list", "--profiles-dir", "{tmp}"], set()),
     (["generate", "--prompt-file", "{tmp}/missing.txt"], set()),
