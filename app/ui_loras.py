@@ -8,10 +8,10 @@ the same text, or a JSON list of {"name", "strength"} objects. No torch here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from app.untrusted import UntrustedError, load_json
 from models.errors import UserError
 
 DEFAULT_STRENGTH = "1.0"
@@ -63,10 +63,10 @@ def parse_selection(value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
     if isinstance(value, str) and value.strip().startswith(("[", "{")):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise UserError(f"LoRAs: not valid JSON ({e})") from None
+        try:  # API input: nesting that would exhaust the stack, lone surrogates... are refused
+            value = load_json(value)
+        except UntrustedError as e:
+            raise UserError(f"LoRAs: the value {e}") from None
         if isinstance(value, Mapping):  # {"name": strength, ...}
             value = [{"name": k, "strength": v} for k, v in value.items()]
     if isinstance(value, str):

@@ -36,6 +36,7 @@ def served(tiny_dir, tmp_path_factory):
     ({"model_type": "z_image_huge"}, "unknown model type 'z_image_huge'"),
     ({"loras": "style=1e308"}, "LoRA 'style' strength: LoRA strength '1e308' must be between -10 and 10"),
     ({"loras": "style=٣"}, "LoRA 'style' strength"),
+    ({"loras": "[" * 100000 + "]" * 100000}, "LoRAs: the value is nested more than 32 levels deep"),
 ])
 def test_bad_generate_values_get_our_message(served, values, message):
     before = len(served.jobs())

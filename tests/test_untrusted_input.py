@@ -184,3 +184,11 @@ def test_generate_arguments_parse_numbers_strictly():
                                                     "memory_profile": "Memory profile", "prompt": "Prompt",
                                                     "model_type": "Model", "one_per_line": "One job per line"})
         assert "\n" not in str(e.value)
+
+
+def test_lora_json_from_the_api_is_checked():
+    for bad, message in (("[" * 100000 + "]" * 100000, "nested more than 32 levels deep"),
+                         ('[{"name": "a\\ud800", "strength": 1}]', "lone surrogate"),
+                         ('[{"name": "a", "strength": NaN}]', "not valid JSON")):
+        with pytest.raises(UserError, match=f"^LoRAs: .*{message}"):
+            parse_selection(bad)
