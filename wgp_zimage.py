@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Before anything imports torch: expandable segments stop the caching allocator from holding memory
 # for the differently sized blocks that the low-VRAM profiles stream (H200: 1.6 instead of 2.8 GiB
@@ -22,6 +23,10 @@ if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in o
 
 from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES
 from models.parsing import cli_float, cli_int  # ASCII digits only: int('٣') would be 3
+
+if TYPE_CHECKING:  # torch: imported by the commands that need it
+    from app.jobs import JobSpec
+    from app.service import GenerationService
 
 # tqdm's bar without its rate / remaining time (see on_event in cmd_generate)
 STEP_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
@@ -263,7 +268,7 @@ def check_output_folder(folder: Path, flag: str) -> None:
         raise UserError(f"{flag} {folder}: no permission to write in {probe}")
 
 
-def check_loras(service, specs: list, allow_paths: bool) -> None:
+def check_loras(service: GenerationService, specs: list[JobSpec], allow_paths: bool) -> None:
     """Every job's LoRAs resolve (UserError naming the first that does not), before any model loads."""
     from models.errors import UserError
 

@@ -113,10 +113,10 @@ def _parse(text: Any, ours: bool) -> dict[str, Any] | None:
     try:
         data = load_json(text)
     except UntrustedError as e:
-        raise MetadataError(f"its wgp-zimage settings {e}") from None
+        raise MetadataError(f"its wgp-zimage JSON {e}") from None
     if not isinstance(data, dict):
         if ours:
-            raise MetadataError(f"its wgp-zimage settings are a JSON {type(data).__name__}, not an object")
+            raise MetadataError(f"its wgp-zimage JSON is a {type(data).__name__}, not an object")
         return None
     return data if data.get("app", "wgp-zimage") == "wgp-zimage" else None
 

@@ -392,7 +392,7 @@ JOB = {"app": "wgp-zimage", "model_type": "z_image_tiny", "prompt": "a fox", "wi
     ("surrogate", lambda p: png_with_settings(p, json.dumps({**JOB, "prompt": "a \ud800 fox"})),
      "lone surrogate U+D800"),
     ("bomb", bomb_png, "decompression bomb"),
-    ("list", lambda p: png_with_settings(p, "[1, 2]"), "a JSON list, not an object"),
+    ("list", lambda p: png_with_settings(p, "[1, 2]"), "its wgp-zimage JSON is a list, not an object"),
     ("broken", lambda p: png_with_settings(p, '{"app": "wgp-zimage", '), "not valid JSON"),
     ("text", lambda p: (p.write_text("not an image"), p)[1], "is not a PNG, JPEG or WebP image"),
 ])
