@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # Before anything imports torch: expandable segments stop the caching allocator from holding memory
 # for the differently sized blocks that the low-VRAM profiles stream (H200: 1.6 instead of 2.8 GiB
@@ -21,10 +22,32 @@ if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in o
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES
+from models.parsing import cli_float, cli_int  # ASCII digits only: int('٣') would be 3
 
+if TYPE_CHECKING:  # torch: imported by the commands that need it
+    from app.jobs import JobSpec
+    from app.service import GenerationService
+
+# tqdm's bar without its rate / remaining time (see on_event in cmd_generate)
+STEP_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 log = logging.getLogger("wgp_zimage")
+
+
+# stands in the --memory-profile help until help is printed: the profiles' table lives beside torch (app.offload)
+PROFILES_HELP = "<memory profiles>"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Fills in PROFILES_HELP when help is printed: building the parser must not import torch (2 s)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and PROFILES_HELP in text:
+            table = "; ".join(f"{n} {d}" for n, d in _profile_descriptions().items())
+            text = text.replace(PROFILES_HELP, table.replace("%", "%%"))  # argparse %-formats help texts
+        return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,6 +58,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -69,12 +93,11 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                         "sage can corrupt Base images)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (slower first image, faster steps)")
-    g.add_argument("--memory-profile", type=int, choices=range(1, 6), default=4, metavar="N",
-                   help="MMGP memory profile on CUDA (default 4): " + "; ".join(
-                       f"{n} {d}" for n, d in _profile_descriptions().items()))
-    g.add_argument("--perc-reserved-mem-max", type=float, default=0.0, metavar="F",
+    g.add_argument("--memory-profile", type=cli_int, choices=range(1, 6), default=4, metavar="N",
+                   help=f"MMGP memory profile on CUDA (default 4): {PROFILES_HELP}")
+    g.add_argument("--perc-reserved-mem-max", type=cli_float, default=0.0, metavar="F",
                    help="cap on pinned RAM as a fraction of RAM (0 = mmgp's default)")
-    g.add_argument("--preload", type=int, default=0, metavar="MB",
+    g.add_argument("--preload", type=cli_int, default=0, metavar="MB",
                    help="MB of the transformer kept in VRAM in the low-VRAM profiles")
     g.add_argument("--overlap-transfers", action="store_true",
                    help="experimental, low-VRAM profiles: copy the next streamed block while the current one "
@@ -87,7 +110,7 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="Z-Image LoRA folder (default loras/z_image)")
     g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png",
                    help="image file format (default png; --output FILE.jpg / .webp picks it by the suffix)")
-    g.add_argument("--output-quality", type=int, choices=range(1, 101), default=95, metavar="Q",
+    g.add_argument("--output-quality", type=cli_int, choices=range(1, 101), default=95, metavar="Q",
                    help="JPEG / WebP quality 1-100 (default 95)")
     g.add_argument("--no-metadata", dest="save_metadata", action="store_false", default=True,
                    help="store no generation settings in the images")
@@ -99,7 +122,7 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
 
 
 def _profile_descriptions() -> dict[int, str]:
-    from app.offload import PROFILE_DESCRIPTIONS
+    from app.memory_profiles import PROFILE_DESCRIPTIONS
 
     return dict(PROFILE_DESCRIPTIONS)
 
@@ -129,16 +152,17 @@ def build_parser() -> Parser:
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--prompt-file", type=Path, help="one job per non-empty line; lines starting with # are comments")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps = model evaluations (1-100)")
-    gen.add_argument("--guidance", type=float, default=None, help="CFG scale g (0 = off, 0-20)")
-    gen.add_argument("--flow-shift", type=float, default=None, help="sampling shift (1-10; Base 6, Turbo 3)")
-    gen.add_argument("--cfg-normalization", type=float, default=None, help="cap |pred| at K * |pos| (0 = off, default)")
-    gen.add_argument("--cfg-truncation", type=float, default=None,
+    gen.add_argument("--width", type=cli_int, default=None)
+    gen.add_argument("--height", type=cli_int, default=None)
+    gen.add_argument("--steps", type=cli_int, default=None, help="denoising steps = model evaluations (1-100)")
+    gen.add_argument("--guidance", type=cli_float, default=None, help="CFG scale g (0 = off, 0-20)")
+    gen.add_argument("--flow-shift", type=cli_float, default=None, help="sampling shift (1-10; Base 6, Turbo 3)")
+    gen.add_argument("--cfg-normalization", type=cli_float, default=None,
+                     help="cap |pred| at K * |pos| (0 = off, default)")
+    gen.add_argument("--cfg-truncation", type=cli_float, default=None,
                      help="CFG off once 1 - sigma exceeds C (1.0, the default, never truncates)")
-    gen.add_argument("--seed", type=int, default=None, help="-1 = random (default; reported)")
-    gen.add_argument("--num-images", type=int, default=None,
+    gen.add_argument("--seed", type=cli_int, default=None, help="-1 = random (default; reported)")
+    gen.add_argument("--num-images", type=cli_int, default=None,
                      help="images per prompt (1-16, default 1); image i uses seed + i")
     gen.add_argument("--lora", action="append", default=None, metavar="PATH_OR_NAME",
                      help="apply a LoRA (a file, or a name in the LoRA folder); repeatable")
@@ -166,46 +190,59 @@ def read_prompts(args: argparse.Namespace, profile_prompt: str | None = None) ->
         if profile_prompt:
             return [profile_prompt]
         raise UserError("give --prompt or --prompt-file (or a --gen-profile that holds a prompt)")
-    try:
-        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+    try:  # not app.untrusted.read_text: the user's own file, and <(command) pipes are welcome
+        data = args.prompt_file.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        raise UserError(f"cannot read --prompt-file {args.prompt_file}: {_why(e)}") from None
+    try:
+        lines = data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start}); save it as UTF-8") from None
     prompts = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not prompts:
         raise UserError(f"--prompt-file {args.prompt_file} holds no prompt")
     return prompts
 
 
-def image_settings(path: Path) -> dict:
-    """The job settings stored in an image by this app (its own seed, one image)."""
-    from app.jobs import JobSpec
+def _why(e: Exception) -> str:
+    """An error's reason without Python's "[Errno N]" and repr noise."""
+    return getattr(e, "strerror", None) or str(e)
+
+
+def _read_image_settings(path: Path) -> dict:
     from app.metadata import read_settings
     from models.errors import UserError
 
     try:
         data = read_settings(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+    except (OSError, ValueError) as e:  # MetadataError is both; its message names no path
+        raise UserError(f"cannot read image {path}: {_why(e)}") from None
     if not data:
         raise UserError(f"{path} holds no wgp-zimage settings")
-    keep = JobSpec.from_dict(data).to_dict()
-    keep["num_images"] = 1
-    return keep
+    return data
+
+
+def image_settings(path: Path) -> dict:
+    """The job settings stored in an image by this app (its own seed, one image), each value's type checked:
+    the image may come from anywhere."""
+    from app.metadata import MetadataError, job_settings
+    from models.errors import UserError
+
+    try:
+        return job_settings(_read_image_settings(path))
+    except MetadataError as e:
+        raise UserError(f"cannot use image {path}: {e}") from None
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
-    from app.metadata import read_settings
-    from models.errors import UserError
-
+    text = json.dumps(_read_image_settings(args.image), indent=2, ensure_ascii=False)
     try:
-        data = read_settings(args.image)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read image {args.image}: {e}") from None
-    if not data:
-        raise UserError(f"{args.image} holds no wgp-zimage settings")
-    print(json.dumps(data, indent=2, ensure_ascii=False))
+        print(text)
+    except UnicodeEncodeError:  # a terminal that cannot show the prompt's characters: escape them
+        print(json.dumps(json.loads(text), indent=2, ensure_ascii=True))
     return 0
 
 
@@ -215,6 +252,36 @@ def cli_loras(args: argparse.Namespace) -> list[dict]:
 
     schedules = parse_lora_multipliers(args.lora_multipliers, args.lora)
     return [{"name": name, "strength": format_schedule(schedules[name])} for name in args.lora]
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """UserError unless images can be written in folder (made when the first image is saved), checked
+    before any model loads rather than after the whole job has run."""
+    from models.errors import UserError
+
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{flag} {folder}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: no permission to write in {probe}")
+
+
+def check_loras(service: GenerationService, specs: list[JobSpec], allow_paths: bool) -> None:
+    """Every job's LoRAs resolve (UserError naming the first that does not), before any model loads."""
+    from models.errors import UserError
+
+    for spec in specs:
+        library = service.lora_library(spec.model_type)
+        for item in spec.loras:
+            try:
+                library.resolve(item["name"], allow_paths=allow_paths)
+            except UserError as e:
+                if allow_paths:
+                    raise
+                raise UserError(f"{e} (LoRAs from --from-image or --gen-profile are names in the LoRA folder; "
+                                "only --lora takes a file path)") from None
 
 
 def file_targets(output: Path | None, total: int) -> list[Path] | None:
@@ -231,10 +298,7 @@ def file_targets(output: Path | None, total: int) -> list[Path] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from app.jobs import CLI_NAMES, JobSpec
-    from app.service import GenerationService, ServiceConfig
     from models.errors import GenerationInterrupted
 
     profile: dict = {}
@@ -245,6 +309,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.from_image:
         profile.update(image_settings(args.from_image))
     prompts = read_prompts(args, profile.get("prompt"))
+    from tqdm import tqdm
+
+    from app.service import GenerationService, ServiceConfig  # torch: only once the inputs are read
+
     service = GenerationService(ServiceConfig.from_args(args))
     model_name = args.model or profile.get("model_type")
     model_type = service.definition(model_name).model_type if model_name else "z_image_base"
@@ -266,8 +334,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     for spec in specs:
         validate(spec, CLI_NAMES)  # all jobs checked before any model loads
+    # --lora may name a file anywhere (the user's own command line); LoRAs that come from an image's
+    # settings or a profile file are untrusted: names in the LoRA folder only, as in the web UI
+    lora_paths = bool(args.lora)
+    check_loras(service, specs, lora_paths)
     targets = file_targets(args.output, sum(s.num_images for s in specs))
     out_dir = args.output if targets is None and args.output is not None else None
+    if targets:
+        check_output_folder(targets[0].parent, "--output")
+    else:
+        check_output_folder(out_dir or service.config.output_dir, "--output" if out_dir else "--output-dir")
 
     # first Ctrl-C: stop after the current step; a second one: stop at once
     def on_sigint(signum, frame):
@@ -291,12 +367,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         elif ev["kind"] == "step":
             bar = bars.get("steps")
             if bar is None or bar.total != ev["total"] or bar.disable:
-                bar = bars["steps"] = tqdm(total=ev["total"], desc="denoising", unit="step")
+                # the bar starts at the first step's event, so tqdm's own rate and ETA would measure that step
+                # from microseconds ago ("76260 step/s"): ours come from the pipeline's step times
+                bar = bars["steps"] = tqdm(total=ev["total"], desc="denoising", unit="step", bar_format=STEP_BAR)
             bar.update(1)
-            bar.set_postfix_str(f"{ev['seconds_per_step']:.2f} s/step")
+            bar.set_postfix_str(f"{ev['seconds_per_step']:.2f} s/step, ETA {tqdm.format_interval(ev['eta'])}")
             if ev["step"] >= ev["total"]:
                 bars.pop("steps").close()
 
+    quiet_libraries(args.verbose)  # every check passed: models load next
     offset = 0
     try:
         for spec in specs:
@@ -305,7 +384,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             result = service.generate(
                 spec, model_dir=args.model_dir, transformer_file=args.transformer,
                 model_type_given=model_name is not None, output_dir=out_dir, file_names=names,
-                on_event=on_event, extra_names=CLI_NAMES, allow_lora_paths=True)
+                on_event=on_event, extra_names=CLI_NAMES, allow_lora_paths=lora_paths)
             for line in result.lora_reports:
                 print(line)
             for path, seed in zip(result.paths, result.seeds):
@@ -359,12 +438,15 @@ def setup_logging(verbose: bool) -> None:
     handler.setFormatter(_LowerLevel())
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    quiet_libraries(verbose)
+    logging.getLogger("httpx").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def quiet_libraries(verbose: bool) -> None:
-    """Keep third-party chatter (and their progress bars) off the user's terminal unless asked."""
-    logging.getLogger("httpx").setLevel(logging.INFO if verbose else logging.WARNING)
+    """Keep diffusers' and transformers' chatter (and their progress bars) off the user's terminal unless asked.
+
+    Called just before models load, not at start: importing the two costs ~1 s (diffusers pulls in
+    torch._dynamo), which `info`, `profiles` or a refused `generate` never need.
+    """
     if verbose:
         return
     import diffusers.utils.logging as dlog
@@ -399,7 +481,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    # keep third-party chatter off the user's terminal unless asked
     from models.errors import UserError
 
     try:
@@ -415,10 +496,16 @@ def main(argv: list[str] | None = None) -> int:
             return run_profiles(args)
         from app.launch import launch
 
+        quiet_libraries(args.verbose)  # the UI's jobs load models
         return launch(args)
     except UserError as e:
         log.debug("user error", exc_info=True)
         sys.stderr.write(f"error: {e}\n")
+        return EXIT_USAGE
+    except OSError as e:  # a full disk, a folder made read-only meanwhile: one line, not a traceback
+        log.debug("system error", exc_info=True)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        sys.stderr.write(f"error: {_why(e)}{where}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

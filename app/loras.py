@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from models.errors import UserError
-from models.lora_runtime import Strength, parse_schedule
+from models.parsing import Strength, parse_schedule  # torch-free: listing LoRAs needs no torch
 
 log = logging.getLogger("wgp_zimage")
 
@@ -155,9 +155,10 @@ class LoraLibrary:
             info = self._items.get(key) or self._by_relpath(key)
         if info is None:
             known = ", ".join(list(self._items)[:10]) or "none"
-            raise UserError(f"unknown LoRA {name!r}: not in {self.lora_dir} (available: {known})")
+            # the folder's path is the server's business: API and page messages say "the LoRA folder"
+            raise UserError(f"unknown LoRA {name!r}: not in the LoRA folder (available: {known})")
         if not _inside(info.path, self.lora_dir):  # the link changed since the scan
-            raise UserError(f"LoRA {name!r} resolves outside {self.lora_dir}; refused")
+            raise UserError(f"LoRA {name!r} resolves outside the LoRA folder; refused")
         return info
 
     def _by_relpath(self, rel: str) -> LoraInfo | None:

@@ -15,11 +15,18 @@ MMGP override, null = the app's configured one; newer files only, informative: r
 from __future__ import annotations
 
 import json
+import math
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
+
+from app.untrusted import UntrustedError, load_json, open_regular
+from models.errors import UserError
+from models.parsing import parse_schedule
 
 SCHEMA = 1
 PNG_KEY = "wgp_zimage"
@@ -87,28 +94,64 @@ def save_kwargs(fmt: str, settings: dict[str, Any] | None, quality: int = 95) ->
     return kwargs
 
 
-def _parse(text: Any) -> dict[str, Any] | None:
+class MetadataError(OSError, ValueError):
+    """An image, or the settings it holds, cannot be used: one line that names no path.
+
+    An OSError (callers that skip unreadable images keep doing so) and a ValueError (bad content).
+    """
+
+
+def _parse(text: Any, ours: bool) -> dict[str, Any] | None:
+    """The settings in text; ours: the text sits under our own key, so broken JSON is an error, not "none"."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     if not text or not isinstance(text, str):
         return None
+    text = text.rstrip("\0")
+    if not ours and not text.lstrip().startswith("{"):
+        return None  # an EXIF description written by a camera or another app
     try:
-        data = json.loads(text.rstrip("\0"))
-    except ValueError:
+        data = load_json(text)
+    except UntrustedError as e:
+        raise MetadataError(f"its wgp-zimage JSON {e}") from None
+    if not isinstance(data, dict):
+        if ours:
+            raise MetadataError(f"its wgp-zimage JSON is a {type(data).__name__}, not an object")
         return None
-    return data if isinstance(data, dict) and data.get("app", "wgp-zimage") == "wgp-zimage" else None
+    return data if data.get("app", "wgp-zimage") == "wgp-zimage" else None
 
 
 def read_settings(path: str | Path) -> dict[str, Any] | None:
-    """The settings stored in an image (PNG, JPEG or WebP) by this app, or None when it holds none."""
-    with Image.open(path) as im:
-        text = im.info.get(PNG_KEY)
-        if not text:
+    """The settings stored in an image (PNG, JPEG or WebP) by this app, or None when it holds none.
+
+    The file is untrusted: MetadataError when it is no regular file, no image of ours, claims a huge
+    size (a decompression bomb: only the header is read, never the pixels) or holds settings that are
+    not plain JSON (nested too deep, lone surrogates); OSError when it cannot be opened.
+    """
+    try:
+        f = open_regular(path)
+    except UntrustedError as e:
+        raise MetadataError(str(e)) from None
+    with f:
+        try:
+            with warnings.catch_warnings():  # the pixels are never decoded here: the size needs no warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(f, formats=["PNG", "JPEG", "WEBP"])
+        except Image.DecompressionBombError:
+            raise MetadataError("claims an image size beyond the decompression bomb limit; refused") from None
+        except UnidentifiedImageError:
+            raise MetadataError("is not a PNG, JPEG or WebP image") from None
+        except Exception as e:  # PIL raises many kinds for a broken header; its messages may name the path
+            raise MetadataError(f"is not a readable image ({type(e).__name__})") from None
+        with im:
+            text = im.info.get(PNG_KEY)
+            if text:
+                return _parse(text, ours=True)
             try:
                 text = im.getexif().get(EXIF_IMAGE_DESCRIPTION)
             except Exception:  # a broken EXIF block holds nothing of ours
                 text = None
-    return _parse(text)
+    return _parse(text, ours=False)
 
 
 def read_parameters(path: str | Path) -> str | None:
@@ -122,3 +165,62 @@ def read_parameters(path: str | Path) -> str | None:
     if isinstance(raw, bytes):
         return raw[8:].decode("utf-8", "replace") if len(raw) > 8 else None
     return raw or None
+
+
+# the job an image's settings describe: key -> the types it may hold
+_JOB_TEXT = ("model_type", "prompt")
+_JOB_INTS = ("width", "height", "num_inference_steps", "seed")
+_JOB_FLOATS = ("guidance_scale", "flow_shift", "cfg_normalization", "cfg_truncation")
+
+
+def job_settings(data: Mapping[str, Any]) -> dict[str, Any]:
+    """JobSpec keyword values from an image's settings (its own seed, one image), each value's type checked.
+
+    The settings are untrusted: MetadataError names the first key that holds the wrong kind of value (a list
+    as model_type...). Ranges are app/jobs.validate's business; LoRA names are checked against the LoRA
+    folder by whoever runs the job. The recorded memory profile is informative only and left out.
+    """
+    def bad(key: str, what: str) -> MetadataError:
+        return MetadataError(f"its settings hold {type(data.get(key)).__name__} {data.get(key)!r:.60} as {key}, "
+                             f"not {what}")
+
+    out: dict[str, Any] = {}
+    for key in _JOB_TEXT:
+        if not isinstance(data.get(key), str) or not data[key].strip():
+            raise bad(key, "text")
+        out[key] = data[key]
+    if "negative_prompt" in data:
+        if not isinstance(data["negative_prompt"], str):
+            raise bad("negative_prompt", "text")
+        out["negative_prompt"] = data["negative_prompt"]
+    for key in _JOB_INTS:
+        if key in data:
+            v = data[key]
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(key, "a whole number")
+            out[key] = v
+    for key in _JOB_FLOATS:
+        if key in data:
+            v = data[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(key, "a number")
+            out[key] = float(v)
+    loras = data.get("loras") or []
+    if not isinstance(loras, list):
+        raise bad("loras", "a list")
+    out["loras"] = []
+    for i, item in enumerate(loras):
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise MetadataError(f"its settings' loras[{i}] is not a {{\"name\", \"strength\"}} object")
+        strength = item.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float, str)):
+            raise MetadataError(f"its settings' loras[{i}] strength is not a number")
+        try:
+            parse_schedule(strength)  # the run's own check, before any model loads
+        except UserError as e:
+            raise MetadataError(f"its settings' loras[{i}]: {e}") from None
+        out["loras"].append({"name": item["name"], "strength": strength})
+    out["num_images"] = 1
+    return out

@@ -15,6 +15,7 @@ from typing import Any
 
 from app.settings import OUTPUT_FORMATS, SEED_POLICIES, ProfileStore, apply_to_model, job_seed, model_settings
 from models.errors import UserError
+from models.parsing import ascii_float, cli_float, cli_int, parse_schedule
 
 log = logging.getLogger("wgp_zimage")
 
@@ -55,21 +56,21 @@ def add_profiles_parser(subparsers: argparse._SubParsersAction,
     save.add_argument("--model", default=None, help="model type or alias (default z_image_base)")
     save.add_argument("--prompt", default=None, help="saved with the profile only when given")
     save.add_argument("--negative-prompt", default=None, help="saved with the profile only when given")
-    save.add_argument("--width", type=int, default=None)
-    save.add_argument("--height", type=int, default=None)
-    save.add_argument("--steps", type=int, default=None)
-    save.add_argument("--guidance", type=float, default=None)
-    save.add_argument("--flow-shift", type=float, default=None)
-    save.add_argument("--cfg-normalization", type=float, default=None)
-    save.add_argument("--cfg-truncation", type=float, default=None)
-    save.add_argument("--seed", type=int, default=None, help="-1 = random")
+    save.add_argument("--width", type=cli_int, default=None)
+    save.add_argument("--height", type=cli_int, default=None)
+    save.add_argument("--steps", type=cli_int, default=None)
+    save.add_argument("--guidance", type=cli_float, default=None)
+    save.add_argument("--flow-shift", type=cli_float, default=None)
+    save.add_argument("--cfg-normalization", type=cli_float, default=None)
+    save.add_argument("--cfg-truncation", type=cli_float, default=None)
+    save.add_argument("--seed", type=cli_int, default=None, help="-1 = random")
     save.add_argument("--seed-policy", choices=SEED_POLICIES, default=None,
                       help="fixed, random, or increment after each job (default: random for seed -1, else fixed)")
-    save.add_argument("--num-images", type=int, default=None)
+    save.add_argument("--num-images", type=cli_int, default=None)
     save.add_argument("--lora", action="append", default=None, metavar="NAME[:STRENGTH]",
                       help="a LoRA and its strength (default 1.0); repeatable")
     save.add_argument("--format", choices=[*OUTPUT_FORMATS, "jpg"], default=None, help="output image format")
-    save.add_argument("--quality", type=int, default=None, help="jpeg/webp quality 1-100")
+    save.add_argument("--quality", type=cli_int, default=None, help="jpeg/webp quality 1-100")
     save.add_argument("--overwrite", action="store_true", help="replace a profile of that name")
     save.add_argument("--overwrite-broken", action="store_true", help="replace a broken (unreadable) profile")
     action("delete", "delete a generation profile").add_argument("name")
@@ -98,9 +99,12 @@ def _parse_lora(text: str) -> dict[str, Any]:
     if not sep:
         return {"name": text, "strength": 1.0}
     try:
-        return {"name": name, "strength": float(strength)}
+        (value,) = parse_schedule(ascii_float(strength))  # ASCII digits, |s| <= 10
     except ValueError:
         raise UserError(f"--lora {text}: the strength after ':' must be a number") from None
+    except UserError as e:
+        raise UserError(f"--lora {text}: {e}") from None
+    return {"name": name, "strength": value}
 
 
 def settings_from_args(args: argparse.Namespace, store: ProfileStore) -> tuple[dict[str, Any], list[str]]:

@@ -22,7 +22,6 @@ per-model defaults and <folder>/.state/last_used.json (hidden, so they never sho
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import threading
@@ -33,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from app.jobs import MAX_SEED, JobSpec, validate
+from app.untrusted import UntrustedError, load_json, read_text
 from models.errors import UserError
 from models.files import atomic_path
+from models.parsing import ascii_float, parse_schedule
 
 try:  # a cross-process lock where the OS offers one; threads are covered by _folder_lock anyway
     import fcntl
@@ -105,7 +106,7 @@ def _migrate_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(item, str):  # "name" or "name:strength"
             name, _, strength = item.rpartition(":") if ":" in item else (item, "", "1")
             try:
-                loras.append({"name": name, "strength": float(strength)})
+                loras.append({"name": name, "strength": ascii_float(strength)})
             except ValueError:
                 raise UserError(f"loras: bad strength in {item!r}") from None
         else:
@@ -196,17 +197,15 @@ def _check_loras(loras: Any, available: Iterable[str] | None, label: str, warnin
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"].strip():
             raise UserError(f"{label}: loras[{i}] needs a \"name\" (got {item!r})")
         strength = item.get("strength", 1.0)
-        if isinstance(strength, str):  # a per-step schedule such as "1.0,0.5"
-            from models.lora_runtime import parse_schedule
-
-            try:
-                parse_schedule(strength)
-            except (UserError, ValueError):
-                raise UserError(f"{label}: loras[{i}] strength {strength!r} is not a number or a schedule") from None
-        elif isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        # the run's own check (ASCII numbers, |s| <= 10): a saved profile never fails when it runs
+        if isinstance(strength, bool) or not isinstance(strength, (str, int, float)):
             raise UserError(f"{label}: loras[{i}] strength must be a number (got {strength!r})")
-        else:
-            strength = float(strength)
+        try:
+            values = parse_schedule(strength)
+        except UserError as e:
+            raise UserError(f"{label}: loras[{i}]: {e}") from None
+        if not isinstance(strength, str):
+            strength = values[0]
         if known is not None and item["name"] not in known:
             warnings.append(f"{label}: LoRA {item['name']!r} is no longer available; dropped")
             continue
@@ -217,10 +216,10 @@ def _check_loras(loras: Any, available: Iterable[str] | None, label: str, warnin
 def parse_document(text: str, available_loras: Iterable[str] | None = None,
                    label: str = "settings") -> tuple[dict[str, Any], list[str]]:
     """JSON text of any known schema -> (current settings, warnings)."""
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{label}: not valid JSON ({e})") from None
+    try:  # nesting that would exhaust the stack, lone surrogates, NaN: refused with the reason
+        data = load_json(text)
+    except UntrustedError as e:
+        raise UserError(f"{label} {e}") from None
     if not isinstance(data, dict):
         raise UserError(f"{label}: expected a JSON object, got {type(data).__name__}")
     return parse_settings(data, available_loras, label)
@@ -241,14 +240,14 @@ def parse_settings(data: Mapping[str, Any], available_loras: Iterable[str] | Non
 
 
 def _read(path: Path, label: str) -> str:
+    """A profile file's text: a regular file (a FIFO would block the reader, and /profile_list with it),
+    at most MAX_FILE_BYTES, UTF-8. Messages name the label only: the path may be the server's."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise UserError(f"{label}: {path} is larger than {MAX_FILE_BYTES} bytes")
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{label}: {path} is not UTF-8 text") from None
+        return read_text(path, MAX_FILE_BYTES)
+    except UntrustedError as e:
+        raise UserError(f"{label} {e}") from None
     except OSError as e:
-        raise UserError(f"{label}: cannot read {path}: {e.strerror or e}") from None
+        raise UserError(f"{label}: cannot read the file: {e.strerror or e}") from None
 
 
 def write_atomic(path: Path, settings: Mapping[str, Any]) -> None:
@@ -333,7 +332,7 @@ class ProfileStore:
         path = self.path(name)
         label = f"generation profile {check_name(name)!r}"
         if not path.is_file():
-            raise UserError(f"{label} not found in {self.folder}")
+            raise UserError(f"{label} not found in the generation profiles folder")
         return parse_document(_read(path, label), available_loras, label)
 
     def _check_target(self, name: str, path: Path, overwrite: bool, overwrite_broken: bool) -> None:
@@ -364,19 +363,19 @@ class ProfileStore:
         try:
             write_atomic(path, settings)
         except OSError as e:
-            raise UserError(f"cannot save {path}: {e.strerror or e}") from None
+            raise UserError(f"cannot save {path.name}: {e.strerror or e}") from None
 
     def rename(self, old: str, new: str, overwrite: bool = False) -> None:
         src, dst = self.path(old), self.path(new)
         with self._locked():
             if not src.is_file():
-                raise UserError(f"generation profile {check_name(old)!r} not found in {self.folder}")
+                raise UserError(f"generation profile {check_name(old)!r} not found in the generation profiles folder")
             if src != dst:
                 self._check_target(check_name(new), dst, overwrite, overwrite_broken=False)
             try:
                 os.replace(src, dst)
             except OSError as e:
-                raise UserError(f"cannot rename {src} to {dst}: {e.strerror or e}") from None
+                raise UserError(f"cannot rename {src.name} to {dst.name}: {e.strerror or e}") from None
 
     def delete(self, name: str) -> None:
         path = self.path(name)
@@ -384,9 +383,10 @@ class ProfileStore:
             try:
                 path.unlink()
             except FileNotFoundError:
-                raise UserError(f"generation profile {check_name(name)!r} not found in {self.folder}") from None
+                raise UserError(f"generation profile {check_name(name)!r} not found in the generation profiles "
+                                "folder") from None
             except OSError as e:
-                raise UserError(f"cannot delete {path}: {e.strerror or e}") from None
+                raise UserError(f"cannot delete {path.name}: {e.strerror or e}") from None
 
     def export_to(self, name: str, path: str | Path, overwrite: bool = False) -> Path:
         """Write a profile (in the current schema) to any file, e.g. to share it."""
@@ -403,7 +403,8 @@ class ProfileStore:
         """Read a profile file of any known schema into the store (as `name`, default: its file stem)."""
         path = Path(path)
         name = check_name(name if name is not None else path.stem)
-        settings, warnings = parse_document(_read(path, str(path)), available_loras, label=str(path))
+        label = f"file {path.name!r}"  # an upload's path is /tmp/gradio/<hash>/...: the name only
+        settings, warnings = parse_document(_read(path, label), available_loras, label=label)
         return name, warnings + self.save(name, settings, overwrite=overwrite, overwrite_broken=overwrite_broken)
 
     # -- per-model defaults ("set as default for this model") and last used settings

@@ -27,7 +27,6 @@ from app.jobs import (
     JobSpec,
     cap_texts,
     check_text,
-    parse_memory_profile,
     text_problem,
     validate,
 )
@@ -46,6 +45,7 @@ from app.ui_loras import (
 )
 from app.ui_profiles import build_profiles_section, controls_to_settings, profile_choices
 from app.ui_restore import restore_settings
+from app.untrusted import generate_arguments
 from models.errors import UserError
 
 if TYPE_CHECKING:  # the service module imports torch; the page itself does not need it
@@ -70,6 +70,9 @@ UI_NAMES = {
     "flow_shift": "Flow shift", "num_images": "Number of images", "cfg_normalization": "CFG normalization",
     "cfg_truncation": "CFG truncation", "seed": "Seed", "memory_profile": "Memory profile",
 }
+# /generate's other arguments, for messages
+API_NAMES = {**UI_NAMES, "model_type": "Model", "prompt": "Prompt", "negative_prompt": "Negative prompt",
+             "one_per_line": "One job per line"}
 TABLE_HEADERS = ["ID", "Status", "Progress", "Prompt", "Settings", "Seed", "Result"]
 TABLE_WIDTHS = ["11%", "12%", "11%", "23%", "17%", "13%", "13%"]
 STATUS_ICONS = {"queued": "⏳", "running": "▶", "done": "✔", "failed": "✖", "interrupted": "⚠", "aborted": "■"}
@@ -516,17 +519,19 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                                     (loras or "", "the LoRAs text")):
                     if isinstance(text, str):
                         check_text(text, label)
+                # raw values (preprocess=False below): any API client may send anything; parsed strictly here
+                a = generate_arguments({
+                    "model_type": model_type, "prompt": prompt, "one_per_line": one_per_line,
+                    "negative_prompt": negative_prompt, "width": width, "height": height,
+                    "num_inference_steps": steps, "guidance_scale": guidance, "flow_shift": flow_shift,
+                    "cfg_normalization": cfg_normalization, "cfg_truncation": cfg_truncation, "seed": seed,
+                    "num_images": num_images, "memory_profile": memory_profile}, API_NAMES)
                 selection = parse_selection(loras)
-                profile = parse_memory_profile(memory_profile, UI_NAMES["memory_profile"])
+                model_type, prompt, one_per_line = a.pop("model_type"), a.pop("prompt"), a.pop("one_per_line")
                 if selection:  # unknown names are refused here, not when the job runs
                     check_available(selection, lora_library(model_type))
-                specs = [JobSpec(
-                    model_type=model_type, prompt=p, negative_prompt=negative_prompt or "", width=whole(width),
-                    height=whole(height), num_inference_steps=whole(steps), guidance_scale=guidance,
-                    flow_shift=flow_shift, cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation,
-                    seed=whole(seed), num_images=whole(num_images), loras=[dict(x) for x in selection],
-                    memory_profile=profile,
-                ) for p in split_prompts(prompt, one_per_line)[:MAX_JOBS_PER_REQUEST + 1]]
+                specs = [JobSpec(model_type=model_type, prompt=p, loras=[dict(x) for x in selection], **a)
+                         for p in split_prompts(prompt, one_per_line)[:MAX_JOBS_PER_REQUEST + 1]]
                 if not specs:
                     raise UserError("the prompt is empty (every line is blank or a # comment)")
                 if len(specs) > MAX_JOBS_PER_REQUEST:
@@ -550,8 +555,9 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 f"\n\n⚠ {w}" for w in cut)
             if store is not None:  # restored when a page opens; never raises
                 for w in store.save_last_used(controls_to_settings(
-                        model_type, prompt, negative_prompt, width, height, steps, guidance, flow_shift,
-                        cfg_normalization, cfg_truncation, seed, num_images, selection)):
+                        model_type, prompt, a["negative_prompt"], a["width"], a["height"], a["num_inference_steps"],
+                        a["guidance_scale"], a["flow_shift"], a["cfg_normalization"], a["cfg_truncation"], a["seed"],
+                        a["num_images"], selection)):
                     log.warning("%s", w)
             gr.Info(f"Queued {len(ids)} job{'s' * (len(ids) != 1)}: {', '.join(ids)}")
             return ",".join(ids)
@@ -562,7 +568,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         gen_inputs = [model, prompt, one_per_line, negative, width, height, steps, guidance, flow_shift,
                       cfg_norm, cfg_trunc, seed, num_images, lora_strengths, memory_override]
         submitted = generate_btn.click(generate, gen_inputs, last_ids, api_name="generate", show_progress="hidden",
-                                       concurrency_limit=None)
+                                       concurrency_limit=None, preprocess=False)  # our parsing, our messages
         # the status box keeps the outcome after the toast fades. Gradio 6.31's page does not run .then()
         # after an error (whatever its docs say), hence .failure() for that path.
         message_io = {"fn": submit_message, "inputs": None, "outputs": status, "queue": False,

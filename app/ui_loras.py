@@ -8,36 +8,34 @@ the same text, or a JSON list of {"name", "strength"} objects. No torch here.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from app.untrusted import UntrustedError, load_json
 from models.errors import UserError
 
 DEFAULT_STRENGTH = "1.0"
 
 
 def parse_strength(value: Any, name: str = "") -> float | str:
-    """A number (-> float) or a comma schedule (-> the normalized string); UserError otherwise."""
+    """A number (-> float) or a comma schedule (-> the normalized string); UserError otherwise.
+
+    The numbers are read by models.parsing.parse_schedule (ASCII digits, |s| <= 10), the one check the
+    run applies too, so nothing accepted here fails later."""
+    from models.parsing import parse_schedule
+
     label = f"LoRA {name!r} strength" if name else "LoRA strength"
-    if isinstance(value, bool):
-        raise UserError(f"{label} must be a number or a comma list such as 1.0,0.5 (got {value!r})")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise UserError(f"{label} must be a finite number (got {value!r})")
-        return float(value)
-    if not isinstance(value, str) or not value.strip():
+    if isinstance(value, str) and not value.strip():
         raise UserError(f"{label} is empty: give a number or a comma list such as 1.0,0.5")
-    parts = [p.strip() for p in value.split(",")]
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise UserError(f"{label} must be a number or a comma list such as 1.0,0.5 (got {value!r})")
     try:
-        numbers = [float(p) for p in parts]
-    except ValueError:
-        raise UserError(f"{label} {value.strip()!r} must be a number or numbers separated by commas "
-                        "(such as 1.0,0.5)") from None
-    if not all(math.isfinite(n) for n in numbers):
-        raise UserError(f"{label} {value.strip()!r} must be finite numbers")
-    return numbers[0] if len(numbers) == 1 else ",".join(parts)
+        values = parse_schedule(value)
+    except UserError as e:
+        raise UserError(f"{label}: {e}") from None
+    if isinstance(value, str) and len(values) > 1:
+        return ",".join(p.strip() for p in value.split(","))
+    return values[0]
 
 
 def strength_text(value: Any) -> str:
@@ -65,10 +63,10 @@ def parse_selection(value: Any) -> list[dict[str, Any]]:
     if value is None:
         return []
     if isinstance(value, str) and value.strip().startswith(("[", "{")):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise UserError(f"LoRAs: not valid JSON ({e})") from None
+        try:  # API input: nesting that would exhaust the stack, lone surrogates... are refused
+            value = load_json(value)
+        except UntrustedError as e:
+            raise UserError(f"LoRAs: the value {e}") from None
         if isinstance(value, Mapping):  # {"name": strength, ...}
             value = [{"name": k, "strength": v} for k, v in value.items()]
     if isinstance(value, str):

@@ -10,7 +10,6 @@ named. A file that cannot be used raises UserError with one line saying why. No 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from app.settings import (
     normalize_settings,
     parse_settings,
 )
+from app.untrusted import UntrustedError, load_json, open_regular, read_text
 from models.errors import UserError
 from models.registry import aliases, discover_handlers, resolve_model_type
 
@@ -69,18 +69,13 @@ def installed_type(model_type: Any, definitions: Mapping[str, Any]) -> tuple[str
 
 
 def _read_json(path: Path, label: str) -> dict[str, Any]:
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise UserError(f"{label} is larger than {MAX_FILE_BYTES} bytes: not a settings file")
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{label} is not UTF-8 text: not a settings file") from None
+    try:  # a regular file only (a FIFO would block), small, UTF-8, JSON of sane depth without lone surrogates
+        text = read_text(path, MAX_FILE_BYTES)
+        data = load_json(text)
+    except UntrustedError as e:
+        raise UserError(f"{label} {e}: not a settings file") from None
     except OSError as e:
         raise UserError(f"cannot read {label}: {e.strerror or e}") from None
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{label} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{label} holds a JSON {type(data).__name__}, not a settings object")
     return data
@@ -90,9 +85,9 @@ def _looks_like_json(path: Path) -> bool:
     if path.suffix.lower() == ".json":
         return True
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # never blocks on a FIFO; the reader then says what the file is
             return f.read(64).lstrip()[:1] in (b"{", b"[")
-    except OSError:
+    except (OSError, UntrustedError):
         return False
 
 

@@ -13,7 +13,6 @@ strengths; it re-reads nothing and re-hooks nothing when only the strengths (or 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.errors import UserError
+from models.parsing import MAX_LORA_STRENGTH, Strength, parse_schedule  # noqa: F401  (re-exported)
 
 log = logging.getLogger("wgp_zimage")
-
-Strength = float | int | str | Sequence[float]
 
 
 # ------------------------------------------------------------------------------ canonical form
@@ -117,30 +115,6 @@ Converter = Callable[[dict[str, torch.Tensor]], ConvertedLora]
 
 
 # ------------------------------------------------------------------------------ strengths
-
-def parse_schedule(spec: Strength) -> tuple[float, ...]:
-    """A strength: a number, or a schedule spread over the steps ("1.0,0.8,0.4" or a list)."""
-    if isinstance(spec, bool):
-        raise UserError(f"LoRA strength must be a number or a comma list (got {spec!r})")
-    if isinstance(spec, (int, float)):
-        values = [float(spec)]
-    elif isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",")]
-        if ";" in spec:
-            raise UserError(f"LoRA strength {spec!r}: ';' (per-phase strengths) is not used by this model")
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise UserError(f"LoRA strength {spec!r} must be a number or numbers separated by commas") from None
-    else:
-        try:
-            values = [float(v) for v in spec]
-        except (TypeError, ValueError):
-            raise UserError(f"LoRA strength must be a number or a comma list (got {spec!r})") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise UserError(f"LoRA strength {spec!r} must be finite numbers")
-    return tuple(values)
-
 
 def strength_at(schedule: Sequence[float], step: int, steps: int) -> float:
     """Value for step i of n: m values spread evenly, step i takes value floor(i * m / n)."""
@@ -298,13 +272,19 @@ def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise UserError(f"LoRA file not found: {path}")
+        raise UserError(f"LoRA file not found: {path.name}")
     try:
         sd = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for any corruption
         raise UserError(f"LoRA file {path.name} is not a readable safetensors file ({e})") from None
     if not sd:
         raise UserError(f"LoRA file {path.name} holds no tensors")
+    # a NaN or Inf weight turns every image into NaN pixels that still save as a "done" job: refuse the file
+    bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"LoRA file {path.name} holds NaN or infinite values in {len(bad)} tensor(s): {listed}; "
+                        "refused (a broken training run or download?)")
     return sd
 
 
@@ -335,7 +315,7 @@ class LoraManager:
             try:
                 st = p.stat()
             except OSError:
-                raise UserError(f"LoRA file not found: {p}") from None
+                raise UserError(f"LoRA file not found: {p.name}") from None
             wanted[(str(p.resolve()), st.st_mtime_ns, st.st_size)] = (p, parse_schedule(strength))
         new = {k: self._prepare(p) for k, (p, _) in wanted.items() if k not in self._active}
         for key in [k for k in self._active if k not in wanted]:

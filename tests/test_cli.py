@@ -139,6 +139,9 @@ def test_long_prompt_warns_then_generates(tiny_dir, tmp_path, capsys):
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--model", "z_image_huge"], "unknown model type 'z_image_huge'"),
     (["--width", "abc"], "argument --width: invalid int value"),
+    (["--steps", "٣"], "argument --steps: invalid int value: '٣'"),  # int() reads it as 3
+    (["--seed", "²"], "argument --seed: invalid int value: '²'"),
+    (["--guidance", "nan"], "argument --guidance: invalid float value: 'nan'"),
 ])
 def test_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys, args, message):
     try:
@@ -351,3 +354,171 @@ def test_allocator_setting_before_torch(user_value):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (user_value or "expandable_segments:True")
+
+
+# ------------------------------------------------------------------ untrusted images and files
+
+def png_with_settings(path, text, size=(8, 8)):
+    """A PNG whose wgp_zimage chunk holds text (any JSON, well-formed or not)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("wgp_zimage", text)
+    Image.new("RGB", size).save(path, pnginfo=info)
+    return path
+
+
+def bomb_png(path):
+    """A PNG whose header claims 100000 x 100000 pixels (a decompression bomb), with our settings."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    text = b"wgp_zimage\0" + json.dumps({"app": "wgp-zimage", "model_type": "z_image_tiny", "prompt": "x"}).encode()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+                     + chunk(b"tEXt", text) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    return path
+
+
+JOB = {"app": "wgp-zimage", "model_type": "z_image_tiny", "prompt": "a fox", "width": 64, "height": 64,
+       "num_inference_steps": 1, "seed": 1}
+
+
+@pytest.mark.parametrize("name,make,message", [
+    ("nested", lambda p: png_with_settings(p, '{"app": "wgp-zimage", "x": ' + "[" * 100000 + "]" * 100000 + "}"),
+     "nested more than 32 levels deep"),
+    ("surrogate", lambda p: png_with_settings(p, json.dumps({**JOB, "prompt": "a \ud800 fox"})),
+     "lone surrogate U+D800"),
+    ("bomb", bomb_png, "decompression bomb"),
+    ("list", lambda p: png_with_settings(p, "[1, 2]"), "its wgp-zimage JSON is a list, not an object"),
+    ("broken", lambda p: png_with_settings(p, '{"app": "wgp-zimage", '), "not valid JSON"),
+    ("text", lambda p: (p.write_text("not an image"), p)[1], "is not a PNG, JPEG or WebP image"),
+])
+def test_info_and_from_image_on_hostile_images(tmp_path, capsys, name, make, message):
+    path = make(tmp_path / f"{name}.png")
+    for args in (["info", str(path)], ["generate", "--from-image", str(path), "--output", str(tmp_path / "o.png")]):
+        rc, out, err = main(capsys, *args)
+        assert rc == 2 and message in err, err
+        assert len(error_lines(err)) == 1 and not (tmp_path / "o.png").exists()
+
+
+def test_from_image_with_wrong_value_types(tmp_path, capsys):
+    for key, value in (("model_type", ["z_image_tiny"]), ("prompt", {"a": 1}), ("width", "64"), ("seed", True),
+                       ("guidance_scale", "4"), ("loras", {"name": "x"}),
+                       ("loras", [{"name": "x", "strength": 1e308}])):
+        path = png_with_settings(tmp_path / "t.png", json.dumps({**JOB, key: value}))
+        rc, _, err = main(capsys, "generate", "--from-image", str(path), "--output", str(tmp_path / "o.png"))
+        assert rc == 2 and f"cannot use image {path}" in err and len(error_lines(err)) == 1, (key, err)
+    # info shows what the file holds, odd types included
+    odd = png_with_settings(tmp_path / "l.png", json.dumps({**JOB, "model_type": [1]}))
+    rc, out, _ = main(capsys, "info", str(odd))
+    assert rc == 0 and json.loads(out)["model_type"] == [1]
+
+
+def test_info_of_a_fifo_does_not_hang(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os_mkfifo = __import__("os").mkfifo
+    os_mkfifo(fifo)
+    r = run_cli("info", str(fifo), timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: cannot read image {fifo}: is a pipe, not a regular file"
+
+
+def test_from_image_loras_are_names_in_the_lora_folder_only(tiny_dir, tmp_path, capsys):
+    """An image's settings may name any file: they only ever reach LoRAs inside the LoRA folder."""
+    from tests.test_lora_formats import load_tiny_transformer, write_lora
+
+    outside, _ = write_lora(tmp_path, "kohya_musubi", load_tiny_transformer(tiny_dir), name="evil")
+    (tmp_path / "loras").mkdir()
+    for name in (str(outside), "../evil", "~/evil"):
+        image = png_with_settings(tmp_path / "img.png", json.dumps({**JOB, "loras": [{"name": name, "strength": 1}]}))
+        rc, out, err = main(capsys, "generate", "--from-image", str(image), "--model-dir", str(tiny_dir),
+                            "--lora-dir-z-image", str(tmp_path / "loras"), "--output", str(tmp_path / "o.png"))
+        assert rc == 2 and "only --lora takes a file path" in err and len(error_lines(err)) == 1, err
+        assert "tensors applied" not in out and not (tmp_path / "o.png").exists()
+    # a profile file is no more trusted than an image
+    pdir = str(tmp_path / "profiles")
+    rc, _, err = main(capsys, "profiles", "save", "p", "--profiles-dir", pdir, "--model", "tiny", "--lora",
+                      f"{outside}:1", "--prompt", "x", "--width", "64", "--height", "64")
+    assert rc == 0, err
+    rc, _, err = main(capsys, "generate", "--gen-profile", "p", "--profiles-dir", pdir, "--model-dir", str(tiny_dir),
+                      "--lora-dir-z-image", str(tmp_path / "loras"), "--output", str(tmp_path / "o.png"))
+    assert rc == 2 and "only --lora takes a file path" in err and not (tmp_path / "o.png").exists()
+
+
+def test_prompt_file_not_utf8(tmp_path, capsys):
+    pf = tmp_path / "latin1.txt"
+    pf.write_bytes(b"caf\xe9 fox\n")
+    rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt-file", str(pf))
+    assert rc == 2 and err == f"error: --prompt-file {pf} is not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8\n"
+
+
+def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    for flag, target in (("--output", blocker / "x.png"), ("--output", blocker / "sub"),
+                         ("--output-dir", blocker / "sub")):
+        rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt", "x", flag, str(target))
+        assert rc == 2 and err == f"error: {flag} {target.parent if target.suffix else target}: {blocker} is not a " \
+                                  "folder\n", err
+    monkeypatch.setattr(wgp_zimage.os, "access", lambda path, mode: False)  # root may write anywhere
+    rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt", "x", "--output",
+                      str(tmp_path / "new" / "x.png"))
+    assert rc == 2 and err == f"error: --output {tmp_path / 'new'}: no permission to write in {tmp_path}\n"
+
+
+def test_write_error_after_the_run_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    import app.service
+
+    def refuse(image, path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(app.service, "save_image_atomic", refuse)
+    rc, _, err = main(capsys, *gen(tiny_dir, "--prompt", "x", "--steps", "1", "--output", str(tmp_path / "x.png")))
+    assert rc == 2 and error_lines(err) == [f"error: Permission denied ({tmp_path / 'x.png'})"]
+
+
+def test_profiles_import_of_nested_json_and_of_a_fifo(tmp_path, capsys):
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100000 + "]" * 100000)
+    rc, _, err = main(capsys, "profiles", "import", str(nested), "--profiles-dir", str(tmp_path / "p"))
+    assert rc == 2 and err == "error: file 'nested.json' is nested more than 32 levels deep\n"
+    fifo = tmp_path / "pipe.json"
+    __import__("os").mkfifo(fifo)
+    r = run_cli("profiles", "import", str(fifo), "--profiles-dir", str(tmp_path / "p"), timeout=60)
+    assert r.returncode == 2 and r.stderr == "error: file 'pipe.json' is a pipe, not a regular file\n"
+
+
+def test_progress_shows_seconds_per_step_never_a_rate_from_nothing(tiny_dir, tmp_path, capsys):
+    """tqdm's rate for the first step was measured from the bar's creation, just after that step: "76260 step/s"."""
+    rc, _, err = main(capsys, *gen(tiny_dir, "--prompt", "x", "--steps", "3", "--output", str(tmp_path / "x.png")))
+    assert rc == 0, err
+    bars = [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("denoising")]
+    assert bars and all("step/s" not in ln and "it/s" not in ln for ln in bars), bars
+    first = next(ln for ln in bars if "| 1/3 " in ln)
+    assert re.search(r"1/3 \[\d\d:\d\d, \d+\.\d\d s/step, ETA \d\d:\d\d\]", first), first
+    assert re.search(r"3/3 \[.*s/step", bars[-1]), bars[-1]
+
+
+@pytest.mark.parametrize("args,allowed", [
+    (["--help"], set()),
+    (["generate", "--help"], set()),
+    (["info", "{image}"], set()),
+    (["profiles", "list", "--profiles-dir", "{tmp}"], set()),
+    (["generate", "--prompt-file", "{tmp}/missing.txt"], set()),
+    (["models", "--checkpoints-dir", "{tmp}"], {"torch"}),  # the device decides "auto" quantization
+])
+def test_commands_import_only_what_they_need(tmp_path, args, allowed):
+    """Start-up time: torch (~2 s), diffusers / transformers (~1 s) and gradio only where the command needs them."""
+    image = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(image)
+    argv = [a.format(image=image, tmp=tmp_path) for a in args]
+    code = ("import sys, json, wgp_zimage\n"
+            "try:\n    wgp_zimage.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = ('torch', 'diffusers', 'transformers', 'gradio')\n"
+            "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert "Traceback" not in r.stderr, r.stderr
+    assert set(json.loads(r.stdout.strip().splitlines()[-1])) <= allowed, (r.stdout, r.stderr)

@@ -367,6 +367,25 @@ def test_no_matching_key_and_corrupt_files_are_user_errors(transformer, tmp_path
     manager.remove_all()
 
 
+def test_nan_or_inf_weights_are_refused_at_load_naming_the_tensors(transformer, tmp_path):
+    manager = LoraManager(transformer, convert_state_dict)
+    good, _ = write_lora(tmp_path, "ai_toolkit", transformer)
+    sd = load_file(good)
+    keys = sorted(sd)
+    sd[keys[0]] = sd[keys[0]].clone().fill_(float("nan"))
+    sd[keys[1]] = sd[keys[1]].clone()
+    sd[keys[1]].view(-1)[0] = float("inf")
+    broken = tmp_path / "broken.safetensors"
+    save_file(sd, broken)
+    with pytest.raises(UserError, match=r"broken\.safetensors holds NaN or infinite values in 2 tensor\(s\)") as e:
+        manager.sync({broken: 1.0})
+    assert keys[0] in str(e.value) and keys[1] in str(e.value) and str(tmp_path) not in str(e.value)
+    assert not any(m._forward_hooks for m in transformer.modules())  # nothing was attached
+    manager.sync({good: 1.0})
+    assert manager.reports[0].applied == manager.reports[0].total
+    manager.remove_all()
+
+
 def test_strength_schedules():
     assert parse_schedule(0.8) == (0.8,)
     assert parse_schedule("1.0,0.8, 0.4") == (1.0, 0.8, 0.4)

@@ -1,0 +1,244 @@
+"""Reading what comes from outside the app: uploaded or dropped files, image metadata, API arguments.
+
+Nothing here trusts its input. A file must be a regular file (a FIFO or a device would block the
+reader forever) and small; JSON must parse without exhausting the interpreter's stack, nest at most
+MAX_JSON_DEPTH levels and hold only text that can be written back (no lone surrogates, which
+`"\\ud800"` escapes produce); numbers from the API are ASCII numbers of the expected kind. Every
+failure is one ValueError / UserError line that names no server path. No torch, no Gradio here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+from typing import IO, Any
+
+from app.jobs import DEFAULT_MEMORY_PROFILE, MEMORY_PROFILES
+from models.errors import UserError
+from models.parsing import ascii_float, ascii_int
+
+MAX_JSON_DEPTH = 32  # our settings nest 3 levels; JSON nested thousands deep overflows the stack
+
+
+class UntrustedError(ValueError):
+    """Input that cannot be used; the message is one line without any path."""
+
+
+def open_regular(path: str | os.PathLike[str]) -> IO[bytes]:
+    """The file opened for reading, refused (UntrustedError) unless it is a regular file.
+
+    Opened non-blocking, so a FIFO or a device is refused at once instead of blocking the open or the read.
+    OSError (missing file, no permission) propagates.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a special file"
+            raise UntrustedError(f"is {kind}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_limited(path: str | os.PathLike[str], limit: int) -> bytes:
+    """A regular file's bytes, refused when larger than limit (read up to limit + 1: the size may change)."""
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UntrustedError(f"is larger than {limit} bytes")
+    return data
+
+
+def read_text(path: str | os.PathLike[str], limit: int) -> str:
+    """A small regular UTF-8 text file (a BOM is dropped); UntrustedError naming the first bad byte."""
+    data = read_limited(path, limit)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UntrustedError(f"is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def check_structure(data: Any, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """data itself, once every nested value is within max_depth levels and every text (keys too) is valid
+    Unicode; UntrustedError otherwise. Iterative: a deep value cannot exhaust the stack here."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise UntrustedError(f"is nested more than {max_depth} levels deep")
+            items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, str):
+            _check_text(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UntrustedError(f"holds the non-finite number {value!r}")
+    return data
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UntrustedError(f"holds invalid text (a lone surrogate U+{ord(text[e.start]):04X})") from None
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def load_json(text: str | bytes) -> Any:
+    """json.loads for untrusted text, checked by check_structure; UntrustedError with the reason otherwise.
+
+    NaN / Infinity (which json accepts) are refused: they are not JSON and no setting takes them.
+    """
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise UntrustedError(f"is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError (bytes), NaN
+        raise UntrustedError(f"is not valid JSON ({e})") from None
+    return check_structure(data)
+
+
+# ------------------------------------------------------------------ API arguments (strict, ASCII)
+
+def _label(label: str) -> str:
+    return label[:1].upper() + label[1:]
+
+
+def parse_int(value: Any, label: str) -> int:
+    """A whole number from the API: an int, a whole float (sliders send 30.0) or ASCII digits; UserError
+    naming label otherwise (None, "abc", "٣", 1.5, true)."""
+    if isinstance(value, bool) or value is None:
+        raise UserError(f"{_label(label)} must be a whole number (got {value!r})")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise UserError(f"{_label(label)} must be a whole number (got {value!r})")
+    if isinstance(value, str):
+        try:
+            return ascii_int(value)
+        except ValueError:
+            try:  # "30.0", as a slider's value may arrive in text
+                number = ascii_float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+    raise UserError(f"{_label(label)} must be a whole number (got {value!r})")
+
+
+def parse_float(value: Any, label: str) -> float:
+    """A finite number from the API: an int, a float or an ASCII number; UserError naming label otherwise."""
+    number: float | None = None
+    if isinstance(value, str):
+        try:
+            number = ascii_float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond any float
+            pass
+    if number is None or not math.isfinite(number):
+        raise UserError(f"{_label(label)} must be a finite number (got {value!r})")
+    return number
+
+
+def parse_text(value: Any, label: str, optional: bool = False) -> str:
+    """Text from the API (None is "" when optional); valid Unicode only."""
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{_label(label)} must be text (got {type(value).__name__})")
+    try:
+        _check_text(value)
+    except UntrustedError as e:
+        raise UserError(f"{_label(label)} {e}") from None
+    return value
+
+
+def parse_bool(value: Any, label: str) -> bool:
+    """A checkbox from the API: true / false (None: false)."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise UserError(f"{_label(label)} must be true or false (got {value!r})")
+    return value
+
+
+def parse_memory_profile(value: Any, label: str = "memory profile") -> int | None:
+    """A per-job memory profile: None for "default" / empty / None, else a whole number 1-5 in ASCII digits
+    ("٣" and "²" are refused, not read as 3 and 2)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", DEFAULT_MEMORY_PROFILE)):
+        return None
+    number: int | None = None
+    if isinstance(value, str):
+        try:
+            number = ascii_int(value)
+        except ValueError:
+            pass
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    if number not in MEMORY_PROFILES:
+        raise UserError(f"{_label(label)} must be {DEFAULT_MEMORY_PROFILE!r} (the Config section's) or a whole "
+                        f"number from {MEMORY_PROFILES[0]} to {MEMORY_PROFILES[-1]} (got {value!r})")
+    return number
+
+
+_INT_ARGS = ("width", "height", "num_inference_steps", "seed", "num_images")
+_FLOAT_ARGS = ("guidance_scale", "flow_shift", "cfg_normalization", "cfg_truncation")
+
+
+def generate_arguments(values: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The /generate endpoint's raw values (Gradio's own preprocessing is off: it answered "abc" for a seed
+    with a generic error) parsed strictly into JobSpec keywords, plus "prompt" and "one_per_line".
+
+    values: model_type, prompt, one_per_line, negative_prompt, the numeric JobSpec fields, memory_profile.
+    names: field -> the label the page shows, for messages. UserError names the first bad value; ranges
+    are app/jobs.validate's business.
+    """
+    def label(key: str, default: str) -> str:
+        return names.get(key, default)
+
+    model_type = parse_text(values.get("model_type"), label("model_type", "model"))
+    out: dict[str, Any] = {
+        "model_type": model_type.strip(),
+        "prompt": parse_text(values.get("prompt"), label("prompt", "prompt"), optional=True),
+        "one_per_line": parse_bool(values.get("one_per_line"), label("one_per_line", "one job per line")),
+        "negative_prompt": parse_text(values.get("negative_prompt"), label("negative_prompt", "negative prompt"),
+                                      optional=True),
+    }
+    for key in _INT_ARGS:
+        out[key] = parse_int(values.get(key), label(key, key))
+    for key in _FLOAT_ARGS:
+        out[key] = parse_float(values.get(key), label(key, key))
+    out["memory_profile"] = parse_memory_profile(values.get("memory_profile"),
+                                                 label("memory_profile", "memory profile"))
+    return out
+
+
+def file_label(path: str | os.PathLike[str]) -> str:
+    """How messages name an uploaded file: its name only (an upload lives under /tmp/gradio/<hash>/)."""
+    return repr(Path(path).name)
+
+
+__all__ = ["MAX_JSON_DEPTH", "UntrustedError", "check_structure", "file_label", "load_json", "open_regular",
+           "parse_bool", "parse_float", "parse_int", "parse_memory_profile", "parse_text", "read_limited",
+           "read_text"]

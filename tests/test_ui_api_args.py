@@ -1,0 +1,56 @@
+"""/generate's arguments from any API client: every bad value gets our one-line message (not Gradio's generic
+error), non-ASCII digits are refused rather than read as numbers, and the app keeps running."""
+
+from __future__ import annotations
+
+import pytest
+from gradio_client.exceptions import AppError
+
+from tests.test_ui_api import TINY, App
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir, tmp_path_factory):
+    app = App(tmp_path_factory.mktemp("ui_api_args"), tiny_dir)
+    yield app
+    app.close()
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"seed": "abc"}, "Seed must be a whole number (got 'abc')"),
+    ({"seed": 1.5}, "Seed must be a whole number (got 1.5)"),
+    ({"memory_profile": "²"}, "Memory profile must be 'default'"),
+    ({"memory_profile": "٣"}, "Memory profile must be 'default'"),
+    ({"width": "wide"}, "Width must be a whole number (got 'wide')"),
+    ({"height": None}, "Height must be a whole number (got None)"),
+    ({"steps": "٣"}, "Steps must be a whole number (got '٣')"),
+    ({"guidance": None}, "Guidance must be a finite number (got None)"),
+    ({"flow_shift": "1e999"}, "Flow shift must be a finite number"),
+    ({"num_images": True}, "Number of images must be a whole number (got True)"),
+    ({"prompt": None}, "the prompt is empty"),
+    ({"prompt": ["a", "fox"]}, "Prompt must be text (got list)"),
+    ({"model_type": ["z_image_tiny"]}, "Model must be text (got list)"),
+    ({"model_type": "z_image_huge"}, "unknown model type 'z_image_huge'"),
+    ({"loras": "style=1e308"}, "LoRA 'style' strength: LoRA strength '1e308' must be between -10 and 10"),
+    ({"loras": "style=٣"}, "LoRA 'style' strength"),
+    ({"loras": "[" * 100000 + "]" * 100000}, "LoRAs: the value is nested more than 32 levels deep"),
+])
+def test_bad_generate_values_get_our_message(served, values, message):
+    before = len(served.jobs())
+    with pytest.raises(AppError) as e:
+        served.client.predict(**{"prompt": "a fox", **TINY, **values}, api_name="/generate")
+    assert message in str(e.value), str(e.value)
+    assert len(served.jobs()) == before
+
+
+def test_numbers_in_text_and_the_app_keeps_running(served):
+    """ASCII numbers sent as text are numbers (a slider's value may arrive as a string)."""
+    ids = served.client.predict(prompt="still up", **{**TINY, "width": "64", "steps": "1", "seed": "7",
+                                                    "guidance": "0"}, memory_profile="2", api_name="/generate")
+    job = served.wait_done(ids.split(","))[ids]
+    assert job["status"] == "done", job["error"]
+    assert (job["spec"]["width"], job["spec"]["num_inference_steps"], job["spec"]["seed"],
+            job["spec"]["guidance_scale"], job["spec"]["memory_profile"]) == (64, 1, 7, 0.0, 2)
