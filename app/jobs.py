@@ -3,67 +3,64 @@
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from app import params as _params
 from models.errors import UserError
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = _params.MAX_SEED
 # The text encoder reads only the first 512 tokens (chat template included); a token is rarely more than a
 # few characters, so 20,000 characters hold far more than it reads. Longer prompts are cut to this: the
 # queue file, the image metadata and the token counter never carry megabytes.
 PROMPT_TOKEN_LIMIT = 512
 MAX_PROMPT_CHARS = 20_000
 TEXT_FIELDS = ("prompt", "negative_prompt")
-
-# field -> (min, max) inclusive; sizes must also be multiples of SIZE_MULTIPLE
-RANGES: dict[str, tuple[float, float]] = {
-    "width": (16, 4096),
-    "height": (16, 4096),
-    "num_inference_steps": (1, 100),
-    "guidance_scale": (0.0, 20.0),
-    "flow_shift": (1.0, 10.0),
-    "num_images": (1, 16),
-    "cfg_normalization": (0.0, 100.0),
-    "cfg_truncation": (0.0, 100.0),
-}
-SIZE_MULTIPLE = 16
-MEMORY_PROFILES = range(1, 6)  # MMGP memory profiles (app/offload.py); kept here so this module needs no torch
+MEMORY_PROFILES = _params.MEMORY_PROFILES
 DEFAULT_MEMORY_PROFILE = "default"  # how the UI and the API name "no per-job override"
-# the names users type on the command line, for messages
-CLI_NAMES = {
-    "width": "--width", "height": "--height", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
-    "flow_shift": "--flow-shift", "num_images": "--num-images", "cfg_normalization": "--cfg-normalization",
-    "cfg_truncation": "--cfg-truncation", "seed": "--seed", "memory_profile": "--memory-profile",
-}
 
 
-@dataclass
 class JobSpec:
-    model_type: str
-    prompt: str
-    negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    num_inference_steps: int = 30
-    guidance_scale: float = 4.0
-    flow_shift: float = 6.0
-    cfg_normalization: float = 0.0
-    cfg_truncation: float = 1.0
-    seed: int = -1
-    num_images: int = 1
-    loras: list[dict[str, Any]] = field(default_factory=list)
-    # a per-job MMGP memory profile (1-5); None runs with the app's configured one. Absent from older
-    # queue files and images, hence optional and last.
-    memory_profile: int | None = None
+    """A job's settings: its model type, its LoRAs and one attribute per declared parameter
+    (app/params.py and the families' params.py), each defaulting to its declaration's default.
+
+    Built from raw values at the edges (command line, page, API, profile, image metadata), checked
+    once there by `validate`; the queue, the service and the pipeline trust it.
+    """
+
+    def __init__(self, model_type: str, prompt: str = "", loras: list[dict[str, Any]] | None = None,
+                 **values: Any) -> None:
+        declared = _params.by_name()
+        unknown = sorted(set(values) - declared.keys())
+        if unknown:
+            raise TypeError(f"JobSpec got unknown settings: {', '.join(unknown)}")
+        self.model_type = model_type
+        for name, p in declared.items():
+            setattr(self, name, values.get(name, p.default))
+        self.prompt = prompt
+        self.loras = list(loras) if isinstance(loras, (list, tuple)) else ([] if loras is None else loras)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {"model_type": self.model_type}
+        out.update({name: getattr(self, name) for name in _params.by_name()})
+        out["loras"] = [dict(x) if isinstance(x, dict) else x for x in self.loras] if isinstance(self.loras, list) \
+            else self.loras
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
-        known = {f.name for f in fields(cls)}
+        """From stored settings (queue file, image, profile): known keys only, not yet validated."""
+        known = {"model_type", "loras", *_params.by_name()}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def pipeline_values(self, architecture: str | None) -> dict[str, Any]:
+        """The declared values the family's pipeline takes, by name."""
+        return {p.name: getattr(self, p.name) for p in _params.params_of(architecture) if p.pipeline}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JobSpec) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"JobSpec({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
 
 def text_problem(value: Any) -> str | None:
@@ -99,10 +96,17 @@ def cap_texts(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
 
 
 def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
-    """Raise UserError naming the first bad field; return warnings for legal but odd values."""
-    names = names or {}
-    for key in ("model_type", *TEXT_FIELDS):
-        check_text(getattr(spec, key), names.get(key, key.replace("_", " ")))
+    """Check spec and normalize its values in place (30.0 -> 30, "7" -> 7); UserError naming the first
+    bad one, the same message whichever edge the value came through. names: unused, kept for callers."""
+    check_text(spec.model_type, "model type")
+    declared = _params.by_name()
+    for name, p in declared.items():
+        value = getattr(spec, name)
+        if p.kind is str and not isinstance(value, str) and value is not None:
+            raise UserError(f"{p.display} must be text (got {type(value).__name__})")
+        if p.kind is str and value is not None:
+            check_text(value, p.display)
+        setattr(spec, name, p.parse(value))
     if not spec.prompt.strip():
         raise UserError("the prompt is empty")
     if not isinstance(spec.loras, list):
@@ -113,44 +117,7 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
         for value in item.values():
             if isinstance(value, str):
                 check_text(value, "a LoRA name or strength")
-    for key, (lo, hi) in RANGES.items():
-        value = getattr(spec, key)
-        label = names.get(key, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{label} must be a number (got {value!r})")
-        if not lo <= value <= hi:
-            raise UserError(f"{label} must be between {lo:g} and {hi:g} (got {value:g})")
-    for key in ("width", "height", "num_inference_steps", "num_images"):
-        if int(getattr(spec, key)) != getattr(spec, key):
-            raise UserError(f"{names.get(key, key)} must be a whole number (got {getattr(spec, key)})")
-    for key in ("width", "height"):
-        if getattr(spec, key) % SIZE_MULTIPLE:
-            raise UserError(
-                f"{names.get(key, key)} must be a multiple of {SIZE_MULTIPLE} (got {getattr(spec, key)})")
-    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not -1 <= spec.seed <= MAX_SEED:
-        raise UserError(f"{names.get('seed', 'seed')} must be -1 (random) or 0..{MAX_SEED} (got {spec.seed})")
-    mp = spec.memory_profile
-    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp not in MEMORY_PROFILES):
-        raise UserError(f"{names.get('memory_profile', 'memory_profile')} must be a whole number from "
-                        f"{MEMORY_PROFILES[0]} to {MEMORY_PROFILES[-1]}, or none for the app's default (got {mp!r})")
     return []
-
-
-def parse_memory_profile(value: Any, label: str = "memory profile") -> int | None:
-    """A per-job memory profile from the UI or the API: None for "default" / empty, else a whole number 1-5."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", DEFAULT_MEMORY_PROFILE)):
-        return None
-    number = None
-    if isinstance(value, str) and value.strip().isdigit():
-        number = int(value.strip())
-    elif isinstance(value, float) and value.is_integer():
-        number = int(value)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    if number not in MEMORY_PROFILES:
-        raise UserError(f"{label} must be {DEFAULT_MEMORY_PROFILE!r} (the Config section's) or a whole number from "
-                        f"{MEMORY_PROFILES[0]} to {MEMORY_PROFILES[-1]} (got {value!r})")
-    return number
 
 
 def size_warnings(spec: JobSpec, min_recommended: int) -> list[str]:

@@ -19,16 +19,14 @@ from typing import Any
 from models.params import Param
 
 MAX_SEED = 2**32 - 1
-# The tokenizer reads 512 tokens (a few thousand characters); the cap keeps a pasted book out of the
-# queue file and every image's metadata.
-MAX_PROMPT_CHARS = 20_000
+DEFAULT_MODEL_TYPE = "z_image_base"  # replaced below by the first family's own default, when it declares one
 MEMORY_PROFILES = (1, 2, 3, 4, 5)  # MMGP memory profiles (app/offload.py); kept here so no torch is needed
 
 COMMON: tuple[Param, ...] = (
-    Param("prompt", str, "", "Prompt", cli="--prompt", widget="text", max_length=MAX_PROMPT_CHARS,
-          help="the prompt"),
+    # prompts longer than app.jobs.MAX_PROMPT_CHARS are cut with a warning, not refused
+    Param("prompt", str, "", "Prompt", cli="--prompt", widget="text", help="the prompt"),
     Param("negative_prompt", str, "", "Negative prompt", cli="--negative-prompt", widget="text",
-          max_length=MAX_PROMPT_CHARS, model_tuned=True, help="what the image should not show"),
+          model_tuned=True, help="what the image should not show"),
     Param("width", int, 1024, "Width", minimum=16, maximum=4096, multiple_of=16, step=16, cli="--width",
           model_tuned=True, help="image width in pixels (16-4096, a multiple of 16)"),
     Param("height", int, 1024, "Height", minimum=16, maximum=4096, multiple_of=16, step=16, cli="--height",
@@ -40,7 +38,7 @@ COMMON: tuple[Param, ...] = (
     Param("num_images", int, 1, "Number of images", minimum=1, maximum=16, step=1, cli="--num-images",
           pipeline=False, legacy=("images",), help="images per prompt (1-16, default 1); image i uses seed + i"),
     Param("memory_profile", int, None, "Memory profile", choices=MEMORY_PROFILES, optional=True, group="advanced",
-          widget="dropdown", pipeline=False,
+          widget="dropdown", pipeline=False, in_profile=False,
           help="MMGP memory profile for this job only (CUDA); none: the app's configured one"),
 )
 # parameters with controls of their own on the page and the command line (the prompt box with its
@@ -50,14 +48,10 @@ CUSTOM_CONTROLS = ("prompt", "memory_profile")
 
 
 def family_params() -> list[Param]:
-    """Every registered family's own parameters (a name declared by two families is one parameter)."""
-    from models.registry import discover_handlers
+    """Every family's own parameters (a name declared by two families is one parameter)."""
+    from models.registry import declared_params
 
-    out: dict[str, Param] = {}
-    for handler in discover_handlers().values():
-        for p in handler.params:
-            out.setdefault(p.name, p)
-    return list(out.values())
+    return declared_params()
 
 
 def all_params() -> list[Param]:

@@ -143,14 +143,13 @@ class GenerationService:
         return handler_for(d.architecture).default_model_dir(d.architecture, self.config.checkpoints_dir)
 
     def defaults(self, model_type: str | None, model_dir: str | Path | None = None) -> dict[str, Any]:
-        """Defaults of model_type (Base when None); with a folder and no type, its scheduler's shift."""
+        """Defaults of model_type (the family's default type when None); with a folder and no type, what the
+        folder's own files say (the handler's folder_defaults: Z-Image's scheduler shift)."""
         d = self.definition(model_type or "z_image_base")
         out = d.defaults()
         if model_type is None and model_dir is not None:
             handler = handler_for(d.architecture)
-            shift = handler.scheduler_shift(handler.model_files(Path(model_dir), None))
-            if shift is not None:
-                out["flow_shift"] = shift
+            out.update(handler.folder_defaults(handler.model_files(Path(model_dir), None)))
         return out
 
     def pipeline(
@@ -425,10 +424,8 @@ class GenerationService:
 
         with guard:
             out = pipe(
-                prompt=spec.prompt, negative_prompt=spec.negative_prompt, height=spec.height, width=spec.width,
-                num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
-                flow_shift=spec.flow_shift, cfg_normalization=spec.cfg_normalization,
-                cfg_truncation=spec.cfg_truncation, num_images_per_prompt=count, seed=seed + first,
+                **spec.pipeline_values(self.definition(spec.model_type).architecture), num_images_per_prompt=count,
+                seed=seed + first,
                 callback=on_step, interrupt=self.abort.is_set, step_start=step_start, vae_tiling=tiled,
             )
         when = datetime.now()

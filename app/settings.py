@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.jobs import MAX_SEED, JobSpec, validate
+from app.params import DEFAULT_MODEL_TYPE, MAX_SEED, all_params, by_name
 from app.untrusted import UntrustedError, load_json, read_text
 from models.errors import UserError
 from models.files import atomic_path
@@ -53,20 +53,19 @@ _NAME_RE = re.compile(r"^[^\W][\w .,()+&'-]*$")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                      *(f"lpt{i}" for i in range(1, 10))}
 
-# numeric defaults come from JobSpec so there is one source of truth
-_SPEC_DEFAULTS = JobSpec(model_type="z_image_base", prompt="").to_dict()
+# the generation parameters a profile keeps, from their declarations (app/params.py); a null prompt /
+# negative prompt means "not part of this profile", the seed goes with its policy
+PROFILE_PARAMS = tuple(p for p in all_params() if p.in_profile)
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "model_type": "z_image_base", "prompt": None, "negative_prompt": None,
-    **{k: _SPEC_DEFAULTS[k] for k in ("width", "height", "num_inference_steps", "guidance_scale", "flow_shift",
-                                      "cfg_normalization", "cfg_truncation")},
-    "seed_policy": "random", "seed": -1, "loras": [], "num_images": _SPEC_DEFAULTS["num_images"],
+    "model_type": DEFAULT_MODEL_TYPE, **{p.name: p.default for p in PROFILE_PARAMS},
+    "prompt": None, "negative_prompt": None, "seed_policy": "random", "seed": -1, "loras": [],
     "output_format": "png", "output_quality": 90,
 }
 FIELDS = tuple(DEFAULT_SETTINGS)
 # keys a model definition recommends; replaced when a profile moves to a non-equivalent model
-MODEL_TUNED = ("width", "height", "num_inference_steps", "guidance_scale", "flow_shift", "negative_prompt")
-_INTS = ("width", "height", "num_inference_steps", "num_images", "seed")
-_FLOATS = ("guidance_scale", "flow_shift", "cfg_normalization", "cfg_truncation")
+MODEL_TUNED = tuple(p.name for p in PROFILE_PARAMS if p.model_tuned)
+# renames of schema 1 (flat short keys), from the declarations' legacy names
+_LEGACY = {old: p.name for p in PROFILE_PARAMS for old in p.legacy}
 
 
 # ------------------------------------------------------------------ validation and migration
@@ -91,8 +90,8 @@ def check_name(name: str, what: str = "generation profile name") -> str:
 
 
 def _migrate_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
-    renames = {"model": "model_type", "steps": "num_inference_steps", "guidance": "guidance_scale",
-               "images": "num_images", "format": "output_format", "quality": "output_quality"}
+    renames = {"model": "model_type", "steps": "num_inference_steps", **_LEGACY,
+               "format": "output_format", "quality": "output_quality"}
     out = {renames.get(k, k): v for k, v in data.items() if k not in ("resolution", "schema_version")}
     if "resolution" in data:
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(data["resolution"]))
@@ -161,17 +160,17 @@ def normalize_settings(
             raise bad(f"{key} must be text or null (got {type(s[key]).__name__})")
     if s["prompt"] is not None and not s["prompt"].strip():
         s["prompt"] = None  # an empty prompt is "no prompt saved"
-    if isinstance(s["seed"], bool):
-        raise bad(f"seed must be a whole number (got {s['seed']!r})")
-    # the ranges live in app/jobs.py; a placeholder prompt because a profile need not hold one
+    for p in PROFILE_PARAMS:  # each value checked by its declaration (null texts are "not saved")
+        if p.kind is str and s[p.name] is None:
+            continue
+        try:
+            s[p.name] = p.parse(s[p.name])
+        except UserError as e:
+            raise bad(f"{p.name}: {e}") from None
     try:
-        validate(JobSpec(**{k: s[k] for k in (*_INTS, *_FLOATS)}, model_type=s["model_type"], prompt="x"))
-    except (UserError, TypeError) as e:
-        raise bad(str(e)) from None
-    for key in _INTS:
-        s[key] = int(s[key])
-    for key in _FLOATS:
-        s[key] = float(s[key])
+        s["seed"] = by_name()["seed"].parse(s["seed"])
+    except UserError as e:
+        raise bad(f"seed: {e}") from None
     if s["seed_policy"] not in SEED_POLICIES:
         raise bad(f"seed_policy must be one of {', '.join(SEED_POLICIES)} (got {s['seed_policy']!r})")
     if s["seed_policy"] != "random" and s["seed"] < 0:
@@ -473,7 +472,7 @@ def model_settings(model_type: str, definitions: Mapping[str, Any],
     return settings, warnings
 
 
-def startup_settings(store: ProfileStore, definitions: Mapping[str, Any], default_model: str = "z_image_base",
+def startup_settings(store: ProfileStore, definitions: Mapping[str, Any], default_model: str = DEFAULT_MODEL_TYPE,
                      available_loras: Iterable[str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """What the UI shows at start: the last used settings, else the default model's defaults."""
     last, warnings = store.load_last_used(available_loras)
@@ -510,24 +509,12 @@ def apply_to_model(settings: Mapping[str, Any], model_type: str,
         for key in MODEL_TUNED:
             if key in rec and key in out and (key != "negative_prompt" or out[key] is not None):
                 out[key] = rec[key]
-        return out, [f"settings of {source!r} do not carry over to {name}: its recommended size, steps, "
-                     "guidance, flow shift and negative prompt were used"]
-    warnings = []
-    g, rg = out["guidance_scale"], rec.get("guidance_scale")
-    if rg == 0 and g > 0:
-        warnings.append(f"guidance {g:g} is above 0: {name} is distilled for guidance 0 (CFG doubles the cost "
-                        "of each step)")
-    elif rg is not None and rg > 0 and g == 0:
-        warnings.append(f"guidance 0 turns CFG and the negative prompt off; {name} recommends {rg:g}")
-    steps, rs = out["num_inference_steps"], rec.get("num_inference_steps")
-    if rs and steps > 1.5 * rs:
-        warnings.append(f"{steps} steps is many for {name}, which recommends {rs}")
-    elif rs and steps < rs / 2:
-        warnings.append(f"{steps} steps is few for {name}, which recommends {rs}")
-    fs, rf = out["flow_shift"], rec.get("flow_shift")
-    if rf is not None and fs != rf:
-        warnings.append(f"flow shift {fs:g} differs from {name}'s recommended {rf:g}")
-    return out, warnings
+        labels = ", ".join(p.label.lower() for p in PROFILE_PARAMS if p.model_tuned)
+        return out, [f"settings of {source!r} do not carry over to {name}: its recommended {labels} were used"]
+    # the user's values stay; the family says where they stray from the target's recommendations
+    from models.registry import handler_for
+
+    return out, handler_for(defs[target].architecture).carry_over_warnings(out, rec, name)
 
 
 def job_seed(settings: Mapping[str, Any], job_index: int) -> int:

@@ -202,35 +202,28 @@ def parse_memory_profile(value: Any, label: str = "memory profile") -> int | Non
     return number
 
 
-_INT_ARGS = ("width", "height", "num_inference_steps", "seed", "num_images")
-_FLOAT_ARGS = ("guidance_scale", "flow_shift", "cfg_normalization", "cfg_truncation")
-
-
-def generate_arguments(values: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+def generate_arguments(values: dict[str, Any], names: dict[str, str] | None = None) -> dict[str, Any]:
     """The /generate endpoint's raw values (Gradio's own preprocessing is off: it answered "abc" for a seed
-    with a generic error) parsed strictly into JobSpec keywords, plus "prompt" and "one_per_line".
+    with a generic error) parsed into JobSpec keywords, plus "prompt" and "one_per_line".
 
-    values: model_type, prompt, one_per_line, negative_prompt, the numeric JobSpec fields, memory_profile.
-    names: field -> the label the page shows, for messages. UserError names the first bad value; ranges
-    are app/jobs.validate's business.
+    values: model_type, prompt, one_per_line, memory_profile ("default" or 1-5) and any declared parameter
+    (app/params.py) by name; absent ones are left out (the model's defaults apply). Each value is read by
+    its declaration, so a bad one gets the message the CLI gives for it. names: unused (messages name the
+    parameters the same way everywhere).
     """
-    def label(key: str, default: str) -> str:
-        return names.get(key, default)
+    from app.params import CUSTOM_CONTROLS, all_params
 
-    model_type = parse_text(values.get("model_type"), label("model_type", "model"))
     out: dict[str, Any] = {
-        "model_type": model_type.strip(),
-        "prompt": parse_text(values.get("prompt"), label("prompt", "prompt"), optional=True),
-        "one_per_line": parse_bool(values.get("one_per_line"), label("one_per_line", "one job per line")),
-        "negative_prompt": parse_text(values.get("negative_prompt"), label("negative_prompt", "negative prompt"),
-                                      optional=True),
+        "model_type": parse_text(values.get("model_type"), "Model").strip(),
+        "prompt": parse_text(values.get("prompt"), "Prompt", optional=True),
+        "one_per_line": parse_bool(values.get("one_per_line"), "One job per line"),
+        "memory_profile": parse_memory_profile(values.get("memory_profile"), "Memory profile"),
     }
-    for key in _INT_ARGS:
-        out[key] = parse_int(values.get(key), label(key, key))
-    for key in _FLOAT_ARGS:
-        out[key] = parse_float(values.get(key), label(key, key))
-    out["memory_profile"] = parse_memory_profile(values.get("memory_profile"),
-                                                 label("memory_profile", "memory profile"))
+    for p in all_params():
+        if p.name in CUSTOM_CONTROLS or p.name not in values:
+            continue
+        value = values[p.name]
+        out[p.name] = parse_text(value, p.display, optional=True) if p.kind is str else p.parse(value)
     return out
 
 

@@ -14,16 +14,12 @@ its messages name the parameter the same way everywhere: "Steps (--steps) must b
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from models.errors import UserError
-
-# ASCII only: int("٣") == 3 and float("²") fails differently; a value typed as text must look like this
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+from models.parsing import ascii_float, ascii_int
 
 KINDS = (int, float, str, bool)
 GROUPS = ("main", "advanced")
@@ -46,10 +42,11 @@ class Param:
     label / help: what the page and `--help` show; cli: the option of `generate` (None: none).
     group: where the page puts it ("main" or "advanced"; a handler may move or hide it per model);
     widget: its kind of control; step: a slider's step; slider_maximum: a slider's end when
-    narrower than what parse accepts. stored: kept in image metadata and generation profiles. a1111 / a1111_value:
-    its name (and value formatter) in the A1111 `parameters` text. pipeline: passed to the family's
-    pipeline under `name`. legacy: older names read from old profile files. optional: None is a
-    value (meaning "not set": the app's default).
+    narrower than what parse accepts.
+    stored: kept in image metadata; in_profile: kept in generation profiles.
+    a1111 / a1111_value: its name (and value formatter) in the A1111 `parameters` text.
+    pipeline: passed to the family's pipeline under `name`. legacy: older names read from old
+    profile files. optional: None is a value (meaning "not set": the app's default).
     """
 
     name: str
@@ -69,6 +66,7 @@ class Param:
     step: float | None = None
     slider_maximum: float | None = None
     stored: bool = True
+    in_profile: bool = True
     a1111: str | None = None
     a1111_value: Callable[[Any], Any] | None = None
     pipeline: bool = True
@@ -132,14 +130,14 @@ class Param:
         whole = "a whole number" if self.kind is int else "a number"
         if isinstance(value, bool):
             raise UserError(f"{self.display} must be {whole} (got {_short(value)})")
-        if isinstance(value, str):
-            text = value.strip()
-            if _INT_RE.fullmatch(text):
-                value = int(text)
-            elif _FLOAT_RE.fullmatch(text):
-                value = float(text)
-            else:
-                raise UserError(f"{self.display} must be {whole} (got {_short(value)})")
+        if isinstance(value, str):  # ASCII digits only: int("٣") would be 3
+            try:
+                value = ascii_int(value)
+            except ValueError:
+                try:
+                    value = ascii_float(value)
+                except ValueError:
+                    raise UserError(f"{self.display} must be {whole} (got {_short(value)})") from None
         if not isinstance(value, (int, float)):
             raise UserError(f"{self.display} must be {whole} (got {_short(value)})")
         if isinstance(value, float) and not math.isfinite(value):
@@ -150,10 +148,14 @@ class Param:
                     raise UserError(f"{self.display} must be a whole number (got {value:g})")
                 value = int(value)
         else:
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond any float
+                raise UserError(f"{self.display} must be a finite number (got {_short(value)})") from None
         lo, hi = self.minimum, self.maximum
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise UserError(f"{self.display} must be between {lo:g} and {hi:g} (got {value:g})")
+            shown = f"{value:g}" if abs(value) < 1e300 else _short(value)  # an int beyond any float
+            raise UserError(f"{self.display} must be between {lo:g} and {hi:g} (got {shown})")
         if self.multiple_of and value % self.multiple_of:
             raise UserError(f"{self.display} must be a multiple of {self.multiple_of} (got {value:g})")
         return value

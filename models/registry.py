@@ -41,6 +41,14 @@ class FamilyHandler:
     # receives each under its name
     params: tuple[Param, ...] = ()
 
+    def carry_over_warnings(self, values: dict[str, Any], recommended: dict[str, Any], name: str) -> list[str]:
+        """Warnings for settings of an equivalent model type used with this one (recommended: its defaults)."""
+        return []
+
+    def folder_defaults(self, files) -> dict[str, Any]:
+        """Parameter defaults that a weights folder's own files give (e.g. a scheduler config), by name."""
+        return {}
+
     def param_layout(self, architecture: str) -> dict[str, str]:
         """Where the page shows a parameter for this architecture, when not where it is declared:
         {name: "main" | "advanced" | "hidden"} (hidden ones keep the model's default)."""
@@ -109,6 +117,21 @@ def discover_handlers() -> dict[str, FamilyHandler]:
         if info.ispkg and (pkg_dir / info.name / "handler.py").is_file():
             importlib.import_module(f"models.{info.name}.handler")
     return dict(_HANDLERS)
+
+
+def declared_params() -> list[Param]:
+    """Every family's own parameters, from `models/<family>/params.py` (`PARAMS`), without importing
+    the handlers (and torch); a name declared by two families is one parameter."""
+    pkg_dir = Path(__file__).resolve().parent
+    out: dict[str, Param] = {}
+    for info in sorted(pkgutil.iter_modules([str(pkg_dir)]), key=lambda i: i.name):
+        if info.ispkg and (pkg_dir / info.name / "params.py").is_file():
+            for p in getattr(importlib.import_module(f"models.{info.name}.params"), "PARAMS", ()):
+                out.setdefault(p.name, p)
+    for handler in _HANDLERS.values():  # a handler registered from elsewhere (tests, plugins)
+        for p in handler.params:
+            out.setdefault(p.name, p)
+    return list(out.values())
 
 
 def handler_for(architecture: str) -> FamilyHandler:

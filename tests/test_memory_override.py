@@ -10,10 +10,11 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from app import offload
-from app.jobs import JobSpec, parse_memory_profile, validate
+from app.jobs import JobSpec, validate
 from app.metadata import read_settings
 from app.service import GenerationService, ServiceConfig
 from app.ui import queue_table
+from app.untrusted import parse_memory_profile
 from models.errors import UserError
 from tests.test_ui_api import App
 
@@ -26,13 +27,17 @@ def test_parse_and_validate_the_override():
     for given, expected in ((None, None), ("", None), ("default", None), (" Default ", None), ("2", 2), (5, 5),
                             (3.0, 3), ("1", 1)):
         assert parse_memory_profile(given) == expected, given
-    for bad in ("7", "0", 0, 6, -1, "abc", "2.5", 2.5, True, "1 · HighRAM"):
-        with pytest.raises(UserError, match=r"memory profile must be 'default' .* from 1 to 5"):
+    for bad in ("7", "0", 0, 6, -1, "abc", "2.5", 2.5, True, "1 · HighRAM", "٣"):
+        with pytest.raises(UserError, match=r"[Mm]emory profile must be 'default' .* from 1 to 5"):
             parse_memory_profile(bad)
     validate(JobSpec(prompt="x", **SMALL, memory_profile=3))
-    for bad in (0, 6, True, 2.0, "2"):
-        with pytest.raises(UserError, match="Memory profile must be a whole number from 1 to 5"):
-            validate(JobSpec(prompt="x", **SMALL, memory_profile=bad), {"memory_profile": "Memory profile"})
+    for bad in (0, 6, True, 2.5, "٣"):
+        with pytest.raises(UserError, match=r"Memory profile must be (one of 1, 2, 3, 4, 5|a whole number)"):
+            validate(JobSpec(prompt="x", **SMALL, memory_profile=bad))
+    for given in (2.0, "2"):  # the value a page or a file sends, normalized once at the edge
+        spec = JobSpec(prompt="x", **SMALL, memory_profile=given)
+        validate(spec)
+        assert spec.memory_profile == 2
     # older queue files and images have no memory_profile: the app's default
     old = JobSpec(prompt="x", **SMALL).to_dict()
     del old["memory_profile"]

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from models.errors import UserError
-from models.params import Param
 from models.registry import FamilyHandler, register_handler
 from models.z_image import checkpoints as ck
+from models.z_image.params import LAYOUT, PARAMS
 from models.z_image.pipeline import ZImagePipeline
 
 log = logging.getLogger("wgp_zimage")
@@ -32,23 +32,6 @@ SHARED_FILES = (
 )
 
 
-# Z-Image's own generation parameters (the common ones are in app/params.py); the pipeline takes
-# each under its name. Guidance g means pos + g * (pos - neg), so A1111's CFG scale is g + 1.
-PARAMS = (
-    Param("guidance_scale", float, 4.0, "Guidance", minimum=0.0, maximum=20.0, step=0.1, cli="--guidance",
-          model_tuned=True, a1111="CFG scale", a1111_value=lambda g: g + 1, legacy=("guidance",),
-          help="CFG scale g (0 = off, no negative pass; Base's 4 is 'CFG 5' in other UIs)"),
-    Param("flow_shift", float, 6.0, "Flow shift", minimum=1.0, maximum=10.0, step=0.1, cli="--flow-shift",
-          model_tuned=True, a1111="Flow shift", help="sampling shift (1-10; Base 6, Turbo 3)"),
-    Param("cfg_normalization", float, 0.0, "CFG normalization", minimum=0.0, maximum=100.0, step=0.1,
-          cli="--cfg-normalization", group="advanced",
-          help="caps the guided prediction's norm at K x the positive one (0 = off, default)"),
-    Param("cfg_truncation", float, 1.0, "CFG truncation", minimum=0.0, maximum=100.0, slider_maximum=1.0, step=0.01,
-          cli="--cfg-truncation", group="advanced",
-          help="guidance off once 1 - sigma exceeds C (1.0, the default, never truncates)"),
-)
-
-
 def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
@@ -62,10 +45,7 @@ class ZImageHandler(FamilyHandler):
     params = PARAMS
 
     def param_layout(self, architecture: str) -> dict[str, str]:
-        if architecture == "z_image":  # distilled for one shift and no CFG
-            return {"negative_prompt": "hidden", "flow_shift": "advanced", "cfg_normalization": "hidden",
-                    "cfg_truncation": "hidden"}
-        return {}
+        return dict(LAYOUT.get(architecture, {}))
 
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {"max_prompt_tokens": 512, **self._defaults(architecture)}
@@ -163,6 +143,30 @@ class ZImageHandler(FamilyHandler):
         if files.scheduler_config is None or not files.scheduler_config.is_file():
             return None
         return ck.scheduler_shift(files.scheduler_config)
+
+    def carry_over_warnings(self, values: dict[str, Any], recommended: dict[str, Any], name: str) -> list[str]:
+        """Base settings on Turbo (or the reverse): where guidance, steps and shift stray from name's."""
+        warnings = []
+        g, rg = values["guidance_scale"], recommended.get("guidance_scale")
+        if rg == 0 and g > 0:
+            warnings.append(f"guidance {g:g} is above 0: {name} is distilled for guidance 0 (CFG doubles the cost "
+                            "of each step)")
+        elif rg is not None and rg > 0 and g == 0:
+            warnings.append(f"guidance 0 turns CFG and the negative prompt off; {name} recommends {rg:g}")
+        steps, rs = values["num_inference_steps"], recommended.get("num_inference_steps")
+        if rs and steps > 1.5 * rs:
+            warnings.append(f"{steps} steps is many for {name}, which recommends {rs}")
+        elif rs and steps < rs / 2:
+            warnings.append(f"{steps} steps is few for {name}, which recommends {rs}")
+        fs, rf = values["flow_shift"], recommended.get("flow_shift")
+        if rf is not None and fs != rf:
+            warnings.append(f"flow shift {fs:g} differs from {name}'s recommended {rf:g}")
+        return warnings
+
+    def folder_defaults(self, files: ck.ModelFiles) -> dict[str, Any]:
+        """Defaults a weights folder's own files give (its scheduler's shift)."""
+        shift = self.scheduler_shift(files)
+        return {} if shift is None else {"flow_shift": shift}
 
     def load_model(
         self,
