@@ -106,8 +106,11 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="write the int8 file of weights quantized on the fly, beside the bf16 one")
     g.add_argument("--loras", type=Path, default=None, metavar="ROOT",
                    help="LoRA root folder (one sub-folder per family: ROOT/z_image); default loras/")
-    g.add_argument("--lora-dir-z-image", type=Path, default=None, metavar="DIR",
-                   help="Z-Image LoRA folder (default loras/z_image)")
+    from models.registry import lora_subdirs
+
+    for sub in lora_subdirs():  # one per family: its LoRA folder itself
+        g.add_argument(f"--lora-dir-{sub.replace('_', '-')}", type=Path, default=None, metavar="DIR",
+                       help=f"this family's LoRA folder (default loras/{sub})")
     g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png",
                    help="image file format (default png; --output FILE.jpg / .webp picks it by the suffix)")
     g.add_argument("--output-quality", type=cli_int, choices=range(1, 101), default=95, metavar="Q",
@@ -138,7 +141,8 @@ def build_parser() -> Parser:
 
     gen = sub.add_parser("generate", parents=[shared], help="render images headlessly")
     gen.add_argument("--model", default=None,
-                     help="z_image_base (alias base, default), z_image (alias turbo), z_image_tiny (alias tiny)")
+                     help="model type or alias (`wgp_zimage.py models` lists them; default: the first family's "
+                          "default type)")
     gen.add_argument("--model-dir", type=Path, default=None,
                      help="weights folder: diffusers layout or the DeepBeepMeep/Z-Image file set")
     gen.add_argument("--transformer", type=Path, default=None,
@@ -151,19 +155,9 @@ def build_parser() -> Parser:
     src = gen.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--prompt-file", type=Path, help="one job per non-empty line; lines starting with # are comments")
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--width", type=cli_int, default=None)
-    gen.add_argument("--height", type=cli_int, default=None)
-    gen.add_argument("--steps", type=cli_int, default=None, help="denoising steps = model evaluations (1-100)")
-    gen.add_argument("--guidance", type=cli_float, default=None, help="CFG scale g (0 = off, 0-20)")
-    gen.add_argument("--flow-shift", type=cli_float, default=None, help="sampling shift (1-10; Base 6, Turbo 3)")
-    gen.add_argument("--cfg-normalization", type=cli_float, default=None,
-                     help="cap |pred| at K * |pos| (0 = off, default)")
-    gen.add_argument("--cfg-truncation", type=cli_float, default=None,
-                     help="CFG off once 1 - sigma exceeds C (1.0, the default, never truncates)")
-    gen.add_argument("--seed", type=cli_int, default=None, help="-1 = random (default; reported)")
-    gen.add_argument("--num-images", type=cli_int, default=None,
-                     help="images per prompt (1-16, default 1); image i uses seed + i")
+    from app.params import add_generate_options
+
+    add_generate_options(gen)  # one option per declared generation parameter (app/params.py)
     gen.add_argument("--lora", action="append", default=None, metavar="PATH_OR_NAME",
                      help="apply a LoRA (a file, or a name in the LoRA folder); repeatable")
     gen.add_argument("--lora-multipliers", default=None, metavar="SPEC",
@@ -298,7 +292,8 @@ def file_targets(output: Path | None, total: int) -> list[Path] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from app.jobs import CLI_NAMES, JobSpec
+    from app.jobs import JobSpec, validate
+    from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
     from models.errors import GenerationInterrupted
 
     profile: dict = {}
@@ -315,25 +310,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     service = GenerationService(ServiceConfig.from_args(args))
     model_name = args.model or profile.get("model_type")
-    model_type = service.definition(model_name).model_type if model_name else "z_image_base"
-    d = {"cfg_normalization": 0.0, "cfg_truncation": 1.0, "seed": -1, "num_images": 1,
-         **service.defaults(model_name and model_type, args.model_dir), **profile}
-    pick = lambda value, key: d[key] if value is None else value  # explicit flags win over profile and defaults
-    specs = [JobSpec(
-        model_type=model_type, prompt=p,
-        negative_prompt=pick(args.negative_prompt, "negative_prompt"),
-        width=pick(args.width, "width"), height=pick(args.height, "height"),
-        num_inference_steps=pick(args.steps, "num_inference_steps"),
-        guidance_scale=pick(args.guidance, "guidance_scale"), flow_shift=pick(args.flow_shift, "flow_shift"),
-        cfg_normalization=pick(args.cfg_normalization, "cfg_normalization"),
-        cfg_truncation=pick(args.cfg_truncation, "cfg_truncation"),
-        seed=pick(args.seed, "seed"), num_images=pick(args.num_images, "num_images"),
-        loras=cli_loras(args) if args.lora else d.get("loras", []),
-    ) for p in prompts]
-    from app.jobs import validate
-
+    model_type = service.definition(model_name).model_type if model_name else DEFAULT_MODEL_TYPE
+    # explicit flags win over the profile / image, which win over the model's defaults
+    values = {**service.defaults(model_name and model_type, args.model_dir), **profile, **cli_values(args)}
+    declared = by_name()
+    specs = [JobSpec(model_type=model_type, prompt=p, loras=cli_loras(args) if args.lora else values.get("loras", []),
+                     **{k: v for k, v in values.items() if k in declared and k != "prompt"}) for p in prompts]
     for spec in specs:
-        validate(spec, CLI_NAMES)  # all jobs checked before any model loads
+        validate(spec)  # all jobs checked before any model loads, with the page's messages
     # --lora may name a file anywhere (the user's own command line); LoRAs that come from an image's
     # settings or a profile file are untrusted: names in the LoRA folder only, as in the web UI
     lora_paths = bool(args.lora)
@@ -384,7 +368,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             result = service.generate(
                 spec, model_dir=args.model_dir, transformer_file=args.transformer,
                 model_type_given=model_name is not None, output_dir=out_dir, file_names=names,
-                on_event=on_event, extra_names=CLI_NAMES, allow_lora_paths=lora_paths)
+                on_event=on_event, allow_lora_paths=lora_paths)
             for line in result.lora_reports:
                 print(line)
             for path, seed in zip(result.paths, result.seeds):

@@ -26,9 +26,9 @@ LORA_EXTENSIONS = (".safetensors", ".sft")
 MAX_TRIGGER_TAGS = 5
 
 
-def lora_dir_for(family_subdir: str = "z_image", loras_root: str | Path | None = None,
+def lora_dir_for(family_subdir: str, loras_root: str | Path | None = None,
                  override: str | Path | None = None) -> Path:
-    """The folder of a family's LoRAs: `override` (--lora-dir-z-image), else <root>/<family> with
+    """The folder of a family's LoRAs: `override` (--lora-dir-<family>), else <root>/<family> with
     root = `loras_root` (--loras) or ./loras next to the app."""
     if override is not None:
         return Path(override).expanduser()

@@ -15,7 +15,6 @@ MMGP override, null = the app's configured one; newer files only, informative: r
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,19 +52,22 @@ def _num(x: Any) -> str:
 
 
 def a1111_parameters(settings: dict[str, Any]) -> str:
-    """The A1111 "parameters" text of an image's settings.
+    """The A1111 "parameters" text of an image's settings: the prompt, the negative prompt, then each
+    declared parameter that has an A1111 name (app/params.py; a family's may format its value, e.g.
+    Z-Image's guidance g is A1111's CFG scale g + 1), the sampler, size and model."""
+    from app.params import all_params
 
-    Our guidance g computes pos + g * (pos - neg) = (g + 1) * pos - g * neg, whereas A1111's CFG scale s
-    computes neg + s * (pos - neg): the same thing for s = g + 1, hence "CFG scale: g+1".
-    """
     lines = [str(settings.get("prompt", ""))]
     if settings.get("negative_prompt"):
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    fields = [("Steps", settings.get("num_inference_steps")), ("Sampler", "Euler (flow)"),
-              ("CFG scale", _num(float(settings["guidance_scale"]) + 1) if "guidance_scale" in settings else None),
-              ("Seed", settings.get("seed")),
-              ("Size", f"{settings['width']}x{settings['height']}" if "width" in settings else None),
-              ("Model", settings.get("model_type")), ("Flow shift", settings.get("flow_shift"))]
+    fields: list[tuple[str, Any]] = []
+    for p in all_params():
+        value = settings.get(p.name)
+        if p.a1111 and value is not None:
+            fields.append((p.a1111, p.a1111_value(value) if p.a1111_value else value))
+    fields.insert(1 if fields and fields[0][0] == "Steps" else 0, ("Sampler", "Euler (flow)"))  # A1111's order
+    fields += [("Size", f"{settings['width']}x{settings['height']}" if "width" in settings else None),
+               ("Model", settings.get("model_type"))]
     lines.append(", ".join(f"{k}: {_num(v)}" for k, v in fields if v is not None))
     return "\n".join(lines)
 
@@ -167,49 +169,33 @@ def read_parameters(path: str | Path) -> str | None:
     return raw or None
 
 
-# the job an image's settings describe: key -> the types it may hold
-_JOB_TEXT = ("model_type", "prompt")
-_JOB_INTS = ("width", "height", "num_inference_steps", "seed")
-_JOB_FLOATS = ("guidance_scale", "flow_shift", "cfg_normalization", "cfg_truncation")
-
-
 def job_settings(data: Mapping[str, Any]) -> dict[str, Any]:
-    """JobSpec keyword values from an image's settings (its own seed, one image), each value's type checked.
+    """JobSpec keyword values from an image's settings (its own seed, one image), each value checked by its
+    declaration (app/params.py).
 
-    The settings are untrusted: MetadataError names the first key that holds the wrong kind of value (a list
-    as model_type...). Ranges are app/jobs.validate's business; LoRA names are checked against the LoRA
-    folder by whoever runs the job. The recorded memory profile is informative only and left out.
+    The settings are untrusted: MetadataError names the first key that holds a bad value (a list as
+    model_type...). LoRA names are checked against the LoRA folder by whoever runs the job. The recorded
+    memory profile is informative only and left out.
     """
-    def bad(key: str, what: str) -> MetadataError:
-        return MetadataError(f"its settings hold {type(data.get(key)).__name__} {data.get(key)!r:.60} as {key}, "
-                             f"not {what}")
+    from app.params import all_params
 
     out: dict[str, Any] = {}
-    for key in _JOB_TEXT:
-        if not isinstance(data.get(key), str) or not data[key].strip():
-            raise bad(key, "text")
-        out[key] = data[key]
-    if "negative_prompt" in data:
-        if not isinstance(data["negative_prompt"], str):
-            raise bad("negative_prompt", "text")
-        out["negative_prompt"] = data["negative_prompt"]
-    for key in _JOB_INTS:
-        if key in data:
-            v = data[key]
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise bad(key, "a whole number")
-            out[key] = v
-    for key in _JOB_FLOATS:
-        if key in data:
-            v = data[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(key, "a number")
-            out[key] = float(v)
+    if not isinstance(data.get("model_type"), str) or not data["model_type"].strip():
+        raise MetadataError(f"its settings hold {type(data.get('model_type')).__name__} "
+                            f"{data.get('model_type')!r:.60} as model_type, not text")
+    out["model_type"] = data["model_type"]
+    for p in all_params():
+        if not p.stored or p.name in ("memory_profile", "num_images") or p.name not in data:
+            continue
+        try:
+            out[p.name] = p.parse(data[p.name], from_text=False)
+        except UserError as e:
+            raise MetadataError(f"its settings' {p.name}: {e}") from None
+    if not isinstance(out.get("prompt"), str) or not out["prompt"].strip():
+        raise MetadataError("its settings hold no prompt")
     loras = data.get("loras") or []
     if not isinstance(loras, list):
-        raise bad("loras", "a list")
+        raise MetadataError(f"its settings hold {type(loras).__name__} as loras, not a list")
     out["loras"] = []
     for i, item in enumerate(loras):
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"].strip():

@@ -17,9 +17,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from models.params import Param
+from models.registry import default_model_type
 
 MAX_SEED = 2**32 - 1
-DEFAULT_MODEL_TYPE = "z_image_base"  # replaced below by the first family's own default, when it declares one
+DEFAULT_MODEL_TYPE = default_model_type()  # the first family's (models/<family>/params.py)
 MEMORY_PROFILES = (1, 2, 3, 4, 5)  # MMGP memory profiles (app/offload.py); kept here so no torch is needed
 
 COMMON: tuple[Param, ...] = (

@@ -13,23 +13,24 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from app.settings import OUTPUT_FORMATS, SEED_POLICIES, ProfileStore, apply_to_model, job_seed, model_settings
+from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
+from app.settings import (
+    OUTPUT_FORMATS,
+    PROFILE_PARAMS,
+    SEED_POLICIES,
+    ProfileStore,
+    apply_to_model,
+    job_seed,
+    model_settings,
+)
 from models.errors import UserError
-from models.parsing import ascii_float, cli_float, cli_int, parse_schedule
+from models.parsing import ascii_float, cli_int, parse_schedule
 
 log = logging.getLogger("wgp_zimage")
 
 DEFAULT_DIR = Path("profiles")
-# save flag -> settings key
-FLAG_KEYS = {
-    "prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-    "steps": "num_inference_steps", "guidance": "guidance_scale", "flow_shift": "flow_shift",
-    "cfg_normalization": "cfg_normalization", "cfg_truncation": "cfg_truncation", "seed": "seed",
-    "seed_policy": "seed_policy", "num_images": "num_images", "format": "output_format",
-    "quality": "output_quality",
-}
-# settings key -> the flag users type, for messages
-PROFILE_FLAG_NAMES = {key: f"--{flag.replace('_', '-')}" for flag, key in FLAG_KEYS.items()}
+# save flags that are not generation parameters (those come from their declarations) -> settings key
+FLAG_KEYS = {"seed_policy": "seed_policy", "format": "output_format", "quality": "output_quality"}
 
 
 def add_profiles_parser(subparsers: argparse._SubParsersAction,
@@ -53,20 +54,13 @@ def add_profiles_parser(subparsers: argparse._SubParsersAction,
     action("show", "print a generation profile as JSON").add_argument("name")
     save = action("save", "save generation settings as a profile (unset values: the model's defaults)")
     save.add_argument("name")
-    save.add_argument("--model", default=None, help="model type or alias (default z_image_base)")
+    save.add_argument("--model", default=None, help="model type or alias (default: the first family's default type)")
     save.add_argument("--prompt", default=None, help="saved with the profile only when given")
-    save.add_argument("--negative-prompt", default=None, help="saved with the profile only when given")
-    save.add_argument("--width", type=cli_int, default=None)
-    save.add_argument("--height", type=cli_int, default=None)
-    save.add_argument("--steps", type=cli_int, default=None)
-    save.add_argument("--guidance", type=cli_float, default=None)
-    save.add_argument("--flow-shift", type=cli_float, default=None)
-    save.add_argument("--cfg-normalization", type=cli_float, default=None)
-    save.add_argument("--cfg-truncation", type=cli_float, default=None)
-    save.add_argument("--seed", type=cli_int, default=None, help="-1 = random")
+    from app.params import add_generate_options
+
+    add_generate_options(save)  # the declared generation parameters, as for generate
     save.add_argument("--seed-policy", choices=SEED_POLICIES, default=None,
                       help="fixed, random, or increment after each job (default: random for seed -1, else fixed)")
-    save.add_argument("--num-images", type=cli_int, default=None)
     save.add_argument("--lora", action="append", default=None, metavar="NAME[:STRENGTH]",
                       help="a LoRA and its strength (default 1.0); repeatable")
     save.add_argument("--format", choices=[*OUTPUT_FORMATS, "jpg"], default=None, help="output image format")
@@ -112,32 +106,29 @@ def settings_from_args(args: argparse.Namespace, store: ProfileStore) -> tuple[d
     from models.registry import load_definitions
 
     defs, problems = load_definitions()
-    settings, warnings = model_settings(args.model or "z_image_base", defs, store)
+    settings, warnings = model_settings(args.model or DEFAULT_MODEL_TYPE, defs, store)
     settings = {**settings, "prompt": None, "negative_prompt": None}  # texts only when asked for
+    if args.prompt is not None:
+        settings["prompt"] = args.prompt
+    declared = by_name()
+    settings.update({k: declared[k].parse(v) for k, v in cli_values(args).items()})  # command-line text
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:
             settings[key] = value
     if args.seed_policy is None and args.seed is not None:
-        settings["seed_policy"] = "random" if args.seed == -1 else "fixed"
+        settings["seed_policy"] = "random" if by_name()["seed"].parse(args.seed) == -1 else "fixed"
     if args.lora is not None:
         settings["loras"] = [_parse_lora(t) for t in args.lora]
     return settings, problems + warnings
 
 
-def _flagged(e: UserError) -> UserError:
-    """Name the CLI flag beside the settings key in a validation message."""
-    msg = str(e)
-    for key, flag in PROFILE_FLAG_NAMES.items():
-        if f": {key} " in msg:
-            return UserError(msg.replace(f": {key} ", f": {key} ({flag}) ", 1))
-    return e
-
-
 def _summary(s: dict[str, Any]) -> str:
     seed = {"random": "random seed", "fixed": f"seed {s['seed']}", "increment": f"seed {s['seed']}++"}
+    tuned = "  ".join(f"{p.label.lower()} {s[p.name]:g}" for p in PROFILE_PARAMS
+                      if p.model_tuned and p.kind is float and p.name in s)  # a family's own (guidance...)
     return (f"{s['model_type']}  {s['width']}x{s['height']}  {s['num_inference_steps']} steps  "
-            f"guidance {s['guidance_scale']:g}  {seed[s['seed_policy']]}  x{s['num_images']}  {s['output_format']}")
+            f"{tuned}  {seed[s['seed_policy']]}  x{s['num_images']}  {s['output_format']}")
 
 
 def run_profiles(args: argparse.Namespace) -> int:
@@ -160,7 +151,7 @@ def run_profiles(args: argparse.Namespace) -> int:
         try:
             _warn(store.save(args.name, settings, overwrite=args.overwrite, overwrite_broken=args.overwrite_broken))
         except UserError as e:
-            raise _flagged(e) from None
+            raise e from None  # the message names the parameter and its flag already
         print(f"saved generation profile {args.name!r} to {store.path(args.name)}")
     elif cmd == "delete":
         store.delete(args.name)

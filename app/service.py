@@ -20,6 +20,7 @@ import torch
 
 from app.jobs import MAX_PROMPT_CHARS, JobSpec, cap_texts, resolve_seed, size_warnings, validate
 from app.outputs import clean_stale_parts, output_name, save_image_atomic, unique_path
+from app.params import DEFAULT_MODEL_TYPE
 from models.attention import set_attention_backend
 from models.errors import GenerationInterrupted, UserError
 from models.registry import ModelDefinition, handler_for, load_definitions, resolve_model_type
@@ -66,7 +67,7 @@ class ServiceConfig:
     vae_dtype: str = "fp32"
     vae_tiling: bool = False
     compile: bool = False
-    lora_dir: Path | None = None  # --lora-dir-z-image (this family's folder itself)
+    lora_dirs: dict[str, Path] = field(default_factory=dict)  # --lora-dir-<family>: family LoRA folder -> its path
     loras_root: Path | None = None  # --loras (root holding one folder per family)
     attention: str = "auto"
     transformer_quantization: str = "auto"
@@ -86,7 +87,7 @@ class ServiceConfig:
         names = {
             "checkpoints_dir": "checkpoints_dir", "output_dir": "output_dir", "device": "device", "dtype": "dtype",
             "vae_dtype": "vae_dtype", "vae_tiling": "vae_tiling", "compile": "compile", "attention": "attention",
-            "lora_dir": "lora_dir_z_image", "loras_root": "loras",
+            "loras_root": "loras",
             "transformer_quantization": "transformer_quantization",
             "text_encoder_quantization": "text_encoder_quantization",
             "memory_profile": "memory_profile", "perc_reserved_mem_max": "perc_reserved_mem_max",
@@ -94,7 +95,12 @@ class ServiceConfig:
             "save_quantized": "save_quantized", "output_format": "output_format",
             "output_quality": "output_quality", "save_metadata": "save_metadata",
         }
-        return cls(**{field: getattr(args, opt) for field, opt in names.items() if hasattr(args, opt)})
+        from models.registry import lora_subdirs
+
+        lora_dirs = {sub: getattr(args, f"lora_dir_{sub}") for sub in lora_subdirs()
+                     if getattr(args, f"lora_dir_{sub}", None) is not None}
+        return cls(**{field: getattr(args, opt) for field, opt in names.items() if hasattr(args, opt)},
+                   lora_dirs=lora_dirs)
 
 
 @dataclass
@@ -139,13 +145,13 @@ class GenerationService:
     def model_dir(self, model_type: str | None, model_dir: str | Path | None) -> Path:
         if model_dir is not None:
             return Path(model_dir)
-        d = self.definition(model_type or "z_image_base")
+        d = self.definition(model_type or DEFAULT_MODEL_TYPE)
         return handler_for(d.architecture).default_model_dir(d.architecture, self.config.checkpoints_dir)
 
     def defaults(self, model_type: str | None, model_dir: str | Path | None = None) -> dict[str, Any]:
         """Defaults of model_type (the family's default type when None); with a folder and no type, what the
         folder's own files say (the handler's folder_defaults: Z-Image's scheduler shift)."""
-        d = self.definition(model_type or "z_image_base")
+        d = self.definition(model_type or DEFAULT_MODEL_TYPE)
         out = d.defaults()
         if model_type is None and model_dir is not None:
             handler = handler_for(d.architecture)
@@ -162,7 +168,7 @@ class GenerationService:
     ):
         """The loaded pipeline, reloaded when any part of its key changed; memory_profile (a job's
         override) replaces the configured profile for this load."""
-        d = self.definition(model_type or "z_image_base")
+        d = self.definition(model_type or DEFAULT_MODEL_TYPE)
         profile = self.config.memory_profile if memory_profile is None else memory_profile
         handler = handler_for(d.architecture)
         quant = (handler.choose_quantization(self.config.transformer_quantization, self.device),
@@ -272,9 +278,10 @@ class GenerationService:
         """The LoRA folder of a model type's family (scanned once; `refresh()` rescans)."""
         from app.loras import LoraLibrary, lora_dir_for
 
-        handler = handler_for(self.definition(model_type or "z_image_base").architecture)
+        handler = handler_for(self.definition(model_type or DEFAULT_MODEL_TYPE).architecture)
         if handler.family not in self._libraries:
-            folder = lora_dir_for(handler.lora_subdir, self.config.loras_root, self.config.lora_dir)
+            folder = lora_dir_for(handler.lora_subdir, self.config.loras_root,
+                                  self.config.lora_dirs.get(handler.lora_subdir))
             self._libraries[handler.family] = LoraLibrary(folder)
         return self._libraries[handler.family]
 

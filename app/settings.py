@@ -164,11 +164,11 @@ def normalize_settings(
         if p.kind is str and s[p.name] is None:
             continue
         try:
-            s[p.name] = p.parse(s[p.name])
+            s[p.name] = p.parse(s[p.name], from_text=False)
         except UserError as e:
             raise bad(f"{p.name}: {e}") from None
     try:
-        s["seed"] = by_name()["seed"].parse(s["seed"])
+        s["seed"] = by_name()["seed"].parse(s["seed"], from_text=False)
     except UserError as e:
         raise bad(f"seed: {e}") from None
     if s["seed_policy"] not in SEED_POLICIES:

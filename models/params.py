@@ -92,8 +92,14 @@ class Param:
             return f"{self.minimum:g}-{self.maximum:g}"
         return ""
 
-    def parse(self, value: Any) -> Any:
-        """value, typed and checked; UserError naming the parameter otherwise."""
+    def parse(self, value: Any, from_text: bool = True) -> Any:
+        """value, typed and checked; UserError naming the parameter otherwise.
+
+        from_text: numbers and booleans may come as text (a command line, a form field); False for JSON
+        documents (image metadata, profiles), where "64" in place of 64 is a sign of a foreign file."""
+        if not from_text and self.kind is not str and isinstance(value, str):
+            raise UserError(f"{self.display} must be {'true or false' if self.kind is bool else 'a number'} "
+                            f"(got {_short(value)})")
         if value is None or (isinstance(value, str) and not value.strip() and self.kind is not str):
             if self.optional:
                 return None

@@ -119,15 +119,39 @@ def discover_handlers() -> dict[str, FamilyHandler]:
     return dict(_HANDLERS)
 
 
+def _declaration_modules() -> list:
+    """Each family's `models/<family>/params.py`: its parameters and names, importable without torch."""
+    pkg_dir = Path(__file__).resolve().parent
+    return [importlib.import_module(f"models.{info.name}.params")
+            for info in sorted(pkgutil.iter_modules([str(pkg_dir)]), key=lambda i: i.name)
+            if info.ispkg and (pkg_dir / info.name / "params.py").is_file()]
+
+
+def default_model_type() -> str:
+    """The model type used when none is named: the first family's DEFAULT_MODEL_TYPE."""
+    for module in _declaration_modules():
+        if getattr(module, "DEFAULT_MODEL_TYPE", None):
+            return module.DEFAULT_MODEL_TYPE
+    raise UserError("no model family declares a default model type")
+
+
+def model_order() -> list[str]:
+    """Model types in the order the page lists them (each family's MODEL_ORDER; the rest follow by name)."""
+    return [t for module in _declaration_modules() for t in getattr(module, "MODEL_ORDER", ())]
+
+
+def lora_subdirs() -> list[str]:
+    """Each family's LoRA folder name (loras/<name>; the CLI's --lora-dir-<name> overrides it)."""
+    return [m.LORA_SUBDIR for m in _declaration_modules() if getattr(m, "LORA_SUBDIR", None)]
+
+
 def declared_params() -> list[Param]:
     """Every family's own parameters, from `models/<family>/params.py` (`PARAMS`), without importing
     the handlers (and torch); a name declared by two families is one parameter."""
-    pkg_dir = Path(__file__).resolve().parent
     out: dict[str, Param] = {}
-    for info in sorted(pkgutil.iter_modules([str(pkg_dir)]), key=lambda i: i.name):
-        if info.ispkg and (pkg_dir / info.name / "params.py").is_file():
-            for p in getattr(importlib.import_module(f"models.{info.name}.params"), "PARAMS", ()):
-                out.setdefault(p.name, p)
+    for module in _declaration_modules():
+        for p in getattr(module, "PARAMS", ()):
+            out.setdefault(p.name, p)
     for handler in _HANDLERS.values():  # a handler registered from elsewhere (tests, plugins)
         for p in handler.params:
             out.setdefault(p.name, p)

@@ -128,20 +128,20 @@ def test_long_prompt_warns_then_generates(tiny_dir, tmp_path, capsys):
 # ------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize("args,message", [
-    (["--width", "100"], "--width must be a multiple of 16 (got 100)"),
-    (["--height", "8000"], "--height must be between 16 and 4096 (got 8000)"),
-    (["--steps", "0"], "--steps must be between 1 and 100 (got 0)"),
-    (["--steps", "101"], "--steps must be between 1 and 100"),
-    (["--guidance", "25"], "--guidance must be between 0 and 20"),
-    (["--num-images", "17"], "--num-images must be between 1 and 16"),
-    (["--flow-shift", "0.5"], "--flow-shift must be between 1 and 10"),
+    (["--width", "100"], "Width (--width) must be a multiple of 16 (got 100)"),
+    (["--height", "8000"], "Height (--height) must be between 16 and 4096 (got 8000)"),
+    (["--steps", "0"], "Steps (--steps) must be between 1 and 100 (got 0)"),
+    (["--steps", "101"], "Steps (--steps) must be between 1 and 100"),
+    (["--guidance", "25"], "Guidance (--guidance) must be between 0 and 20"),
+    (["--num-images", "17"], "Number of images (--num-images) must be between 1 and 16"),
+    (["--flow-shift", "0.5"], "Flow shift (--flow-shift) must be between 1 and 10"),
     (["--device", "cuda"], "CUDA is not available"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--model", "z_image_huge"], "unknown model type 'z_image_huge'"),
-    (["--width", "abc"], "argument --width: invalid int value"),
-    (["--steps", "٣"], "argument --steps: invalid int value: '٣'"),  # int() reads it as 3
-    (["--seed", "²"], "argument --seed: invalid int value: '²'"),
-    (["--guidance", "nan"], "argument --guidance: invalid float value: 'nan'"),
+    (["--width", "abc"], "Width (--width) must be a whole number (got 'abc')"),
+    (["--steps", "٣"], "Steps (--steps) must be a whole number (got '٣')"),  # int() reads it as 3
+    (["--seed", "²"], "Seed (--seed) must be a whole number (got '²')"),
+    (["--guidance", "nan"], "Guidance (--guidance) must be a number (got 'nan')"),
 ])
 def test_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys, args, message):
     try:
@@ -214,7 +214,7 @@ def test_missing_model_dir(tmp_path, capsys):
 def test_process_level_bad_input_has_no_traceback(tiny_dir):
     r = run_cli(*gen(tiny_dir, "--prompt", "x", "--width", "30"))
     assert r.returncode == 2
-    assert r.stderr.strip() == "error: --width must be a multiple of 16 (got 30)"
+    assert r.stderr.strip() == "error: Width (--width) must be a multiple of 16 (got 30)"
 
 
 def test_ctrl_c_stops_after_current_step_and_writes_nothing(tiny_dir, tmp_path):

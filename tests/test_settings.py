@@ -413,7 +413,7 @@ def test_cli_save_list_show_delete(tmp_path, capsys):
     assert out[0].startswith("fast  z_image  1024x1024  8 steps") and out[1].startswith("torn  BROKEN")
     with pytest.raises(UserError, match="already exists"):
         cli(tmp_path, "save", "fast")
-    with pytest.raises(UserError, match=r"num_inference_steps: Steps \(--steps\) must be between 1 and 100"):
+    with pytest.raises(UserError, match=r"Steps \(--steps\) must be between 1 and 100"):
         cli(tmp_path, "save", "slow", "--steps", "500")
     with pytest.raises(UserError, match="overwrite_broken"):
         cli(tmp_path, "save", "torn", "--overwrite")

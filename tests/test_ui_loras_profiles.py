@@ -44,7 +44,7 @@ class LoraApp(App):
         self.profiles_dir = root / "profiles"
         self.store = ProfileStore(self.profiles_dir)
         self.config = ServiceConfig(checkpoints_dir=root / "ckpts", output_dir=root / "outputs",
-                                    lora_dir=self.lora_dir)
+                                    lora_dirs={"z_image": self.lora_dir})
         self.service = GenerationService(self.config)
         self.queue = JobQueue(self.service, root / "queue.json").start()
         self.demo = build_ui(self.queue, self.service, self.config, profiles_dir=self.profiles_dir)

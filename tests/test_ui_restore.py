@@ -133,7 +133,7 @@ def test_generation_profile_json_restores(defs, tmp_path):
     ('{"app": "other-app", "prompt": "x"}', "written by 'other-app'"),
     ('{"app": "wgp-zimage", "schema": 99, "model_type": "z_image"}', "newer than this version reads"),
     ('{"app": "wgp-zimage", "schema": 1, "prompt": "x"}', "names no model type"),
-    ('{"app": "wgp-zimage", "schema": 1, "model_type": "z_image", "width": "wide"}', "width must be a number"),
+    ('{"app": "wgp-zimage", "schema": 1, "model_type": "z_image", "width": "wide"}', r"Width \(--width\) must be a number"),
     ('{"schema_version": 2, "model_type": "z_image", "num_inference_steps": 500}', "between 1 and 100"),
     ('{"schema_version": 7, "model_type": "z_image"}', "newer wgp-zimage"),
 ])
@@ -168,7 +168,7 @@ class RestoreApp:
         self.lora_dir.mkdir()
         write_lora(self.lora_dir, "diffusers_peft", load_tiny_transformer(tiny_dir), seed=1, name=STYLE)
         self.config = ServiceConfig(checkpoints_dir=root / "ckpts", output_dir=root / "outputs",
-                                    lora_dir=self.lora_dir)
+                                    lora_dirs={"z_image": self.lora_dir})
         self.service = GenerationService(self.config)
         del self.service.definitions["z_image_base"]  # as if defaults/z_image_base.json were gone
         self.queue = JobQueue(self.service, root / "queue.json").start()

@@ -11,7 +11,7 @@ import torch
 from models.errors import UserError
 from models.registry import FamilyHandler, register_handler
 from models.z_image import checkpoints as ck
-from models.z_image.params import LAYOUT, PARAMS
+from models.z_image.params import LAYOUT, LORA_SUBDIR, PARAMS
 from models.z_image.pipeline import ZImagePipeline
 
 log = logging.getLogger("wgp_zimage")
@@ -63,7 +63,7 @@ class ZImageHandler(FamilyHandler):
                 "flow_shift": 6.0, "negative_prompt": DEFAULT_NEGATIVE, "show_negative_prompt": True,
                 "flow_shift_advanced": False, "min_recommended_size": 512}
 
-    lora_subdir = "z_image"
+    lora_subdir = LORA_SUBDIR
     int8_ready = True
     _tokenizers: dict = {}  # folder -> tokenizer, for live token counts in the UI
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from models.params import Param
 
+DEFAULT_MODEL_TYPE = "z_image_base"  # when no model type is named
+MODEL_ORDER = ("z_image_base", "z_image", "z_image_tiny")  # how the page lists them
+LORA_SUBDIR = "z_image"  # loras/<this>, or --lora-dir-z-image
+
 # Z-Image's own generation parameters (the common ones are in app/params.py); the pipeline takes
 # each under its name. Guidance g means pos + g * (pos - neg), so A1111's CFG scale is g + 1.
 PARAMS = (
