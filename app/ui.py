@@ -12,7 +12,11 @@ No torch here.
 from __future__ import annotations
 
 import html
+import ipaddress
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,8 +63,9 @@ UI_NAMES = {
     "cfg_truncation": "CFG truncation", "seed": "Seed", "memory_profile": "Memory profile",
 }
 TABLE_HEADERS = ["ID", "Status", "Progress", "Prompt", "Settings", "Seed", "Result"]
-TABLE_WIDTHS = ["11%", "12%", "11%", "23%", "17%", "13%", "13%"]
+TABLE_WIDTHS = ["11%", "11%", "11%", "18%", "16%", "10%", "23%"]  # Result: room for a truncated line
 STATUS_ICONS = {"queued": "⏳", "running": "▶", "done": "✔", "failed": "✖", "interrupted": "⚠", "aborted": "■"}
+TABLE_MAX_CHARS = 48
 GALLERY_SIZE = 24
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -71,6 +76,8 @@ CSS = """
 #progress .bar > div { height: 100%; background: var(--color-accent); transition: width 0.4s; }
 #progress .muted { color: var(--body-text-color-subdued); }
 #progress .error { color: var(--error-text-color); }
+/* small buttons beside a labelled box: at the box's foot, their own height (a stretched row made them huge) */
+.wgp-inline-btn { align-self: flex-end !important; flex-grow: 0 !important; margin-bottom: var(--block-padding, 10px); }
 """
 
 
@@ -213,6 +220,57 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
     return [(str(p), caption_for(p, cache)) for _, p in files[:limit]]
 
 
+def is_loopback(host: str | None) -> bool:
+    host = (host or "").strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_local_request(request: Any) -> bool:
+    """Whether the browser runs on the app's machine: a loopback client that asked for a loopback host.
+
+    A --share tunnel or a reverse proxy also connects from loopback, but names another host (or adds a
+    forwarding header): those browsers are elsewhere, and a folder opened here would be no use to them.
+    """
+    client = getattr(request, "client", None)
+    headers = getattr(request, "headers", None) or {}
+    if not is_loopback(getattr(client, "host", None)):
+        return False
+    if any(h in headers for h in ("x-forwarded-for", "x-forwarded-host", "forwarded", "x-real-ip")):
+        return False
+    host = headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host.rsplit("]:", 1)[0]  # drop the port
+    return is_loopback(name)
+
+
+def open_folder(path: Path) -> None:
+    """Show path in the desktop's file manager; OSError when there is none."""
+    if sys.platform == "win32":
+        os.startfile(path)  # type: ignore[attr-defined]  # Windows only
+        return
+    tool = "open" if sys.platform == "darwin" else "xdg-open"
+    subprocess.Popen([tool, str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def open_output_folder(folder: str | Path, request: Any) -> str:
+    """The "Open output folder" action: only for a browser on this machine (the API can call it too)."""
+    if not is_local_request(request):
+        return ("⚠ The output folder opens only from a browser on the machine that runs the app "
+                "(the gallery shows its images).")
+    folder = Path(folder).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # nothing generated yet: open it empty rather than fail
+        open_folder(folder)
+    except OSError as e:
+        return f"⚠ Could not open {folder}: {e}"
+    return f"Opened the output folder {folder}."
+
+
 # ------------------------------------------------------------------ the page
 
 def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
@@ -298,14 +356,16 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                                            visible=not flow_shift_advanced(first))
                 with gr.Row(equal_height=True):
                     seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed", scale=3)
-                    reuse_seed = gr.Button("♻ Last seed", elem_id="reuse-seed", scale=1, size="md")
+                    with gr.Column(scale=1, min_width=110):
+                        reuse_seed = gr.Button("♻ Last seed", elem_id="reuse-seed", size="sm")
+                        random_seed = gr.Button("🎲 Random", elem_id="random-seed", size="sm")
                     num_images = gr.Slider(1, 16, 1, step=1, label="Number of images", elem_id="num-images", scale=4)
                 with gr.Accordion("LoRAs", open=True, elem_id="loras"):
                     with gr.Row(equal_height=True):
                         lora_select = gr.Dropdown(lora_names(), value=[], multiselect=True, label="LoRAs",
                                                   info="from the LoRA folder", elem_id="lora-select", scale=5)
                         lora_refresh = gr.Button("↻ Refresh", elem_id="lora-refresh", size="sm", scale=1,
-                                                 min_width=80)
+                                                 min_width=80, elem_classes=["wgp-inline-btn"])
                     lora_strengths = gr.Textbox(
                         "", label="Strengths (one name=strength line per LoRA)", lines=2, max_lines=12,
                         elem_id="lora-strengths", placeholder="my_style=0.8",
@@ -386,12 +446,19 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                                        scale=1, buttons=[])
                     gallery = gr.Gallery(label="Results (newest first)", elem_id="gallery", columns=4, height=420,
                                          object_fit="contain", scale=2, interactive=False)
-                use_settings = gr.Button("Load settings of the selected image", elem_id="use-image-settings",
-                                         size="sm")
+                with gr.Row(equal_height=True):
+                    use_settings = gr.Button("Load settings of the selected image", elem_id="use-image-settings",
+                                             size="sm", scale=3)
+                    # shown on page load to a browser on this machine only (is_local_request)
+                    open_outputs = gr.Button("📂 Open output folder", elem_id="open-output-folder", size="sm",
+                                             scale=1, visible=False)
                 with gr.Group():
                     table = gr.Dataframe(queue_table([]), label="Queue (click a row to select it)",
                                          elem_id="queue-table", interactive=False, wrap=True, max_height=320,
-                                         column_widths=TABLE_WIDTHS)
+                                         column_widths=TABLE_WIDTHS,
+                                         # a long result or error stays one or two lines; a click on the cell
+                                         # shows it all
+                                         max_chars=TABLE_MAX_CHARS)
                     with gr.Row(equal_height=True):
                         job_id = gr.Textbox(show_label=False, placeholder="job ID (click a row)", elem_id="job-id",
                                             scale=3, min_width=120, max_lines=1, container=False)
@@ -609,6 +676,23 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             return value
 
         reuse_seed.click(last_seed, None, seed, api_name="last_seed", queue=False, show_progress="hidden")
+        # -1: each job draws its own seed (recorded in its images); set in the browser, no round trip
+        random_seed.click(None, None, seed, js="() => -1", queue=False, show_progress="hidden",
+                          api_visibility="private")
+
+        def open_outputs_fn(request: gr.Request) -> str:
+            message = open_output_folder(service.config.output_dir, request)
+            if message.startswith("⚠"):
+                gr.Warning(message.lstrip("⚠ "))
+            return message
+
+        open_outputs.click(open_outputs_fn, None, status, queue=False, show_progress="hidden",
+                           api_visibility="private")
+
+        def show_open_outputs(request: gr.Request) -> Any:
+            return gr.update(visible=is_local_request(request))
+
+        demo.load(show_open_outputs, None, open_outputs, queue=False, show_progress="hidden", api_visibility="private")
 
         restore_outputs = [*settings_outputs, restore_message]
 

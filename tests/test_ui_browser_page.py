@@ -1,0 +1,126 @@
+"""The page's model list, status line, form and layout: helpers directly, then the page in a real browser
+(Debian's Chromium through Playwright; screenshots in test-artifacts/)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from playwright.sync_api import Page, expect
+
+import app.ui as ui
+from app.settings import ProfileStore
+from app.ui import is_local_request, open_output_folder
+from tests.test_ui_api import App
+from tests.test_ui_browser import browser, open_page, screenshot  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+
+
+# ------------------------------------------------------------------ helpers
+
+def request(host: str, headers: dict | None = None) -> SimpleNamespace:
+    return SimpleNamespace(client=SimpleNamespace(host=host), headers=headers or {})
+
+
+def test_only_a_browser_on_this_machine_opens_the_output_folder(tmp_path, monkeypatch):
+    assert is_local_request(request("127.0.0.1", {"host": "127.0.0.1:7860"}))
+    assert is_local_request(request("::1", {"host": "[::1]:7860"}))
+    assert is_local_request(request("127.0.0.1", {"host": "localhost:7860"}))
+    assert not is_local_request(request("192.168.1.20", {"host": "192.168.1.5:7860"}))  # --listen, another PC
+    assert not is_local_request(request("127.0.0.1", {"host": "abcd.gradio.live"}))  # --share tunnel
+    assert not is_local_request(request("127.0.0.1", {"host": "127.0.0.1:7860", "x-forwarded-for": "10.0.0.9"}))
+    assert not is_local_request(None)
+
+    opened = []
+    monkeypatch.setattr(ui, "open_folder", opened.append)
+    message = open_output_folder(tmp_path / "out", request("10.0.0.9", {"host": "10.0.0.1:7860"}))
+    assert message.startswith("⚠") and "machine that runs the app" in message and opened == []
+    message = open_output_folder(tmp_path / "out", request("127.0.0.1", {"host": "127.0.0.1:7860"}))
+    assert opened == [(tmp_path / "out").resolve()] and "Opened the output folder" in message
+
+    def no_file_manager(path):
+        raise FileNotFoundError(2, "No such file or directory", "xdg-open")
+
+    monkeypatch.setattr(ui, "open_folder", no_file_manager)
+    message = open_output_folder(tmp_path / "out", request("127.0.0.1", {"host": "127.0.0.1:7860"}))
+    assert message.startswith("⚠ Could not open") and "xdg-open" in message
+
+
+# ------------------------------------------------------------------ the page
+
+@pytest.fixture(scope="module")
+def app(tiny_dir, tmp_path_factory):
+    served = App(tmp_path_factory.mktemp("ui_page"), tiny_dir, profiles=True)
+    served.store = ProfileStore(served.profiles_dir)
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def page(browser, app):  # noqa: F811 - the browser fixture imported above
+    (app.profiles_dir / ".state" / "last_used.json").unlink(missing_ok=True)  # a page with the model defaults
+    with open_page(browser, app.url, height=1400) as pg:
+        yield pg
+
+
+def set_number(page: Page, elem_id: str, value: str) -> None:
+    page.fill(f"#{elem_id} input[type=number]", value)
+    page.press(f"#{elem_id} input[type=number]", "Enter")
+
+
+def test_profile_section_is_compact(page: Page, app, tmp_path):
+    for eid in ("profile-load", "profile-delete", "profile-save", "profile-rename", "profile-import"):
+        box = page.locator(f"#{eid}").bounding_box()
+        assert box is not None and box["height"] <= 44, (eid, box)  # their own height, not the row's
+    expect(page.locator("#profile-export-file")).to_be_hidden()  # nothing exported yet: no empty box
+    screenshot(page, "ui-profiles.png")
+
+    # import: a button whose file goes straight in
+    profile = tmp_path / "from disk.json"
+    profile.write_text(json.dumps({"schema_version": 2, "model_type": "z_image_tiny", "prompt": "an imported fox",
+                                   "width": 64, "height": 64}))
+    page.fill("#profile-name input", "button import")
+    with page.expect_file_chooser() as chooser:
+        page.click("#profile-import")
+    chooser.value.set_files(str(profile))
+    expect(page.locator("#profile-status")).to_contain_text("Imported generation profile button import")
+    assert app.store.load("button import")[0]["prompt"] == "an imported fox"
+    # export: the file box appears with the file to download
+    page.click("#profile-export")
+    expect(page.locator("#profile-export-file")).to_be_visible()
+    expect(page.locator("#profile-export-file")).to_contain_text("button import")
+    app.store.delete("button import")
+
+
+def test_random_seed_button(page: Page):
+    page.fill("#seed input", "123")
+    page.press("#seed input", "Enter")
+    page.click("#random-seed")
+    expect(page.locator("#seed input")).to_have_value("-1")
+
+
+def test_open_output_folder_from_this_machine(page: Page, app, monkeypatch):
+    opened = []
+    monkeypatch.setattr(ui, "open_folder", opened.append)  # the app runs in this process
+    page.click("#open-output-folder")  # shown: this browser is on the app's machine
+    expect(page.locator("#status")).to_contain_text("Opened the output folder")
+    assert opened == [Path(app.config.output_dir).resolve()]
+
+
+def test_long_result_stays_one_short_row_and_expands(page: Page, app):
+    (job_id,) = app.generate("a base fox", model_type="z_image_base")  # offline, no weights: a long error
+    error = app.wait_done([job_id])[job_id]["error"]
+    assert len(error) > ui.TABLE_MAX_CHARS
+    row = page.locator("#queue-table [role=row]", has_text=job_id).first
+    expect(row).to_be_visible()
+    box = row.bounding_box()
+    assert box is not None and box["height"] <= 90, box  # was about 220 px: a word or two per line
+    cell = row.locator("[role=gridcell]").last
+    expect(cell).not_to_contain_text(error)
+    cell.click()  # shows the whole text
+    expect(cell).to_contain_text(error)
+    app.client.predict(job_id, api_name="/remove")
