@@ -15,6 +15,7 @@ import html
 import ipaddress
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ import pandas as pd
 
 from app.jobs import DEFAULT_MEMORY_PROFILE, JobSpec, parse_memory_profile, validate
 from app.metadata import read_settings
-from app.queue import JobQueue
+from app.queue import FINISHED, JobQueue
 from app.settings import ProfileStore, startup_settings
 from app.ui_loras import (
     check_available,
@@ -186,6 +187,35 @@ def progress_html(jobs: list[dict[str, Any]]) -> str:
     cls = "error" if last["status"] in ("failed", "interrupted") else "muted"
     what = html.escape(job_result(last) or last["status"])
     return f"<div class='{cls}'>Idle{tail}. Last job {icon} {html.escape(last['id'])} {last['status']}: {what}</div>"
+
+
+# status lines naming jobs that have yet to end ("Queued job X.", "Queued jobs X, Y.", "Queued job X again.",
+# "Stopping job X ..."): the poll replaces them with the outcome once those jobs have all ended
+PENDING_STATUS = re.compile(r"^(?:Queued jobs?|Stopping job) ((?:[0-9a-f]{8})(?:, [0-9a-f]{8})*)\b")
+
+
+def status_after(text: str | None, jobs: list[dict[str, Any]]) -> str | None:
+    """The status line once every job it names as queued or stopping has ended; None: leave it as it is."""
+    m = PENDING_STATUS.match(text or "")
+    if not m:
+        return None
+    ids = m.group(1).split(", ")
+    by_id = {j["id"]: j for j in jobs}
+    if any(by_id[i]["status"] not in FINISHED for i in ids if i in by_id):
+        return None
+    if len(ids) == 1:
+        job = by_id.get(ids[0])
+        if job is None:
+            return f"Job {ids[0]} is no longer in the queue."
+        outcome = job_result(job)
+        return (f"{STATUS_ICONS.get(job['status'], '')} Job {job['id']} {job['status']}"
+                + (f": {outcome}" if outcome else "."))
+    counts: dict[str, int] = {}
+    for i in ids:
+        st = by_id[i]["status"] if i in by_id else "removed"
+        counts[st] = counts.get(st, 0) + 1
+    icon = STATUS_ICONS["done"] if set(counts) == {"done"} else STATUS_ICONS["interrupted"]
+    return f"{icon} Jobs {', '.join(ids)} ended: " + ", ".join(f"{n} {st}" for st, n in counts.items()) + "."
 
 
 def caption_for(path: Path, cache: dict[str, str]) -> str:
@@ -475,10 +505,11 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
 
         captions: dict[str, str] = {}
 
-        def poll(state: dict) -> tuple:
+        def poll(state: dict, status_text: str | None = None) -> tuple:
             state = dict(state or {})
             version = queue.version
-            table_out = progress_out = gallery_out = gr.skip()
+            table_out = progress_out = gallery_out = status_out = gr.skip()
+            jobs = None
             if state.get("v") != version:
                 jobs = queue.snapshot()
                 table_out, progress_out = queue_table(jobs), progress_html(jobs)
@@ -493,12 +524,16 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                     newest = bool(state.get("gallery") is not None and key and key[0] not in state["gallery"])
                     gallery_out = gr.Gallery(value=items, selected_index=0 if newest else None)
                     state["gallery"] = key
+            # a status line naming pending jobs follows them (read again when they or the line change)
+            if PENDING_STATUS.match(status_text or "") and (jobs is not None or state.get("st") != status_text):
+                status_out = status_after(status_text, jobs if jobs is not None else queue.snapshot()) or gr.skip()
+            state["st"] = status_text
             preview_version, image = queue.preview()
             preview_out = image if state.get("pv") != preview_version else gr.skip()
             state["pv"] = preview_version
-            return table_out, progress_out, preview_out, gallery_out, state
+            return table_out, progress_out, preview_out, gallery_out, status_out, state
 
-        poll_io = {"fn": poll, "inputs": [seen], "outputs": [table, progress, preview, gallery, seen],
+        poll_io = {"fn": poll, "inputs": [seen, status], "outputs": [table, progress, preview, gallery, status, seen],
                    "queue": False, "show_progress": "hidden", "api_visibility": "private"}
         gr.Timer(1.0).tick(**poll_io)
         demo.load(**poll_io)

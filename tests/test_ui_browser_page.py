@@ -12,15 +12,40 @@ from playwright.sync_api import Page, expect
 
 import app.ui as ui
 from app.settings import ProfileStore
-from app.ui import is_local_request, open_output_folder
+from app.ui import is_local_request, open_output_folder, status_after
 from tests.test_ui_api import App
-from tests.test_ui_browser import browser, open_page, screenshot  # noqa: F401 - fixture
+from tests.test_ui_browser import browser, choose_model, open_page, screenshot  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 
 
 # ------------------------------------------------------------------ helpers
+
+def job(job_id: str, status: str, **kw) -> dict:
+    return {"id": job_id, "status": status, "paths": [], "seconds": 1.0, "error": "", "step": 0, "total": 0,
+            "lora_reports": [], **kw}
+
+
+def test_status_line_follows_the_jobs_it_names():
+    a, b = "0123abcd", "4567ef01"
+    assert status_after(f"Queued job {a}.", [job(a, "queued")]) is None  # still to run: unchanged
+    assert status_after(f"Queued job {a}.", [job(a, "running")]) is None
+    assert status_after(f"Queued job {a}.", [job(a, "done", paths=["x.png"], seconds=0.5)]) == \
+        f"✔ Job {a} done: 1 image in 0.5 s"
+    assert status_after(f"Queued job {a} again.", [job(a, "failed", error="boom")]) == f"✖ Job {a} failed: boom"
+    assert status_after(f"Stopping job {a} at step 3/8 after the current step.",
+                        [job(a, "aborted", step=3, total=8)]) == f"■ Job {a} aborted: stopped at step 3/8"
+    assert status_after(f"Queued job {a}.", []) == f"Job {a} is no longer in the queue."
+    both = f"Queued jobs {a}, {b}."
+    assert status_after(both, [job(a, "done"), job(b, "queued")]) is None
+    assert status_after(both, [job(a, "done"), job(b, "done")]) == f"✔ Jobs {a}, {b} ended: 2 done."
+    assert status_after(both, [job(a, "done"), job(b, "failed")]) == f"⚠ Jobs {a}, {b} ended: 1 done, 1 failed."
+    # lines that name no pending job are left alone, the poll's own outcome lines included
+    for text in ("", "No job is running.", f"Removed job {a}.", f"✔ Job {a} done: 1 image in 0.5 s",
+                 "⚠ Not queued: the prompt is empty"):
+        assert status_after(text, [job(a, "done")]) is None
+
 
 def request(host: str, headers: dict | None = None) -> SimpleNamespace:
     return SimpleNamespace(client=SimpleNamespace(host=host), headers=headers or {})
@@ -70,6 +95,19 @@ def page(browser, app):  # noqa: F811 - the browser fixture imported above
 def set_number(page: Page, elem_id: str, value: str) -> None:
     page.fill(f"#{elem_id} input[type=number]", value)
     page.press(f"#{elem_id} input[type=number]", "Enter")
+
+
+def test_status_line_shows_how_the_job_ended(page: Page, app):
+    choose_model(page, "tiny")
+    for eid, value in (("width", "64"), ("height", "64"), ("steps", "2")):
+        set_number(page, eid, value)
+    page.fill("#prompt textarea", "a status fox")
+    before = {j["id"] for j in app.queue.snapshot()}
+    page.click("#generate")
+    expect(page.locator("#queue-table")).to_contain_text("a status fox")
+    (job_id,) = {j["id"] for j in app.queue.snapshot()} - before
+    assert app.queue.wait(job_id, timeout=120)["status"] == "done"
+    expect(page.locator("#status")).to_contain_text(f"✔ Job {job_id} done: 1 image in")
 
 
 def test_profile_section_is_compact(page: Page, app, tmp_path):

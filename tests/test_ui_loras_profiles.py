@@ -191,7 +191,8 @@ def choose(page: Page, elem_id: str, option: str) -> None:
 
 
 def new_job(page: Page, app: LoraApp, before: set[str]) -> dict:
-    expect(page.locator("#status")).to_contain_text("Queued job")
+    # "Queued job X.", or already how it ended (the status line follows the job)
+    expect(page.locator("#status")).to_contain_text(re.compile(r"(Queued job|Job) [0-9a-f]{8}"))
     (job_id,) = {j["id"] for j in app.queue.snapshot()} - before
     return app.queue.wait(job_id, timeout=120)
 
