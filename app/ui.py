@@ -27,7 +27,8 @@ import pandas as pd
 from app.jobs import DEFAULT_MEMORY_PROFILE, JobSpec, parse_memory_profile, validate
 from app.metadata import read_settings
 from app.queue import FINISHED, JobQueue
-from app.settings import ProfileStore, startup_settings
+from app.settings import ProfileStore, model_settings, startup_settings
+from app.ui_form import FORM_KEYS, FORM_PENDING, STORAGE_KEY, clean_form, save_form_js
 from app.ui_loras import (
     check_available,
     insert_word,
@@ -77,6 +78,9 @@ CSS = """
 #progress .bar > div { height: 100%; background: var(--color-accent); transition: width 0.4s; }
 #progress .muted { color: var(--body-text-color-subdued); }
 #progress .error { color: var(--error-text-color); }
+/* the settings column until the page-load handler filled it (app/ui_form.py); shown anyway after 5 s */
+.wgp-form-pending { visibility: hidden; animation: wgp-reveal 0s linear 5s forwards; }
+@keyframes wgp-reveal { to { visibility: visible; } }
 /* small buttons beside a labelled box: at the box's foot, their own height (a stretched row made them huge) */
 .wgp-inline-btn { align-self: flex-end !important; flex-grow: 0 !important; margin-bottom: var(--block-padding, 10px); }
 """
@@ -355,6 +359,9 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
 
     with gr.Blocks(title="wgp-zimage") as demo:
         buttons: dict[str, gr.Button] = {}
+        # this browser's form (app/ui_form.py). Not a secret (Gradio hands it to the page, which encrypts with
+        # it): a fixed one lets the saved form survive a restart of the app
+        form_state = gr.BrowserState(None, storage_key=STORAGE_KEY, secret=STORAGE_KEY)
         seen = gr.State({})  # per tab: which queue / preview / gallery version it shows
         selected_image = gr.State("")
         with gr.Row(equal_height=True):
@@ -363,7 +370,8 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                                 elem_id="model-type", scale=2)
             model_info = gr.Markdown(defs[first].description, elem_id="model-info", label="model description")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=5):
+            # hidden (FORM_PENDING) until the page-load handler has put the user's settings in
+            with gr.Column(scale=5, elem_id="settings-column", elem_classes=[FORM_PENDING]) as settings_column:
                 prompt = gr.Textbox(label="Prompt", lines=4, max_lines=20, elem_id="prompt",
                                     placeholder="a red fox in the snow, golden hour, 35 mm photo")
                 token_info = gr.Markdown("", elem_id="token-count")
@@ -805,22 +813,61 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         lora_triggers.input(on_trigger, [lora_triggers, prompt], [prompt, lora_triggers], queue=False,
                             show_progress="hidden", api_visibility="private")
 
-        # ---------------------------------------------------------- last used settings, restored on page load
+        # ---------------------------------------------------------- the form: this browser's, else the last used
 
+        def form_updates(saved: dict[str, Any]) -> tuple:
+            """The browser's saved form (clean_form) -> values for form_outputs."""
+            model_type = saved["model_type"]
+            st, warnings = model_settings(model_type, defs, store)  # fields the saved form lacks
+            for w in warnings:
+                log.warning("%s", w)
+            st = {**st, **{k: saved[k] for k in FORM_KEYS if k in saved and k in st}, "seed_policy": "fixed",
+                  "loras": []}
+            out = list(settings_updates(st))
+            # the strengths text as typed (it may be half written); the dropdown gets the names it knows
+            text = saved.get("loras", "")
+            names = names_in(text, lora_names(model_type))
+            words = trigger_words_of(lora_library(model_type), names)
+            out[-3:] = [gr.update(choices=lora_names(model_type), value=names), text,
+                        gr.update(choices=words, value=None, visible=bool(words))]
+            memory = saved.get("memory_profile")
+            choices = [v for _, v in memory_override_choices()]
+            return (*out, saved.get("one_per_line", gr.skip()), memory if memory in choices else gr.skip())
+
+        def last_used_updates() -> tuple:
+            """The server's last used settings (or this model's saved defaults); skips when there are none."""
+            keep = tuple(gr.skip() for _ in settings_outputs)
+            if store is None:
+                return keep
+            try:
+                if store.load_last_used()[0] is None and store.get_model_defaults(first)[0] is None:
+                    return keep  # the page already shows that
+                st, warnings = startup_settings(store, defs, default_model=first, available_loras=lora_names())
+            except UserError as e:
+                log.warning("cannot restore the last used settings: %s", e)
+                return keep
+            for w in warnings:
+                log.warning("%s", w)
+            return settings_updates(st)
+
+        form_outputs = [*settings_outputs, one_per_line, memory_override]
+
+        def startup(form: Any) -> tuple:
+            """Fill the form when a page opens, then show it (it is hidden until then: no flash of defaults)."""
+            try:
+                saved = clean_form(form, defs)
+                values = form_updates(saved) if saved is not None else (*last_used_updates(), gr.skip(), gr.skip())
+            except Exception:  # never leave the form hidden (the CSS shows it after a few seconds anyway)
+                log.exception("cannot restore the form")
+                values = tuple(gr.skip() for _ in form_outputs)
+            return (*values, gr.update(elem_classes=[]))
+
+        demo.load(startup, form_state, [*form_outputs, settings_column], queue=False, show_progress="hidden",
+                  api_visibility="private")
+        # every change of a control saves the form in this browser (JavaScript only: no round trip)
+        gr.on([c.change for c in gen_inputs], None, [*gen_inputs, form_state], form_state, js=save_form_js(),
+              queue=False, show_progress="hidden", api_visibility="private")
         if store is not None:
-            def startup() -> tuple:
-                try:
-                    if store.load_last_used()[0] is None and store.get_model_defaults(first)[0] is None:
-                        return tuple(gr.skip() for _ in settings_outputs)  # the page already shows that
-                    st, warnings = startup_settings(store, defs, default_model=first, available_loras=lora_names())
-                except UserError as e:
-                    log.warning("cannot restore the last used settings: %s", e)
-                    return tuple(gr.skip() for _ in settings_outputs)
-                for w in warnings:
-                    log.warning("%s", w)
-                return settings_updates(st)
-
-            demo.load(startup, None, settings_outputs, queue=False, show_progress="hidden", api_visibility="private")
             demo.load(lambda: gr.update(choices=profile_choices(store)), None, profile_parts["profile-select"],
                       queue=False, show_progress="hidden", api_visibility="private")
     return demo

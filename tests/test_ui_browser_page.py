@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from playwright.sync_api import Page, expect
 import app.ui as ui
 from app.settings import ProfileStore
 from app.ui import is_local_request, open_output_folder, status_after
+from app.ui_form import FORM_VERSION, clean_form
 from tests.test_ui_api import App
 from tests.test_ui_browser import browser, choose_model, open_page, screenshot  # noqa: F401 - fixture
 
@@ -75,6 +77,19 @@ def test_only_a_browser_on_this_machine_opens_the_output_folder(tmp_path, monkey
     assert message.startswith("⚠ Could not open") and "xdg-open" in message
 
 
+def test_saved_form_is_checked_field_by_field():
+    types = ["z_image_base", "z_image_tiny"]
+    form = {"version": FORM_VERSION, "model_type": "z_image_tiny", "prompt": "typed", "width": 64.0,
+            "num_inference_steps": "many", "guidance_scale": float("nan"), "one_per_line": True, "seed": True,
+            "loras": "my_style=0.", "memory_profile": "3"}
+    assert clean_form(form, types) == {"model_type": "z_image_tiny", "prompt": "typed", "width": 64,
+                                       "one_per_line": True, "loras": "my_style=0.", "memory_profile": "3"}
+    assert clean_form({**form, "model_type": "gone"}, types) is None  # a model no longer installed
+    assert clean_form({**form, "version": 99}, types) is None
+    for junk in (None, "text", [], {}):
+        assert clean_form(junk, types) is None
+
+
 # ------------------------------------------------------------------ the page
 
 @pytest.fixture(scope="module")
@@ -108,6 +123,53 @@ def test_status_line_shows_how_the_job_ended(page: Page, app):
     (job_id,) = {j["id"] for j in app.queue.snapshot()} - before
     assert app.queue.wait(job_id, timeout=120)["status"] == "done"
     expect(page.locator("#status")).to_contain_text(f"✔ Job {job_id} done: 1 image in")
+
+
+def test_typed_settings_survive_a_reload(page: Page, app):
+    choose_model(page, "tiny")
+    page.fill("#prompt textarea", "typed, never generated")
+    set_number(page, "steps", "7")
+    page.fill("#seed input", "4242")
+    page.press("#seed input", "Enter")
+    page.wait_for_timeout(300)  # the form is saved by the browser itself, at once; no server round trip
+    page.reload()
+    page.wait_for_selector("#prompt textarea")
+    expect(page.locator("#prompt textarea")).to_have_value("typed, never generated")
+    expect(page.locator("#steps input[type=number]")).to_have_value("7")
+    expect(page.locator("#seed input")).to_have_value("4242")
+    expect(page.locator("#model-type input")).to_have_value(re.compile("tiny"))
+
+
+# samples the steps box at every frame from the first one: its value whenever it can be seen
+SAMPLER = """
+window.__steps = [];
+const sample = () => {
+  const el = document.querySelector('#steps input[type=number]');
+  if (el && el.checkVisibility({visibilityProperty: true})) window.__steps.push(el.value);
+  requestAnimationFrame(sample);
+};
+requestAnimationFrame(sample);
+"""
+
+
+def test_page_never_shows_the_first_models_defaults_before_the_last_used(browser, app):  # noqa: F811
+    warnings = app.store.save_last_used({"model_type": "z_image_tiny", "prompt": "the last used fox",
+                                         "width": 64, "height": 64, "num_inference_steps": 5})
+    assert warnings == []
+    context = browser.new_context(viewport={"width": 1600, "height": 1100})
+    try:
+        pg = context.new_page()
+        pg.add_init_script(SAMPLER)
+        from tests.test_ui_browser import local_only
+
+        pg.route("**/*", local_only)
+        pg.goto(app.url)
+        expect(pg.locator("#prompt textarea")).to_have_value("the last used fox", timeout=60_000)
+        expect(pg.locator("#steps input[type=number]")).to_have_value("5")
+        seen = pg.evaluate("window.__steps")
+        assert seen and set(seen) == {"5"}, f"the steps box showed {sorted(set(seen))} (Base has 30)"
+    finally:
+        context.close()
 
 
 def test_profile_section_is_compact(page: Page, app, tmp_path):
