@@ -40,7 +40,9 @@ from app.ui_loras import (
 )
 from app.ui_profiles import build_profiles_section, controls_to_settings, profile_choices
 from app.ui_restore import restore_settings
+from models.downloads import missing_report, remote_sizes
 from models.errors import UserError
+from models.registry import InstallState, install_state
 
 if TYPE_CHECKING:  # the service module imports torch; the page itself does not need it
     from app.service import GenerationService, ServiceConfig
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # the service module imports torch; the page itself does not 
 MODEL_ORDER = ("z_image_base", "z_image", "z_image_tiny")
 SHORT_NAMES = {"z_image_base": "Base", "z_image": "Turbo", "z_image_tiny": "tiny"}
 CUSTOM = "Custom"
+NOT_INSTALLED = " · not downloaded"  # after a model's name in the model list
 log = logging.getLogger(__name__)
 # label -> (width, height); about 1 MP and 2 MP, every side a multiple of 16
 PRESETS: dict[str, tuple[int, int]] = {
@@ -78,6 +81,7 @@ CSS = """
 #progress .bar > div { height: 100%; background: var(--color-accent); transition: width 0.4s; }
 #progress .muted { color: var(--body-text-color-subdued); }
 #progress .error { color: var(--error-text-color); }
+#model-files pre { max-height: 14em; overflow: auto; }
 /* the settings column until the page-load handler filled it (app/ui_form.py); shown anyway after 5 s */
 .wgp-form-pending { visibility: hidden; animation: wgp-reveal 0s linear 5s forwards; }
 @keyframes wgp-reveal { to { visibility: visible; } }
@@ -357,6 +361,40 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"], d["flow_shift"],
                 defs[model_type].description)
 
+    def install(model_type: str) -> InstallState:
+        """Read at each call: files appear as jobs download them, and the Config may change quantization."""
+        cfg = service.config
+        return install_state(defs[model_type], cfg.checkpoints_dir, cfg.transformer_quantization,
+                             cfg.text_encoder_quantization, service.device)
+
+    def installed(model_type: str) -> bool:
+        try:
+            return install(model_type).installed
+        except UserError:  # a definition without the chosen weights: model_files_report says why
+            return False
+
+    def model_choices() -> list[tuple[str, str]]:
+        return [(defs[t].name if installed(t) else f"{defs[t].name}{NOT_INSTALLED}", t) for t in model_types]
+
+    def model_files_report(model_type: str | None) -> tuple:
+        """(report box, model list): what the chosen model lacks, the same list the CLI prints offline, with the
+        size to download when the Hub tells it; the labels refreshed."""
+        labels = gr.update(choices=model_choices())
+        if model_type not in defs:
+            return gr.update(visible=False), labels
+        name = defs[model_type].name
+        try:
+            state = install(model_type)
+        except UserError as e:
+            return gr.update(value=f"⚠ **{name} cannot be used:** {e}", visible=True), labels
+        if state.installed:
+            return gr.update(value="", visible=False), labels
+        if state.missing:
+            report = missing_report(state.specs, sizes=remote_sizes(state.missing))
+        else:
+            report = f"Its transformer file is missing: {state.local_transformer}"
+        return gr.update(value=f"⚠ **{name} is not installed.**\n\n```text\n{report}\n```", visible=True), labels
+
     with gr.Blocks(title="wgp-zimage") as demo:
         buttons: dict[str, gr.Button] = {}
         # this browser's form (app/ui_form.py). Not a secret (Gradio hands it to the page, which encrypts with
@@ -366,9 +404,11 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         selected_image = gr.State("")
         with gr.Row(equal_height=True):
             gr.Markdown("# wgp-zimage · Z-Image", elem_id="title")
-            model = gr.Dropdown([(defs[t].name, t) for t in model_types], value=first, label="Model",
-                                elem_id="model-type", scale=2)
+            # values stay the model type names (the API's); labels mark the models whose files are missing
+            model = gr.Dropdown(model_choices(), value=first, label="Model", elem_id="model-type", scale=2)
             model_info = gr.Markdown(defs[first].description, elem_id="model-info", label="model description")
+        # the chosen model's missing files, their URLs and folders, the size to download (hidden when installed)
+        model_files = gr.Markdown("", elem_id="model-files", visible=False)
         with gr.Row(equal_height=False):
             # hidden (FORM_PENDING) until the page-load handler has put the user's settings in
             with gr.Column(scale=5, elem_id="settings-column", elem_classes=[FORM_PENDING]) as settings_column:
@@ -669,6 +709,9 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
 
         model.input(model_updates, model, [negative, preset, width, height, steps, guidance, flow_shift, model_info],
                     queue=False, show_progress="hidden", api_visibility="private")
+        # .change: a restored file, a profile or the page load may choose the model too
+        model.change(model_files_report, model, [model_files, model], queue=False, show_progress="hidden",
+                     api_visibility="private")
 
         def flow_shift_place(model_type: str) -> tuple:
             adv = flow_shift_advanced(model_type)
@@ -863,7 +906,8 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             return (*values, gr.update(elem_classes=[]))
 
         demo.load(startup, form_state, [*form_outputs, settings_column], queue=False, show_progress="hidden",
-                  api_visibility="private")
+                  api_visibility="private").then(model_files_report, model, [model_files, model], queue=False,
+                                                 show_progress="hidden", api_visibility="private")
         # every change of a control saves the form in this browser (JavaScript only: no round trip)
         gr.on([c.change for c in gen_inputs], None, [*gen_inputs, form_state], form_state, js=save_form_js(),
               queue=False, show_progress="hidden", api_visibility="private")

@@ -12,14 +12,19 @@ import pytest
 from playwright.sync_api import Page, expect
 
 import app.ui as ui
+import models.downloads as dl
 from app.settings import ProfileStore
 from app.ui import is_local_request, open_output_folder, status_after
 from app.ui_form import FORM_VERSION, clean_form
+from models.downloads import FileSpec, missing_report, remote_sizes
+from models.registry import install_state, load_definitions
+from tests.test_downloads import FILES, REPO, hub, online  # noqa: F401 - fixtures
 from tests.test_ui_api import App
 from tests.test_ui_browser import browser, choose_model, open_page, screenshot  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+BASE_URL = "https://huggingface.co/DeepBeepMeep/Z-Image/resolve/main/ZImageBase_bf16.safetensors"
 
 
 # ------------------------------------------------------------------ helpers
@@ -90,6 +95,56 @@ def test_saved_form_is_checked_field_by_field():
         assert clean_form(junk, types) is None
 
 
+def test_missing_report_lists_files_urls_folders_and_size(hub, tmp_path, monkeypatch):  # noqa: F811 - fixture
+    monkeypatch.setattr(dl, "_unreachable_until", 0.0)  # no earlier failure holds the requests back
+    specs = [FileSpec(REPO, path, tmp_path.joinpath(*path.split("/"))) for path in FILES]
+    offline = missing_report(specs, endpoint=hub.endpoint, offline=True, sizes=remote_sizes(specs, offline=True))
+    assert offline.startswith("2 model files are missing (download size unknown offline).")
+    assert hub.requests == []  # offline: not one request
+    for spec in specs:
+        assert f"from: {spec.url(hub.endpoint)}" in offline and f"into: {spec.local_path.parent}/" in offline
+
+    sizes = remote_sizes(specs, endpoint=hub.endpoint, offline=False)
+    assert sizes == {s.local_path: len(FILES[s.repo_path]) for s in specs}
+    report = missing_report(specs, endpoint=hub.endpoint, offline=False, sizes=sizes)
+    assert report.startswith("2 model files are missing (156.2 KB to download).")  # 96,000 + 64,000 bytes
+    assert "The first job downloads them" in report and "ZImageBase_bf16.safetensors (93.8 KB)" in report
+    n = len(hub.requests)
+    remote_sizes(specs, endpoint=hub.endpoint, offline=False)
+    assert len(hub.requests) == n  # remembered
+
+    specs[0].local_path.parent.mkdir(parents=True, exist_ok=True)
+    specs[0].local_path.write_bytes(FILES[specs[0].repo_path])
+    assert missing_report(specs, endpoint=hub.endpoint, offline=False, sizes=sizes).startswith(
+        "1 model file is missing (62.5 KB to download).")
+
+
+def test_unreachable_hub_gives_unknown_sizes_without_asking_again(online, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(dl, "_unreachable_until", 0.0)
+    calls = []
+
+    def unreachable(spec, url):
+        calls.append(url)
+        raise dl._Unreachable("no network")
+
+    monkeypatch.setattr(dl, "_metadata", unreachable)
+    specs = [FileSpec(REPO, f"nowhere/{path}", tmp_path / path) for path in FILES]
+    assert set(remote_sizes(specs, offline=False).values()) == {None}
+    assert len(calls) == 1  # the first failure stops the others
+    remote_sizes(specs, offline=False)
+    assert len(calls) == 1  # and the next page does not wait again
+
+
+def test_install_state_is_what_the_models_command_lists(tiny_dbm_dir, tmp_path):
+    import torch
+
+    defs, _ = load_definitions()
+    state = install_state(defs["z_image_base"], tiny_dbm_dir, "bf16", "bf16", torch.device("cpu"))
+    assert state.specs and not state.installed  # the tiny file set lacks vocab.json and merges.txt
+    assert {s.repo_path for s in state.missing} == {"Qwen3/vocab.json", "Qwen3/merges.txt"}
+    assert install_state(defs["z_image_tiny"], tmp_path, "bf16", "bf16", torch.device("cpu")).installed
+
+
 # ------------------------------------------------------------------ the page
 
 @pytest.fixture(scope="module")
@@ -110,6 +165,23 @@ def page(browser, app):  # noqa: F811 - the browser fixture imported above
 def set_number(page: Page, elem_id: str, value: str) -> None:
     page.fill(f"#{elem_id} input[type=number]", value)
     page.press(f"#{elem_id} input[type=number]", "Enter")
+
+
+def test_model_list_shows_what_a_model_lacks(page: Page, app):
+    page.click("#model-type input")
+    expect(page.get_by_role("option", name=re.compile("Base"))).to_contain_text("not downloaded")
+    expect(page.get_by_role("option", name=re.compile("tiny"))).not_to_contain_text("not downloaded")
+    page.get_by_role("option", name=re.compile("Base")).click()  # the current one: the list closes
+    files = page.locator("#model-files")
+    expect(files).to_contain_text("Z-Image Base 6B is not installed")  # Base: the page's first model
+    expect(files).to_contain_text("10 model files are missing (download size unknown offline)")
+    expect(files).to_contain_text(f"from: {BASE_URL}")
+    expect(files).to_contain_text(f"into: {app.config.checkpoints_dir / 'Qwen3'}/")
+    screenshot(page, "ui-model-not-installed.png")
+    choose_model(page, "tiny")
+    expect(files).to_be_hidden()
+    choose_model(page, "Turbo")
+    expect(files).to_contain_text("ZImageTurbo_bf16.safetensors")
 
 
 def test_status_line_shows_how_the_job_ended(page: Page, app):
