@@ -385,7 +385,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from app.service import resolve_device
-    from models.registry import handler_for, load_definitions
+    from models.registry import handler_for, install_state, load_definitions
 
     defs, problems = load_definitions()
     for p in problems:
@@ -394,10 +394,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     for mt, d in sorted(defs.items()):
         handler = handler_for(d.architecture)
         print(f"{mt}  [{handler.family_label}] {d.name}")
-        tq = handler.choose_quantization(args.transformer_quantization, device)
-        teq = handler.choose_quantization(args.text_encoder_quantization, device)
-        specs = handler.files_to_download(d, args.checkpoints_dir, tq, teq)
-        local = handler.local_transformer(d, tq)
+        # the same list the web UI's model dropdown reads
+        state = install_state(d, args.checkpoints_dir, args.transformer_quantization,
+                              args.text_encoder_quantization, device)
+        specs, local = state.specs, state.local_transformer
         if not specs and local is None:
             print("    no files to fetch (generated on first use)")
         if local is not None:

@@ -12,9 +12,13 @@ No torch here.
 from __future__ import annotations
 
 import html
+import ipaddress
 import logging
 import os
+import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +35,10 @@ from app.jobs import (
     validate,
 )
 from app.metadata import read_settings
-from app.queue import MAX_JOBS_PER_REQUEST, JobQueue, clean_text
+from app.queue import FINISHED, MAX_JOBS_PER_REQUEST, JobQueue, clean_text
 from app.served_files import served_files
-from app.settings import ProfileStore, startup_settings
+from app.settings import ProfileStore, model_settings, startup_settings
+from app.ui_form import FORM_KEYS, FORM_PENDING, STORAGE_KEY, clean_form, save_form_js
 from app.ui_loras import (
     check_available,
     insert_word,
@@ -46,7 +51,9 @@ from app.ui_loras import (
 from app.ui_profiles import build_profiles_section, controls_to_settings, profile_choices
 from app.ui_restore import restore_settings
 from app.untrusted import generate_arguments
+from models.downloads import missing_report, remote_sizes
 from models.errors import UserError
+from models.registry import InstallState, install_state
 
 if TYPE_CHECKING:  # the service module imports torch; the page itself does not need it
     from app.service import GenerationService, ServiceConfig
@@ -54,6 +61,7 @@ if TYPE_CHECKING:  # the service module imports torch; the page itself does not 
 MODEL_ORDER = ("z_image_base", "z_image", "z_image_tiny")
 SHORT_NAMES = {"z_image_base": "Base", "z_image": "Turbo", "z_image_tiny": "tiny"}
 CUSTOM = "Custom"
+NOT_INSTALLED = " · not downloaded"  # after a model's name in the model list
 log = logging.getLogger(__name__)
 # label -> (width, height); about 1 MP and 2 MP, every side a multiple of 16
 PRESETS: dict[str, tuple[int, int]] = {
@@ -74,8 +82,9 @@ UI_NAMES = {
 API_NAMES = {**UI_NAMES, "model_type": "Model", "prompt": "Prompt", "negative_prompt": "Negative prompt",
              "one_per_line": "One job per line"}
 TABLE_HEADERS = ["ID", "Status", "Progress", "Prompt", "Settings", "Seed", "Result"]
-TABLE_WIDTHS = ["11%", "12%", "11%", "23%", "17%", "13%", "13%"]
+TABLE_WIDTHS = ["11%", "11%", "11%", "18%", "16%", "10%", "23%"]  # Result: room for a truncated line
 STATUS_ICONS = {"queued": "⏳", "running": "▶", "done": "✔", "failed": "✖", "interrupted": "⚠", "aborted": "■"}
+TABLE_MAX_CHARS = 48
 GALLERY_SIZE = 24
 PROMPT_PREVIEW_CHARS = 100  # of each prompt, in the table and progress line (rebuilt on every step)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -87,6 +96,12 @@ CSS = """
 #progress .bar > div { height: 100%; background: var(--color-accent); transition: width 0.4s; }
 #progress .muted { color: var(--body-text-color-subdued); }
 #progress .error { color: var(--error-text-color); }
+#model-files pre { max-height: 14em; overflow: auto; }
+/* the settings column until the page-load handler filled it (app/ui_form.py); shown anyway after 5 s */
+.wgp-form-pending { visibility: hidden; animation: wgp-reveal 0s linear 5s forwards; }
+@keyframes wgp-reveal { to { visibility: visible; } }
+/* small buttons beside a labelled box: at the box's foot, their own height (a stretched row made them huge) */
+.wgp-inline-btn { align-self: flex-end !important; flex-grow: 0 !important; margin-bottom: var(--block-padding, 10px); }
 """
 
 
@@ -233,6 +248,35 @@ def _progress_html(jobs: list[dict[str, Any]]) -> str:
     return f"<div class='{cls}'>Idle{tail}. Last job {icon} {html.escape(last['id'])} {last['status']}: {what}</div>"
 
 
+# status lines naming jobs that have yet to end ("Queued job X.", "Queued jobs X, Y.", "Queued job X again.",
+# "Stopping job X ..."): the poll replaces them with the outcome once those jobs have all ended
+PENDING_STATUS = re.compile(r"^(?:Queued jobs?|Stopping job) ((?:[0-9a-f]{8})(?:, [0-9a-f]{8})*)\b")
+
+
+def status_after(text: str | None, jobs: list[dict[str, Any]]) -> str | None:
+    """The status line once every job it names as queued or stopping has ended; None: leave it as it is."""
+    m = PENDING_STATUS.match(text or "")
+    if not m:
+        return None
+    ids = m.group(1).split(", ")
+    by_id = {j["id"]: j for j in jobs}
+    if any(by_id[i]["status"] not in FINISHED for i in ids if i in by_id):
+        return None
+    if len(ids) == 1:
+        job = by_id.get(ids[0])
+        if job is None:
+            return f"Job {ids[0]} is no longer in the queue."
+        outcome = job_result(job)
+        return (f"{STATUS_ICONS.get(job['status'], '')} Job {job['id']} {job['status']}"
+                + (f": {outcome}" if outcome else "."))
+    counts: dict[str, int] = {}
+    for i in ids:
+        st = by_id[i]["status"] if i in by_id else "removed"
+        counts[st] = counts.get(st, 0) + 1
+    icon = STATUS_ICONS["done"] if set(counts) == {"done"} else STATUS_ICONS["interrupted"]
+    return f"{icon} Jobs {', '.join(ids)} ended: " + ", ".join(f"{n} {st}" for st, n in counts.items()) + "."
+
+
 def caption_for(path: Path, cache: dict[str, str]) -> str:
     """'seed N · prompt' from the image's settings (read once per file), else its name."""
     key = str(path)
@@ -265,6 +309,57 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
     files.sort(key=lambda t: t[0], reverse=True)
     cache = {} if cache is None else cache
     return [(str(p), caption_for(p, cache)) for _, p in files[:limit]]
+
+
+def is_loopback(host: str | None) -> bool:
+    host = (host or "").strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_local_request(request: Any) -> bool:
+    """Whether the browser runs on the app's machine: a loopback client that asked for a loopback host.
+
+    A --share tunnel or a reverse proxy also connects from loopback, but names another host (or adds a
+    forwarding header): those browsers are elsewhere, and a folder opened here would be no use to them.
+    """
+    client = getattr(request, "client", None)
+    headers = getattr(request, "headers", None) or {}
+    if not is_loopback(getattr(client, "host", None)):
+        return False
+    if any(h in headers for h in ("x-forwarded-for", "x-forwarded-host", "forwarded", "x-real-ip")):
+        return False
+    host = headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host.rsplit("]:", 1)[0]  # drop the port
+    return is_loopback(name)
+
+
+def open_folder(path: Path) -> None:
+    """Show path in the desktop's file manager; OSError when there is none."""
+    if sys.platform == "win32":
+        os.startfile(path)  # type: ignore[attr-defined]  # Windows only
+        return
+    tool = "open" if sys.platform == "darwin" else "xdg-open"
+    subprocess.Popen([tool, str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def open_output_folder(folder: str | Path, request: Any) -> str:
+    """The "Open output folder" action: only for a browser on this machine (the API can call it too)."""
+    if not is_local_request(request):
+        return ("⚠ The output folder opens only from a browser on the machine that runs the app "
+                "(the gallery shows its images).")
+    folder = Path(folder).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # nothing generated yet: open it empty rather than fail
+        open_folder(folder)
+    except OSError as e:
+        return f"⚠ Could not open {folder}: {e}"
+    return f"Opened the output folder {folder}."
 
 
 # ------------------------------------------------------------------ the page
@@ -322,19 +417,59 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 d["width"], d["height"], d["num_inference_steps"], d["guidance_scale"], d["flow_shift"],
                 defs[model_type].description)
 
+    def install(model_type: str) -> InstallState:
+        """Read at each call: files appear as jobs download them, and the Config may change quantization."""
+        cfg = service.config
+        return install_state(defs[model_type], cfg.checkpoints_dir, cfg.transformer_quantization,
+                             cfg.text_encoder_quantization, service.device)
+
+    def installed(model_type: str) -> bool:
+        try:
+            return install(model_type).installed
+        except UserError:  # a definition without the chosen weights: model_files_report says why
+            return False
+
+    def model_choices() -> list[tuple[str, str]]:
+        return [(defs[t].name if installed(t) else f"{defs[t].name}{NOT_INSTALLED}", t) for t in model_types]
+
+    def model_files_report(model_type: str | None) -> tuple:
+        """(report box, model list): what the chosen model lacks, the same list the CLI prints offline, with the
+        size to download when the Hub tells it; the labels refreshed."""
+        labels = gr.update(choices=model_choices())
+        if model_type not in defs:
+            return gr.update(visible=False), labels
+        name = defs[model_type].name
+        try:
+            state = install(model_type)
+        except UserError as e:
+            return gr.update(value=f"⚠ **{name} cannot be used:** {e}", visible=True), labels
+        if state.installed:
+            return gr.update(value="", visible=False), labels
+        if state.missing:
+            report = missing_report(state.specs, sizes=remote_sizes(state.missing))
+        else:
+            report = f"Its transformer file is missing: {state.local_transformer}"
+        return gr.update(value=f"⚠ **{name} is not installed.**\n\n```text\n{report}\n```", visible=True), labels
+
     with gr.Blocks(title="wgp-zimage") as demo:
         buttons: dict[str, gr.Button] = {}
+        # this browser's form (app/ui_form.py). Not a secret (Gradio hands it to the page, which encrypts with
+        # it): a fixed one lets the saved form survive a restart of the app
+        form_state = gr.BrowserState(None, storage_key=STORAGE_KEY, secret=STORAGE_KEY)
         seen = gr.State({})  # per tab: which queue / preview / gallery version it shows
         selected_image = gr.State("")
         if notice:
             gr.Markdown(f"⚠ **{html.escape(notice)}**", elem_id="exposure-warning")
         with gr.Row(equal_height=True):
             gr.Markdown("# wgp-zimage · Z-Image", elem_id="title")
-            model = gr.Dropdown([(defs[t].name, t) for t in model_types], value=first, label="Model",
-                                elem_id="model-type", scale=2)
+            # values stay the model type names (the API's); labels mark the models whose files are missing
+            model = gr.Dropdown(model_choices(), value=first, label="Model", elem_id="model-type", scale=2)
             model_info = gr.Markdown(defs[first].description, elem_id="model-info", label="model description")
+        # the chosen model's missing files, their URLs and folders, the size to download (hidden when installed)
+        model_files = gr.Markdown("", elem_id="model-files", visible=False)
         with gr.Row(equal_height=False):
-            with gr.Column(scale=5):
+            # hidden (FORM_PENDING) until the page-load handler has put the user's settings in
+            with gr.Column(scale=5, elem_id="settings-column", elem_classes=[FORM_PENDING]) as settings_column:
                 prompt = gr.Textbox(label="Prompt", lines=4, max_lines=20, elem_id="prompt",
                                     placeholder="a red fox in the snow, golden hour, 35 mm photo")
                 token_info = gr.Markdown("", elem_id="token-count")
@@ -357,14 +492,16 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                                            visible=not flow_shift_advanced(first))
                 with gr.Row(equal_height=True):
                     seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed", scale=3)
-                    reuse_seed = gr.Button("♻ Last seed", elem_id="reuse-seed", scale=1, size="md")
+                    with gr.Column(scale=1, min_width=110):
+                        reuse_seed = gr.Button("♻ Last seed", elem_id="reuse-seed", size="sm")
+                        random_seed = gr.Button("🎲 Random", elem_id="random-seed", size="sm")
                     num_images = gr.Slider(1, 16, 1, step=1, label="Number of images", elem_id="num-images", scale=4)
                 with gr.Accordion("LoRAs", open=True, elem_id="loras"):
                     with gr.Row(equal_height=True):
                         lora_select = gr.Dropdown(lora_names(), value=[], multiselect=True, label="LoRAs",
                                                   info="from the LoRA folder", elem_id="lora-select", scale=5)
                         lora_refresh = gr.Button("↻ Refresh", elem_id="lora-refresh", size="sm", scale=1,
-                                                 min_width=80)
+                                                 min_width=80, elem_classes=["wgp-inline-btn"])
                     lora_strengths = gr.Textbox(
                         "", label="Strengths (one name=strength line per LoRA)", lines=2, max_lines=12,
                         elem_id="lora-strengths", placeholder="my_style=0.8",
@@ -445,12 +582,19 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                                        scale=1, buttons=[])
                     gallery = gr.Gallery(label="Results (newest first)", elem_id="gallery", columns=4, height=420,
                                          object_fit="contain", scale=2, interactive=False)
-                use_settings = gr.Button("Load settings of the selected image", elem_id="use-image-settings",
-                                         size="sm")
+                with gr.Row(equal_height=True):
+                    use_settings = gr.Button("Load settings of the selected image", elem_id="use-image-settings",
+                                             size="sm", scale=3)
+                    # shown on page load to a browser on this machine only (is_local_request)
+                    open_outputs = gr.Button("📂 Open output folder", elem_id="open-output-folder", size="sm",
+                                             scale=1, visible=False)
                 with gr.Group():
                     table = gr.Dataframe(queue_table([]), label="Queue (click a row to select it)",
                                          elem_id="queue-table", interactive=False, wrap=True, max_height=320,
-                                         column_widths=TABLE_WIDTHS)
+                                         column_widths=TABLE_WIDTHS,
+                                         # a long result or error stays one or two lines; a click on the cell
+                                         # shows it all
+                                         max_chars=TABLE_MAX_CHARS)
                     with gr.Row(equal_height=True):
                         job_id = gr.Textbox(show_label=False, placeholder="job ID (click a row)", elem_id="job-id",
                                             scale=3, min_width=120, max_lines=1, container=False)
@@ -468,10 +612,11 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         captions: dict[str, str] = {}
         gallery_files = served_files(output_dir)
 
-        def poll(state: dict) -> tuple:
+        def poll(state: dict, status_text: str | None = None) -> tuple:
             state = dict(state or {})
             version = queue.version
-            table_out = progress_out = gallery_out = gr.skip()
+            table_out = progress_out = gallery_out = status_out = gr.skip()
+            jobs = None
             if state.get("v") != version:
                 jobs = queue.snapshot(prompt_chars=PROMPT_PREVIEW_CHARS)  # the table shows only their start
                 table_out, progress_out = queue_table(jobs), progress_html(jobs, queue.notices)
@@ -487,12 +632,16 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                     newest = bool(state.get("gallery") is not None and key and key[0] not in state["gallery"])
                     gallery_out = gr.Gallery(value=items, selected_index=0 if newest else None)
                     state["gallery"] = key
+            # a status line naming pending jobs follows them (read again when they or the line change)
+            if PENDING_STATUS.match(status_text or "") and (jobs is not None or state.get("st") != status_text):
+                status_out = status_after(status_text, jobs if jobs is not None else queue.snapshot()) or gr.skip()
+            state["st"] = status_text
             preview_version, image = queue.preview()
             preview_out = image if state.get("pv") != preview_version else gr.skip()
             state["pv"] = preview_version
-            return table_out, progress_out, preview_out, gallery_out, state
+            return table_out, progress_out, preview_out, gallery_out, status_out, state
 
-        poll_io = {"fn": poll, "inputs": [seen], "outputs": [table, progress, preview, gallery, seen],
+        poll_io = {"fn": poll, "inputs": [seen, status], "outputs": [table, progress, preview, gallery, status, seen],
                    "queue": False, "show_progress": "hidden", "api_visibility": "private"}
         gr.Timer(1.0).tick(**poll_io)
         demo.load(**poll_io)
@@ -639,6 +788,9 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
 
         model.input(model_updates, model, [negative, preset, width, height, steps, guidance, flow_shift, model_info],
                     queue=False, show_progress="hidden", api_visibility="private")
+        # .change: a restored file, a profile or the page load may choose the model too
+        model.change(model_files_report, model, [model_files, model], queue=False, show_progress="hidden",
+                     api_visibility="private")
 
         def flow_shift_place(model_type: str) -> tuple:
             adv = flow_shift_advanced(model_type)
@@ -694,6 +846,23 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             return value
 
         reuse_seed.click(last_seed, None, seed, api_name="last_seed", queue=False, show_progress="hidden")
+        # -1: each job draws its own seed (recorded in its images); set in the browser, no round trip
+        random_seed.click(None, None, seed, js="() => -1", queue=False, show_progress="hidden",
+                          api_visibility="private")
+
+        def open_outputs_fn(request: gr.Request) -> str:
+            message = open_output_folder(service.config.output_dir, request)
+            if message.startswith("⚠"):
+                gr.Warning(message.lstrip("⚠ "))
+            return message
+
+        open_outputs.click(open_outputs_fn, None, status, queue=False, show_progress="hidden",
+                           api_visibility="private")
+
+        def show_open_outputs(request: gr.Request) -> Any:
+            return gr.update(visible=is_local_request(request))
+
+        demo.load(show_open_outputs, None, open_outputs, queue=False, show_progress="hidden", api_visibility="private")
 
         restore_outputs = [*settings_outputs, restore_message]
 
@@ -771,22 +940,62 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         lora_triggers.input(on_trigger, [lora_triggers, prompt], [prompt, lora_triggers], queue=False,
                             show_progress="hidden", api_visibility="private")
 
-        # ---------------------------------------------------------- last used settings, restored on page load
+        # ---------------------------------------------------------- the form: this browser's, else the last used
 
+        def form_updates(saved: dict[str, Any]) -> tuple:
+            """The browser's saved form (clean_form) -> values for form_outputs."""
+            model_type = saved["model_type"]
+            st, warnings = model_settings(model_type, defs, store)  # fields the saved form lacks
+            for w in warnings:
+                log.warning("%s", w)
+            st = {**st, **{k: saved[k] for k in FORM_KEYS if k in saved and k in st}, "seed_policy": "fixed",
+                  "loras": []}
+            out = list(settings_updates(st))
+            # the strengths text as typed (it may be half written); the dropdown gets the names it knows
+            text = saved.get("loras", "")
+            names = names_in(text, lora_names(model_type))
+            words = trigger_words_of(lora_library(model_type), names)
+            out[-3:] = [gr.update(choices=lora_names(model_type), value=names), text,
+                        gr.update(choices=words, value=None, visible=bool(words))]
+            memory = saved.get("memory_profile")
+            choices = [v for _, v in memory_override_choices()]
+            return (*out, saved.get("one_per_line", gr.skip()), memory if memory in choices else gr.skip())
+
+        def last_used_updates() -> tuple:
+            """The server's last used settings (or this model's saved defaults); skips when there are none."""
+            keep = tuple(gr.skip() for _ in settings_outputs)
+            if store is None:
+                return keep
+            try:
+                if store.load_last_used()[0] is None and store.get_model_defaults(first)[0] is None:
+                    return keep  # the page already shows that
+                st, warnings = startup_settings(store, defs, default_model=first, available_loras=lora_names())
+            except UserError as e:
+                log.warning("cannot restore the last used settings: %s", e)
+                return keep
+            for w in warnings:
+                log.warning("%s", w)
+            return settings_updates(st)
+
+        form_outputs = [*settings_outputs, one_per_line, memory_override]
+
+        def startup(form: Any) -> tuple:
+            """Fill the form when a page opens, then show it (it is hidden until then: no flash of defaults)."""
+            try:
+                saved = clean_form(form, defs)
+                values = form_updates(saved) if saved is not None else (*last_used_updates(), gr.skip(), gr.skip())
+            except Exception:  # never leave the form hidden (the CSS shows it after a few seconds anyway)
+                log.exception("cannot restore the form")
+                values = tuple(gr.skip() for _ in form_outputs)
+            return (*values, gr.update(elem_classes=[]))
+
+        demo.load(startup, form_state, [*form_outputs, settings_column], queue=False, show_progress="hidden",
+                  api_visibility="private").then(model_files_report, model, [model_files, model], queue=False,
+                                                 show_progress="hidden", api_visibility="private")
+        # every change of a control saves the form in this browser (JavaScript only: no round trip)
+        gr.on([c.change for c in gen_inputs], None, [*gen_inputs, form_state], form_state, js=save_form_js(),
+              queue=False, show_progress="hidden", api_visibility="private")
         if store is not None:
-            def startup() -> tuple:
-                try:
-                    if store.load_last_used()[0] is None and store.get_model_defaults(first)[0] is None:
-                        return tuple(gr.skip() for _ in settings_outputs)  # the page already shows that
-                    st, warnings = startup_settings(store, defs, default_model=first, available_loras=lora_names())
-                except UserError as e:
-                    log.warning("cannot restore the last used settings: %s", e)
-                    return tuple(gr.skip() for _ in settings_outputs)
-                for w in warnings:
-                    log.warning("%s", w)
-                return settings_updates(st)
-
-            demo.load(startup, None, settings_outputs, queue=False, show_progress="hidden", api_visibility="private")
             demo.load(lambda: gr.update(choices=profile_choices(store)), None, profile_parts["profile-select"],
                       queue=False, show_progress="hidden", api_visibility="private")
     return demo

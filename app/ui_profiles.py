@@ -62,31 +62,34 @@ def build_profiles_section(store: ProfileStore, inputs: list, outputs: list,
     profile sets and the values for them. Returns the components by elem_id.
     """
     c: dict[str, Any] = {}
+    # the buttons sit at the foot of their row (class wgp-inline-btn, app/ui.py's CSS) instead of stretching
+    # to the height of the labelled box beside them
+    small = {"size": "sm", "scale": 1, "min_width": 60, "elem_classes": ["wgp-inline-btn"]}
     with gr.Accordion("Generation profiles", open=True, elem_id="profiles"):
         with gr.Row(equal_height=True):
             c["profile-select"] = gr.Dropdown(profile_choices(store), value=None, label="Saved generation profiles",
                                               elem_id="profile-select", scale=3,
                                               # names are checked by the store; a stale list must not raise
                                               allow_custom_value=True)
-            c["profile-load"] = gr.Button("Load", elem_id="profile-load", size="sm", scale=1, min_width=60)
-            c["profile-delete"] = gr.Button("Delete", elem_id="profile-delete", size="sm", scale=1, min_width=60,
-                                            variant="stop")
+            c["profile-load"] = gr.Button("Load", elem_id="profile-load", **small)
+            c["profile-delete"] = gr.Button("Delete", elem_id="profile-delete", variant="stop", **small)
         with gr.Row(equal_height=True):
             c["profile-name"] = gr.Textbox(label="Name (to save, rename or import as)", elem_id="profile-name",
                                            max_lines=1, scale=3)
-            c["profile-save"] = gr.Button("Save", elem_id="profile-save", size="sm", scale=1, min_width=60)
-            c["profile-rename"] = gr.Button("Rename", elem_id="profile-rename", size="sm", scale=1, min_width=60)
+            c["profile-save"] = gr.Button("Save", elem_id="profile-save", **small)
+            c["profile-rename"] = gr.Button("Rename", elem_id="profile-rename", **small)
         c["profile-overwrite"] = gr.Checkbox(False, label="Replace a profile of the same name",
                                              elem_id="profile-overwrite")
         with gr.Row(equal_height=True):
             c["profile-set-default"] = gr.Button("Set as default for this model", elem_id="profile-set-default",
                                                  size="sm")
             c["profile-export"] = gr.Button("Export", elem_id="profile-export", size="sm")
-        with gr.Row(equal_height=False):
-            c["profile-export-file"] = gr.File(label="Exported profile", elem_id="profile-export-file",
-                                               interactive=False, height=90)
-            c["profile-import"] = gr.File(label="Import a profile (.json)", elem_id="profile-import",
-                                          file_types=[".json"], type="filepath", height=90)
+            # a button, not a drop box: a 90 px box clipped its own "Drop File Here" text
+            c["profile-import"] = gr.UploadButton("Import (.json)", elem_id="profile-import", file_types=[".json"],
+                                                  type="filepath", size="sm")
+        # hidden until there is something to download: an empty file box only took space
+        c["profile-export-file"] = gr.File(label="Exported profile", elem_id="profile-export-file",
+                                           interactive=False, height=90, visible=False)
         c["profile-status"] = gr.Markdown("", elem_id="profile-status")
 
     select, name, overwrite = c["profile-select"], c["profile-name"], c["profile-overwrite"]
@@ -168,7 +171,11 @@ def build_profiles_section(store: ProfileStore, inputs: list, outputs: list,
             raise _error(e) from None
         return str(path), f"Exported **{profile}**: download it above."
 
-    c["profile-export"].click(export, select, [c["profile-export-file"], status], api_name="profile_export", **cheap)
+    # the file box shows once there is a file in it (an update from export itself would change what
+    # /profile_export returns to API clients)
+    c["profile-export"].click(export, select, [c["profile-export-file"], status], api_name="profile_export",
+                              **cheap).success(lambda: gr.update(visible=True), None, c["profile-export-file"],
+                                               api_visibility="private", **cheap)
 
     def import_file(path: str | None, profile: str, replace: bool) -> tuple:
         """Add an uploaded profile file (any schema) to the saved ones; named by the box or the file."""

@@ -23,6 +23,7 @@ import glob
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ PARTIAL_DIR = Path(".cache") / "partial"  # relative to each file's folder: same
 _RETRYABLE_STATUS = (429, 500, 502, 503, 504)
 _TRUE = {"1", "on", "yes", "true"}
 
-__all__ = ["FileSpec", "download_files", "missing_files", "offline_report", "spec_from_url"]
+__all__ = ["FileSpec", "download_files", "missing_files", "missing_report", "offline_report", "remote_sizes",
+           "spec_from_url"]
 
 
 @dataclass
@@ -121,6 +123,20 @@ def missing_files(specs: Iterable[FileSpec]) -> list[FileSpec]:
     return out
 
 
+def _file_lines(missing: list[FileSpec], endpoint: str | None, sizes: dict[Path, int | None] | None = None
+                ) -> list[str]:
+    """Each missing file: its path in the repository (and size when known), its URL, the folder it goes in."""
+    lines = []
+    for spec in missing:
+        size = (sizes or {}).get(spec.local_path)
+        lines += [
+            f"  {spec.repo_path}" + (f" ({_size(size)})" if size is not None else ""),
+            f"    from: {spec.url(endpoint)}",
+            f"    into: {spec.local_path.parent}{os.sep}",
+        ]
+    return lines
+
+
 def offline_report(specs: Iterable[FileSpec], *, endpoint: str | None = None, reason: str | None = None) -> str:
     """A message telling the user, for each missing file, which URL to fetch and which folder to put it in."""
     missing = missing_files(specs)
@@ -132,13 +148,58 @@ def offline_report(specs: Iterable[FileSpec], *, endpoint: str | None = None, re
         "Download each file below with a browser or another machine and put it in the folder shown"
         " (keep the file name), or go online and run again:",
     ]
-    for spec in missing:
-        lines += [
-            f"  {spec.repo_path}",
-            f"    from: {spec.url(endpoint)}",
-            f"    into: {spec.local_path.parent}{os.sep}",
-        ]
-    return "\n".join(lines)
+    return "\n".join(lines + _file_lines(missing, endpoint))
+
+
+def missing_report(specs: Iterable[FileSpec], *, endpoint: str | None = None, offline: bool | None = None,
+                   sizes: dict[Path, int | None] | None = None) -> str:
+    """Before any download (the web UI's model list): what is missing, how much to download, where from and
+    to. sizes: remote_sizes(); the total is given when every missing file's size is known."""
+    missing = missing_files(specs)
+    if not missing:
+        return "All model files are present."
+    offline = _offline_from_env() if offline is None else offline
+    known = [(sizes or {}).get(s.local_path) for s in missing]
+    if all(n is not None for n in known):
+        total = f"{_size(sum(known))} to download"  # type: ignore[arg-type]  # no None left
+    else:
+        total = "download size unknown offline" if offline else "download size unknown"
+    n = len(missing)
+    how = ("Offline (HF_HUB_OFFLINE): download each file below with a browser or another machine and put it"
+           " in the folder shown (keep the file name)." if offline else
+           "The first job downloads them; or download each file below yourself and put it in the folder shown"
+           " (keep the file name).")
+    head = f"{n} model file{'s are' if n > 1 else ' is'} missing ({total})."
+    return "\n".join([head, how] + _file_lines(missing, endpoint, sizes))
+
+
+_SIZES: dict[str, int] = {}  # URL -> size in bytes, from earlier HEAD requests
+_SIZES_UNREACHABLE = 60.0  # seconds without asking again after the endpoint could not be reached
+_unreachable_until = 0.0
+
+
+def remote_sizes(specs: Iterable[FileSpec], *, endpoint: str | None = None, offline: bool | None = None
+                 ) -> dict[Path, int | None]:
+    """Each file's size from the Hub (a HEAD request, remembered), None where unknown. No request offline,
+    and none for a minute after the endpoint could not be reached: a page asking again must not wait."""
+    global _unreachable_until
+    specs = list(specs)
+    offline = _offline_from_env() if offline is None else offline
+    out: dict[Path, int | None] = {}
+    for spec in specs:
+        url = spec.url(endpoint)
+        if url not in _SIZES and not offline and time.monotonic() >= _unreachable_until:
+            try:
+                size = _metadata(spec, url).size
+            except _Unreachable:
+                _unreachable_until = time.monotonic() + _SIZES_UNREACHABLE
+                size = None
+            except UserError:  # not found, gated...: the download will say so
+                size = None
+            if size is not None:
+                _SIZES[url] = size
+        out[spec.local_path] = _SIZES.get(url)
+    return out
 
 
 def download_files(

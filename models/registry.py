@@ -234,6 +234,31 @@ def load_definitions(
     return defs, problems
 
 
+@dataclass
+class InstallState:
+    """What a model type needs on disk and which of it is missing (the CLI's `models`, the page's model list)."""
+
+    specs: list  # FileSpecs (models.downloads) fetched from the Hub into the checkpoints folder
+    missing: list  # those not on disk yet
+    local_transformer: Path | None = None  # a finetune's own transformer file, if it names one
+
+    @property
+    def installed(self) -> bool:
+        return not self.missing and (self.local_transformer is None or self.local_transformer.is_file())
+
+
+def install_state(definition: ModelDefinition, checkpoints_dir: Path, transformer_quantization: str,
+                  text_encoder_quantization: str, device: Any) -> InstallState:
+    """The files of definition for these quantization settings (auto|bf16|int8, decided for device)."""
+    from models.downloads import missing_files
+
+    handler = handler_for(definition.architecture)
+    tq = handler.choose_quantization(transformer_quantization, device)
+    teq = handler.choose_quantization(text_encoder_quantization, device)
+    specs = handler.files_to_download(definition, Path(checkpoints_dir), tq, teq)
+    return InstallState(specs, missing_files(specs), handler.local_transformer(definition, tq))
+
+
 def aliases() -> dict[str, str]:
     return {a: t for h in discover_handlers().values() for a, t in h.aliases.items()}
 

@@ -37,13 +37,15 @@ def free_port() -> int:
 class App:
     """The served app: its queue, output folder and a client."""
 
-    def __init__(self, root: Path, tiny_dir: Path):
+    def __init__(self, root: Path, tiny_dir: Path, profiles: bool = False):
         (root / "ckpts").mkdir(parents=True)
         (root / "ckpts" / "z_image_tiny").symlink_to(tiny_dir, target_is_directory=True)
         self.config = ServiceConfig(checkpoints_dir=root / "ckpts", output_dir=root / "outputs")
         self.service = GenerationService(self.config)
         self.queue = JobQueue(self.service, root / "queue.json").start()
-        self.demo = build_ui(self.queue, self.service, self.config)
+        # profiles: a generation profiles folder, which also keeps the last used settings
+        self.profiles_dir = root / "profiles" if profiles else None
+        self.demo = build_ui(self.queue, self.service, self.config, profiles_dir=self.profiles_dir)
         self.port = free_port()
         self.demo.launch(server_name="127.0.0.1", server_port=self.port, prevent_thread_lock=True, quiet=True,
                          ssr_mode=False, **launch_options(self.config.output_dir))

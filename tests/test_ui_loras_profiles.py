@@ -191,7 +191,8 @@ def choose(page: Page, elem_id: str, option: str) -> None:
 
 
 def new_job(page: Page, app: LoraApp, before: set[str]) -> dict:
-    expect(page.locator("#status")).to_contain_text("Queued job")
+    # "Queued job X.", or already how it ended (the status line follows the job)
+    expect(page.locator("#status")).to_contain_text(re.compile(r"(Queued job|Job) [0-9a-f]{8}"))
     (job_id,) = {j["id"] for j in app.queue.snapshot()} - before
     return app.queue.wait(job_id, timeout=120)
 
@@ -218,7 +219,10 @@ def test_browser_pick_a_lora_and_generate(page: Page, app):
     job = new_job(page, app, before)
     assert job["status"] == "done", job["error"]
     assert job["spec"]["loras"] == [{"name": STYLE, "strength": 0.7}] and job["spec"]["width"] == 64
-    expect(page.locator("#queue-table")).to_contain_text("tensors applied")
+    # the result cell is cut short in the table; a click shows all of it
+    result = page.locator("#queue-table [role=row]", has_text=job["id"]).first.locator("[role=gridcell]").last
+    result.click()
+    expect(result).to_contain_text("tensors applied")
     screenshot(page, "ui-lora-generate.png")
 
     # strengths follow their LoRA by name when another one is added or removed

@@ -133,7 +133,8 @@ def test_generation_profile_json_restores(defs, tmp_path):
     ('{"app": "other-app", "prompt": "x"}', "written by 'other-app'"),
     ('{"app": "wgp-zimage", "schema": 99, "model_type": "z_image"}', "newer than this version reads"),
     ('{"app": "wgp-zimage", "schema": 1, "prompt": "x"}', "names no model type"),
-    ('{"app": "wgp-zimage", "schema": 1, "model_type": "z_image", "width": "wide"}', r"Width \(--width\) must be a number"),
+    ('{"app": "wgp-zimage", "schema": 1, "model_type": "z_image", "width": "wide"}',
+     r"Width \(--width\) must be a number"),
     ('{"schema_version": 2, "model_type": "z_image", "num_inference_steps": 500}', "between 1 and 100"),
     ('{"schema_version": 7, "model_type": "z_image"}', "newer wgp-zimage"),
 ])

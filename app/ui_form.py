@@ -1,0 +1,62 @@
+"""The page's form kept in the browser: what the user typed survives a reload, generated or not.
+
+Every change of a setting control copies the form into the browser's localStorage (a gr.BrowserState,
+written by a JavaScript-only event: no round trip per keystroke). When a page opens, that saved form
+wins over the server's last used settings (app/settings.py), which only change on Generate. The
+settings column stays hidden (class FORM_PENDING, see app/ui.py's CSS) until the page-load handler
+has filled it, so the page never shows the first model's defaults before the user's own settings.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+FORM_VERSION = 1
+STORAGE_KEY = "wgp-zimage-form"
+FORM_PENDING = "wgp-form-pending"  # CSS class of the settings column until the page-load handler ran
+# the saved form's keys, in the order of the controls handed to save_form_js
+FORM_KEYS = ("model_type", "prompt", "one_per_line", "negative_prompt", "width", "height", "num_inference_steps",
+             "guidance_scale", "flow_shift", "cfg_normalization", "cfg_truncation", "seed", "num_images", "loras",
+             "memory_profile")
+_TEXT = ("prompt", "negative_prompt", "loras", "memory_profile")
+_NUMBERS = ("width", "height", "num_inference_steps", "guidance_scale", "flow_shift", "cfg_normalization",
+            "cfg_truncation", "seed", "num_images")
+_MAX_TEXT = 100_000  # a form field longer than this is not something the page wrote
+
+
+def save_form_js(keys: Iterable[str] = FORM_KEYS) -> str:
+    """The JavaScript of the event that saves the form: its inputs are the controls in keys' order, then the
+    saved form itself, which it returns unchanged while the page-load handler has not filled the form yet
+    (a control's first change must not overwrite the saved form with the defaults)."""
+    names = json.dumps(list(keys))
+    return (f"(...v) => {{ const saved = v.pop(); if (document.querySelector('.{FORM_PENDING}')) return saved; "
+            f"const keys = {names}; const form = {{version: {FORM_VERSION}}}; "
+            "keys.forEach((k, i) => { form[k] = v[i]; }); return form; }")
+
+
+def clean_form(data: Any, model_types: Iterable[str]) -> dict[str, Any] | None:
+    """The saved form with every field of the wrong type left out; None when it is unusable (none saved,
+    another version, a model type that is no longer installed). The values themselves are the user's, out
+    of range or not: Generate checks them and says what is wrong, as it would have before the reload."""
+    if not isinstance(data, dict) or data.get("version") != FORM_VERSION:
+        return None
+    if data.get("model_type") not in set(model_types):
+        return None
+    out: dict[str, Any] = {"model_type": data["model_type"]}
+    for key in _TEXT:
+        if isinstance(data.get(key), str) and len(data[key]) <= _MAX_TEXT:
+            out[key] = data[key]
+    for key in _NUMBERS:
+        v = data.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = int(v) if isinstance(v, float) and v.is_integer() else v
+    if isinstance(data.get("one_per_line"), bool):
+        out["one_per_line"] = data["one_per_line"]
+    return out
+
+
+__all__ = ["FORM_KEYS", "FORM_PENDING", "STORAGE_KEY", "clean_form", "save_form_js"]
