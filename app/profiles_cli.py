@@ -16,12 +16,12 @@ from typing import Any
 from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
 from app.settings import (
     OUTPUT_FORMATS,
-    PROFILE_PARAMS,
     SEED_POLICIES,
     ProfileStore,
     apply_to_model,
     job_seed,
     model_settings,
+    profile_params,
 )
 from models.errors import UserError
 from models.parsing import ascii_float, cli_int, parse_schedule
@@ -125,7 +125,7 @@ def settings_from_args(args: argparse.Namespace, store: ProfileStore) -> tuple[d
 
 def _summary(s: dict[str, Any]) -> str:
     seed = {"random": "random seed", "fixed": f"seed {s['seed']}", "increment": f"seed {s['seed']}++"}
-    tuned = "  ".join(f"{p.label.lower()} {s[p.name]:g}" for p in PROFILE_PARAMS
+    tuned = "  ".join(f"{p.label.lower()} {s[p.name]:g}" for p in profile_params()
                       if p.model_tuned and p.kind is float and p.name in s)  # a family's own (guidance...)
     return (f"{s['model_type']}  {s['width']}x{s['height']}  {s['num_inference_steps']} steps  "
             f"{tuned}  {seed[s['seed_policy']]}  x{s['num_images']}  {s['output_format']}")

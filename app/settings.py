@@ -53,19 +53,27 @@ _NAME_RE = re.compile(r"^[^\W][\w .,()+&'-]*$")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                      *(f"lpt{i}" for i in range(1, 10))}
 
-# the generation parameters a profile keeps, from their declarations (app/params.py); a null prompt /
-# negative prompt means "not part of this profile", the seed goes with its policy
-PROFILE_PARAMS = tuple(p for p in all_params() if p.in_profile)
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "model_type": DEFAULT_MODEL_TYPE, **{p.name: p.default for p in PROFILE_PARAMS},
-    "prompt": None, "negative_prompt": None, "seed_policy": "random", "seed": -1, "loras": [],
-    "output_format": "png", "output_quality": 90,
-}
-FIELDS = tuple(DEFAULT_SETTINGS)
-# keys a model definition recommends; replaced when a profile moves to a non-equivalent model
-MODEL_TUNED = tuple(p.name for p in PROFILE_PARAMS if p.model_tuned)
-# renames of schema 1 (flat short keys), from the declarations' legacy names
-_LEGACY = {old: p.name for p in PROFILE_PARAMS for old in p.legacy}
+# the generation parameters a profile keeps come from their declarations (app/params.py and the families'),
+# read at each use so a family registered later counts too; a null prompt / negative prompt means "not part
+# of this profile", the seed goes with its policy
+def profile_params() -> tuple:
+    return tuple(p for p in all_params() if p.in_profile)
+
+
+def default_settings() -> dict[str, Any]:
+    return {"model_type": DEFAULT_MODEL_TYPE, **{p.name: p.default for p in profile_params()},
+            "prompt": None, "negative_prompt": None, "seed_policy": "random", "seed": -1, "loras": [],
+            "output_format": "png", "output_quality": 90}
+
+
+def model_tuned() -> tuple[str, ...]:
+    """Keys a model definition recommends; replaced when a profile moves to a non-equivalent model."""
+    return tuple(p.name for p in profile_params() if p.model_tuned)
+
+
+def _legacy() -> dict[str, str]:
+    """Renames of schema 1 (flat short keys), from the declarations' legacy names."""
+    return {old: p.name for p in profile_params() for old in p.legacy}
 
 
 # ------------------------------------------------------------------ validation and migration
@@ -90,7 +98,7 @@ def check_name(name: str, what: str = "generation profile name") -> str:
 
 
 def _migrate_1_to_2(data: dict[str, Any]) -> dict[str, Any]:
-    renames = {"model": "model_type", "steps": "num_inference_steps", **_LEGACY,
+    renames = {"model": "model_type", "steps": "num_inference_steps", **_legacy(),
                "format": "output_format", "quality": "output_quality"}
     out = {renames.get(k, k): v for k, v in data.items() if k not in ("resolution", "schema_version")}
     if "resolution" in data:
@@ -139,16 +147,17 @@ def normalize_settings(
 ) -> tuple[dict[str, Any], list[str]]:
     """Complete, checked current-schema settings from data; raises UserError naming the bad field.
 
-    Unknown keys are ignored (with a notice), missing keys take DEFAULT_SETTINGS, LoRAs missing from
+    Unknown keys are ignored (with a notice), missing keys take default_settings(), LoRAs missing from
     available_loras (when given) are dropped with a warning.
     """
     if not isinstance(data, Mapping):
         raise UserError(f"{label}: expected a JSON object, got {type(data).__name__}")
     warnings: list[str] = []
-    unknown = sorted(str(k) for k in data if k not in FIELDS and k != "schema_version")
+    defaults = default_settings()
+    unknown = sorted(str(k) for k in data if k not in defaults and k != "schema_version")
     if unknown:
         warnings.append(f"{label}: ignored unknown keys: {', '.join(unknown)}")
-    s = {**DEFAULT_SETTINGS, **{k: v for k, v in data.items() if k in FIELDS}}
+    s = {**defaults, **{k: v for k, v in data.items() if k in defaults}}
 
     def bad(message: str) -> UserError:
         return UserError(f"{label}: {message}")
@@ -160,7 +169,7 @@ def normalize_settings(
             raise bad(f"{key} must be text or null (got {type(s[key]).__name__})")
     if s["prompt"] is not None and not s["prompt"].strip():
         s["prompt"] = None  # an empty prompt is "no prompt saved"
-    for p in PROFILE_PARAMS:  # each value checked by its declaration (null texts are "not saved")
+    for p in profile_params():  # each value checked by its declaration (null texts are "not saved")
         if p.kind is str and s[p.name] is None:
             continue
         try:
@@ -462,7 +471,7 @@ def model_settings(model_type: str, definitions: Mapping[str, Any],
 
     model_type = resolve_model_type(model_type, dict(definitions))
     d = definitions[model_type].defaults()
-    base = {**DEFAULT_SETTINGS, **{k: d[k] for k in MODEL_TUNED if k in d}, "model_type": model_type}
+    base = {**default_settings(), **{k: d[k] for k in model_tuned() if k in d}, "model_type": model_type}
     settings, warnings = normalize_settings(base, label=f"defaults of {model_type}")
     if store is not None:
         user, more = store.get_model_defaults(model_type)
@@ -489,7 +498,7 @@ def apply_to_model(settings: Mapping[str, Any], model_type: str,
     """Settings saved for one model type, used with model_type.
 
     Equivalent types (Base <-> Turbo) keep the user's values, with a warning where they stray from
-    the target's recommendations; other types take the target's recommended values for MODEL_TUNED.
+    the target's recommendations; other types take the target's recommended values for model_tuned().
     """
     from models.registry import equivalent_types, resolve_model_type
 
@@ -506,10 +515,10 @@ def apply_to_model(settings: Mapping[str, Any], model_type: str,
     # a type no longer installed still carries over when it is named after an equivalent architecture
     source_arch = defs[source].architecture if source in defs else source
     if source_arch not in equivalent_types(target, defs):
-        for key in MODEL_TUNED:
+        for key in model_tuned():
             if key in rec and key in out and (key != "negative_prompt" or out[key] is not None):
                 out[key] = rec[key]
-        labels = ", ".join(p.label.lower() for p in PROFILE_PARAMS if p.model_tuned)
+        labels = ", ".join(p.label.lower() for p in profile_params() if p.model_tuned)
         return out, [f"settings of {source!r} do not carry over to {name}: its recommended {labels} were used"]
     # the user's values stay; the family says where they stray from the target's recommendations
     from models.registry import handler_for

@@ -17,10 +17,10 @@ from typing import Any
 
 from app.metadata import SCHEMA, read_settings
 from app.settings import (
-    DEFAULT_SETTINGS,
     MAX_FILE_BYTES,
-    MODEL_TUNED,
     apply_to_model,
+    default_settings,
+    model_tuned,
     normalize_settings,
     parse_settings,
 )
@@ -94,10 +94,10 @@ def _looks_like_json(path: Path) -> bool:
 def _image_document(data: Mapping[str, Any], model_type: str | None,
                     definitions: Mapping[str, Any]) -> dict[str, Any]:
     """An image's settings as profile settings: its own seed, one image; keys it lacks take the model's defaults."""
-    base = dict(DEFAULT_SETTINGS)
+    base = default_settings()
     if model_type is not None:
         d = definitions[model_type].defaults()
-        base.update({k: d[k] for k in MODEL_TUNED if k in d})
+        base.update({k: d[k] for k in model_tuned() if k in d})
     doc = {**base, **{k: data[k] for k in IMAGE_KEYS if k in data}, "model_type": data["model_type"], "num_images": 1}
     seed = doc.get("seed")
     doc["seed_policy"] = "fixed" if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else "random"

@@ -26,6 +26,11 @@ GROUPS = ("main", "advanced")
 WIDGETS = ("slider", "number", "text", "checkbox", "dropdown")
 
 
+def _number(x: float) -> str:
+    """4294967295, not 4.29497e+09; 0.5 as 0.5."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -89,7 +94,7 @@ class Param:
         if self.choices:
             return "one of " + ", ".join(str(c) for c in self.choices)
         if self.minimum is not None and self.maximum is not None:
-            return f"{self.minimum:g}-{self.maximum:g}"
+            return f"{_number(self.minimum)}-{_number(self.maximum)}"
         return ""
 
     def parse(self, value: Any, from_text: bool = True) -> Any:
@@ -161,7 +166,7 @@ class Param:
         lo, hi = self.minimum, self.maximum
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             shown = f"{value:g}" if abs(value) < 1e300 else _short(value)  # an int beyond any float
-            raise UserError(f"{self.display} must be between {lo:g} and {hi:g} (got {shown})")
+            raise UserError(f"{self.display} must be between {_number(lo)} and {_number(hi)} (got {shown})")
         if self.multiple_of and value % self.multiple_of:
             raise UserError(f"{self.display} must be a multiple of {self.multiple_of} (got {value:g})")
         return value

@@ -151,13 +151,13 @@ def test_queue_remove_move_retry_and_abort(app):
 
 
 def test_bad_input_is_reported_and_the_server_stays_up(app):
-    with pytest.raises(AppError, match=r"Width must be a multiple of 16 \(got 1000\)"):
+    with pytest.raises(AppError, match=r"Width \(--width\) must be a multiple of 16 \(got 1000\)"):
         app.generate("bad width", width=1000)
     with pytest.raises(AppError, match="the prompt is empty"):
         app.generate("   ")
     with pytest.raises(AppError, match="prompt is empty"):
         app.generate("# only a comment\n\n", one_per_line=True)
-    with pytest.raises(AppError, match="Seed must be -1"):
+    with pytest.raises(AppError, match=r"Seed \(--seed\) must be between -1 and"):
         app.generate("bad seed", seed=-5)
     assert "no job 'nope'" in app.client.predict("nope", api_name="/remove")
     before = len(app.jobs())
