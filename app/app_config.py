@@ -124,11 +124,13 @@ def load_config(path: str | Path) -> tuple[dict[str, Any], list[str]]:
     """(the saved settings, warnings); a missing file is an empty config, an unreadable one is ignored with a
     warning, and each bad value is dropped with a warning (its default applies), so the app still starts."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    from app.untrusted import UntrustedError, load_json, read_text
+
+    try:  # a FIFO, a huge file, deep nesting or NaN: a warning, never a crash at start
+        data = load_json(read_text(path, 1 << 20))
     except FileNotFoundError:
         return {}, []
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, UntrustedError) as e:
         return {}, [f"ignoring the configuration file {path}: {e}"]
     if not isinstance(data, dict):
         return {}, [f"ignoring the configuration file {path}: the configuration must be a JSON object"]

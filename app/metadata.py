@@ -4,11 +4,11 @@ PNG: a `wgp_zimage` text chunk (JSON) and an A1111-style `parameters` text chunk
 JPEG / WebP: the same JSON (ASCII-escaped) in the EXIF ImageDescription tag, and the A1111 text in the
 EXIF UserComment tag (as A1111 writes it: "UNICODE\\0" + UTF-16BE).
 
-Schema 1: {"schema": 1, "app": "wgp-zimage", "model_type", "prompt", "negative_prompt", "width",
-"height", "num_inference_steps", "guidance_scale", "flow_shift", "cfg_normalization",
-"cfg_truncation", "seed" (this image's own seed: re-running it alone with num_images 1 gives
-this image), "batch_seed", "image_index", "num_images", "loras", "memory_profile" (the job's per-generation
-MMGP override, null = the app's configured one; newer files only, informative: restoring ignores it),
+Schema 1: {"schema": 1, "app": "wgp-zimage", "model_type", every declared generation parameter
+(app/params.py, the families' params.py) under its name, with "seed" this image's own seed (re-running
+it alone with num_images 1 gives this image), "batch_seed", "image_index", "loras", "memory_profile"
+(the job's per-generation MMGP override, null = the app's configured one; newer files only,
+informative: restoring ignores it),
 "dtype", "created"}.
 """
 

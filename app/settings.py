@@ -4,16 +4,16 @@
 to fit it in memory.
 
 File layout (schema 2, the current one): a flat JSON object
-    {"schema_version": 2, "model_type": "z_image_base", "prompt": str | null, "negative_prompt": str | null,
-     "width": 1024, "height": 1024, "num_inference_steps": 30, "guidance_scale": 4.0, "flow_shift": 6.0,
-     "cfg_normalization": 0.0, "cfg_truncation": 1.0, "seed_policy": "fixed" | "random" | "increment",
-     "seed": 42, "loras": [{"name": "x", "strength": 0.8}], "num_images": 1,
+    {"schema_version": 2, "model_type": str, "prompt": str | null, "negative_prompt": str | null,
+     <every declared generation parameter kept in profiles (app/params.py, the families' params.py)
+      under its name, e.g. "width": 1024, "num_inference_steps": 30>,
+     "seed_policy": "fixed" | "random" | "increment", "seed": 42, "loras": [{"name": "x", "strength": 0.8}],
      "output_format": "png" | "jpeg" | "webp", "output_quality": 90}
 A null prompt / negative prompt means "not part of this profile": applying it keeps the current text.
 
-Schema 1 (older files; `schema_version` 1 or absent) used flat short keys:
-    {"model", "prompt", "negative_prompt", "resolution": "1024x1024", "steps", "guidance", "flow_shift",
-     "seed" (-1 = random), "images", "loras": ["name" | "name:strength", ...], "format", "quality"}
+Schema 1 (older files; `schema_version` 1 or absent) used flat short keys: "model", "resolution":
+"1024x1024", "steps", "images", "format", "quality", a declared parameter's legacy name (Param.legacy),
+"seed" (-1 = random), "loras": ["name" | "name:strength", ...].
 
 Folder layout: <folder>/<name>.json for profiles; <folder>/.state/defaults/<model_type>.json for the
 per-model defaults and <folder>/.state/last_used.json (hidden, so they never show up as profiles).

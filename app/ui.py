@@ -480,9 +480,14 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
                 with gr.Row():
                     preset = gr.Dropdown([*PRESETS, CUSTOM], value=preset_for(d0["width"], d0["height"]),
                                          label="Resolution", elem_id="resolution-preset", scale=2)
-                    width = gr.Slider(16, 4096, d0["width"], step=16, label="Width", elem_id="width", scale=2)
-                    height = gr.Slider(16, 4096, d0["height"], step=16, label="Height", elem_id="height", scale=2)
-                steps = gr.Slider(1, 100, d0["num_inference_steps"], step=1, label="Steps", elem_id="steps")
+                    # number boxes, not sliders: a slider clamps a typed 500 to its end and runs it; Generate
+                    # refuses it with the CLI's message instead (the ranges live in app/params.py)
+                    width = gr.Number(d0["width"], precision=0, label="Width", elem_id="width", scale=2,
+                                      step=16, info="16-4096, a multiple of 16")
+                    height = gr.Number(d0["height"], precision=0, label="Height", elem_id="height", scale=2,
+                                       step=16, info="16-4096, a multiple of 16")
+                steps = gr.Number(d0["num_inference_steps"], precision=0, label="Steps", elem_id="steps", step=1,
+                                  info="1-100 model evaluations")
                 with gr.Row():
                     guidance = gr.Slider(0, 20, d0["guidance_scale"], step=0.1, label="Guidance (0 = off)",
                                          elem_id="guidance")

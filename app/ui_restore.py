@@ -23,14 +23,18 @@ from app.settings import (
     model_tuned,
     normalize_settings,
     parse_settings,
+    profile_params,
 )
 from app.untrusted import UntrustedError, load_json, open_regular, read_text
 from models.errors import UserError
 from models.registry import aliases, discover_handlers, resolve_model_type
 
-# keys of an image's settings that go back into the controls (the rest says how it was made)
-IMAGE_KEYS = ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "flow_shift",
-              "cfg_normalization", "cfg_truncation", "seed", "loras")
+
+def image_keys() -> tuple[str, ...]:
+    """Keys of an image's settings that go back into the controls (the rest says how it was made): the
+    declared parameters that profiles keep, the seed and the LoRAs."""
+    return (*(p.name for p in profile_params() if p.name != "num_images"), "seed", "loras")
+
 APP_NAME = "wgp-zimage"
 
 
@@ -98,7 +102,7 @@ def _image_document(data: Mapping[str, Any], model_type: str | None,
     if model_type is not None:
         d = definitions[model_type].defaults()
         base.update({k: d[k] for k in model_tuned() if k in d})
-    doc = {**base, **{k: data[k] for k in IMAGE_KEYS if k in data}, "model_type": data["model_type"], "num_images": 1}
+    doc = {**base, **{k: data[k] for k in image_keys() if k in data}, "model_type": data["model_type"], "num_images": 1}
     seed = doc.get("seed")
     doc["seed_policy"] = "fixed" if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else "random"
     if doc["seed_policy"] == "random":

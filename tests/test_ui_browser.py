@@ -140,3 +140,19 @@ def test_bad_input_shows_a_message(page: Page, app):
     # the page keeps working after the error
     page.click("#abort")
     expect(page.locator("#status")).to_contain_text("No job is running.")
+
+
+@pytest.mark.parametrize("elem_id, typed, message", [
+    ("steps", "500", "Steps (--steps) must be between 1 and 100 (got 500)"),
+    ("width", "1000", "Width (--width) must be a multiple of 16 (got 1000)"),
+])
+def test_out_of_range_values_get_the_clis_message(page: Page, app, elem_id, typed, message):
+    """A value typed out of range is refused with the message the CLI gives for it, not clamped and run."""
+    before = len(app.queue.snapshot())
+    page.fill("#prompt textarea", "a fox")
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(typed)
+    box.press("Enter")
+    page.click("#generate")
+    expect(page.locator("#status")).to_contain_text(f"Not queued: {message}")
+    assert len(app.queue.snapshot()) == before

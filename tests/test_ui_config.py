@@ -177,6 +177,25 @@ def test_bad_saved_output_folder_warns_and_starts_with_the_default(tmp_path, cap
         assert args.memory_profile == 2 and args.output_format == "jpeg"  # the other saved values still apply
 
 
+def test_hostile_saved_config_file_warns_and_starts_with_the_defaults(tmp_path, capsys):
+    """Deep nesting (RecursionError in json), NaN, a FIFO: one warning line, the defaults, no traceback."""
+    import os
+
+    state = tmp_path / "state"
+    state.mkdir()
+    path = state / "wgp_zimage_config.json"
+    for make, why in ((lambda: path.write_text("[" * 100000 + "]" * 100000), "nested"),
+                      (lambda: path.write_text('{"output_quality": NaN}'), "JSON"),
+                      (lambda: os.mkfifo(path), "regular file")):
+        path.unlink(missing_ok=True)
+        make()
+        args = wgp_zimage.parse_args(["--state-dir", str(state)])
+        err = capsys.readouterr().err
+        assert err.startswith("warning: ignoring the configuration file") and len(err.splitlines()) == 1, err
+        assert why in err, err
+        assert args.output_dir == Path("outputs") and args.memory_profile == 4
+
+
 def test_launch_refuses_unusable_output_folders(tmp_path, monkeypatch):
     """A bad --output-dir is one error line before anything starts (it used to be a traceback, or served)."""
     import app.ui
