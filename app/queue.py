@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.cancel import CancelToken
 from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
 from app.outputs import clean_stale_parts
 from models.errors import GenerationInterrupted, UserError
@@ -208,6 +209,7 @@ class JobQueue:
         self._preview: Image.Image | None = None
         self._preview_version = 0
         self._current: Job | None = None
+        self._cancel: CancelToken | None = None  # the running job's token: stopping it stops that job only
         self._abort_requested: str | None = None  # id of the job the user asked to stop
         self._remove_after: set[str] = set()  # running jobs removed by the user: dropped when they stop
         self._stopping = False
@@ -462,7 +464,8 @@ class JobQueue:
 
     def _request_abort(self, job: Job) -> None:
         self._abort_requested = job.id
-        self.service.abort.set()
+        if self._current is job and self._cancel is not None:
+            self._cancel.cancel()
 
     # ------------------------------------------------------------ reading
 
@@ -535,8 +538,8 @@ class JobQueue:
         """Stop the worker; a running job is stopped and saved as interrupted (retry to run it)."""
         with self._cond:
             self._stopping = True
-            if self._current is not None:
-                self.service.abort.set()
+            if self._cancel is not None:
+                self._cancel.cancel()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -547,7 +550,7 @@ class JobQueue:
                 job = next((j for j in self._jobs if j.status == "queued"), None)
                 if job is not None:
                     job.status, job.started, job.phase, job.error = "running", time.time(), "starting", ""
-                    self._current, self._abort_requested = job, None
+                    self._current, self._abort_requested, self._cancel = job, None, CancelToken()
                     self._changed()
                     return job
                 self._cond.wait()
@@ -562,9 +565,10 @@ class JobQueue:
         with self._cond:  # a retry: the images saved before are kept (the service checks they are still there)
             existing = dict(zip(job.image_indexes, job.paths))
             batch_seed = job.batch_seed
+            cancel = self._cancel
         try:
             result = self.service.generate(JobSpec.from_dict(job.spec), on_event=lambda ev: self._on_event(job, ev),
-                                           existing_images=existing, batch_seed=batch_seed)
+                                           existing_images=existing, batch_seed=batch_seed, cancel=cancel)
         except GenerationInterrupted:
             status = "interrupted" if self._stopping else "aborted"
         except BaseException as e:  # anything: record it, log the traceback, go on with the next job
@@ -583,8 +587,7 @@ class JobQueue:
                     job.image_indexes = list(range(len(job.paths)))
                     job.seconds, job.seconds_per_step = result.seconds, result.seconds_per_step
                     job.lora_reports = list(getattr(result, "lora_reports", []) or [])
-                self.service.abort.clear()
-                self._current, self._abort_requested, self._preview = None, None, None
+                self._current, self._abort_requested, self._preview, self._cancel = None, None, None, None
                 self._preview_version += 1
                 self._results_version += 1
                 if job.id in self._remove_after:
@@ -594,13 +597,8 @@ class JobQueue:
                 self._changed()
 
     def _on_event(self, job: Job, ev: dict[str, Any]) -> None:
-        """Progress from the service (worker thread): update the job, make a preview, honour abort."""
-        aborting = self._abort_requested == job.id or self._stopping
-        if aborting and ev["kind"] == "load":
-            raise GenerationInterrupted()  # stop before a long model load finishes
-        if aborting:
-            # the service clears its abort flag when sampling starts: set it again so the next step stops
-            self.service.abort.set()
+        """Progress from the service (worker thread): update the job, make a preview (a stop request reaches
+        the service through the job's cancel token, not here)."""
         preview = None
         if ev["kind"] == "step" and (ev["step"] % self.preview_every == 0 or ev["step"] == ev["total"]):
             try:

@@ -43,7 +43,6 @@ def make_queue(service, tmp_path):
     yield make
     for q in made:
         q.close()
-    service.abort.clear()
 
 
 def denoising(job_id: str, min_step: int = 1):
