@@ -23,7 +23,7 @@ from app.cancel import CancelToken
 from app.jobs import MAX_PROMPT_CHARS, JobSpec, cap_texts, resolve_seed, size_warnings, validate
 from app.outputs import clean_stale_parts, output_name, save_image_atomic, unique_path
 from app.params import DEFAULT_MODEL_TYPE
-from models.attention import set_attention_backend
+from models.attention import choose_backend
 from models.errors import GenerationInterrupted, UserError
 from models.registry import ModelDefinition, handler_for, load_definitions, resolve_model_type
 
@@ -169,6 +169,7 @@ class GenerationService:
         self._pipe = None
         self._pipe_key: tuple | None = None
         self.pipe_memory_profile: int | None = None  # the profile the loaded pipeline was set up with
+        self.attention_backend: str | None = None  # the backend the loaded pipeline's model uses
         self._lora_manager = None
         self._offload = None  # the mmgp manager of the loaded pipeline (CUDA only)
         self._libraries: dict[str, object] = {}
@@ -225,7 +226,7 @@ class GenerationService:
                 return self._pipe
             self.unload()
             try:
-                backend = set_attention_backend(self.config.attention, d.model.get("attention"))
+                backend = choose_backend(self.config.attention, d.model.get("attention"))
             except ValueError as e:
                 raise UserError(str(e)) from None
             log.info("attention backend: %s", backend)
@@ -245,7 +246,7 @@ class GenerationService:
                     dtype=self.dtype, VAE_dtype=self.vae_dtype, model_dir=folder,
                     device="cpu" if offloaded else self.device, progress=progress, compile=self.config.compile,
                     transformer_quantization=quant[0], text_encoder_quantization=quant[1],
-                    save_quantized=self.config.save_quantized,
+                    save_quantized=self.config.save_quantized, attention_backend=backend,
                 )
                 self._offload = apply_profile(
                     parts, profile, preload_mb=self.config.preload_mb,
@@ -255,6 +256,7 @@ class GenerationService:
                 pipe.device = self.device
                 set_vae_tile_size(parts["vae"])
             self._pipe, self._pipe_key, self.pipe_memory_profile = pipe, key, profile
+            self.attention_backend = backend
             converter = handler_for(d.architecture).lora_converter()
             if converter is not None:
                 from models.lora_runtime import LoraManager
@@ -301,7 +303,7 @@ class GenerationService:
 
                 release(self._offload)
             self._pipe, self._pipe_key, self._lora_manager, self._offload = None, None, None, None
-            self.pipe_memory_profile = None
+            self.pipe_memory_profile = self.attention_backend = None
             from app.offload import empty_caches
 
             empty_caches()  # the models are gone now: their pinned RAM too

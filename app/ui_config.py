@@ -49,11 +49,9 @@ def memory_override_choices() -> list[tuple[str, str]]:
 
 def system_info_text(service: GenerationService) -> str:
     from app.offload import PROFILE_NAMES
-    from models.attention import get_attention_backend
-
     m = service.memory_status()
     cfg = service.config
-    backend = get_attention_backend() if m["loaded"] else None
+    backend = service.attention_backend if m["loaded"] else None
     parts = [f"**Device** {m['device']}",
              f"**Memory profile** {cfg.memory_profile} ({PROFILE_NAMES.get(cfg.memory_profile, '?')})"
              + ("" if m["device"].startswith("cuda") else ", used on CUDA only")

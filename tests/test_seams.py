@@ -105,3 +105,56 @@ def test_step_observer_reports_steps_and_moves_the_guard_stage():
     assert lora_steps == [(0, 3), (1, 3), (2, 3)]
     assert [(e["step"], e["total"]) for e in events] == [(1, 3), (2, 3), (3, 3)]
     assert events[-1]["eta"] == 0 and obs.seconds_per_step() >= 0
+
+
+# ------------------------------------------------------------ attention backend per model instance
+
+
+def test_attention_backend_belongs_to_the_model_instance(monkeypatch):
+    from models.z_image import transformer as tr
+    from models.z_image.tiny import TINY_TRANSFORMER
+
+    cfg = tr.ZImageConfig.from_dict(TINY_TRANSFORMER)
+    a, b = tr.ZImageTransformer(cfg), tr.ZImageTransformer(cfg)
+    assert a.attention_backend == b.attention_backend == "sdpa"
+    a.set_attention_backend("flash")
+    b.set_attention_backend("sage")
+    assert a.attention_backend == "flash" and b.attention_backend == "sage"
+    assert {m.backend for m in a.modules() if isinstance(m, tr.Attention)} == {"flash"}
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        a.set_attention_backend("xformers")
+
+    seen = []
+    real = tr.attention
+    monkeypatch.setattr(tr, "attention", lambda q, k, v, backend: seen.append(backend) or real(q, k, v, backend))
+    monkeypatch.setattr(tr, "apply_rope", lambda x, *rope: x)
+    x = torch.randn(1, 8, cfg.dim)
+    a.layers[0].attention(x, ())
+    b.layers[0].attention(x, ())
+    assert seen == ["flash", "sage"]  # on the CPU both then run SDPA
+
+
+def test_attention_dispatches_by_its_argument(monkeypatch):
+    from types import SimpleNamespace
+
+    from models import attention as at
+
+    calls = []
+    monkeypatch.setattr(at, "_kernel", lambda name: lambda q, k, v: calls.append(name) or name)
+    monkeypatch.setattr(at, "_sdpa", lambda q, k, v: calls.append("sdpa") or "sdpa")
+    cuda_bf16 = SimpleNamespace(device=SimpleNamespace(type="cuda"), dtype=torch.bfloat16)  # only these are read
+    assert at.attention(cuda_bf16, None, None, "flash") == "flash"
+    assert at.attention(cuda_bf16, None, None, "flash3") == "flash3"
+    assert at.attention(cuda_bf16, None, None) == "sdpa"  # the default
+    cpu = SimpleNamespace(device=SimpleNamespace(type="cpu"), dtype=torch.bfloat16)
+    assert at.attention(cpu, None, None, "flash") == "sdpa"  # fused kernels run on CUDA only
+    assert calls == ["flash", "flash3", "sdpa", "sdpa"]
+
+
+def test_service_keeps_the_backend_with_the_loaded_model(service):
+    service.generate(spec("load"))
+    assert service.attention_backend == "sdpa"  # the CPU: auto resolves to SDPA
+    assert service._pipe.transformer.attention_backend == service.attention_backend
+    from app.ui_config import system_info_text
+
+    assert "sdpa" in system_info_text(service)

@@ -182,6 +182,7 @@ class ZImageHandler(FamilyHandler):
         transformer_quantization: str = "bf16",
         text_encoder_quantization: str = "bf16",
         save_quantized: bool = False,
+        attention_backend: str = "sdpa",
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
@@ -190,6 +191,7 @@ class ZImageHandler(FamilyHandler):
         replaces the folder's own; model_dir: any of the supported layouts.
         *_quantization "int8": the quanto int8 file beside the bf16 one when present, else the bf16
         weights quantized on the fly (written back as an int8 file with save_quantized).
+        attention_backend: a resolved models.attention backend, held by this model's attention modules.
         """
         from models.z_image import quantize as q
 
@@ -252,6 +254,7 @@ class ZImageHandler(FamilyHandler):
             parts[name] = load()
         if progress is not None:
             progress(len(steps), len(steps), "loaded")
+        parts["transformer"].set_attention_backend(attention_backend)
         if compile:
             from models.z_image.transformer import compile_blocks
 
