@@ -25,7 +25,7 @@ from app.outputs import clean_stale_parts, output_name, save_image_atomic, uniqu
 from app.params import DEFAULT_MODEL_TYPE
 from models.attention import choose_backend
 from models.errors import GenerationInterrupted, UserError
-from models.registry import ModelDefinition, handler_for, load_definitions, resolve_model_type
+from models.registry import ModelDefinition, PreviewFactors, handler_for, load_definitions, resolve_model_type
 
 log = logging.getLogger("wgp_zimage")
 
@@ -197,6 +197,11 @@ class GenerationService:
             handler = handler_for(d.architecture)
             out.update(handler.folder_defaults(handler.model_files(Path(model_dir), None)))
         return out
+
+    def latent_preview_factors(self, model_type: str | None) -> PreviewFactors | None:
+        """The latent -> RGB preview projection of a model type's family (None: it gives none)."""
+        d = self.definition(model_type or DEFAULT_MODEL_TYPE)
+        return handler_for(d.architecture).latent_preview_factors(d.architecture)
 
     def pipeline(
         self,

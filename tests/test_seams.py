@@ -43,6 +43,9 @@ class FakeService:
     def definition(self, model_type):
         return None
 
+    def latent_preview_factors(self, model_type):
+        return None
+
     def generate(self, spec, *, cancel, on_event=None, **kw):
         self.tokens.append(cancel)
         self.started.set()
@@ -158,3 +161,38 @@ def test_service_keeps_the_backend_with_the_loaded_model(service):
     from app.ui_config import system_info_text
 
     assert "sdpa" in system_info_text(service)
+
+
+# ------------------------------------------------------------ latent preview factors from the family handler
+
+
+def test_preview_factors_come_from_the_handler(monkeypatch):
+    import numpy as np
+
+    from app.queue import latent_preview
+    from models.registry import FamilyHandler, handler_for
+
+    handler = handler_for("z_image_tiny")
+    matrix, bias = handler.latent_preview_factors("z_image_tiny")
+    assert len(matrix) == 16 and all(len(row) == 3 for row in matrix) and len(bias) == 3
+    assert FamilyHandler().latent_preview_factors("anything") is None  # the default: no projection
+    latents = np.zeros((1, 16, 4, 4), np.float32)
+    projected = np.asarray(latent_preview(latents, factors=(matrix, bias)))
+    # zero latents show the bias alone with the projection; the stretched fallback shows black
+    want = np.clip((np.asarray(bias) + 1) / 2, 0, 1) * 255
+    assert np.allclose(projected[0, 0], want.astype(np.uint8), atol=1)
+    assert np.asarray(latent_preview(latents)).max() == 0
+
+
+def test_queue_previews_with_the_jobs_family_factors(service, monkeypatch):
+    from app import queue as queue_module
+
+    seen = []
+    real = queue_module.latent_preview
+    monkeypatch.setattr(queue_module, "latent_preview", lambda latents, **kw: seen.append(kw) or real(latents, **kw))
+    q = JobQueue(service, preview_every=1).start()
+    try:
+        assert q.wait(q.submit(spec("preview")), 120)["status"] == "done"
+    finally:
+        q.close()
+    assert seen and all(kw["factors"] == service.latent_preview_factors("z_image_tiny") for kw in seen)
