@@ -196,3 +196,27 @@ def test_queue_previews_with_the_jobs_family_factors(service, monkeypatch):
     finally:
         q.close()
     assert seen and all(kw["factors"] == service.latent_preview_factors("z_image_tiny") for kw in seen)
+
+
+# ------------------------------------------------------------ our offload session around mmgp's manager
+
+
+def test_offload_state_lives_in_our_session(tiny_dir):
+    from app import offload as ofl
+    from tests.test_offload import cpu_cuda_standins, load
+
+    with cpu_cuda_standins():
+        _, parts = load(tiny_dir)
+        session = ofl.apply_profile(parts, 4, device="cuda", overlap_transfers=True)
+        assert isinstance(session, ofl.OffloadSession) and session.manager is not None
+        assert session.profile == 4 and session.budgets == ofl.profile_budgets(4)
+        assert session.models == dict(parts) and session.hooks and session.overlap is not None
+        assert not [k for k in vars(session.manager) if k.startswith("_wgp")]  # nothing of ours on mmgp's object
+        # the modules locked to float32 inputs are those the model names (no family names in app/offload.py)
+        tr = parts["transformer"]
+        assert session.locked == [tr.get_submodule(n) for n in tr.fp32_input_modules]
+        ofl.release(session)
+        assert (session.models, session.hooks, session.locked, session.overlap) == ({}, [], [], None)
+        assert ofl.pinned_bytes(session) == 0
+        assert not any("_lock_dtype" in m.__dict__ for m in tr.modules())
+

@@ -234,6 +234,10 @@ class RopeTables:
 
 
 class ZImageTransformer(nn.Module):
+    # modules taking float32 inputs as they are under mmgp offload (app/offload.py): the timestep embedding
+    # must not be rounded to the model dtype first
+    fp32_input_modules = ("", "t_embedder")
+
     def __init__(self, cfg: ZImageConfig):
         super().__init__()
         self.config = cfg
