@@ -7,12 +7,13 @@ settings. It knows nothing of Gradio or argparse.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -171,11 +172,55 @@ class GenerationService:
         self.pipe_memory_profile: int | None = None  # the profile the loaded pipeline was set up with
         self.attention_backend: str | None = None  # the backend the loaded pipeline's model uses
         self._lora_manager = None
-        self._offload = None  # the mmgp manager of the loaded pipeline (CUDA only)
+        self._offload = None  # app.offload.OffloadSession of the loaded pipeline (CUDA only)
         self._libraries: dict[str, object] = {}
         self._lock = threading.RLock()
+        # config changes from other threads (the page's Config section) wait here while a job runs
+        self._config_lock = threading.Lock()
+        self._pending_config: dict[str, Any] = {}
+        self._jobs_running = 0
         # a process killed while saving leaves a 0-byte or partial temporary file beside the image it wrote
         clean_stale_parts(self.config.output_dir)
+
+    # ------------------------------------------------------------ configuration changes
+
+    def update_config(self, changes: dict[str, Any]) -> list[str]:
+        """Change ServiceConfig fields from any thread: at once when no job runs, else when the running job
+        ends (the worker never sees a configuration change half way through a job). Returns the names whose
+        value differs from what was in effect or already waiting."""
+        unknown = set(changes) - {f.name for f in fields(ServiceConfig)}
+        if unknown:
+            raise ValueError(f"unknown configuration field(s): {', '.join(sorted(unknown))}")
+        with self._config_lock:
+            changed = [k for k, v in changes.items() if self._pending_config.get(k, getattr(self.config, k)) != v]
+            self._pending_config.update(changes)
+            if not self._jobs_running:
+                self._apply_pending_config()
+        return changed
+
+    def pending_config(self) -> dict[str, Any]:
+        """Changes waiting for the running job to end (empty when none)."""
+        with self._config_lock:
+            return dict(self._pending_config)
+
+    def _apply_pending_config(self) -> None:  # with _config_lock held
+        for k, v in self._pending_config.items():
+            setattr(self.config, k, v)
+        self._pending_config.clear()
+
+    @contextlib.contextmanager
+    def _job_config(self) -> Iterator[None]:
+        """The span of one job: waiting changes apply before it starts and after it ends, never inside."""
+        with self._config_lock:
+            self._apply_pending_config()
+            self._jobs_running += 1
+        try:
+            yield
+        finally:
+            with self._config_lock:
+                self._jobs_running -= 1
+                if not self._jobs_running:
+                    self._apply_pending_config()
 
     # ------------------------------------------------------------ models and defaults
 
@@ -385,57 +430,58 @@ class GenerationService:
         cancel: this job's token (the caller keeps it; `cancel.cancel()` from any thread stops the job within a
         step, or between the parts of a model load, with GenerationInterrupted).
         """
-        cancel = cancel if cancel is not None else CancelToken()
-        for w in cap_texts(spec, extra_names):  # a huge prompt is cut here too (the CLI's path)
-            log.warning(w)
-        validate(spec, extra_names)
-        d = self.definition(spec.model_type)
-        warnings = size_warnings(spec, int(d.defaults().get("min_recommended_size", 0)))
-        for w in warnings:
-            log.warning(w)
-        if file_names is not None and len(file_names) != spec.num_images:
-            raise ValueError("one file name per image")
-        kept = {int(i): Path(p) for i, p in (existing_images or {}).items()
-                if 0 <= int(i) < spec.num_images and Path(p).is_file()}
-        missing = [i for i in range(spec.num_images) if i not in kept]
-        seed = batch_seed if batch_seed is not None else resolve_seed(spec.seed)
-        if spec.seed == -1 and batch_seed is None:
-            log.info("random seed: %d", seed)
-        if kept:
-            log.info("%d of %d images already written; rendering %s", len(kept), spec.num_images,
-                     ", ".join(str(i + 1) for i in missing) or "none")
-        per_step, lora_reports = 0.0, []
-        paths: dict[int, Path] = dict(kept)
-        settings: dict[int, dict[str, Any]] = {}
-        start = time.perf_counter()
-        if missing:
-            profile = self.config.memory_profile if spec.memory_profile is None else spec.memory_profile
-            if spec.memory_profile is not None:
-                log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
-                         "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
-            pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file,
-                                 on_event, memory_profile=profile, cancel=cancel)
-            lora_reports = self._sync_loras(spec, allow_lora_paths)
-            # consecutive missing images render together (image i of a batch uses seed + i, so a run starting at
-            # image k with seed + k gives the same images as the full batch)
-            runs: list[list[int]] = []
-            for i in missing:
-                if runs and runs[-1][-1] == i - 1:
-                    runs[-1].append(i)
-                else:
-                    runs.append([i])
-            start = time.perf_counter()  # sampling and saving time, as before: the model load is not counted
-            for run in runs:
-                per_step = self._render_run(pipe, spec, run, seed, profile, output_dir, file_names, on_event,
-                                            paths, settings, cancel)
-        elapsed = time.perf_counter() - start
-        order = range(spec.num_images)
-        result_paths = [paths[i] for i in order]
-        seeds = [seed + i for i in order]
-        if on_event:
-            on_event({"kind": "done", "paths": result_paths, "seconds": elapsed, "seconds_per_step": per_step})
-        return JobResult(result_paths, seeds, [settings.get(i, {}) for i in order], elapsed, per_step, warnings,
-                         lora_reports)
+        with self._job_config():  # the job reads one configuration; changes wait until it ends
+            cancel = cancel if cancel is not None else CancelToken()
+            for w in cap_texts(spec, extra_names):  # a huge prompt is cut here too (the CLI's path)
+                log.warning(w)
+            validate(spec, extra_names)
+            d = self.definition(spec.model_type)
+            warnings = size_warnings(spec, int(d.defaults().get("min_recommended_size", 0)))
+            for w in warnings:
+                log.warning(w)
+            if file_names is not None and len(file_names) != spec.num_images:
+                raise ValueError("one file name per image")
+            kept = {int(i): Path(p) for i, p in (existing_images or {}).items()
+                    if 0 <= int(i) < spec.num_images and Path(p).is_file()}
+            missing = [i for i in range(spec.num_images) if i not in kept]
+            seed = batch_seed if batch_seed is not None else resolve_seed(spec.seed)
+            if spec.seed == -1 and batch_seed is None:
+                log.info("random seed: %d", seed)
+            if kept:
+                log.info("%d of %d images already written; rendering %s", len(kept), spec.num_images,
+                         ", ".join(str(i + 1) for i in missing) or "none")
+            per_step, lora_reports = 0.0, []
+            paths: dict[int, Path] = dict(kept)
+            settings: dict[int, dict[str, Any]] = {}
+            start = time.perf_counter()
+            if missing:
+                profile = self.config.memory_profile if spec.memory_profile is None else spec.memory_profile
+                if spec.memory_profile is not None:
+                    log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
+                             "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
+                pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file,
+                                     on_event, memory_profile=profile, cancel=cancel)
+                lora_reports = self._sync_loras(spec, allow_lora_paths)
+                # consecutive missing images render together (image i of a batch uses seed + i, so a run starting at
+                # image k with seed + k gives the same images as the full batch)
+                runs: list[list[int]] = []
+                for i in missing:
+                    if runs and runs[-1][-1] == i - 1:
+                        runs[-1].append(i)
+                    else:
+                        runs.append([i])
+                start = time.perf_counter()  # sampling and saving time, as before: the model load is not counted
+                for run in runs:
+                    per_step = self._render_run(pipe, spec, run, seed, profile, output_dir, file_names, on_event,
+                                                paths, settings, cancel)
+            elapsed = time.perf_counter() - start
+            order = range(spec.num_images)
+            result_paths = [paths[i] for i in order]
+            seeds = [seed + i for i in order]
+            if on_event:
+                on_event({"kind": "done", "paths": result_paths, "seconds": elapsed, "seconds_per_step": per_step})
+            return JobResult(result_paths, seeds, [settings.get(i, {}) for i in order], elapsed, per_step, warnings,
+                             lora_reports)
 
     def _render_run(self, pipe, spec: JobSpec, indexes: list[int], seed: int, profile: int,
                     output_dir: Path | None, file_names: list[Path] | None, on_event: EventFn | None,

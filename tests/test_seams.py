@@ -220,3 +220,30 @@ def test_offload_state_lives_in_our_session(tiny_dir):
         assert ofl.pinned_bytes(session) == 0
         assert not any("_lock_dtype" in m.__dict__ for m in tr.modules())
 
+
+# ------------------------------------------------------------ config changes wait for the running job
+
+
+def test_config_changes_apply_between_jobs(service):
+    assert service.config.output_format == "png"
+    seen = []
+
+    def on_event(ev):
+        if ev["kind"] == "step" and ev["step"] == 1:  # the page saves its Config section mid-job
+            changed = service.update_config({"output_format": "jpeg", "output_quality": 80, "save_metadata": True})
+            seen.append((changed, service.config.output_format, service.pending_config()))
+
+    try:
+        first = service.generate(spec("during a config change", num_inference_steps=3), on_event=on_event)
+        assert seen == [(["output_format", "output_quality"], "png",
+                         {"output_format": "jpeg", "output_quality": 80, "save_metadata": True})]
+        assert first.paths[0].suffix == ".png"  # the job kept the configuration it started with
+        assert service.config.output_format == "jpeg" and service.pending_config() == {}  # applied when it ended
+        assert service.generate(spec("next")).paths[0].suffix in (".jpg", ".jpeg")
+        assert service.update_config({"output_format": "jpeg"}) == []  # no change
+        with pytest.raises(ValueError, match="unknown configuration"):
+            service.update_config({"nope": 1})
+    finally:
+        assert service.update_config({"output_format": "png", "output_quality": 95}) == ["output_format",
+                                                                                       "output_quality"]
+        assert service.config.output_format == "png"  # idle: at once
