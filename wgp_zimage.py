@@ -329,9 +329,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         check_output_folder(out_dir or service.config.output_dir, "--output" if out_dir else "--output-dir")
 
-    # first Ctrl-C: stop after the current step; a second one: stop at once
+    from app.cancel import CancelToken
+
+    # first Ctrl-C: stop the current job after its current step; a second one: stop at once
+    current = [CancelToken()]  # the running job's token (a list: the handler reads the latest)
+
     def on_sigint(signum, frame):
-        service.abort.set()
+        current[0].cancel()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         # os.write, not sys.stderr: the signal may arrive while a progress bar is writing to stderr
         os.write(2, b"\nstopping after the current step (Ctrl-C again to quit at once)\n")
@@ -365,10 +369,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for spec in specs:
             names = targets[offset:offset + spec.num_images] if targets else None
             offset += spec.num_images
+            if not current[0].is_cancelled():  # a Ctrl-C between two jobs stops the next one at its start
+                current[0] = CancelToken()
             result = service.generate(
                 spec, model_dir=args.model_dir, transformer_file=args.transformer,
                 model_type_given=model_name is not None, output_dir=out_dir, file_names=names,
-                on_event=on_event, allow_lora_paths=lora_paths)
+                on_event=on_event, allow_lora_paths=lora_paths, cancel=current[0])
             for line in result.lora_reports:
                 print(line)
             for path, seed in zip(result.paths, result.seeds):

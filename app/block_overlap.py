@@ -187,6 +187,5 @@ def overlap_block_transfers(manager, streams: CudaStreams | None = None, lead_bl
     state = _Overlap(manager, streams or CudaStreams(), lead_blocks)
     manager.gpu_load_blocks = types.MethodType(lambda _self, *a, **k: state.load_blocks(*a, **k), manager)
     manager.unload_all = types.MethodType(lambda _self, *a, **k: state.unload_all(*a, **k), manager)
-    manager._wgp_overlap = state
     log.info("memory profile: block transfers overlap compute (no device sync per block)")
     return state

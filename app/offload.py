@@ -7,8 +7,8 @@ with these corrections of mmgp's defaults:
 - budgets always go as a dict per model (mmgp silently ignores a bare number);
 - `convertWeightsFloatTo=None`: mmgp would cast every fp32 parameter, the VAE's included, to
   bf16; the parts keep the dtypes they were loaded in (the user's choice);
-- the transformer root and its timestep embedder take float32 inputs as they are (`_lock_dtype`):
-  mmgp would round the timestep to the model dtype before embedding it;
+- the modules the transformer names in its `fp32_input_modules` (Z-Image: its root and timestep embedder)
+  take float32 inputs as they are (`_lock_dtype`): mmgp would round the timestep to the model dtype first;
 - mmgp leaves `torch.set_default_device("cuda")` behind: the previous default is restored;
 - mmgp never quantizes on its own (`quantizeTransformer=False`, no extra models): int8 parts come
   from the family's loader (pre-quantized files, or quantized on the fly keeping the
@@ -16,6 +16,9 @@ with these corrections of mmgp's defaults:
 - in the low-VRAM profiles (2, 4, 5) the text encoder leaves VRAM as soon as a prompt is encoded.
 
 Without CUDA nothing is profiled: generation runs on the CPU and a warning says so once.
+
+What we set up around mmgp's manager (budgets, hooks, locked modules, the models, the overlap state) lives in
+our own `OffloadSession`, which holds the manager; the manager itself is only used through mmgp's API.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import gc
 import logging
 import traceback
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,8 +45,6 @@ log = logging.getLogger("wgp_zimage")
 # blocks; the VAE (and anything else, "*") loads whole below this size
 LOW_VRAM_BUDGETS = {"transformer": 100, "text_encoder": 100, "*": 3000}
 VERYLOW_OTHER_BUDGET = 1000
-# modules of a profiled model whose float32 inputs must not be cast to the model dtype
-FP32_INPUT_MODULES = ("", "t_embedder")
 
 _cpu_notice_given = False
 
@@ -113,6 +115,26 @@ def _default_device() -> torch.device:
         return torch.device("cpu")
 
 
+@dataclass
+class OffloadSession:
+    """One apply_profile: mmgp's manager and what we set up around it, undone by `release`."""
+
+    manager: Any  # mmgp's offload object
+    profile: int | None = None
+    budgets: dict[str, float] | None = None
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list)  # torch hook handles (text encoder unload)
+    locked: list[nn.Module] = field(default_factory=list)  # modules given a float32 _lock_dtype
+    overlap: Any = None  # app.block_overlap._Overlap when block transfers overlap compute
+
+    @classmethod
+    def of(cls, session_or_manager: Any) -> OffloadSession:
+        """A session as is; a bare mmgp manager (profiled without apply_profile) in a session of its own."""
+        if isinstance(session_or_manager, OffloadSession):
+            return session_or_manager
+        return cls(manager=session_or_manager, models=dict(getattr(session_or_manager, "models", None) or {}))
+
+
 def _model_dtype(module: nn.Module) -> torch.dtype | None:
     for p in module.parameters():
         if p.is_floating_point():
@@ -132,8 +154,8 @@ def apply_profile(
     loras: str | list[str] | None = None,
     overlap_transfers: bool = False,
     verbose: int = 0,
-):
-    """Profile parts with mmgp; returns mmgp's manager, or None on the CPU (no offload).
+) -> OffloadSession | None:
+    """Profile parts with mmgp; returns our session holding mmgp's manager, or None on the CPU (no offload).
 
     parts: {"transformer", "text_encoder", "vae"} modules, on the CPU. budgets: MB per model
     name overriding the profile's (see `profile_budgets`); preload_mb: MB of transformer blocks
@@ -162,7 +184,7 @@ def apply_profile(
 
     offload = import_mmgp()
     locked = []
-    for name in FP32_INPUT_MODULES:
+    for name in getattr(transformer, "fp32_input_modules", ()):  # the model says which (no family names here)
         try:
             module = transformer.get_submodule(name)
         except AttributeError:
@@ -192,31 +214,30 @@ def apply_profile(
         torch.set_default_device(previous_default)
     for model in parts.values():
         _unwrap_compiled_blocks(model)
-    hooks = []
+    session = OffloadSession(manager, number, model_budgets, dict(parts), locked=locked)
     if PROFILES[number].low_vram and text_encoder is not None:
         # unload right after the prompt is encoded, before the transformer needs the room
-        hooks.append(text_encoder.register_forward_hook(lambda *_: manager.unload_all()))
+        session.hooks.append(text_encoder.register_forward_hook(lambda *_: manager.unload_all()))
     if overlap_transfers and PROFILES[number].low_vram:
         from app.block_overlap import overlap_block_transfers
 
-        overlap_block_transfers(manager)
-    manager._wgp = {"profile": number, "budgets": model_budgets, "hooks": hooks, "locked": locked,
-                    "models": dict(parts)}
+        session.overlap = overlap_block_transfers(manager)
     changed = {k: (before, _model_dtype(parts[k])) for k, before in dtypes_before.items()
                if _model_dtype(parts[k]) != before}
     if changed:  # mmgp was told not to convert: a change here is a bug, never a silent downgrade
-        release(manager)
+        release(session)
         raise RuntimeError(f"mmgp changed the dtype of {changed}")
     log.info("memory profile %d (%s): budgets %s, %.0f MB pinned", number, PROFILES[number].name,
-             model_budgets, pinned_bytes(manager) / 2**20)
-    return manager
+             model_budgets, pinned_bytes(session) / 2**20)
+    return session
 
 
-def pinned_bytes(manager) -> int:
-    """Bytes of RAM mmgp pinned for the manager's models."""
-    if manager is None:
+def pinned_bytes(session: OffloadSession | Any | None) -> int:
+    """Bytes of RAM mmgp pinned for the session's models (a bare mmgp manager is taken too)."""
+    if session is None:
         return 0
-    models = getattr(manager, "_wgp", {}).get("models") or manager.models or {}
+    session = OffloadSession.of(session)
+    models = session.models or getattr(session.manager, "models", None) or {}
     return int(sum(getattr(m, "_pinned_bytes", 0) for m in models.values()))
 
 
@@ -265,24 +286,26 @@ def _unhook(model: nn.Module, locked: list[nn.Module]) -> None:
         module.__dict__.pop("_lock_dtype", None)
 
 
-def release(manager) -> None:
+def release(session: OffloadSession | Any | None) -> None:
     """Undo apply_profile: unload every model from VRAM, drop mmgp's hooks and references.
 
     The models stay usable on the CPU (their weights are back where they were loaded; pinned RAM
-    is freed with them). Call before loading another model or switching profile.
+    is freed with them). Call before loading another model or switching profile. A bare mmgp
+    manager (profiled without apply_profile) is released too.
     """
-    if manager is None:
+    if session is None:
         return
-    info = getattr(manager, "_wgp", {})
-    for handle in info.get("hooks", ()):
+    session = OffloadSession.of(session)
+    manager = session.manager
+    for handle in session.hooks:
         handle.remove()
-    models = dict(info.get("models") or manager.models or {})
+    models = dict(session.models or manager.models or {})
     if manager.models is not None:
         manager.release()
     for model in models.values():
-        _unhook(model, info.get("locked", []))
-    manager._wgp = {}
-    manager.__dict__.pop("_wgp_overlap", None)
+        _unhook(model, session.locked)
+    # the session is spent: what it held goes (a second release finds nothing to undo)
+    session.hooks, session.locked, session.models, session.overlap = [], [], {}, None
     empty_caches()
 
 
@@ -440,8 +463,9 @@ def oom_error(exc: BaseException, stage: str, *, profile_no: int | None = None, 
     return UserError(f"out of {where} while {what}: try {', or '.join(tips)}")
 
 
-def free_memory(manager=None) -> None:
+def free_memory(session: OffloadSession | Any | None = None) -> None:
     """Unload the profiled models and return torch's cached device memory (after an OOM)."""
+    manager = OffloadSession.of(session).manager if session is not None else None
     if manager is not None and getattr(manager, "models", None) is not None:
         try:
             manager.unload_all()
@@ -458,7 +482,8 @@ class OomGuard:
     The stage can move on while inside (`guard.stage = "denoise"` from a step callback).
     """
 
-    def __init__(self, stage: str = "encode", manager=None, *, profile_no: int | None = None,
+    def __init__(self, stage: str = "encode", manager: OffloadSession | Any | None = None, *,
+                 profile_no: int | None = None,
                  width: int | None = None, height: int | None = None, num_images: int = 1):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES} (got {stage!r})")
@@ -487,7 +512,8 @@ def oom_guard(stage: str = "encode", manager=None, **context) -> OomGuard:
 
 
 __all__ = [
-    "DEFAULT_PROFILE", "PROFILES", "PROFILE_DESCRIPTIONS", "PROFILE_NAMES", "MemoryProfile", "OomGuard",
+    "DEFAULT_PROFILE", "PROFILES", "PROFILE_DESCRIPTIONS", "PROFILE_NAMES", "MemoryProfile", "OffloadSession",
+    "OomGuard",
     "apply_profile", "check_profile", "free_device_bytes", "free_memory", "is_oom", "oom_error", "oom_guard",
     "decode_needs_tiling", "empty_caches", "pinned_bytes", "profile_budgets", "profile_help", "release",
     "set_vae_tile_size", "should_tile_vae", "vae_decode_bytes",

@@ -34,10 +34,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.cancel import CancelToken
 from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
 from app.outputs import clean_stale_parts
 from models.errors import GenerationInterrupted, UserError
 from models.files import atomic_path
+from models.registry import PreviewFactors
 
 log = logging.getLogger("wgp_zimage")
 
@@ -53,26 +55,23 @@ MAX_WAITING = 200
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ids name the per-job prompt files
 INTERRUPTED_ERROR = "the app stopped while this job was running; retry it to run it again"
 
-# Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
-# the factors ComfyUI's latent previewer uses for Flux: one matrix product instead of a VAE decode.
-LATENT_RGB_FACTORS = np.array([
-    [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
-    [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
-    [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
-    [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778],
-], dtype=np.float32)
-LATENT_RGB_BIAS = np.array([-0.0329, -0.0718, -0.0851], dtype=np.float32)
 PREVIEW_MAX_SIDE = 256
 
 
-def latent_preview(latents: Any, max_side: int = PREVIEW_MAX_SIDE) -> Image.Image:
-    """A cheap RGB preview of the first image of a (n, C, h, w) latent batch (tensor or array)."""
+def latent_preview(latents: Any, max_side: int = PREVIEW_MAX_SIDE, factors: PreviewFactors | None = None
+                   ) -> Image.Image:
+    """A cheap RGB preview of the first image of a (n, C, h, w) latent batch (tensor or array).
+
+    factors: the model family's latent -> RGB projection (C rows of 3, and 3 biases), from its handler's
+    latent_preview_factors: one matrix product instead of a VAE decode. Without one (or for another channel
+    count) the first three channels are shown, stretched."""
     x = latents[0]
     if hasattr(x, "detach"):  # a torch tensor; no torch import needed here
         x = x.detach().float().cpu().numpy()
     x = np.asarray(x, dtype=np.float32)
-    if x.shape[0] == LATENT_RGB_FACTORS.shape[0]:
-        rgb = np.einsum("chw,cr->hwr", x, LATENT_RGB_FACTORS) + LATENT_RGB_BIAS
+    matrix = np.asarray(factors[0], dtype=np.float32) if factors is not None else None
+    if matrix is not None and matrix.shape == (x.shape[0], 3):
+        rgb = np.einsum("chw,cr->hwr", x, matrix) + np.asarray(factors[1], dtype=np.float32)
         rgb = (rgb + 1.0) / 2.0
     else:  # another latent space: show its first three channels, stretched
         rgb = np.moveaxis(x[:3], 0, -1)
@@ -208,6 +207,7 @@ class JobQueue:
         self._preview: Image.Image | None = None
         self._preview_version = 0
         self._current: Job | None = None
+        self._cancel: CancelToken | None = None  # the running job's token: stopping it stops that job only
         self._abort_requested: str | None = None  # id of the job the user asked to stop
         self._remove_after: set[str] = set()  # running jobs removed by the user: dropped when they stop
         self._stopping = False
@@ -462,7 +462,8 @@ class JobQueue:
 
     def _request_abort(self, job: Job) -> None:
         self._abort_requested = job.id
-        self.service.abort.set()
+        if self._current is job and self._cancel is not None:
+            self._cancel.cancel()
 
     # ------------------------------------------------------------ reading
 
@@ -535,8 +536,8 @@ class JobQueue:
         """Stop the worker; a running job is stopped and saved as interrupted (retry to run it)."""
         with self._cond:
             self._stopping = True
-            if self._current is not None:
-                self.service.abort.set()
+            if self._cancel is not None:
+                self._cancel.cancel()
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -547,7 +548,7 @@ class JobQueue:
                 job = next((j for j in self._jobs if j.status == "queued"), None)
                 if job is not None:
                     job.status, job.started, job.phase, job.error = "running", time.time(), "starting", ""
-                    self._current, self._abort_requested = job, None
+                    self._current, self._abort_requested, self._cancel = job, None, CancelToken()
                     self._changed()
                     return job
                 self._cond.wait()
@@ -562,9 +563,15 @@ class JobQueue:
         with self._cond:  # a retry: the images saved before are kept (the service checks they are still there)
             existing = dict(zip(job.image_indexes, job.paths))
             batch_seed = job.batch_seed
+            cancel = self._cancel
         try:
-            result = self.service.generate(JobSpec.from_dict(job.spec), on_event=lambda ev: self._on_event(job, ev),
-                                           existing_images=existing, batch_seed=batch_seed)
+            factors = self.service.latent_preview_factors(job.spec["model_type"])
+        except Exception:  # a preview is a nicety: the job runs without one (generate reports a bad type)
+            factors = None
+        try:
+            result = self.service.generate(JobSpec.from_dict(job.spec),
+                                           on_event=lambda ev: self._on_event(job, ev, factors),
+                                           existing_images=existing, batch_seed=batch_seed, cancel=cancel)
         except GenerationInterrupted:
             status = "interrupted" if self._stopping else "aborted"
         except BaseException as e:  # anything: record it, log the traceback, go on with the next job
@@ -583,8 +590,7 @@ class JobQueue:
                     job.image_indexes = list(range(len(job.paths)))
                     job.seconds, job.seconds_per_step = result.seconds, result.seconds_per_step
                     job.lora_reports = list(getattr(result, "lora_reports", []) or [])
-                self.service.abort.clear()
-                self._current, self._abort_requested, self._preview = None, None, None
+                self._current, self._abort_requested, self._preview, self._cancel = None, None, None, None
                 self._preview_version += 1
                 self._results_version += 1
                 if job.id in self._remove_after:
@@ -593,18 +599,13 @@ class JobQueue:
                 self._prune()
                 self._changed()
 
-    def _on_event(self, job: Job, ev: dict[str, Any]) -> None:
-        """Progress from the service (worker thread): update the job, make a preview, honour abort."""
-        aborting = self._abort_requested == job.id or self._stopping
-        if aborting and ev["kind"] == "load":
-            raise GenerationInterrupted()  # stop before a long model load finishes
-        if aborting:
-            # the service clears its abort flag when sampling starts: set it again so the next step stops
-            self.service.abort.set()
+    def _on_event(self, job: Job, ev: dict[str, Any], factors: PreviewFactors | None = None) -> None:
+        """Progress from the service (worker thread): update the job, make a preview (a stop request reaches
+        the service through the job's cancel token, not here)."""
         preview = None
         if ev["kind"] == "step" and (ev["step"] % self.preview_every == 0 or ev["step"] == ev["total"]):
             try:
-                preview = latent_preview(ev["latents"])
+                preview = latent_preview(ev["latents"], factors=factors)
             except Exception:  # a preview is a nicety: never fail the job over it
                 log.debug("latent preview failed", exc_info=True)
         with self._cond:

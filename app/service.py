@@ -7,23 +7,26 @@ settings. It knows nothing of Gradio or argparse.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from app.cancel import CancelToken
 from app.jobs import MAX_PROMPT_CHARS, JobSpec, cap_texts, resolve_seed, size_warnings, validate
 from app.outputs import clean_stale_parts, output_name, save_image_atomic, unique_path
 from app.params import DEFAULT_MODEL_TYPE
-from models.attention import set_attention_backend
+from models.attention import choose_backend
 from models.errors import GenerationInterrupted, UserError
-from models.registry import ModelDefinition, handler_for, load_definitions, resolve_model_type
+from models.registry import ModelDefinition, PreviewFactors, handler_for, load_definitions, resolve_model_type
 
 log = logging.getLogger("wgp_zimage")
 
@@ -114,6 +117,44 @@ class JobResult:
     lora_reports: list[str] = field(default_factory=list)
 
 
+class StepObserver:
+    """The pipeline's per-step hooks for one run, in one object: progress events with timing, the OOM guard's
+    stage (encode -> denoise -> decode) and the LoRAs' per-step strengths."""
+
+    def __init__(self, on_event: EventFn | None, guard: Any = None,
+                 lora_step: Callable[[int, int], None] | None = None, sync_device: torch.device | None = None):
+        self.on_event = on_event
+        self.guard = guard  # an app.offload.OomGuard (anything with a `stage`), or None
+        self.lora_step = lora_step
+        self.sync_device = sync_device  # CUDA: wait for the step's kernels, only to report true progress
+        self.loop_start = time.perf_counter()
+        self.step_times: list[float] = []
+
+    def step_start(self, i: int, n: int) -> None:
+        if self.guard is not None:
+            self.guard.stage = "denoise"
+        if self.lora_step is not None:
+            self.lora_step(i, n)
+
+    def step_end(self, i: int, n: int, latents: torch.Tensor) -> None:
+        if self.sync_device is not None:
+            torch.cuda.current_stream(self.sync_device).synchronize()
+        self.step_times.append(time.perf_counter())
+        if self.on_event:
+            times = self.step_times
+            per = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[-1] - self.loop_start
+            self.on_event({"kind": "step", "step": i + 1, "total": n, "seconds_per_step": per,
+                           "eta": per * (n - i - 1), "latents": latents})
+        if i == n - 1 and self.guard is not None:
+            self.guard.stage = "decode"
+
+    def seconds_per_step(self) -> float:
+        """Mean seconds per step since the observer was made (the text encoding counts in the first step)."""
+        if not self.step_times:
+            return 0.0
+        return (self.step_times[-1] - self.loop_start) / len(self.step_times)
+
+
 class GenerationService:
     def __init__(self, config: ServiceConfig | None = None):
         self.config = config or ServiceConfig()
@@ -129,13 +170,57 @@ class GenerationService:
         self._pipe = None
         self._pipe_key: tuple | None = None
         self.pipe_memory_profile: int | None = None  # the profile the loaded pipeline was set up with
+        self.attention_backend: str | None = None  # the backend the loaded pipeline's model uses
         self._lora_manager = None
-        self._offload = None  # the mmgp manager of the loaded pipeline (CUDA only)
+        self._offload = None  # app.offload.OffloadSession of the loaded pipeline (CUDA only)
         self._libraries: dict[str, object] = {}
         self._lock = threading.RLock()
-        self.abort = threading.Event()
+        # config changes from other threads (the page's Config section) wait here while a job runs
+        self._config_lock = threading.Lock()
+        self._pending_config: dict[str, Any] = {}
+        self._jobs_running = 0
         # a process killed while saving leaves a 0-byte or partial temporary file beside the image it wrote
         clean_stale_parts(self.config.output_dir)
+
+    # ------------------------------------------------------------ configuration changes
+
+    def update_config(self, changes: dict[str, Any]) -> list[str]:
+        """Change ServiceConfig fields from any thread: at once when no job runs, else when the running job
+        ends (the worker never sees a configuration change half way through a job). Returns the names whose
+        value differs from what was in effect or already waiting."""
+        unknown = set(changes) - {f.name for f in fields(ServiceConfig)}
+        if unknown:
+            raise ValueError(f"unknown configuration field(s): {', '.join(sorted(unknown))}")
+        with self._config_lock:
+            changed = [k for k, v in changes.items() if self._pending_config.get(k, getattr(self.config, k)) != v]
+            self._pending_config.update(changes)
+            if not self._jobs_running:
+                self._apply_pending_config()
+        return changed
+
+    def pending_config(self) -> dict[str, Any]:
+        """Changes waiting for the running job to end (empty when none)."""
+        with self._config_lock:
+            return dict(self._pending_config)
+
+    def _apply_pending_config(self) -> None:  # with _config_lock held
+        for k, v in self._pending_config.items():
+            setattr(self.config, k, v)
+        self._pending_config.clear()
+
+    @contextlib.contextmanager
+    def _job_config(self) -> Iterator[None]:
+        """The span of one job: waiting changes apply before it starts and after it ends, never inside."""
+        with self._config_lock:
+            self._apply_pending_config()
+            self._jobs_running += 1
+        try:
+            yield
+        finally:
+            with self._config_lock:
+                self._jobs_running -= 1
+                if not self._jobs_running:
+                    self._apply_pending_config()
 
     # ------------------------------------------------------------ models and defaults
 
@@ -158,6 +243,11 @@ class GenerationService:
             out.update(handler.folder_defaults(handler.model_files(Path(model_dir), None)))
         return out
 
+    def latent_preview_factors(self, model_type: str | None) -> PreviewFactors | None:
+        """The latent -> RGB preview projection of a model type's family (None: it gives none)."""
+        d = self.definition(model_type or DEFAULT_MODEL_TYPE)
+        return handler_for(d.architecture).latent_preview_factors(d.architecture)
+
     def pipeline(
         self,
         model_type: str | None,
@@ -165,9 +255,11 @@ class GenerationService:
         transformer_file: str | Path | None = None,
         on_event: EventFn | None = None,
         memory_profile: int | None = None,
+        cancel: CancelToken | None = None,
     ):
         """The loaded pipeline, reloaded when any part of its key changed; memory_profile (a job's
-        override) replaces the configured profile for this load."""
+        override) replaces the configured profile for this load; a cancelled token stops a load between
+        its parts (GenerationInterrupted)."""
         d = self.definition(model_type or DEFAULT_MODEL_TYPE)
         profile = self.config.memory_profile if memory_profile is None else memory_profile
         handler = handler_for(d.architecture)
@@ -184,12 +276,14 @@ class GenerationService:
                 return self._pipe
             self.unload()
             try:
-                backend = set_attention_backend(self.config.attention, d.model.get("attention"))
+                backend = choose_backend(self.config.attention, d.model.get("attention"))
             except ValueError as e:
                 raise UserError(str(e)) from None
             log.info("attention backend: %s", backend)
 
             def progress(i: int, n: int, desc: str) -> None:
+                if cancel is not None:
+                    cancel.raise_if_cancelled()  # a long load stops at its next part
                 if on_event:
                     on_event({"kind": "load", "step": i, "total": n, "desc": desc})
 
@@ -202,7 +296,7 @@ class GenerationService:
                     dtype=self.dtype, VAE_dtype=self.vae_dtype, model_dir=folder,
                     device="cpu" if offloaded else self.device, progress=progress, compile=self.config.compile,
                     transformer_quantization=quant[0], text_encoder_quantization=quant[1],
-                    save_quantized=self.config.save_quantized,
+                    save_quantized=self.config.save_quantized, attention_backend=backend,
                 )
                 self._offload = apply_profile(
                     parts, profile, preload_mb=self.config.preload_mb,
@@ -212,6 +306,7 @@ class GenerationService:
                 pipe.device = self.device
                 set_vae_tile_size(parts["vae"])
             self._pipe, self._pipe_key, self.pipe_memory_profile = pipe, key, profile
+            self.attention_backend = backend
             converter = handler_for(d.architecture).lora_converter()
             if converter is not None:
                 from models.lora_runtime import LoraManager
@@ -258,7 +353,7 @@ class GenerationService:
 
                 release(self._offload)
             self._pipe, self._pipe_key, self._lora_manager, self._offload = None, None, None, None
-            self.pipe_memory_profile = None
+            self.pipe_memory_profile = self.attention_backend = None
             from app.offload import empty_caches
 
             empty_caches()  # the models are gone now: their pinned RAM too
@@ -323,6 +418,7 @@ class GenerationService:
         allow_lora_paths: bool = False,
         existing_images: dict[int, str | Path] | None = None,
         batch_seed: int | None = None,
+        cancel: CancelToken | None = None,
     ) -> JobResult:
         """Render spec and save its images; file_names (one per image) override the naming scheme.
 
@@ -330,110 +426,81 @@ class GenerationService:
         record it at once. A retry passes what was recorded: existing_images (index -> path; those still on disk
         are kept, not rendered again) and batch_seed (the seed image 0 had): only the missing images are
         rendered, each with the seed and name it would have had in the first run.
+
+        cancel: this job's token (the caller keeps it; `cancel.cancel()` from any thread stops the job within a
+        step, or between the parts of a model load, with GenerationInterrupted).
         """
-        for w in cap_texts(spec, extra_names):  # a huge prompt is cut here too (the CLI's path)
-            log.warning(w)
-        validate(spec, extra_names)
-        d = self.definition(spec.model_type)
-        warnings = size_warnings(spec, int(d.defaults().get("min_recommended_size", 0)))
-        for w in warnings:
-            log.warning(w)
-        if file_names is not None and len(file_names) != spec.num_images:
-            raise ValueError("one file name per image")
-        kept = {int(i): Path(p) for i, p in (existing_images or {}).items()
-                if 0 <= int(i) < spec.num_images and Path(p).is_file()}
-        missing = [i for i in range(spec.num_images) if i not in kept]
-        seed = batch_seed if batch_seed is not None else resolve_seed(spec.seed)
-        if spec.seed == -1 and batch_seed is None:
-            log.info("random seed: %d", seed)
-        if kept:
-            log.info("%d of %d images already written; rendering %s", len(kept), spec.num_images,
-                     ", ".join(str(i + 1) for i in missing) or "none")
-        per_step, lora_reports = 0.0, []
-        paths: dict[int, Path] = dict(kept)
-        settings: dict[int, dict[str, Any]] = {}
-        start = time.perf_counter()
-        if missing:
-            profile = self.config.memory_profile if spec.memory_profile is None else spec.memory_profile
-            if spec.memory_profile is not None:
-                log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
-                         "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
-            pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file,
-                                 on_event, memory_profile=profile)
-            lora_reports = self._sync_loras(spec, allow_lora_paths)
-            # consecutive missing images render together (image i of a batch uses seed + i, so a run starting at
-            # image k with seed + k gives the same images as the full batch)
-            runs: list[list[int]] = []
-            for i in missing:
-                if runs and runs[-1][-1] == i - 1:
-                    runs[-1].append(i)
-                else:
-                    runs.append([i])
-            start = time.perf_counter()  # sampling and saving time, as before: the model load is not counted
-            for run in runs:
-                per_step = self._render_run(pipe, spec, run, seed, profile, output_dir, file_names, on_event,
-                                            paths, settings)
-        elapsed = time.perf_counter() - start
-        order = range(spec.num_images)
-        result_paths = [paths[i] for i in order]
-        seeds = [seed + i for i in order]
-        if on_event:
-            on_event({"kind": "done", "paths": result_paths, "seconds": elapsed, "seconds_per_step": per_step})
-        return JobResult(result_paths, seeds, [settings.get(i, {}) for i in order], elapsed, per_step, warnings,
-                         lora_reports)
+        with self._job_config():  # the job reads one configuration; changes wait until it ends
+            cancel = cancel if cancel is not None else CancelToken()
+            for w in cap_texts(spec, extra_names):  # a huge prompt is cut here too (the CLI's path)
+                log.warning(w)
+            validate(spec, extra_names)
+            d = self.definition(spec.model_type)
+            warnings = size_warnings(spec, int(d.defaults().get("min_recommended_size", 0)))
+            for w in warnings:
+                log.warning(w)
+            if file_names is not None and len(file_names) != spec.num_images:
+                raise ValueError("one file name per image")
+            kept = {int(i): Path(p) for i, p in (existing_images or {}).items()
+                    if 0 <= int(i) < spec.num_images and Path(p).is_file()}
+            missing = [i for i in range(spec.num_images) if i not in kept]
+            seed = batch_seed if batch_seed is not None else resolve_seed(spec.seed)
+            if spec.seed == -1 and batch_seed is None:
+                log.info("random seed: %d", seed)
+            if kept:
+                log.info("%d of %d images already written; rendering %s", len(kept), spec.num_images,
+                         ", ".join(str(i + 1) for i in missing) or "none")
+            per_step, lora_reports = 0.0, []
+            paths: dict[int, Path] = dict(kept)
+            settings: dict[int, dict[str, Any]] = {}
+            start = time.perf_counter()
+            if missing:
+                profile = self.config.memory_profile if spec.memory_profile is None else spec.memory_profile
+                if spec.memory_profile is not None:
+                    log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
+                             "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
+                pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file,
+                                     on_event, memory_profile=profile, cancel=cancel)
+                lora_reports = self._sync_loras(spec, allow_lora_paths)
+                # consecutive missing images render together (image i of a batch uses seed + i, so a run starting at
+                # image k with seed + k gives the same images as the full batch)
+                runs: list[list[int]] = []
+                for i in missing:
+                    if runs and runs[-1][-1] == i - 1:
+                        runs[-1].append(i)
+                    else:
+                        runs.append([i])
+                start = time.perf_counter()  # sampling and saving time, as before: the model load is not counted
+                for run in runs:
+                    per_step = self._render_run(pipe, spec, run, seed, profile, output_dir, file_names, on_event,
+                                                paths, settings, cancel)
+            elapsed = time.perf_counter() - start
+            order = range(spec.num_images)
+            result_paths = [paths[i] for i in order]
+            seeds = [seed + i for i in order]
+            if on_event:
+                on_event({"kind": "done", "paths": result_paths, "seconds": elapsed, "seconds_per_step": per_step})
+            return JobResult(result_paths, seeds, [settings.get(i, {}) for i in order], elapsed, per_step, warnings,
+                             lora_reports)
 
     def _render_run(self, pipe, spec: JobSpec, indexes: list[int], seed: int, profile: int,
                     output_dir: Path | None, file_names: list[Path] | None, on_event: EventFn | None,
-                    paths: dict[int, Path], settings: dict[int, dict[str, Any]]) -> float:
+                    paths: dict[int, Path], settings: dict[int, dict[str, Any]], cancel: CancelToken) -> float:
         """Render images indexes (consecutive) of spec's batch and save each as it comes; seconds per step."""
         first, count = indexes[0], len(indexes)
-        self.abort.clear()
-        step_times: list[float] = []
-        sync = self.device.type == "cuda" and on_event is not None
-
-        def callback(i: int, n: int, latents: torch.Tensor) -> None:
-            if sync:
-                torch.cuda.current_stream(self.device).synchronize()  # only to report true progress
-            step_times.append(time.perf_counter())
-            if on_event:
-                per = (step_times[-1] - step_times[0]) / (len(step_times) - 1) if len(step_times) > 1 else \
-                    step_times[-1] - loop_start[0]
-                on_event({"kind": "step", "step": i + 1, "total": n, "seconds_per_step": per,
-                          "eta": per * (n - i - 1), "latents": latents})
-
-        from app.offload import OomGuard, decode_needs_tiling, free_device_bytes
+        from app.offload import OomGuard
 
         guard = OomGuard("encode", self._offload, profile_no=profile, width=spec.width,
                          height=spec.height, num_images=count)
-        lora_step = self._lora_manager.step_start if self._lora_manager is not None else None
-
-        def step_start(i: int, n: int) -> None:
-            guard.stage = "denoise"
-            if lora_step is not None:
-                lora_step(i, n)
-
-        def tiled() -> bool:
-            """Decided before the decode: the transformer's cached activation memory is returned first,
-            so the decision sees what the VAE can really use."""
-            if self.config.vae_tiling:
-                return True
-            if self.device.type != "cuda":
-                return False
-            torch.cuda.empty_cache()
-            return decode_needs_tiling(profile, free_device_bytes(self.device), spec.height,
-                                       spec.width, self.vae_dtype, count)
-        loop_start = [time.perf_counter()]
-
-        def on_step(i: int, n: int, latents: torch.Tensor) -> None:
-            callback(i, n, latents)
-            if i == n - 1:
-                guard.stage = "decode"
-
+        observer = StepObserver(
+            on_event, guard, lora_step=self._lora_manager.step_start if self._lora_manager is not None else None,
+            sync_device=self.device if self.device.type == "cuda" and on_event is not None else None)
         with guard:
             out = pipe(
                 **spec.pipeline_values(self.definition(spec.model_type).architecture), num_images_per_prompt=count,
                 seed=seed + first,
-                callback=on_step, interrupt=self.abort.is_set, step_start=step_start, vae_tiling=tiled,
+                callback=observer.step_end, interrupt=cancel.is_cancelled, step_start=observer.step_start,
+                vae_tiling=functools.partial(self._decode_tiled, profile, spec.height, spec.width, count),
             )
         when = datetime.now()
         from app.metadata import EXTENSIONS
@@ -453,7 +520,19 @@ class GenerationService:
             if on_event:  # recorded by the caller now: a crash later does not orphan this file
                 on_event({"kind": "image", "index": index, "seed": image_seed, "batch_seed": seed,
                           "path": paths[index]})
-        return (step_times[-1] - loop_start[0]) / max(len(step_times), 1)
+        return observer.seconds_per_step()
+
+    def _decode_tiled(self, profile: int, height: int, width: int, count: int) -> bool:
+        """Whether the VAE decodes in tiles; decided just before the decode: the transformer's cached activation
+        memory is returned first, so the decision sees what the VAE can really use."""
+        if self.config.vae_tiling:
+            return True
+        if self.device.type != "cuda":
+            return False
+        from app.offload import decode_needs_tiling, free_device_bytes
+
+        torch.cuda.empty_cache()
+        return decode_needs_tiling(profile, free_device_bytes(self.device), height, width, self.vae_dtype, count)
 
 
 __all__ = ["GenerationService", "ServiceConfig", "JobResult", "GenerationInterrupted", "resolve_device"]

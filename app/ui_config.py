@@ -49,11 +49,9 @@ def memory_override_choices() -> list[tuple[str, str]]:
 
 def system_info_text(service: GenerationService) -> str:
     from app.offload import PROFILE_NAMES
-    from models.attention import get_attention_backend
-
     m = service.memory_status()
     cfg = service.config
-    backend = get_attention_backend() if m["loaded"] else None
+    backend = service.attention_backend if m["loaded"] else None
     parts = [f"**Device** {m['device']}",
              f"**Memory profile** {cfg.memory_profile} ({PROFILE_NAMES.get(cfg.memory_profile, '?')})"
              + ("" if m["device"].startswith("cuda") else ", used on CUDA only")
@@ -124,9 +122,10 @@ def build_config_section(queue: JobQueue, service: GenerationService, config: Se
         except (UserError, OSError) as e:
             raise gr.Error(f"Configuration not saved: {e}", print_exception=False) from None
         cfg = service.config
-        model_changed = [k for k in MODEL_KEYS if getattr(cfg, k) != clean[k]]
-        for k in ("output_format", "output_quality", "save_metadata", *MODEL_KEYS):
-            setattr(cfg, k, clean[k])
+        # handed to the service, which applies them between jobs: never under a running job's feet
+        changed = service.update_config({k: clean[k] for k in ("output_format", "output_quality", "save_metadata",
+                                                               *MODEL_KEYS)})
+        model_changed = [k for k in MODEL_KEYS if k in changed]
         notes = ["output format, quality and metadata apply to the next image"]
         if model_changed:
             notes.append(f"{', '.join(k.replace('_', ' ') for k in model_changed)}: at the next model load")

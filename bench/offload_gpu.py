@@ -340,8 +340,8 @@ def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) ->
             guidance_scale=4.0, seed=1, step_start=step_start, callback=callback, vae_tiling=tiled),
             profile_step=(weights, profile) == PROFILE_RUN))
         res["vae_tiled"] = decided[-1] if decided else None
-        if getattr(manager, "_wgp_overlap", None) is not None:
-            res["blocks_copied_ahead"] = manager._wgp_overlap.copies
+        if manager.overlap is not None:  # manager: app.offload.OffloadSession
+            res["blocks_copied_ahead"] = manager.overlap.copies
         ofl.release(manager)
     pipe = parts = manager = None
     cleanup()

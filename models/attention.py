@@ -1,4 +1,5 @@
-"""One entry point for attention, with the backends behind it chosen once per run.
+"""One entry point for attention; the backend is the caller's (each attention module of a loaded model
+holds its own), so two models can use different kernels and nothing here is global state.
 
 Inputs are (batch, seq, heads, head_dim), no mask: Z-Image runs each caption as its own
 unpadded sequence, so every backend (flash kernels included) can serve it.
@@ -20,7 +21,6 @@ log = logging.getLogger("wgp_zimage")
 BACKENDS = ("sdpa", "flash", "flash3", "sage")
 CHOICES = ("auto", *BACKENDS)
 _MODULES = {"flash": "flash_attn", "flash3": "flash_attn_interface", "sage": "sageattention"}
-_backend = "sdpa"
 
 
 def installed_backends() -> list[str]:
@@ -73,14 +73,9 @@ def resolve_backend(requested: str = "auto", rules: dict[str, str] | None = None
     return "sdpa"
 
 
-def set_attention_backend(name: str, rules: dict[str, str] | None = None) -> str:
-    global _backend
-    _backend = resolve_backend(name, rules, _capability())
-    return _backend
-
-
-def get_attention_backend() -> str:
-    return _backend
+def choose_backend(name: str, rules: dict[str, str] | None = None) -> str:
+    """resolve_backend for this machine's GPU (its compute capability and installed kernels)."""
+    return resolve_backend(name, rules, _capability())
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -107,9 +102,9 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full (non-causal) attention; returns (batch, seq, heads, head_dim)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """Full (non-causal) attention with backend (one of BACKENDS); returns (batch, seq, heads, head_dim)."""
     # the fused kernels take half precision on CUDA only; everything else goes through SDPA
-    if _backend == "sdpa" or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+    if backend == "sdpa" or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return _sdpa(q, k, v)
-    return _kernel(_backend)(q, k, v)
+    return _kernel(backend)(q, k, v)

@@ -23,6 +23,8 @@ log = logging.getLogger("wgp_zimage")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS_DIR = ROOT / "defaults"
+# a latent -> RGB projection for live previews: (one row of 3 per latent channel, 3 biases)
+PreviewFactors = tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]
 FINETUNES_DIR = ROOT / "finetunes"
 
 
@@ -56,6 +58,11 @@ class FamilyHandler:
 
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {}
+
+    def latent_preview_factors(self, architecture: str) -> PreviewFactors | None:
+        """The approximate latent -> RGB projection of this architecture's VAE for cheap step previews
+        (None: the queue shows the first three latent channels)."""
+        return None
 
     def files_to_download(self, definition: ModelDefinition, checkpoints_dir: Path,
                           transformer_quantization: str = "bf16", text_encoder_quantization: str = "bf16") -> list:

@@ -118,7 +118,8 @@ def overlapped(tiny_dir):
     """A profile-4 pipeline streaming every block, with the overlap installed on its manager."""
     with cpu_cuda_standins() as transfers:
         pipe, parts = load(tiny_dir)
-        manager = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL)
+        session = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL)
+        manager = session.manager
         manager.transfer_stream = Stream("transfer", [])
         rec = Recorder()
         manager.transfer_stream.log = rec.log
@@ -151,7 +152,7 @@ def overlapped(tiny_dir):
 
         state._copy = logged_copy
         yield pipe, parts, manager, state, rec, transfers
-        ofl.release(manager)
+        ofl.release(session)
 
 
 def test_overlapped_streaming_renders_like_unprofiled(overlapped, reference):
@@ -247,8 +248,9 @@ def test_preloaded_blocks_and_int8_with_overlap(tiny_dir):
             pipe, parts = load(tiny_dir)
             q.quantize_on_the_fly(parts["transformer"])
             size = sum(p.numel() for p in parts["transformer"].layers[0].parameters()) / 2**20
-            manager = ofl.apply_profile(parts, 4, device="cuda",
+            session = ofl.apply_profile(parts, 4, device="cuda",
                                         budgets={"transformer": 4 * size, "text_encoder": 0.001})
+            manager = session.manager
             if overlap:
                 rec = Recorder()
                 manager.transfer_stream = Stream("transfer", rec.log)
@@ -260,7 +262,7 @@ def test_preloaded_blocks_and_int8_with_overlap(tiny_dir):
                 assert weights  # quantized
                 marked = sum(1 for e in rec.log if e[0] == "record_stream")
                 assert marked == sum(1 for s in rec.copied.values() if s == "transfer")
-            ofl.release(manager)
+            ofl.release(session)
     assert np.array_equal(images[0], images[1])
 
 
@@ -286,16 +288,18 @@ def test_storage_tensors_of_quantized_weights():
 def test_profile_option_installs_the_overlap(tiny_dir):
     with cpu_cuda_standins():
         pipe, parts = load(tiny_dir)
-        manager = ofl.apply_profile(parts, 4, device="cuda", overlap_transfers=True)
-        assert getattr(manager, "_wgp_overlap", None) is not None
-        ofl.release(manager)
+        session = ofl.apply_profile(parts, 4, device="cuda", overlap_transfers=True)
+        assert session.overlap is not None  # in our session, not on mmgp's manager
+        assert not hasattr(session.manager, "_wgp_overlap")
+        ofl.release(session)
+        assert session.overlap is None
         pipe, parts = load(tiny_dir)
-        manager = ofl.apply_profile(parts, 1, device="cuda", overlap_transfers=True)
-        assert getattr(manager, "_wgp_overlap", None) is None  # nothing streams in profile 1
-        ofl.release(manager)
-        manager = ofl.apply_profile(load(tiny_dir)[1], 4, device="cuda")
-        assert getattr(manager, "_wgp_overlap", None) is None  # opt-in
-        ofl.release(manager)
+        session = ofl.apply_profile(parts, 1, device="cuda", overlap_transfers=True)
+        assert session.overlap is None  # nothing streams in profile 1
+        ofl.release(session)
+        session = ofl.apply_profile(load(tiny_dir)[1], 4, device="cuda")
+        assert session.overlap is None  # opt-in
+        ofl.release(session)
 
 
 def test_flag_reaches_the_profile(tiny_dir, tmp_path, monkeypatch):
@@ -376,7 +380,8 @@ def test_compile_lora_and_overlap(tiny_dir, lora_file, lora_reference, fresh_dyn
     with cpu_cuda_standins():
         pipe, parts = load(tiny_dir)
         compile_blocks(pipe.transformer, backend="aot_eager")
-        manager = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL)
+        session = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL)
+        manager = session.manager
         rec = Recorder()
         manager.transfer_stream = Stream("transfer", rec.log)
         state = overlap_block_transfers(manager, rec)
@@ -384,5 +389,5 @@ def test_compile_lora_and_overlap(tiny_dir, lora_file, lora_reference, fresh_dyn
             assert_lora_round_trip(pipe, lora_file, lora_reference)
             assert state.copies > 0 and any(e[0] == "wait" for e in rec.log)
         finally:
-            ofl.release(manager)
+            ofl.release(session)
 

@@ -191,8 +191,9 @@ def test_argument_checks(tiny_dir):
 @pytest.mark.parametrize("profile_no", [1, 2, 3, 4, 5])
 def test_every_profile_renders_like_unprofiled(tiny_dir, reference, fake_cuda, spy_all, profile_no):
     pipe, parts = load(tiny_dir)
-    manager = ofl.apply_profile(parts, profile_no, device="cuda", perc_reserved_mem_max=0.3)
-    assert manager is not None
+    session = ofl.apply_profile(parts, profile_no, device="cuda", perc_reserved_mem_max=0.3)
+    assert session is not None
+    manager = session.manager
     assert torch.get_default_device().type == "cpu"  # mmgp's CUDA default was undone
     (kwargs,) = spy_all
     p = ofl.PROFILES[profile_no]
@@ -214,7 +215,7 @@ def test_every_profile_renders_like_unprofiled(tiny_dir, reference, fake_cuda, s
         assert all("text_encoder" not in ids for ids in resident_after_encode)
     else:
         assert all("text_encoder" in ids for ids in resident_after_encode)
-    ofl.release(manager)
+    ofl.release(session)
 
 
 def test_blocks_stream_under_small_budgets(tiny_dir, reference, fake_cuda):
@@ -322,7 +323,7 @@ def test_release_returns_the_cached_pinned_memory(tiny_dir, monkeypatch):
                 m.setattr(torch.cuda, "empty_cache", lambda: None)
                 m.setattr(torch._C, "_host_emptyCache", lambda o=overlap: emptied.append(o), raising=False)
                 ofl.release(manager)
-            assert not hasattr(manager, "_wgp_overlap")
+            assert manager.overlap is None and not hasattr(manager.manager, "_wgp_overlap")
     assert emptied == [True, False]
 
 
@@ -390,12 +391,12 @@ def test_oom_guard_frees_memory_and_names_the_stage(monkeypatch):
 
 def test_free_memory_unloads_the_manager(tiny_dir, fake_cuda):
     pipe, parts = load(tiny_dir)
-    manager = ofl.apply_profile(parts, 1, device="cuda")
+    session = ofl.apply_profile(parts, 1, device="cuda")
     render(pipe)
-    assert manager.active_models_ids
-    ofl.free_memory(manager)
-    assert manager.active_models_ids == []
-    ofl.release(manager)
+    assert session.manager.active_models_ids
+    ofl.free_memory(session)
+    assert session.manager.active_models_ids == []
+    ofl.release(session)
 
 
 # ---------------------------------------------------------------- VAE tiling

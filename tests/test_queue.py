@@ -43,7 +43,6 @@ def make_queue(service, tmp_path):
     yield make
     for q in made:
         q.close()
-    service.abort.clear()
 
 
 def denoising(job_id: str, min_step: int = 1):
@@ -404,8 +403,10 @@ def test_retry_after_a_crash_writes_only_the_missing_images(make_queue, service,
     assert [str(p) for p in again.paths] == job["paths"] and not (tmp_path / "none").exists()
 
 
-def test_latent_preview():
+def test_latent_preview(service):
     rng = np.random.default_rng(0)
-    im = latent_preview(rng.standard_normal((2, 16, 8, 12)).astype(np.float32))
+    factors = service.latent_preview_factors("z_image_tiny")  # the family's projection, from its handler
+    im = latent_preview(rng.standard_normal((2, 16, 8, 12)).astype(np.float32), factors=factors)
     assert im.mode == "RGB" and im.size == (12 * 21, 8 * 21)  # scaled up by a whole factor
-    assert latent_preview(rng.standard_normal((1, 4, 8, 8))).mode == "RGB"  # other latent spaces
+    assert latent_preview(rng.standard_normal((1, 4, 8, 8)), factors=factors).mode == "RGB"  # other latent spaces
+    assert latent_preview(rng.standard_normal((1, 16, 8, 8))).mode == "RGB"  # a family that gives none

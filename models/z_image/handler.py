@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from models.errors import UserError
-from models.registry import FamilyHandler, register_handler
+from models.registry import FamilyHandler, PreviewFactors, register_handler
 from models.z_image import checkpoints as ck
 from models.z_image.params import LAYOUT, LORA_SUBDIR, PARAMS
 from models.z_image.pipeline import ZImagePipeline
@@ -24,6 +24,15 @@ DEFAULT_NEGATIVE = (
 TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo"}
 TINY_FOLDER = "z_image_tiny"
 REPO_ID = "DeepBeepMeep/Z-Image"
+# Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
+# the factors ComfyUI's latent previewer uses for Flux: one matrix product instead of a VAE decode.
+LATENT_RGB_FACTORS = (
+    (-0.0346, 0.0244, 0.0681), (0.0034, 0.0210, 0.0687), (0.0275, -0.0668, -0.0433), (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329), (0.0004, 0.0383, 0.0115), (0.0405, 0.0861, 0.0915), (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180), (0.1008, 0.0755, -0.0421), (-0.0515, 0.0201, 0.0011), (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749), (-0.1264, -0.0522, -0.1103), (-0.0280, -0.0881, -0.0499), (-0.1262, -0.0982, -0.0778),
+)
+LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
 # files every Base / Turbo install needs besides the transformer and Qwen3 weights
 SHARED_FILES = (
     ck.DBM_VAE, ck.DBM_VAE_CONFIG, ck.DBM_SCHEDULER,
@@ -49,6 +58,9 @@ class ZImageHandler(FamilyHandler):
 
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {"max_prompt_tokens": 512, **self._defaults(architecture)}
+
+    def latent_preview_factors(self, architecture: str) -> PreviewFactors:
+        return LATENT_RGB_FACTORS, LATENT_RGB_BIAS  # every Z-Image type (the tiny one too) has the Flux VAE's space
 
     def _defaults(self, architecture: str) -> dict[str, Any]:
         if architecture == "z_image":
@@ -182,6 +194,7 @@ class ZImageHandler(FamilyHandler):
         transformer_quantization: str = "bf16",
         text_encoder_quantization: str = "bf16",
         save_quantized: bool = False,
+        attention_backend: str = "sdpa",
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
@@ -190,6 +203,7 @@ class ZImageHandler(FamilyHandler):
         replaces the folder's own; model_dir: any of the supported layouts.
         *_quantization "int8": the quanto int8 file beside the bf16 one when present, else the bf16
         weights quantized on the fly (written back as an int8 file with save_quantized).
+        attention_backend: a resolved models.attention backend, held by this model's attention modules.
         """
         from models.z_image import quantize as q
 
@@ -252,6 +266,7 @@ class ZImageHandler(FamilyHandler):
             parts[name] = load()
         if progress is not None:
             progress(len(steps), len(steps), "loaded")
+        parts["transformer"].set_attention_backend(attention_backend)
         if compile:
             from models.z_image.transformer import compile_blocks
 

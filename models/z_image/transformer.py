@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import attention
+from models.attention import BACKENDS, attention
 
 SEQ_MULTIPLE = 32  # each segment (image tokens, caption tokens) pads to this multiple
 ADALN_MAX_DIM = 256
@@ -95,6 +95,7 @@ class Attention(nn.Module):
         # diffusers builds these norms with eps 1e-5 whatever the block's norm_eps
         self.norm_q = RMSNorm(head_dim, 1e-5) if qk_norm else None
         self.norm_k = RMSNorm(head_dim, 1e-5) if qk_norm else None
+        self.backend = "sdpa"  # models.attention backend; set for the whole model by set_attention_backend
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q = self.to_q(x).reshape(*x.shape[:-1], self.n_heads, -1)
@@ -103,7 +104,7 @@ class Attention(nn.Module):
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v).flatten(2)
+        out = attention(q, k, v, self.backend).flatten(2)
         return self.to_out[0](out)
 
 
@@ -233,6 +234,10 @@ class RopeTables:
 
 
 class ZImageTransformer(nn.Module):
+    # modules taking float32 inputs as they are under mmgp offload (app/offload.py): the timestep embedding
+    # must not be rounded to the model dtype first
+    fp32_input_modules = ("", "t_embedder")
+
     def __init__(self, cfg: ZImageConfig):
         super().__init__()
         self.config = cfg
@@ -257,6 +262,19 @@ class ZImageTransformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.x_pad_token.dtype
+
+    def set_attention_backend(self, name: str) -> None:
+        """Use backend name (models.attention.BACKENDS, already resolved) in every attention module of this
+        model; set before compiling (a compiled block keeps the backend it was traced with)."""
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = name
+
+    @property
+    def attention_backend(self) -> str:
+        return next(m.backend for m in self.modules() if isinstance(m, Attention))
 
     def _embed_captions(self, caps: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         lens = [c.shape[0] for c in caps]
