@@ -101,12 +101,7 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
     check_text(spec.model_type, "model type")
     declared = _params.by_name()
     for name, p in declared.items():
-        value = getattr(spec, name)
-        if p.kind is str and not isinstance(value, str) and value is not None:
-            raise UserError(f"{p.display} must be text (got {type(value).__name__})")
-        if p.kind is str and value is not None:
-            check_text(value, p.display)
-        setattr(spec, name, p.parse(value))
+        setattr(spec, name, p.parse(getattr(spec, name)))
     if not spec.prompt.strip():
         raise UserError("the prompt is empty")
     if not isinstance(spec.loras, list):

@@ -13,11 +13,10 @@ and read it in the family's pipeline, which receives it under its name.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
 from typing import Any
 
 from models.params import Param
-from models.registry import default_model_type
+from models.registry import declared_params, default_model_type
 
 MAX_SEED = 2**32 - 1
 DEFAULT_MODEL_TYPE = default_model_type()  # the first family's (models/<family>/params.py)
@@ -48,17 +47,10 @@ COMMON: tuple[Param, ...] = (
 CUSTOM_CONTROLS = ("prompt", "memory_profile")
 
 
-def family_params() -> list[Param]:
-    """Every family's own parameters (a name declared by two families is one parameter)."""
-    from models.registry import declared_params
-
-    return declared_params()
-
-
 def all_params() -> list[Param]:
     """The common parameters, then the families' (declaration order)."""
     common = {p.name for p in COMMON}
-    return [*COMMON, *(p for p in family_params() if p.name not in common)]
+    return [*COMMON, *(p for p in declared_params() if p.name not in common)]
 
 
 def by_name() -> dict[str, Param]:
@@ -73,10 +65,6 @@ def params_of(architecture: str | None) -> list[Param]:
 
     names = {p.name for p in COMMON}
     return [*COMMON, *(p for p in handler_for(architecture).params if p.name not in names)]
-
-
-def stored(params: Iterable[Param]) -> list[Param]:
-    return [p for p in params if p.stored]
 
 
 # ------------------------------------------------------------------ the command line
@@ -99,8 +87,3 @@ def cli_values(args: argparse.Namespace) -> dict[str, Any]:
     """The generation parameters given on the command line (raw text, not yet parsed)."""
     return {p.name: getattr(args, p.name) for p in all_params()
             if p.cli is not None and p.name not in CUSTOM_CONTROLS and getattr(args, p.name, None) is not None}
-
-
-def readme_options() -> list[str]:
-    """`--flag` names of the generate options derived from the table (the README lists them)."""
-    return [p.cli for p in all_params() if p.cli is not None and p.name not in CUSTOM_CONTROLS]

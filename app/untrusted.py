@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from app.jobs import DEFAULT_MEMORY_PROFILE, MEMORY_PROFILES
 from models.errors import UserError
-from models.parsing import ascii_float, ascii_int
+from models.parsing import ascii_int
 
 MAX_JSON_DEPTH = 32  # our settings nest 3 levels; JSON nested thousands deep overflows the stack
 
@@ -117,48 +117,6 @@ def _label(label: str) -> str:
     return label[:1].upper() + label[1:]
 
 
-def parse_int(value: Any, label: str) -> int:
-    """A whole number from the API: an int, a whole float (sliders send 30.0) or ASCII digits; UserError
-    naming label otherwise (None, "abc", "٣", 1.5, true)."""
-    if isinstance(value, bool) or value is None:
-        raise UserError(f"{_label(label)} must be a whole number (got {value!r})")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
-            return int(value)
-        raise UserError(f"{_label(label)} must be a whole number (got {value!r})")
-    if isinstance(value, str):
-        try:
-            return ascii_int(value)
-        except ValueError:
-            try:  # "30.0", as a slider's value may arrive in text
-                number = ascii_float(value)
-            except ValueError:
-                number = None
-            if number is not None and number.is_integer():
-                return int(number)
-    raise UserError(f"{_label(label)} must be a whole number (got {value!r})")
-
-
-def parse_float(value: Any, label: str) -> float:
-    """A finite number from the API: an int, a float or an ASCII number; UserError naming label otherwise."""
-    number: float | None = None
-    if isinstance(value, str):
-        try:
-            number = ascii_float(value)
-        except ValueError:
-            pass
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except OverflowError:  # an int beyond any float
-            pass
-    if number is None or not math.isfinite(number):
-        raise UserError(f"{_label(label)} must be a finite number (got {value!r})")
-    return number
-
-
 def parse_text(value: Any, label: str, optional: bool = False) -> str:
     """Text from the API (None is "" when optional); valid Unicode only."""
     if value is None and optional:
@@ -233,5 +191,5 @@ def file_label(path: str | os.PathLike[str]) -> str:
 
 
 __all__ = ["MAX_JSON_DEPTH", "UntrustedError", "check_structure", "file_label", "load_json", "open_regular",
-           "parse_bool", "parse_float", "parse_int", "parse_memory_profile", "parse_text", "read_limited",
+           "parse_bool", "parse_memory_profile", "parse_text", "read_limited",
            "read_text"]

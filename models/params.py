@@ -124,8 +124,9 @@ class Param:
             raise UserError(f"{self.display} must be text (got {_short(value)})")
         try:
             value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise UserError(f"{self.display} holds characters that cannot be encoded (a lone surrogate?)") from None
+        except UnicodeEncodeError as e:  # it would break every JSON reply and file holding it
+            raise UserError(f"{self.display} holds a character that is not valid Unicode text at position "
+                            f"{e.start} (a lone surrogate)") from None
         if self.max_length is not None and len(value) > self.max_length:
             raise UserError(f"{self.display} is {len(value)} characters long; the limit is {self.max_length}")
         return value

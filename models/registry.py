@@ -8,6 +8,7 @@ specifics.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -126,12 +127,14 @@ def discover_handlers() -> dict[str, FamilyHandler]:
     return dict(_HANDLERS)
 
 
-def _declaration_modules() -> list:
-    """Each family's `models/<family>/params.py`: its parameters and names, importable without torch."""
+@functools.cache
+def _declaration_modules() -> tuple:
+    """Each family's `models/<family>/params.py`: its parameters and names, importable without torch.
+    Scanned once: every job spec reads the declarations."""
     pkg_dir = Path(__file__).resolve().parent
-    return [importlib.import_module(f"models.{info.name}.params")
-            for info in sorted(pkgutil.iter_modules([str(pkg_dir)]), key=lambda i: i.name)
-            if info.ispkg and (pkg_dir / info.name / "params.py").is_file()]
+    return tuple(importlib.import_module(f"models.{info.name}.params")
+                 for info in sorted(pkgutil.iter_modules([str(pkg_dir)]), key=lambda i: i.name)
+                 if info.ispkg and (pkg_dir / info.name / "params.py").is_file())
 
 
 def default_model_type() -> str:

@@ -57,7 +57,8 @@ def test_json_documents_keep_strict_types():
         STEPS.parse("30", from_text=False)  # "30" where a file holds 30: a foreign file
     text = Param("prompt", str, "", "Prompt", cli="--prompt")
     assert text.parse("a fox") == "a fox"
-    with pytest.raises(UserError, match="cannot be encoded"):
+    with pytest.raises(UserError, match=r"Prompt \(--prompt\) holds a character that is not valid Unicode text at "
+                                        r"position 2 \(a lone surrogate\)"):
         text.parse("a \ud800")
     with pytest.raises(UserError, match="must be text"):
         text.parse(5)

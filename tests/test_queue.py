@@ -396,7 +396,10 @@ def test_retry_after_a_crash_writes_only_the_missing_images(make_queue, service,
     # the same pixels as one uninterrupted batch of three
     ref = service.generate(spec("three foxes", num_images=3, seed=batch), output_dir=tmp_path / "ref")
     for path, ref_path in zip(job["paths"], ref.paths):
-        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(ref_path)))
+        # a batch of 2 and a batch of 3 differ in float rounding on the CPU (seed-dependent, so it failed now and
+        # then): the same bound as re-rendering one image of a batch alone (test_cli's from-image test)
+        diff = np.abs(np.asarray(Image.open(path)).astype(int) - np.asarray(Image.open(ref_path)).astype(int))
+        assert diff.max() <= 2
     # a retry of a job whose images are all there renders nothing
     again = service.generate(spec("three foxes", num_images=3, seed=-1), batch_seed=batch,
                              existing_images=dict(enumerate(job["paths"])), output_dir=tmp_path / "none")
