@@ -292,7 +292,7 @@ def file_targets(output: Path | None, total: int) -> list[Path] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from app.jobs import JobSpec, validate
+    from app.jobs import JobSpec, cap_texts, validate
     from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
     from models.errors import GenerationInterrupted
 
@@ -316,8 +316,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     declared = by_name()
     specs = [JobSpec(model_type=model_type, prompt=p, loras=cli_loras(args) if args.lora else values.get("loras", []),
                      **{k: v for k, v in values.items() if k in declared and k != "prompt"}) for p in prompts]
-    for spec in specs:
-        validate(spec)  # all jobs checked before any model loads, with the page's messages
+    for spec in specs:  # all jobs checked before any model loads, with the page's messages
+        for w in cap_texts(spec):
+            log.warning(w)
+        validate(spec)
     # --lora may name a file anywhere (the user's own command line); LoRAs that come from an image's
     # settings or a profile file are untrusted: names in the LoRA folder only, as in the web UI
     lora_paths = bool(args.lora)

@@ -22,25 +22,31 @@ MAX_SEED = 2**32 - 1
 DEFAULT_MODEL_TYPE = default_model_type()  # the first family's (models/<family>/params.py)
 MEMORY_PROFILES = (1, 2, 3, 4, 5)  # MMGP memory profiles (app/offload.py); kept here so no torch is needed
 
-COMMON: tuple[Param, ...] = (
+# the common parameters before the families' (the form, --help and the A1111 text list them in this order:
+# the prompt and size, then the model's own knobs, then seed and count)
+HEAD: tuple[Param, ...] = (
     # prompts longer than app.jobs.MAX_PROMPT_CHARS are cut with a warning, not refused
     Param("prompt", str, "", "Prompt", cli="--prompt", widget="text", help="the prompt"),
     Param("negative_prompt", str, "", "Negative prompt", cli="--negative-prompt", widget="text",
           model_tuned=True, help="what the image should not show"),
     Param("width", int, 1024, "Width", minimum=16, maximum=4096, multiple_of=16, step=16, cli="--width",
-          model_tuned=True, help="image width in pixels (16-4096, a multiple of 16)"),
+          model_tuned=True, widget="number", row="size", help="image width in pixels (16-4096, a multiple of 16)"),
     Param("height", int, 1024, "Height", minimum=16, maximum=4096, multiple_of=16, step=16, cli="--height",
-          model_tuned=True, help="image height in pixels (16-4096, a multiple of 16)"),
+          model_tuned=True, widget="number", row="size", help="image height in pixels (16-4096, a multiple of 16)"),
     Param("num_inference_steps", int, 30, "Steps", minimum=1, maximum=100, step=1, cli="--steps",
-          model_tuned=True, a1111="Steps", help="denoising steps = model evaluations (1-100)"),
-    Param("seed", int, -1, "Seed", minimum=-1, maximum=MAX_SEED, cli="--seed", widget="number", pipeline=False,
-          a1111="Seed", help="-1 = random (default; reported); image i of a batch uses seed + i"),
+          model_tuned=True, widget="number", a1111="Steps", help="denoising steps = model evaluations (1-100)"),
+)
+TAIL: tuple[Param, ...] = (
+    Param("seed", int, -1, "Seed", minimum=-1, maximum=MAX_SEED, cli="--seed", widget="number", row="seed",
+          pipeline=False, a1111="Seed", help="-1 = random (default; reported); image i of a batch uses seed + i"),
     Param("num_images", int, 1, "Number of images", minimum=1, maximum=16, step=1, cli="--num-images",
-          pipeline=False, legacy=("images",), help="images per prompt (1-16, default 1); image i uses seed + i"),
+          row="seed", pipeline=False, legacy=("images",),
+          help="images per prompt (1-16, default 1); image i uses seed + i"),
     Param("memory_profile", int, None, "Memory profile", choices=MEMORY_PROFILES, optional=True, group="advanced",
           widget="dropdown", pipeline=False, in_profile=False,
           help="MMGP memory profile for this job only (CUDA); none: the app's configured one"),
 )
+COMMON: tuple[Param, ...] = (*HEAD, *TAIL)
 # parameters with controls of their own on the page and the command line (the prompt box with its
 # token count and one-job-per-line, --prompt / --prompt-file, the memory profile's dropdown of
 # descriptions and --memory-profile, which on the command line sets the app's profile)
@@ -48,9 +54,9 @@ CUSTOM_CONTROLS = ("prompt", "memory_profile")
 
 
 def all_params() -> list[Param]:
-    """The common parameters, then the families' (declaration order)."""
+    """Every declared parameter: the common head, the families' (declaration order), the common tail."""
     common = {p.name for p in COMMON}
-    return [*COMMON, *(p for p in declared_params() if p.name not in common)]
+    return [*HEAD, *(p for p in declared_params() if p.name not in common), *TAIL]
 
 
 def by_name() -> dict[str, Param]:
@@ -64,7 +70,7 @@ def params_of(architecture: str | None) -> list[Param]:
     from models.registry import handler_for
 
     names = {p.name for p in COMMON}
-    return [*COMMON, *(p for p in handler_for(architecture).params if p.name not in names)]
+    return [*HEAD, *(p for p in handler_for(architecture).params if p.name not in names), *TAIL]
 
 
 # ------------------------------------------------------------------ the command line

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from app.cancel import CancelToken
-from app.jobs import MAX_PROMPT_CHARS, JobSpec, cap_texts, resolve_seed, size_warnings, validate
+from app.jobs import MAX_PROMPT_CHARS, JobSpec, resolve_seed, size_warnings
 from app.outputs import clean_stale_parts, output_name, save_image_atomic, unique_path
 from app.params import DEFAULT_MODEL_TYPE
 from models.attention import choose_backend
@@ -414,13 +414,13 @@ class GenerationService:
         output_dir: Path | None = None,
         file_names: list[Path] | None = None,
         on_event: EventFn | None = None,
-        extra_names: dict[str, str] | None = None,
         allow_lora_paths: bool = False,
         existing_images: dict[int, str | Path] | None = None,
         batch_seed: int | None = None,
         cancel: CancelToken | None = None,
     ) -> JobResult:
-        """Render spec and save its images; file_names (one per image) override the naming scheme.
+        """Render spec (validated where it came in: app.jobs.validate) and save its images; file_names (one per
+        image) override the naming scheme.
 
         Each image is reported as it is saved (event "image": index, seed, batch_seed, path), so a caller can
         record it at once. A retry passes what was recorded: existing_images (index -> path; those still on disk
@@ -432,9 +432,7 @@ class GenerationService:
         """
         with self._job_config():  # the job reads one configuration; changes wait until it ends
             cancel = cancel if cancel is not None else CancelToken()
-            for w in cap_texts(spec, extra_names):  # a huge prompt is cut here too (the CLI's path)
-                log.warning(w)
-            validate(spec, extra_names)
+            # spec was validated where it came in (the CLI, the queue's submit or restore): trusted here
             d = self.definition(spec.model_type)
             warnings = size_warnings(spec, int(d.defaults().get("min_recommended_size", 0)))
             for w in warnings:

@@ -15,20 +15,30 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from app.params import CUSTOM_CONTROLS, all_params
+from models.params import Param
+
 FORM_VERSION = 1
 STORAGE_KEY = "wgp-zimage-form"
 FORM_PENDING = "wgp-form-pending"  # CSS class of the settings column until the page-load handler ran
-# the saved form's keys, in the order of the controls handed to save_form_js
-FORM_KEYS = ("model_type", "prompt", "one_per_line", "negative_prompt", "width", "height", "num_inference_steps",
-             "guidance_scale", "flow_shift", "cfg_normalization", "cfg_truncation", "seed", "num_images", "loras",
-             "memory_profile")
-_TEXT = ("prompt", "negative_prompt", "loras", "memory_profile")
-_NUMBERS = ("width", "height", "num_inference_steps", "guidance_scale", "flow_shift", "cfg_normalization",
-            "cfg_truncation", "seed", "num_images")
+# the form's own fields around the declared parameters' (app/params.py)
+_BEFORE = ("model_type", "prompt", "one_per_line")
+_AFTER = ("loras", "memory_profile")
 _MAX_TEXT = 100_000  # a form field longer than this is not something the page wrote
 
 
-def save_form_js(keys: Iterable[str] = FORM_KEYS) -> str:
+def form_params() -> list[Param]:
+    """The declared parameters the form has a control for, in the form's order (the prompt and memory profile
+    have controls of their own)."""
+    return [p for p in all_params() if p.name not in CUSTOM_CONTROLS]
+
+
+def form_keys() -> tuple[str, ...]:
+    """The saved form's keys, in the order of the controls handed to save_form_js."""
+    return (*_BEFORE, *(p.name for p in form_params()), *_AFTER)
+
+
+def save_form_js(keys: Iterable[str]) -> str:
     """The JavaScript of the event that saves the form: its inputs are the controls in keys' order, then the
     saved form itself, which it returns unchanged while the page-load handler has not filled the form yet
     (a control's first change must not overwrite the saved form with the defaults)."""
@@ -46,17 +56,21 @@ def clean_form(data: Any, model_types: Iterable[str]) -> dict[str, Any] | None:
         return None
     if data.get("model_type") not in set(model_types):
         return None
+    params = form_params()
+    kinds = {"prompt": str, "loras": str, "memory_profile": str, "one_per_line": bool,
+             **{p.name: p.kind for p in params}}
     out: dict[str, Any] = {"model_type": data["model_type"]}
-    for key in _TEXT:
-        if isinstance(data.get(key), str) and len(data[key]) <= _MAX_TEXT:
-            out[key] = data[key]
-    for key in _NUMBERS:
+    for key, kind in kinds.items():
         v = data.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if kind is str:
+            if isinstance(v, str) and len(v) <= _MAX_TEXT:
+                out[key] = v
+        elif kind is bool:
+            if isinstance(v, bool):
+                out[key] = v
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[key] = int(v) if isinstance(v, float) and v.is_integer() else v
-    if isinstance(data.get("one_per_line"), bool):
-        out["one_per_line"] = data["one_per_line"]
     return out
 
 
-__all__ = ["FORM_KEYS", "FORM_PENDING", "STORAGE_KEY", "clean_form", "save_form_js"]
+__all__ = ["FORM_PENDING", "STORAGE_KEY", "clean_form", "form_keys", "form_params", "save_form_js"]

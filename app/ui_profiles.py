@@ -10,13 +10,13 @@ ProfileStore; the handlers here only read the page's controls and call it. Named
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from app.settings import ProfileStore
+from app.settings import ProfileStore, profile_params
 from app.ui_loras import parse_selection
 from models.errors import UserError
 
@@ -32,35 +32,42 @@ def profile_choices(store: ProfileStore) -> list[tuple[str, str]]:
     return out
 
 
-def controls_to_settings(model_type: str, prompt: str, negative_prompt: str, width: Any, height: Any, steps: Any,
-                         guidance: Any, flow_shift: Any, cfg_normalization: Any, cfg_truncation: Any, seed: Any,
-                         num_images: Any, loras: Any) -> dict[str, Any]:
-    """The page's controls as profile settings (ProfileStore validates them)."""
+def controls_to_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The page's values (model_type, prompt, the form's parameters by name, loras: the strengths text or a
+    parsed selection) as profile settings; ProfileStore validates them."""
     def whole(v: Any) -> Any:
         return int(v) if isinstance(v, float) and v.is_integer() else v
 
-    seed = whole(seed if seed is not None else -1)
-    return {
-        "model_type": model_type, "prompt": prompt or None, "negative_prompt": negative_prompt or "",
-        "width": whole(width), "height": whole(height), "num_inference_steps": whole(steps),
-        "guidance_scale": guidance, "flow_shift": flow_shift, "cfg_normalization": cfg_normalization,
-        "cfg_truncation": cfg_truncation, "seed_policy": "random" if seed == -1 else "fixed", "seed": seed,
-        "num_images": whole(num_images), "loras": parse_selection(loras),
-    }
+    out: dict[str, Any] = {"model_type": values.get("model_type"), "prompt": values.get("prompt") or None}
+    for p in profile_params():
+        if p.name in values and p.name != "prompt":
+            out[p.name] = whole(values[p.name])
+    if "negative_prompt" in out:
+        out["negative_prompt"] = out["negative_prompt"] or ""
+    seed = whole(values["seed"] if values.get("seed") is not None else -1)
+    out.update(seed_policy="random" if seed == -1 else "fixed", seed=seed)
+    loras = values.get("loras")
+    out["loras"] = loras if isinstance(loras, list) else parse_selection(loras)
+    return out
 
 
 def _error(e: UserError) -> gr.Error:
     return gr.Error(str(e), title="Generation profile", print_exception=False)
 
 
-def build_profiles_section(store: ProfileStore, inputs: list, outputs: list,
+def build_profiles_section(store: ProfileStore, inputs: Mapping[str, Any], outputs: list,
                            to_updates: Callable[[dict[str, Any]], tuple], lora_names: Callable[[], list[str]]
                            ) -> dict[str, Any]:
     """Create the section's components (call inside the Blocks) and wire them.
 
-    inputs: the controls in controls_to_settings' order; outputs / to_updates: the controls a loaded
-    profile sets and the values for them. Returns the components by elem_id.
+    inputs: the controls whose values a profile keeps, by controls_to_settings' keys; outputs / to_updates:
+    the controls a loaded profile sets and the values for them. Returns the components by elem_id.
     """
+    keys, controls = list(inputs), list(inputs.values())
+
+    def settings_of(values: tuple) -> dict[str, Any]:
+        return controls_to_settings(dict(zip(keys, values)))
+
     c: dict[str, Any] = {}
     # the buttons sit at the foot of their row (class wgp-inline-btn, app/ui.py's CSS) instead of stretching
     # to the height of the labelled box beside them
@@ -112,7 +119,7 @@ def build_profiles_section(store: ProfileStore, inputs: list, outputs: list,
     def save(profile: str, replace: bool, *controls: Any) -> tuple:
         """Save the current settings as a generation profile."""
         try:
-            warnings = store.save((profile or "").strip(), controls_to_settings(*controls), overwrite=bool(replace),
+            warnings = store.save((profile or "").strip(), settings_of(controls), overwrite=bool(replace),
                                   overwrite_broken=bool(replace))
         except UserError as e:
             raise _error(e) from None
@@ -120,7 +127,7 @@ def build_profiles_section(store: ProfileStore, inputs: list, outputs: list,
         saved = (profile or "").strip().removesuffix(".json")
         return choices(saved), f"Saved generation profile **{saved}**."
 
-    c["profile-save"].click(save, [name, overwrite, *inputs], [select, status], api_name="profile_save", **cheap)
+    c["profile-save"].click(save, [name, overwrite, *controls], [select, status], api_name="profile_save", **cheap)
 
     def load(profile: str | None) -> tuple:
         """Put a generation profile's settings into the controls."""
@@ -195,14 +202,14 @@ def build_profiles_section(store: ProfileStore, inputs: list, outputs: list,
     def set_default(*controls: Any) -> str:
         """The current settings become what choosing this model type sets."""
         try:
-            settings = controls_to_settings(*controls)
+            settings = settings_of(controls)
             warnings = store.set_model_defaults(settings["model_type"], settings)
         except UserError as e:
             raise _error(e) from None
         notify(warnings)
         return f"These settings are now the defaults of **{settings['model_type']}**."
 
-    c["profile-set-default"].click(set_default, inputs, status, api_name="profile_set_default", **cheap)
+    c["profile-set-default"].click(set_default, controls, status, api_name="profile_set_default", **cheap)
     return c
 
 

@@ -57,7 +57,7 @@ def installed_type(model_type: Any, definitions: Mapping[str, Any]) -> tuple[str
     try:
         return resolve_model_type(model_type, defs), []
     except UserError:
-        model_type = aliases().get(model_type, model_type)  # "base" names the architecture z_image_base
+        model_type = aliases().get(model_type, model_type)  # an alias ("base") names an architecture
     for handler in discover_handlers().values():
         if model_type not in handler.architectures:
             continue

@@ -48,6 +48,7 @@ class Param:
     group: where the page puts it ("main" or "advanced"; a handler may move or hide it per model);
     widget: its kind of control; step: a slider's step; slider_maximum: a slider's end when
     narrower than what parse accepts.
+    row: controls of one group with the same row name share a row on the page (consecutive ones).
     stored: kept in image metadata; in_profile: kept in generation profiles.
     a1111 / a1111_value: its name (and value formatter) in the A1111 `parameters` text.
     pipeline: passed to the family's pipeline under `name`. legacy: older names read from old
@@ -70,6 +71,7 @@ class Param:
     widget: str = "slider"
     step: float | None = None
     slider_maximum: float | None = None
+    row: str = ""
     stored: bool = True
     in_profile: bool = True
     a1111: str | None = None
@@ -89,6 +91,16 @@ class Param:
     def display(self) -> str:
         """How messages name it: "Steps (--steps)"."""
         return f"{self.label} ({self.cli})" if self.cli else self.label
+
+    @property
+    def api_name(self) -> str:
+        """Its argument name in the `/generate` API: the CLI option's (--steps -> steps), else its name."""
+        return self.cli.lstrip("-").replace("-", "_") if self.cli else self.name
+
+    @property
+    def elem_id(self) -> str:
+        """Its control's element id on the page: the CLI option's (--flow-shift -> flow-shift)."""
+        return self.cli.lstrip("-") if self.cli else self.name.replace("_", "-")
 
     def describe_range(self) -> str:
         if self.choices:

@@ -189,6 +189,11 @@ class ModelDefinition:
     model: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def short_name(self) -> str:
+        """How tight places (the queue table) name it: the definition's "short_name", else its name."""
+        return str(self.model.get("short_name") or self.name)
+
+    @property
     def family(self) -> str:
         return handler_for(self.architecture).family
 

@@ -5,6 +5,7 @@ the command line, the job spec, the pipeline, image metadata and generation prof
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +190,58 @@ def test_a_new_parameter_reaches_cli_spec_pipeline_metadata_and_profiles(glow_fa
     assert store.load("glowing")[0]["glow"] == 0.6
     with pytest.raises(UserError, match="Glow"):
         store.save("too bright", {"model_type": "glow_model", "glow": 3})
+
+
+def test_a_new_parameter_reaches_the_page_and_the_generate_api(glow_family, tmp_path):
+    """The same dummy parameter on the page: a control in the form (shown for its family's model only) and an
+    argument of /generate, read and checked as on the command line."""
+    from gradio_client import Client
+
+    from app.queue import JobQueue
+    from app.service import GenerationService, ServiceConfig
+    from app.ui import build_ui, launch_options
+    from tests.test_ui_api import free_port
+
+    config = ServiceConfig(output_dir=tmp_path / "out", checkpoints_dir=tmp_path / "ckpts")
+    service = GenerationService(config)
+    queue = JobQueue(service, tmp_path / "queue.json").start()
+    demo = build_ui(queue, service, config)
+    try:
+        (control,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "glow"]
+        assert (control.label, control.minimum, control.maximum, control.value) == ("Glow", 0.0, 1.0, 0.25)
+        # where each model type shows it (the same table decides the page's visibility on a model change)
+        model_updates = {getattr(e.fn, "__name__", ""): e for e in demo.fns.values()}["placement_updates"].fn
+        index = [p.name for p in demo_params()].index("glow")
+        assert model_updates("glow_model")[index]["visible"] is True
+        assert model_updates("z_image_base")[index]["visible"] is False
+        shift = [p.name for p in demo_params()].index("flow_shift")
+        assert model_updates("glow_model")[shift]["visible"] is False  # another family's parameter
+
+        port = free_port()
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                    **launch_options(config.output_dir))
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert "glow" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"][
+            "parameters"][[p.name for p in demo_params()].index("glow") + 3]["parameter_name"]
+        with pytest.raises(Exception, match=r"Glow \(--glow\) must be between 0 and 1 \(got 2\)"):
+            client.predict(model_type="glow_model", prompt="too bright", glow=2, width=32, height=32, steps=2,
+                           api_name="/generate")
+        (job_id,) = client.predict(model_type="glow_model", prompt="a glow", glow=0.6, width=32, height=32, steps=2,
+                                   api_name="/generate").split(",")
+        deadline = time.monotonic() + 60
+        while (job := queue.get(job_id))["status"] not in ("done", "failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job["status"] == "done", job["error"]
+        assert Image.open(job["paths"][0]).getpixel((0, 0)) == (153, 153, 153)
+    finally:
+        demo.close()
+        queue.close()
+
+
+def demo_params() -> list:
+    from app.ui_form import form_params
+
+    return form_params()
 
 
 def test_readme_lists_every_generate_option_of_the_declarations():

@@ -33,9 +33,13 @@ def test_equivalence(defs):
 def test_defaults(defs):
     base, turbo = defs["z_image_base"].defaults(), defs["z_image"].defaults()
     assert (base["num_inference_steps"], base["guidance_scale"], base["flow_shift"]) == (30, 4.0, 6.0)
-    assert base["show_negative_prompt"] and base["negative_prompt"].startswith("low quality")
+    assert base["negative_prompt"].startswith("low quality")
     assert (turbo["num_inference_steps"], turbo["guidance_scale"], turbo["flow_shift"]) == (8, 0.0, 3.0)
-    assert not turbo["show_negative_prompt"] and turbo["flow_shift_advanced"]
+    # Turbo is distilled without CFG and for one shift: the page hides the negative prompt, moves the shift
+    h = registry.handler_for("z_image")
+    assert h.param_layout("z_image")["negative_prompt"] == "hidden" and h.param_layout("z_image")["flow_shift"] == \
+        "advanced"
+    assert h.param_layout("z_image_base") == {}
     assert defs["z_image_base"].urls[0].endswith("ZImageBase_bf16.safetensors")
     assert defs["z_image_base"].urls[1].endswith("ZImageBase_quanto_bf16_int8.safetensors")
 

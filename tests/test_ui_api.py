@@ -171,7 +171,7 @@ def test_restore_settings_from_png(app, tmp_path):
                              cfg_truncation=0.9, num_images=2)
     job = app.wait_done([job_id])[job_id]
     out = app.client.predict(handle_file(job["paths"][1]), api_name="/restore")
-    (model, prompt, negative, preset, w, h, steps, guidance, shift, norm, trunc, seed, num, info, loras, strengths,
+    (model, prompt, negative, w, h, steps, guidance, shift, norm, trunc, seed, num, preset, info, loras, strengths,
      _triggers, message) = out
     assert (model, prompt, w, h, steps, guidance, shift, trunc) == ("z_image_tiny", "restore me", 64, 64, 3, 2.5,
                                                                      4.0, 0.9)

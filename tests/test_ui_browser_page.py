@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from playwright.sync_api import Page, expect
 
-import app.ui as ui
+import app.ui_view as ui_view
 import models.downloads as dl
 from app.settings import ProfileStore
 from app.ui import is_local_request, open_output_folder, status_after
@@ -68,7 +68,7 @@ def test_only_a_browser_on_this_machine_opens_the_output_folder(tmp_path, monkey
     assert not is_local_request(None)
 
     opened = []
-    monkeypatch.setattr(ui, "open_folder", opened.append)
+    monkeypatch.setattr(ui_view, "open_folder", opened.append)
     message = open_output_folder(tmp_path / "out", request("10.0.0.9", {"host": "10.0.0.1:7860"}))
     assert message.startswith("⚠") and "machine that runs the app" in message and opened == []
     message = open_output_folder(tmp_path / "out", request("127.0.0.1", {"host": "127.0.0.1:7860"}))
@@ -77,7 +77,7 @@ def test_only_a_browser_on_this_machine_opens_the_output_folder(tmp_path, monkey
     def no_file_manager(path):
         raise FileNotFoundError(2, "No such file or directory", "xdg-open")
 
-    monkeypatch.setattr(ui, "open_folder", no_file_manager)
+    monkeypatch.setattr(ui_view, "open_folder", no_file_manager)
     message = open_output_folder(tmp_path / "out", request("127.0.0.1", {"host": "127.0.0.1:7860"}))
     assert message.startswith("⚠ Could not open") and "xdg-open" in message
 
@@ -277,7 +277,7 @@ def test_random_seed_button(page: Page):
 
 def test_open_output_folder_from_this_machine(page: Page, app, monkeypatch):
     opened = []
-    monkeypatch.setattr(ui, "open_folder", opened.append)  # the app runs in this process
+    monkeypatch.setattr(ui_view, "open_folder", opened.append)  # the app runs in this process
     page.click("#open-output-folder")  # shown: this browser is on the app's machine
     expect(page.locator("#status")).to_contain_text("Opened the output folder")
     assert opened == [Path(app.config.output_dir).resolve()]
@@ -286,7 +286,7 @@ def test_open_output_folder_from_this_machine(page: Page, app, monkeypatch):
 def test_long_result_stays_one_short_row_and_expands(page: Page, app):
     (job_id,) = app.generate("a base fox", model_type="z_image_base")  # offline, no weights: a long error
     error = app.wait_done([job_id])[job_id]["error"]
-    assert len(error) > ui.TABLE_MAX_CHARS
+    assert len(error) > ui_view.TABLE_MAX_CHARS
     row = page.locator("#queue-table [role=row]", has_text=job_id).first
     expect(row).to_be_visible()
     box = row.bounding_box()

@@ -136,7 +136,7 @@ def test_profile_save_list_load_export_delete(app):
     assert {p["name"]: p for p in app.client.predict(api_name="/profile_list")}["broken"]["broken"]
 
     out = app.client.predict("api fox", api_name="/profile_load")
-    (model, prompt, _neg, _preset, width, height, steps, guidance, flow, _norm, _trunc, seed, n, _info,
+    (model, prompt, _neg, width, height, steps, guidance, flow, _norm, _trunc, seed, n, _preset, _info,
      selected, strengths, _triggers, status) = out
     assert (model, prompt, width, height, steps, guidance, flow, seed, n) == (
         "z_image_tiny", "a saved fox", 64, 64, 3, 2.5, 5.0, 42, 1)

@@ -185,8 +185,8 @@ class RestoreApp:
 
     def restore(self, path: Path) -> dict:
         out = self.client.predict(handle_file(str(path)), api_name="/restore")
-        names = ("model", "prompt", "negative", "preset", "width", "height", "steps", "guidance", "flow_shift",
-                 "cfg_norm", "cfg_trunc", "seed", "num_images", "info", "lora_select", "lora_strengths",
+        names = ("model", "prompt", "negative", "width", "height", "steps", "guidance", "flow_shift",
+                 "cfg_norm", "cfg_trunc", "seed", "num_images", "preset", "info", "lora_select", "lora_strengths",
                  "lora_triggers", "message")
         assert len(out) == len(names)
         return dict(zip(names, out))

@@ -65,15 +65,12 @@ class ZImageHandler(FamilyHandler):
     def _defaults(self, architecture: str) -> dict[str, Any]:
         if architecture == "z_image":
             return {"width": 1024, "height": 1024, "num_inference_steps": 8, "guidance_scale": 0.0,
-                    "flow_shift": 3.0, "negative_prompt": "", "show_negative_prompt": False,
-                    "flow_shift_advanced": True, "min_recommended_size": 512}
+                    "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
         if architecture == "z_image_tiny":
             return {"width": 256, "height": 256, "num_inference_steps": 8, "guidance_scale": 4.0,
-                    "flow_shift": 6.0, "negative_prompt": "blurry", "show_negative_prompt": True,
-                    "flow_shift_advanced": False, "min_recommended_size": 0}
+                    "flow_shift": 6.0, "negative_prompt": "blurry", "min_recommended_size": 0}
         return {"width": 1024, "height": 1024, "num_inference_steps": 30, "guidance_scale": 4.0,
-                "flow_shift": 6.0, "negative_prompt": DEFAULT_NEGATIVE, "show_negative_prompt": True,
-                "flow_shift_advanced": False, "min_recommended_size": 512}
+                "flow_shift": 6.0, "negative_prompt": DEFAULT_NEGATIVE, "min_recommended_size": 512}
 
     lora_subdir = LORA_SUBDIR
     int8_ready = True

@@ -14,10 +14,10 @@ LORA_SUBDIR = "z_image"  # loras/<this>, or --lora-dir-z-image
 # each under its name. Guidance g means pos + g * (pos - neg), so A1111's CFG scale is g + 1.
 PARAMS = (
     Param("guidance_scale", float, 4.0, "Guidance", minimum=0.0, maximum=20.0, step=0.1, cli="--guidance",
-          model_tuned=True, a1111="CFG scale", a1111_value=lambda g: g + 1, legacy=("guidance",),
+          row="cfg", model_tuned=True, a1111="CFG scale", a1111_value=lambda g: g + 1, legacy=("guidance",),
           help="CFG scale g (0 = off, no negative pass; Base's 4 is 'CFG 5' in other UIs)"),
     Param("flow_shift", float, 6.0, "Flow shift", minimum=1.0, maximum=10.0, step=0.1, cli="--flow-shift",
-          model_tuned=True, a1111="Flow shift", help="sampling shift (1-10; Base 6, Turbo 3)"),
+          row="cfg", model_tuned=True, a1111="Flow shift", help="sampling shift (1-10; Base 6, Turbo 3)"),
     Param("cfg_normalization", float, 0.0, "CFG normalization", minimum=0.0, maximum=100.0, step=0.1,
           cli="--cfg-normalization", group="advanced",
           help="caps the guided prediction's norm at K x the positive one (0 = off, default)"),

@@ -1,0 +1,144 @@
+"""The page's controls of the declared generation parameters, built from their declarations.
+
+Each parameter of app/ui_form.form_params() gets one control of its declared kind (`Param.widget`),
+range, label and help, in its declared group ("main" or "advanced") and row. A family's handler may
+show a parameter in another group, or hide it, per model type (`FamilyHandler.param_layout`); such a
+parameter gets a mirror control in each other group it can appear in, kept equal in the browser, and
+the visible one follows the chosen model. Parameters of another family are hidden. The control in the
+declared group is the one the jobs read. No torch here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import gradio as gr
+
+from models.params import Param
+
+HIDDEN = "hidden"
+
+
+def make_control(p: Param, value: Any, visible: bool, elem_id: str, **extra: Any) -> gr.components.Component:
+    """One control for p. Numbers the user types are number boxes or sliders; a slider's range is the
+    declaration's (or its narrower slider_maximum), and anything typed beyond what `Param.parse` accepts
+    is refused at Generate with the CLI's message."""
+    info = p.help or None
+    common = {"label": p.label, "elem_id": elem_id, "visible": visible, "info": info, **extra}
+    if p.kind is str:
+        if p.choices or p.widget == "dropdown":
+            return gr.Dropdown(list(p.choices), value=value, **common)
+        return gr.Textbox(value, lines=2, max_lines=12, **common)
+    if p.kind is bool:
+        return gr.Checkbox(bool(value), **common)
+    if p.widget == "dropdown":
+        return gr.Dropdown(list(p.choices), value=value, **common)
+    if p.widget == "slider" and p.minimum is not None and p.maximum is not None:
+        top = p.slider_maximum if p.slider_maximum is not None else p.maximum
+        start = value if value is None else min(max(value, p.minimum), top)
+        return gr.Slider(p.minimum, top, start, step=p.step or (1 if p.kind is int else 0.01), **common)
+    return gr.Number(value, precision=0 if p.kind is int else None, step=p.step or 1, **common)
+
+
+def shown_value(p: Param, value: Any) -> Any:
+    """value as the control can show it: a slider narrower than the accepted range shows its end."""
+    if (p.widget == "slider" and p.slider_maximum is not None and isinstance(value, (int, float))
+            and not isinstance(value, bool)):
+        return min(value, p.slider_maximum)
+    return value
+
+
+class ParamForm:
+    """The declared parameters' controls and where each model type shows them.
+
+    params: the parameters, in the form's order. layouts: per model type, {name: group or "hidden"}
+    for every parameter (`placements` builds it from the handlers); values: the first values shown.
+    """
+
+    def __init__(self, params: Iterable[Param], layouts: Mapping[str, Mapping[str, str]], values: Mapping[str, Any],
+                 first_model: str):
+        self.params = list(params)
+        self.layouts = {t: dict(v) for t, v in layouts.items()}
+        self.values = dict(values)
+        self.first_model = first_model
+        self.controls: dict[str, gr.components.Component] = {}  # the ones the jobs read
+        self.mirrors: dict[tuple[str, str], gr.components.Component] = {}  # (name, group) -> a copy
+
+    def place(self, model_type: str | None, p: Param) -> str:
+        layout = self.layouts.get(model_type or "", {})
+        return layout.get(p.name, HIDDEN if model_type in self.layouts else p.group)
+
+    def groups_of(self, p: Param) -> set[str]:
+        """Every group p appears in for some model type (its declared one always: it holds the control)."""
+        return {p.group, *(layout.get(p.name, HIDDEN) for layout in self.layouts.values())} - {HIDDEN}
+
+    def build(self, group: str, before: Mapping[str, Callable[[], Any]] | None = None,
+              after: Mapping[str, Callable[[], Any]] | None = None) -> None:
+        """Create the controls of group (call inside the Blocks, where they go). before / after: callables
+        making extra components next to a parameter's control (in its row), by parameter name."""
+        before, after = before or {}, after or {}
+        members = [p for p in self.params if group in self.groups_of(p)]
+        rows: contextlib.ExitStack | None = None
+        current_row = None
+        for p in members:
+            if p.row != current_row or not p.row:
+                if rows is not None:
+                    rows.close()
+                    rows = None
+                current_row = p.row
+                if p.row:
+                    rows = contextlib.ExitStack()
+                    rows.enter_context(gr.Row(equal_height=True))
+            if p.name in before:
+                before[p.name]()
+            visible = self.place(self.first_model, p) == group
+            if group == p.group:
+                self.controls[p.name] = make_control(p, shown_value(p, self.values.get(p.name, p.default)), visible,
+                                                     p.elem_id, scale=2)
+            else:
+                self.mirrors[(p.name, group)] = make_control(
+                    p, shown_value(p, self.values.get(p.name, p.default)), visible, f"{p.elem_id}-{group}", scale=2)
+            if p.name in after:
+                after[p.name]()
+        if rows is not None:
+            rows.close()
+
+    def control_list(self) -> list[gr.components.Component]:
+        """The controls the jobs read, in the form's order."""
+        return [self.controls[p.name] for p in self.params]
+
+    def placement_outputs(self) -> list[gr.components.Component]:
+        return [*self.control_list(), *self.mirrors.values()]
+
+    def placement_updates(self, model_type: str | None) -> list[Any]:
+        """Visibility of placement_outputs() for model_type."""
+        by_name = {p.name: p for p in self.params}
+        out = [gr.update(visible=self.place(model_type, p) == p.group) for p in self.params]
+        out += [gr.update(visible=self.place(model_type, by_name[name]) == group) for name, group in self.mirrors]
+        return out
+
+    def wire_mirrors(self) -> None:
+        """Keep each mirror equal to its control, in the browser (no round trip: a click on Generate right
+        after a drag sends the new value)."""
+        sync = {"fn": None, "js": "(v) => v", "queue": False, "show_progress": "hidden", "api_visibility": "private"}
+        for (name, _group), mirror in self.mirrors.items():
+            control = self.controls[name]
+            control.change(inputs=control, outputs=mirror, **sync)
+            mirror.input(inputs=mirror, outputs=control, **sync)
+
+
+def placements(model_types: Iterable[str], family_params: Callable[[str], Iterable[str]],
+               layout: Callable[[str], Mapping[str, str]], params: Iterable[Param]) -> dict[str, dict[str, str]]:
+    """Per model type, where each parameter shows: its handler's layout, else its declared group for the
+    parameters its family takes, else hidden."""
+    params = list(params)
+    out = {}
+    for t in model_types:
+        own, moved = set(family_params(t)), layout(t)
+        out[t] = {p.name: (moved.get(p.name, p.group) if p.name in own else HIDDEN) for p in params}
+    return out
+
+
+__all__ = ["HIDDEN", "ParamForm", "make_control", "placements", "shown_value"]
