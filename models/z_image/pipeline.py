@@ -5,6 +5,11 @@ transformer output is negated before the Euler step, latents stay float32 throug
 CFG runs in float32. Differences by design: the shift is a call argument (diffusers only takes
 it from the scheduler config), prompt and negative prompt run as separate unpadded sequences
 when their padded lengths differ, and the initial noise of image i can come from seed + i.
+
+Image inputs (diffusers' ZImageImg2ImgPipeline / ZImageInpaintPipeline semantics): the image is
+encoded to the VAE posterior *mean* (diffusers samples it, consuming the generator first), so the
+noise of image i stays the first draw of seed + i; strength S starts the full N-step schedule at
+`start_index(N, S)`. Preprocessing (resize, mask threshold) is models/image_inputs.py's.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.errors import GenerationInterrupted
+from models import image_inputs as ii
+from models.errors import GenerationInterrupted, UserError
 from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 from models.z_image.transformer import ZImageTransformer, pad_len
 
@@ -60,6 +66,11 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
         [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), device="cpu", dtype=torch.float32)
          for s in seeds]
     )
+
+
+def scale_noise(image_latents: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching forward process at sigma: sigma * noise + (1 - sigma) * image (diffusers' arithmetic)."""
+    return sigma * noise + (1.0 - sigma) * image_latents
 
 
 @dataclass
@@ -136,10 +147,31 @@ class ZImagePipeline:
         step_start: Callable[[int, int], None] | None = None,
         output_type: str = "pil",
         vae_tiling: bool | Callable[[], bool] = False,
+        image: ii.ImageLike | None = None,
+        mask_image: ii.MaskLike | None = None,
+        strength: float = 1.0,
+        vae_encode_tiling: bool | None = None,
     ) -> PipelineOutput:
+        """Text-to-image, or with `image` img2img, or with `image` and `mask_image` inpainting.
+
+        image: PIL image or path, resized (Lanczos) to width x height and encoded to its posterior mean.
+        mask_image: white = repaint (any size; nearest, grey >= 0.5 is white); after each step the kept
+        area is reset to the image latents noised to the next sigma with the same noise.
+        strength S in (0, 1]: run the last ~N*S steps of the N-step schedule from the noised image;
+        S = 1 without a mask ignores the image (the same result as text-to-image, and no encode).
+        latents: the initial noise (as in text-to-image); with an image it is noised in by scale_noise.
+        vae_encode_tiling: None decides by pixel count (image_inputs.vae_tiling_needed). The decode is
+        tiled when vae_tiling says so or by the same pixel count.
+        Callbacks see step k of the steps that run (N - start), not the index in the full schedule.
+        """
         f2 = self.vae_scale_factor * 2
         if height % f2 or width % f2:
             raise ValueError(f"height and width must be multiples of {f2} (got {width}x{height})")
+        strength = ii.check_image_inputs(image, mask_image, strength)
+        if image is not None:
+            image = ii.as_image(image)  # a bad file fails now, even where the image is not needed
+        if image is not None and mask_image is None and strength >= 1.0:
+            image = None  # sigma 1: the start latent is the noise itself; skip the encode
         n = num_images_per_prompt
         shape = self.latent_shape(height, width)
         seeds = None
@@ -154,34 +186,78 @@ class ZImagePipeline:
 
         shift = self.default_shift if flow_shift is None else flow_shift
         sigmas = flow_sigmas(num_inference_steps, shift)
-        use_cfg = cfg_active_steps(sigmas, guidance_scale, cfg_truncation)
+        first = 0
+        if image is not None:
+            first = ii.start_index(num_inference_steps, strength)
+            if first >= num_inference_steps:
+                raise UserError(f"strength {strength:g} is too low for {num_inference_steps} steps: no step would run")
+        steps_run = num_inference_steps - first
+        use_cfg = cfg_active_steps(sigmas, guidance_scale, cfg_truncation)[first:]
+        mask = image_latents = noise = None
+        if image is not None:
+            mask = self._latent_mask(mask_image, height, width) if mask_image is not None else None
+            image = ii.fit_image(image, width, height)
+            tiled = ii.vae_tiling_needed(width, height) if vae_encode_tiling is None else vae_encode_tiling
+            image_latents = self.encode_image(image, tiled=tiled).expand(latents.shape[0], -1, -1, -1)
         pos = self.encode_prompt(prompt, max_sequence_length)
         neg = self.encode_prompt(negative_prompt or "", max_sequence_length) if any(use_cfg) else None
         sig_dev = sigmas.to(self.device)
+        if image_latents is not None:
+            noise = latents
+            latents = scale_noise(image_latents, sig_dev[first], noise)
 
-        for i in range(num_inference_steps):
+        for k, i in enumerate(range(first, num_inference_steps)):
             if interrupt is not None and interrupt():
                 raise GenerationInterrupted()
             if step_start is not None:  # e.g. per-step LoRA strengths
-                step_start(i, num_inference_steps)
+                step_start(k, steps_run)
             t = (1000 - sig_dev[i] * 1000) / 1000  # diffusers' timestep arithmetic, float32
             t = t.expand(n)
-            if use_cfg[i]:
+            if use_cfg[k]:
                 p_out, n_out = self._predict(latents, t, [[pos] * n, [neg] * n])
                 pred = apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
             else:
                 pred = self._predict(latents, t, [[pos] * n])[0]
             latents = latents + (sig_dev[i + 1] - sig_dev[i]) * (-pred)
+            if mask is not None:  # the kept area follows the image, noised like the latents now are
+                kept = image_latents if i == num_inference_steps - 1 else scale_noise(
+                    image_latents, sig_dev[i + 1], noise)
+                latents = (1 - mask) * kept + mask * latents
             if callback is not None:
-                callback(i, num_inference_steps, latents)
+                callback(k, steps_run, latents)
 
         if output_type == "latent":
             return PipelineOutput(images=latents, seeds=seeds)
         if interrupt is not None and interrupt():
             raise GenerationInterrupted()
         # a callable decides now, once the denoising memory is free (the caller may empty caches)
-        tiled = vae_tiling() if callable(vae_tiling) else vae_tiling
+        tiled = (vae_tiling() if callable(vae_tiling) else vae_tiling) or ii.vae_tiling_needed(width, height)
         return PipelineOutput(images=self.decode(latents, tiled=tiled), seeds=seeds)
+
+    def _latent_mask(self, mask_image: ii.MaskLike, height: int, width: int) -> torch.Tensor:
+        """(1, 1, h, w) float32 0/1 on the latent grid: the pixel mask downsampled nearest (diffusers)."""
+        m = torch.from_numpy(ii.mask_to_array(mask_image, width, height).astype(np.float32))[None, None]
+        f = self.vae_scale_factor
+        m = torch.nn.functional.interpolate(m, size=(height // f, width // f), mode="nearest")
+        if not bool(m.any()):
+            raise UserError(f"the mask's white area is too thin to repaint: paint strokes at least {f} px wide")
+        return m.to(self.device)
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, tiled: bool = False) -> torch.Tensor:
+        """(1, C, H/f, W/f) float32 latents of an RGB image: the posterior mean, shifted and scaled as
+        the inverse of `decode`. The image must already have the render size (`image_inputs.fit_image`)."""
+        cfg = self.vae.config
+        x = torch.from_numpy(ii.image_to_array(image)).permute(2, 0, 1)[None]
+        x = (2.0 * x - 1.0).to(device=self.device, dtype=self.vae.dtype)  # [-1, 1] as diffusers normalizes
+        if tiled:
+            self.vae.enable_tiling()
+        try:
+            z = self.vae.encode(x).latent_dist.mode().float()
+        finally:
+            if tiled:
+                self.vae.disable_tiling()
+        return (z - cfg.shift_factor) * cfg.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
