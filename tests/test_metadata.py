@@ -32,11 +32,12 @@ def test_round_trip_each_format(tmp_path, suffix, fmt):
 
 def test_a1111_text():
     text = a1111_parameters(SETTINGS)
-    assert text == ("a fox, ünïcode ✓\nNegative prompt: blurry\nSteps: 2, Sampler: Euler (flow), Seed: 41, "
-                    "CFG scale: 5, Flow shift: 6, Size: 64x48, Model: z_image_tiny")
+    # A1111's order: steps, sampler, the model's own (CFG scale...), then seed and size
+    assert text == ("a fox, ünïcode ✓\nNegative prompt: blurry\nSteps: 2, Sampler: Euler (flow), CFG scale: 5, "
+                    "Flow shift: 6, Seed: 41, Size: 64x48, Model: z_image_tiny")
     # guidance 0 (off) is A1111's CFG scale 1; no negative prompt line when there is none
     assert a1111_parameters({**SETTINGS, "negative_prompt": "", "guidance_scale": 3.5}).splitlines()[1].startswith(
-        "Steps: 2, Sampler: Euler (flow), Seed: 41, CFG scale: 4.5,")
+        "Steps: 2, Sampler: Euler (flow), CFG scale: 4.5, Flow shift: 6, Seed: 41,")
 
 
 def test_png_text_chunks(tmp_path):
