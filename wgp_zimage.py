@@ -312,8 +312,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_name = args.model or profile.get("model_type")
     model_type = service.definition(model_name).model_type if model_name else DEFAULT_MODEL_TYPE
     # explicit flags win over the profile / image, which win over the model's defaults
-    values = {**service.defaults(model_name and model_type, args.model_dir), **profile, **cli_values(args)}
+    given = {**profile, **cli_values(args)}
+    values = {**service.defaults(model_name and model_type, args.model_dir), **given}
     declared = by_name()
+    if "width" not in given and "height" not in given:  # an input image gives the size
+        from models.image_inputs import native_size
+
+        image = next((p for p in declared.values() if p.widget == "image" and values.get(p.name)), None)
+        if image is not None:
+            values["width"], values["height"] = native_size(image.parse(values[image.name]))
     specs = [JobSpec(model_type=model_type, prompt=p, loras=cli_loras(args) if args.lora else values.get("loras", []),
                      **{k: v for k, v in values.items() if k in declared and k != "prompt"}) for p in prompts]
     for spec in specs:  # all jobs checked before any model loads, with the page's messages

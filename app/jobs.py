@@ -7,6 +7,7 @@ from typing import Any
 
 from app import params as _params
 from models.errors import UserError
+from models.registry import check_declared_values
 
 MAX_SEED = _params.MAX_SEED
 # The text encoder reads only the first 512 tokens (chat template included); a token is rarely more than a
@@ -102,6 +103,7 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
     declared = _params.by_name()
     for name, p in declared.items():
         setattr(spec, name, p.parse(getattr(spec, name)))
+    check_declared_values({name: getattr(spec, name) for name in declared})
     if not spec.prompt.strip():
         raise UserError("the prompt is empty")
     if not isinstance(spec.loras, list):

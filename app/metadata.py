@@ -147,13 +147,31 @@ def read_settings(path: str | Path) -> dict[str, Any] | None:
             raise MetadataError(f"is not a readable image ({type(e).__name__})") from None
         with im:
             text = im.info.get(PNG_KEY)
-            if text:
-                return _parse(text, ours=True)
-            try:
-                text = im.getexif().get(EXIF_IMAGE_DESCRIPTION)
-            except Exception:  # a broken EXIF block holds nothing of ours
-                text = None
-    return _parse(text, ours=False)
+            ours = bool(text)
+            if not ours:
+                try:
+                    text = im.getexif().get(EXIF_IMAGE_DESCRIPTION)
+                except Exception:  # a broken EXIF block holds nothing of ours
+                    text = None
+    return _input_files(_parse(text, ours=ours), Path(path))
+
+
+def _input_files(data: dict[str, Any] | None, image: Path) -> dict[str, Any] | None:
+    """The settings with their input files (an img2img image, a mask) as paths in the image's own folder,
+    where the app saved their copies. The settings name them by file name only; a path (another folder, a
+    parent) would let a crafted image point the app at any file: refused."""
+    from app.params import all_params
+
+    if data is None:
+        return None
+    for p in all_params():
+        value = data.get(p.name)
+        if not p.is_file or not value:
+            continue
+        if not isinstance(value, str) or value != Path(value).name or value in (".", "..") or "\\" in value:
+            raise MetadataError(f"its settings' {p.name} is not a file name of its own folder")
+        data[p.name] = str(image.resolve().parent / value)
+    return data
 
 
 def read_parameters(path: str | Path) -> str | None:

@@ -36,6 +36,21 @@ def output_name(when: datetime, seed: int, index: int, prompt: str, ext: str = "
     return f"{when.strftime('%Y-%m-%d-%Hh%Mm%Ss')}_seed{seed}_{index}_{prompt_slug(prompt)}.{ext}"
 
 
+# copies of a job's input files beside its first output: <output stem>_input.png, <output stem>_mask.png
+INPUT_COPY_NAMES = {"image": "input"}
+_INPUT_COPY = re.compile(r"_(?:input|mask)(?:-\d+)?\.png$")
+
+
+def input_copy_path(output: Path, param: str) -> Path:
+    """Where the copy of input parameter param (an image, a mask) of the job that wrote output goes."""
+    return unique_path(output.with_name(f"{output.stem}_{INPUT_COPY_NAMES.get(param, param)}.png"))
+
+
+def is_input_copy(name: str) -> bool:
+    """Whether a file name is an input's copy (the gallery lists results only)."""
+    return bool(_INPUT_COPY.search(name))
+
+
 def unique_path(path: Path) -> Path:
     """path, or path with -2, -3... before the suffix when it exists already."""
     if not path.exists():

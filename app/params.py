@@ -85,6 +85,9 @@ def add_generate_options(parser: argparse.ArgumentParser) -> None:
     for p in all_params():
         if p.cli is None or p.name in CUSTOM_CONTROLS:
             continue
+        if p.kind is bool:  # --paste-back / --no-paste-back
+            group.add_argument(p.cli, dest=p.name, default=None, action=argparse.BooleanOptionalAction, help=p.help)
+            continue
         group.add_argument(p.cli, dest=p.name, default=None, metavar=p.metavar or p.kind.__name__.upper(),
                            help=p.help + (f" ({p.describe_range()})" if p.choices else ""))
 

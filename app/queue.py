@@ -19,6 +19,7 @@ Unicode) is moved aside to `<state file>.rejected` with a message; the rest of t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from PIL import Image
 from app.cancel import CancelToken
 from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
 from app.outputs import clean_stale_parts
+from app.params import all_params
 from models.errors import GenerationInterrupted, UserError
 from models.files import atomic_path
 from models.registry import PreviewFactors
@@ -53,6 +55,7 @@ KEEP_FINISHED = 100  # older done/failed/aborted jobs drop off the persisted his
 MAX_JOBS_PER_REQUEST = 100
 MAX_WAITING = 200
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ids name the per-job prompt files
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # kept on an input's copy
 INTERRUPTED_ERROR = "the app stopped while this job was running; retry it to run it again"
 
 PREVIEW_MAX_SIDE = 256
@@ -223,6 +226,38 @@ class JobQueue:
         """The folder of the per-job prompt files, beside the state file."""
         return self.state_file.with_name(self.state_file.stem + ".prompts") if self.state_file else None
 
+    @property
+    def inputs_dir(self) -> Path | None:
+        """The folder of the jobs' input files (img2img images, masks), copied at submit: an upload or a file
+        the user moves away later must not break a queued job, nor a restart."""
+        return self.state_file.with_name(self.state_file.stem + ".inputs") if self.state_file else None
+
+    def _keep_inputs(self, spec: JobSpec) -> None:
+        """Point spec's input files at copies in inputs_dir (named by content: one copy per file)."""
+        if self.inputs_dir is None:
+            return
+        for p in all_params():
+            value = getattr(spec, p.name, None)
+            if not p.is_file or not value or Path(value).parent == self.inputs_dir:
+                continue
+            data = Path(value).read_bytes()
+            suffix = Path(value).suffix.lower() if Path(value).suffix.lower() in IMAGE_SUFFIXES else ".img"
+            target = self.inputs_dir / f"{hashlib.sha256(data).hexdigest()[:24]}{suffix}"
+            if not target.is_file():
+                self.inputs_dir.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as tmp:
+                    tmp.write_bytes(data)
+            setattr(spec, p.name, str(target))
+
+    def _prune_inputs(self) -> None:
+        """Remove the input copies no job in the queue refers to any more."""
+        if self.inputs_dir is None or not self.inputs_dir.is_dir():
+            return
+        used = {v for j in self._jobs for v in j.spec.values() if isinstance(v, str) and v}
+        for f in self.inputs_dir.iterdir():
+            if f.is_file() and str(f) not in used:
+                f.unlink(missing_ok=True)
+
     def _texts_path(self, job_id: str) -> Path:
         assert self.texts_dir is not None
         return self.texts_dir / f"{job_id}.json"
@@ -240,7 +275,7 @@ class JobQueue:
     def _restore(self) -> None:
         if self.state_file is None:
             return
-        for folder in (self.state_file.parent, self.texts_dir):  # what a killed save left
+        for folder in (self.state_file.parent, self.texts_dir, self.inputs_dir):  # what a killed save left
             clean_stale_parts(folder)
         if not self.state_file.is_file():
             if self.texts_dir is not None and self.texts_dir.is_dir():
@@ -335,6 +370,8 @@ class JobQueue:
             self._texts_saved &= kept
             for leftover in gone:
                 leftover.unlink(missing_ok=True)
+            if gone or sweep:
+                self._prune_inputs()
         except OSError:
             # losing persistence must not stop generation; say so once per failure
             log.exception("could not save the queue to %s", self.state_file)
@@ -367,6 +404,11 @@ class JobQueue:
             cap_texts(spec, names)
             validate(spec, names)
             self.service.definition(spec.model_type)  # unknown model type -> UserError now, not later
+        for spec in specs:
+            try:
+                self._keep_inputs(spec)
+            except OSError as e:
+                raise UserError(f"cannot keep a copy of the job's input file: {e.strerror or e}") from None
         with self._cond:
             waiting = sum(j.status in WAITING for j in self._jobs)
             if waiting + len(specs) > MAX_WAITING:

@@ -22,8 +22,8 @@ import torch
 
 from app.cancel import CancelToken
 from app.jobs import MAX_PROMPT_CHARS, JobSpec, resolve_seed, size_warnings
-from app.outputs import clean_stale_parts, output_name, save_image_atomic, unique_path
-from app.params import DEFAULT_MODEL_TYPE
+from app.outputs import clean_stale_parts, input_copy_path, output_name, save_image_atomic, unique_path
+from app.params import DEFAULT_MODEL_TYPE, params_of
 from models.attention import choose_backend
 from models.errors import GenerationInterrupted, UserError
 from models.registry import ModelDefinition, PreviewFactors, handler_for, load_definitions, resolve_model_type
@@ -494,8 +494,9 @@ class GenerationService:
             on_event, guard, lora_step=self._lora_manager.step_start if self._lora_manager is not None else None,
             sync_device=self.device if self.device.type == "cuda" and on_event is not None else None)
         with guard:
-            out = pipe(
-                **spec.pipeline_values(self.definition(spec.model_type).architecture), num_images_per_prompt=count,
+            arch = self.definition(spec.model_type).architecture
+            out = handler_for(arch).render(
+                pipe, **spec.pipeline_values(arch), num_images_per_prompt=count,
                 seed=seed + first,
                 callback=observer.step_end, interrupt=cancel.is_cancelled, step_start=observer.step_start,
                 vae_tiling=functools.partial(self._decode_tiled, profile, spec.height, spec.width, count),
@@ -504,6 +505,7 @@ class GenerationService:
         from app.metadata import EXTENSIONS
 
         ext = EXTENSIONS[self.config.output_format]
+        inputs: dict[str, str] | None = None
         for index, image, image_seed in zip(indexes, out.images, out.seeds):
             s = {**spec.to_dict(), "seed": image_seed, "batch_seed": seed, "image_index": index,
                  "dtype": self.dtype_name, "created": when.isoformat(timespec="seconds")}
@@ -512,6 +514,9 @@ class GenerationService:
             else:
                 folder = Path(output_dir or self.config.output_dir)
                 path = unique_path(folder / output_name(when, image_seed, index + 1, spec.prompt, ext))
+            if inputs is None:
+                inputs = self._save_inputs(spec, path)
+            s.update(inputs)
             paths[index] = save_image_atomic(image, path, s if self.config.save_metadata else None,
                                              quality=self.config.output_quality)
             settings[index] = s
@@ -519,6 +524,21 @@ class GenerationService:
                 on_event({"kind": "image", "index": index, "seed": image_seed, "batch_seed": seed,
                           "path": paths[index]})
         return observer.seconds_per_step()
+
+    def _save_inputs(self, spec: JobSpec, output: Path) -> dict[str, str]:
+        """Copies of the job's input files (image, mask) beside its first output, `<name>_input.png` and
+        `<name>_mask.png`, so the output's metadata can name them (by file name: app.metadata resolves them in
+        the image's folder) and `generate --from-image` or a restore runs the job again."""
+        from models import image_inputs as ii
+
+        out: dict[str, str] = {}
+        for p in params_of(self.definition(spec.model_type).architecture):
+            value = getattr(spec, p.name)
+            if not p.is_file or not value:
+                continue
+            picture = ii.load_mask(value) if p.widget == "mask" else ii.load_image(value)
+            out[p.name] = save_image_atomic(picture, input_copy_path(output, p.name), None).name
+        return out
 
     def _decode_tiled(self, profile: int, height: int, width: int, count: int) -> bool:
         """Whether the VAE decodes in tiles; decided just before the decode: the transformer's cached activation

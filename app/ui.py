@@ -153,7 +153,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             with gr.Column(scale=5, elem_id="settings-column", elem_classes=[FORM_PENDING]) as settings_column:
                 _settings_column(c, ctl, form, store, memory_override_choices())
             with gr.Column(scale=6):
-                _results_column(c)
+                _results_column(c, any(p.widget == "image" for p in params))
 
         from app.app_config import CONFIG_FILE
         from app.ui_config import build_config_section
@@ -187,6 +187,9 @@ def _settings_column(c: dict[str, Any], ctl: PageController, form: ParamForm, st
     # number boxes (not sliders) where a typed value must not be clamped: Generate refuses an out-of-range
     # value with the CLI's message (the ranges live in the declarations)
     form.build("main", before={"width": preset}, after={"seed": seed_buttons})
+    if form.has_group("image"):
+        with gr.Accordion("Image input: img2img, inpaint, outpaint, upscale", open=False, elem_id="image-input"):
+            form.build("image")
     with gr.Accordion("LoRAs", open=True, elem_id="loras"):
         with gr.Row(equal_height=True):
             c["lora_select"] = gr.Dropdown(ctl.lora_names(), value=[], multiselect=True, label="LoRAs",
@@ -214,8 +217,8 @@ def _settings_column(c: dict[str, Any], ctl: PageController, form: ParamForm, st
     c.update(form.controls)
     if store is not None:
         keys = _settings_keys(form)
-        inputs = {"model_type": c["model"], "prompt": c["prompt"], **{p.name: c[p.name] for p in form.params},
-                  "loras": c["lora_strengths"]}
+        inputs = {"model_type": c["model"], "prompt": c["prompt"],
+                  **{p.name: c[p.name] for p in form.params if p.in_profile}, "loras": c["lora_strengths"]}
         c["profiles"] = build_profiles_section(store, inputs, [c[k] for k in keys],
                                                lambda st: as_tuple(keys, ctl.settings_updates(st)),
                                                lambda: ctl.lora_names())
@@ -227,7 +230,7 @@ def _settings_keys(form: ParamForm) -> list[str]:
             "lora_strengths", "lora_triggers"]
 
 
-def _results_column(c: dict[str, Any]) -> None:
+def _results_column(c: dict[str, Any], inputs: bool) -> None:
     with gr.Row():
         c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
         c["abort"] = gr.Button("Abort", variant="stop", elem_id="abort", scale=1)
@@ -244,6 +247,8 @@ def _results_column(c: dict[str, Any]) -> None:
     with gr.Row(equal_height=True):
         c["use_settings"] = gr.Button("Load settings of the selected image", elem_id="use-image-settings",
                                       size="sm", scale=3)
+        if inputs:  # the model families take input images
+            c["use_input"] = gr.Button("Use as input image", elem_id="use-as-input", size="sm", scale=2)
         # shown on page load to a browser on this machine only (is_local_request)
         c["open_outputs"] = gr.Button("📂 Open output folder", elem_id="open-output-folder", size="sm", scale=1,
                                       visible=False)
@@ -361,7 +366,7 @@ def _wire_settings(demo: gr.Blocks, c: dict[str, Any], ctl: PageController, form
     model.input(lambda t: as_tuple(picked, ctl.model_picked(t)), model, [c[k] for k in picked], **PRIVATE)
     # .change: a restored file, a profile or the page load may choose the model too
     model.change(ctl.model_files_report, model, [model_files, model], **PRIVATE)
-    model.change(form.placement_updates, model, form.placement_outputs(), **PRIVATE)
+    form.wire_placement(model)
     form.wire_mirrors()
 
     def token_count(model_type: str, text: str) -> str:
@@ -417,6 +422,11 @@ def _wire_settings(demo: gr.Blocks, c: dict[str, Any], ctl: PageController, form
         return restore(path)
 
     c["use_settings"].click(restore_selected, selected_image, restore_outputs, **PRIVATE)
+    editors = [p.name for p in form.params if p.widget == "image"]
+    if editors:
+        used = [*editors, "width", "height", "preset"]
+        c["use_input"].click(lambda path: as_tuple(used, ctl.use_as_input(path)), selected_image,
+                             [c[k] for k in used], **PRIVATE)
 
     lora_keys = ["lora_select", "lora_strengths", "lora_triggers"]
     lora = [c[k] for k in lora_keys]

@@ -35,6 +35,7 @@ from app.ui_loras import (
 from app.ui_params import HIDDEN, placements, shown_value
 from app.ui_profiles import controls_to_settings
 from app.ui_restore import Restored, restore_settings
+from app.ui_uploads import combined_mask, editor_inputs, uploaded_path
 from app.ui_view import (
     PENDING_STATUS,
     PRESETS,
@@ -225,7 +226,15 @@ class PageController:
         if st.get("prompt") is not None:
             out["prompt"] = st["prompt"]
         for p in self.params:
-            if st.get(p.name) is not None:
+            if p.is_file:
+                if p.name not in st:  # a profile keeps no input files: the page's stay
+                    continue
+                value = st[p.name] or None
+                if value:  # a restored image's input (its copy beside the image): the page may show it now
+                    self.gallery_files.allow([value])
+                out[p.name] = {"background": value, "layers": [], "composite": value} if p.widget == "image" \
+                    else value
+            elif st.get(p.name) is not None:
                 out[p.name] = shown_value(p, st[p.name])
         if st.get("seed_policy", "fixed") == "random":
             out["seed"] = -1
@@ -300,6 +309,22 @@ class PageController:
         lines += [f"- ⚠ {w}" for w in restored.warnings]
         return self.settings_updates(restored.settings), "\n".join(lines)
 
+    def use_as_input(self, path: str | None) -> Updates:
+        """A gallery image as the input image (its size as the job's size)."""
+        editor = next((p for p in self.params if p.widget == "image"), None)
+        if not path or editor is None:
+            gr.Warning("select an image in the gallery first")
+            return {}
+        from models.image_inputs import native_size
+
+        try:
+            width, height = native_size(path)
+        except UserError as e:
+            gr.Warning(str(e))
+            return {}
+        return {editor.name: {"background": path, "layers": [], "composite": path}, "width": width,
+                "height": height, "preset": preset_for(width, height)}
+
     # ------------------------------------------------------------ submitting and controlling jobs
 
     def generate(self, values: Mapping[str, Any], session: str = "") -> str:
@@ -314,7 +339,7 @@ class PageController:
                                ("loras", "the LoRAs text")):
                 if isinstance(values.get(key), str):
                     check_text(values[key], label)
-            a = generate_arguments({k: v for k, v in values.items() if k != "loras"})
+            a = generate_arguments({k: v for k, v in self.file_values(values).items() if k != "loras"})
             selection = parse_selection(values.get("loras"))
             model_type, prompt, one_per_line = a.pop("model_type"), a.pop("prompt"), a.pop("one_per_line")
             if selection:  # unknown names are refused here, not when the job runs
@@ -346,6 +371,20 @@ class PageController:
                 log.warning("%s", w)
         gr.Info(f"Queued {len(ids)} job{'s' * (len(ids) != 1)}: {', '.join(ids)}")
         return ",".join(ids)
+
+    def file_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """values with the image inputs' raw payloads (an image editor's background and strokes, an uploaded
+        mask) as file paths; the strokes and the uploaded mask become one mask."""
+        out, painted, image = dict(values), "", ""
+        for p in self.params:
+            if p.widget == "image" and p.name in out:
+                out[p.name], painted = editor_inputs(out[p.name], p.display)
+                image = out[p.name]
+        for p in self.params:
+            if p.widget == "mask" and p.name in out:
+                uploaded = uploaded_path(out[p.name], p.display)
+                out[p.name] = combined_mask(uploaded, painted, image) if image else uploaded
+        return out
 
     def submit_message(self, session: str = "") -> Any:
         """The outcome of this session's last Generate, once (the status box keeps it after the toast)."""

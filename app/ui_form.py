@@ -34,8 +34,9 @@ def form_params() -> list[Param]:
 
 
 def form_keys() -> tuple[str, ...]:
-    """The saved form's keys, in the order of the controls handed to save_form_js."""
-    return (*_BEFORE, *(p.name for p in form_params()), *_AFTER)
+    """The saved form's keys, in the order of the controls handed to save_form_js. Input images stay out:
+    an upload lives on the server for a while only, and a picture has no place in localStorage."""
+    return (*_BEFORE, *(p.name for p in form_params() if not p.is_file), *_AFTER)
 
 
 def save_form_js(keys: Iterable[str]) -> str:
@@ -56,7 +57,7 @@ def clean_form(data: Any, model_types: Iterable[str]) -> dict[str, Any] | None:
         return None
     if data.get("model_type") not in set(model_types):
         return None
-    params = form_params()
+    params = [p for p in form_params() if not p.is_file]
     kinds = {"prompt": str, "loras": str, "memory_profile": str, "one_per_line": bool,
              **{p.name: p.kind for p in params}}
     out: dict[str, Any] = {"model_type": data["model_type"]}

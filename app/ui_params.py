@@ -27,6 +27,19 @@ def make_control(p: Param, value: Any, visible: bool, elem_id: str, **extra: Any
     is refused at Generate with the CLI's message."""
     info = p.help or None
     common = {"label": p.label, "elem_id": elem_id, "visible": visible, "info": info, **extra}
+    if p.widget == "image":  # the input, and a brush whose strokes are the mask (white = repaint)
+        common.pop("info")
+        return gr.ImageEditor(value=None, type="filepath", sources=("upload", "clipboard"), height=360,
+                              brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                              eraser=gr.Eraser(default_size=24), transforms=(), layers=False,
+                              **{**common, "label": f"{p.label} (paint the area to repaint)"})
+    if p.widget == "mask":  # an uploaded mask, added to the painted one
+        common.pop("info")
+        return gr.Image(value=None, type="filepath", image_mode="L", sources=("upload", "clipboard"), height=160,
+                        **{**common, "label": f"{p.label} (optional upload; white = repaint)"})
+    if p.optional and p.kind in (int, float) and not p.choices:
+        # a text box: empty means "not set" (a number box shows and sends 0 for nothing)
+        return gr.Textbox("" if value is None else str(value), lines=1, max_lines=1, placeholder="auto", **common)
     if p.kind is str:
         if p.choices or p.widget == "dropdown":
             return gr.Dropdown(list(p.choices), value=value, **common)
@@ -43,7 +56,10 @@ def make_control(p: Param, value: Any, visible: bool, elem_id: str, **extra: Any
 
 
 def shown_value(p: Param, value: Any) -> Any:
-    """value as the control can show it: a slider narrower than the accepted range shows its end."""
+    """value as the control can show it: a slider narrower than the accepted range shows its end; an optional
+    number's text box shows nothing for None."""
+    if p.optional and p.kind in (int, float) and not p.choices:
+        return "" if value is None else str(value)
     if (p.widget == "slider" and p.slider_maximum is not None and isinstance(value, (int, float))
             and not isinstance(value, bool)):
         return min(value, p.slider_maximum)
@@ -74,6 +90,9 @@ class ParamForm:
         """Every group p appears in for some model type (its declared one always: it holds the control)."""
         return {p.group, *(layout.get(p.name, HIDDEN) for layout in self.layouts.values())} - {HIDDEN}
 
+    def has_group(self, group: str) -> bool:
+        return any(group in self.groups_of(p) for p in self.params)
+
     def build(self, group: str, before: Mapping[str, Callable[[], Any]] | None = None,
               after: Mapping[str, Callable[[], Any]] | None = None) -> None:
         """Create the controls of group (call inside the Blocks, where they go). before / after: callables
@@ -93,7 +112,7 @@ class ParamForm:
                     rows.enter_context(gr.Row(equal_height=True))
             if p.name in before:
                 before[p.name]()
-            visible = self.place(self.first_model, p) == group
+            visible = self.place(self.first_model, p) == group and not (p.needs and not self.values.get(p.needs))
             if group == p.group:
                 self.controls[p.name] = make_control(p, shown_value(p, self.values.get(p.name, p.default)), visible,
                                                      p.elem_id, scale=2)
@@ -112,12 +131,36 @@ class ParamForm:
     def placement_outputs(self) -> list[gr.components.Component]:
         return [*self.control_list(), *self.mirrors.values()]
 
-    def placement_updates(self, model_type: str | None) -> list[Any]:
-        """Visibility of placement_outputs() for model_type."""
+    def needed(self) -> list[str]:
+        """The parameters others need a value of to be shown (`Param.needs`), in a fixed order."""
+        return sorted({p.needs for p in self.params if p.needs and p.needs in self.controls})
+
+    def placement_inputs(self) -> list[gr.components.Component]:
+        """What placement_updates reads after the model type: the needed parameters' controls."""
+        return [self.controls[n] for n in self.needed()]
+
+    def placement_updates(self, model_type: str | None, *needed_values: Any) -> list[Any]:
+        """Visibility of placement_outputs() for model_type, given the values of placement_inputs() (a
+        parameter that needs another one's value is shown only while it has one)."""
+        present = {n: has_value(v) for n, v in zip(self.needed(), needed_values)}
         by_name = {p.name: p for p in self.params}
-        out = [gr.update(visible=self.place(model_type, p) == p.group) for p in self.params]
-        out += [gr.update(visible=self.place(model_type, by_name[name]) == group) for name, group in self.mirrors]
+
+        def shown(p: Param, group: str) -> bool:
+            return self.place(model_type, p) == group and (not p.needs or present.get(p.needs, True))
+
+        out = [gr.update(visible=shown(p, p.group)) for p in self.params]
+        out += [gr.update(visible=shown(by_name[name], group)) for name, group in self.mirrors]
         return out
+
+    def wire_placement(self, model: gr.components.Component) -> None:
+        """Show each control where the chosen model puts it, and while what it needs has a value."""
+        io = {"fn": self.placement_updates, "inputs": [model, *self.placement_inputs()],
+              "outputs": self.placement_outputs(), "queue": False, "show_progress": "hidden",
+              "api_visibility": "private"}
+        model.change(**io)
+        for control in self.placement_inputs():
+            # an image editor's upload does not always fire .change (Gradio 6.31): listen to both
+            gr.on([getattr(control, e) for e in ("change", "upload", "clear") if hasattr(control, e)], **io)
 
     def wire_mirrors(self) -> None:
         """Keep each mirror equal to its control, in the browser (no round trip: a click on Generate right
@@ -127,6 +170,13 @@ class ParamForm:
             control = self.controls[name]
             control.change(inputs=control, outputs=mirror, **sync)
             mirror.input(inputs=mirror, outputs=control, **sync)
+
+
+def has_value(value: Any) -> bool:
+    """Whether a control holds something: text, a file, an image editor with a picture."""
+    if isinstance(value, dict):
+        return bool(value.get("background") or value.get("path") or value.get("composite"))
+    return value not in (None, "", [])
 
 
 def placements(model_types: Iterable[str], family_params: Callable[[str], Iterable[str]],
@@ -141,4 +191,4 @@ def placements(model_types: Iterable[str], family_params: Callable[[str], Iterab
     return out
 
 
-__all__ = ["HIDDEN", "ParamForm", "make_control", "placements", "shown_value"]
+__all__ = ["HIDDEN", "ParamForm", "has_value", "make_control", "placements", "shown_value"]

@@ -158,12 +158,33 @@ def restore_settings(path: str | Path, definitions: Mapping[str, Any],
     # LoRAs are checked against the folder of the model the settings go to
     settings, more = normalize_settings(doc, lora_names(target), label)
     warnings += more
+    if kind == "image":
+        warnings += _image_inputs(data, settings, label)
     if target is not None and target != settings["model_type"]:
         settings, more = apply_to_model(settings, target, definitions)
         warnings += more
     elif target is None:
         settings["model_type"] = None
     return Restored(settings, warnings, kind)
+
+
+def _image_inputs(data: Mapping[str, Any], settings: dict[str, Any], label: str) -> list[str]:
+    """The image's inputs (its input image and mask: copies beside it, app.metadata resolved them; outpaint
+    margins) into settings, "" where it had none, so a restored text-to-image job clears the page's input.
+    An input file that is gone is left out, and said."""
+    from app.params import all_params
+
+    warnings = []
+    for p in all_params():
+        if p.in_profile or not p.stored or p.name in ("memory_profile", "num_images"):
+            continue
+        value = data.get(p.name) or ""
+        try:
+            settings[p.name] = p.parse(value, from_text=False) if value else ""
+        except UserError as e:
+            settings[p.name] = ""
+            warnings.append(f"{label}: its {p.label.lower()} cannot be used ({e}); restored without it")
+    return warnings
 
 
 __all__ = ["Restored", "installed_type", "restore_settings"]

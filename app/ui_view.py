@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 
 from app.metadata import read_settings
+from app.outputs import is_input_copy
 from app.queue import FINISHED, clean_text
 
 CUSTOM = "Custom"
@@ -219,7 +220,7 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
     try:
         files = []
         for p in Path(folder).iterdir():
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not is_input_copy(p.name):
                 try:
                     st = p.lstat()  # plain files only: a link could point the server at any file
                 except OSError:  # deleted meanwhile

@@ -101,6 +101,14 @@ def check_image_inputs(image: object | None, mask: object | None, strength: floa
     return check_strength(strength)
 
 
+def native_size(image: ImageLike) -> tuple[int, int]:
+    """The render size an input suggests when none is given: its own size, scaled down to fit MAX_SIDE if
+    larger (aspect kept), each side rounded down to a multiple of 16 (at least 16)."""
+    w, h = as_image(image).size
+    scale = min(1.0, MAX_SIDE / max(w, h))
+    return (max(MULTIPLE, int(w * scale) // MULTIPLE * MULTIPLE), max(MULTIPLE, int(h * scale) // MULTIPLE * MULTIPLE))
+
+
 def start_index(steps: int, strength: float) -> int:
     """Index of the first sigma of the full N-step schedule that img2img runs (diffusers' get_timesteps).
 

@@ -22,8 +22,10 @@ from models.errors import UserError
 from models.parsing import ascii_float, ascii_int
 
 KINDS = (int, float, str, bool)
-GROUPS = ("main", "advanced")
-WIDGETS = ("slider", "number", "text", "checkbox", "dropdown")
+GROUPS = ("main", "image", "advanced")
+# "image" / "mask": a file (its path, kind str); the page shows an image editor / an image upload
+WIDGETS = ("slider", "number", "text", "checkbox", "dropdown", "image", "mask")
+FILE_WIDGETS = ("image", "mask")
 
 
 def _number(x: float) -> str:
@@ -49,6 +51,10 @@ class Param:
     widget: its kind of control; step: a slider's step; slider_maximum: a slider's end when
     narrower than what parse accepts.
     row: controls of one group with the same row name share a row on the page (consecutive ones).
+    needs: another parameter's name: the page shows this one only while that one has a value (an input
+    image's strength).
+    check: a further check of a parsed, non-empty value (a file that must be an image, margins): it
+    returns the value to keep or raises UserError, which parse() prefixes with the parameter's name.
     stored: kept in image metadata; in_profile: kept in generation profiles.
     a1111 / a1111_value: its name (and value formatter) in the A1111 `parameters` text.
     pipeline: passed to the family's pipeline under `name`. legacy: older names read from old
@@ -72,6 +78,8 @@ class Param:
     step: float | None = None
     slider_maximum: float | None = None
     row: str = ""
+    needs: str = ""
+    check: Callable[[Any], Any] | None = None
     stored: bool = True
     in_profile: bool = True
     a1111: str | None = None
@@ -91,6 +99,11 @@ class Param:
     def display(self) -> str:
         """How messages name it: "Steps (--steps)"."""
         return f"{self.label} ({self.cli})" if self.cli else self.label
+
+    @property
+    def is_file(self) -> bool:
+        """Whether its value is a file's path (an input image or mask)."""
+        return self.widget in FILE_WIDGETS
 
     @property
     def api_name(self) -> str:
@@ -129,6 +142,11 @@ class Param:
             out = self._parse_number(value)
         if self.choices and out not in self.choices:
             raise UserError(f"{self.display} must be {self.describe_range()} (got {_short(value)})")
+        if self.check is not None and out != "":
+            try:
+                out = self.check(out)
+            except UserError as e:
+                raise UserError(f"{self.display}: {e}") from None
         return out
 
     def _parse_text(self, value: Any) -> str:

@@ -60,6 +60,12 @@ class FamilyHandler:
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {}
 
+    def render(self, pipe: Any, **values: Any) -> Any:
+        """Run one job's images: values are its pipeline parameters by name plus the service's (seed,
+        num_images_per_prompt, callbacks); the result has `images` and `seeds`. A family whose jobs are
+        more than one sampling pass (inputs prepared, a refine pass) overrides this."""
+        return pipe(**values)
+
     def latent_preview_factors(self, architecture: str) -> PreviewFactors | None:
         """The approximate latent -> RGB projection of this architecture's VAE for cheap step previews
         (None: the queue shows the first three latent channels)."""
@@ -166,6 +172,15 @@ def declared_params() -> list[Param]:
         for p in handler.params:
             out.setdefault(p.name, p)
     return list(out.values())
+
+
+def check_declared_values(values: dict[str, Any]) -> None:
+    """Each family's rules between its parameters (`check_values` of `models/<family>/params.py`), on parsed
+    values; UserError names the first broken one."""
+    for module in _declaration_modules():
+        check = getattr(module, "check_values", None)
+        if check is not None:
+            check(values)
 
 
 def handler_for(architecture: str) -> FamilyHandler:

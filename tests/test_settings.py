@@ -24,7 +24,8 @@ FULL = {
     "width": 768, "height": 1344, "num_inference_steps": 28, "guidance_scale": 3.5, "flow_shift": 5.0,
     "cfg_normalization": 1.5, "cfg_truncation": 0.9, "seed_policy": "increment", "seed": 1234,
     "loras": [{"name": "ink", "strength": 0.7}, {"name": "film", "strength": 1.2}], "num_images": 3,
-    "output_format": "webp", "output_quality": 85,
+    "output_format": "webp", "output_quality": 85, "strength": 0.45, "paste_back": False, "mask_blur": 8,
+    "upscale": 1.5, "upscale_strength": 0.3, "upscale_steps": 12,
 }
 
 
@@ -75,7 +76,8 @@ def test_schema_1_migrates(store):
         "num_inference_steps": 8, "guidance_scale": 0.0, "flow_shift": 3.0, "cfg_normalization": 0.0,
         "cfg_truncation": 1.0, "seed_policy": "fixed", "seed": 77,
         "loras": [{"name": "ink", "strength": 0.5}, {"name": "film", "strength": 1.0}], "num_images": 2,
-        "output_format": "jpeg", "output_quality": 80}
+        "output_format": "jpeg", "output_quality": 80, "strength": None, "paste_back": True, "mask_blur": 4,
+        "upscale": 1.0, "upscale_strength": 0.35, "upscale_steps": None}
     assert any("migrated from schema 1" in w for w in warnings)
     # explicit version 1, random seed
     store.path("old").write_text(json.dumps({"schema_version": 1, "resolution": "512x512", "seed": -1}))
@@ -406,7 +408,8 @@ def test_cli_save_list_show_delete(tmp_path, capsys):
         "num_inference_steps": 8, "guidance_scale": 0.0, "flow_shift": 3.0, "cfg_normalization": 0.0,
         "cfg_truncation": 1.0, "seed_policy": "fixed", "seed": 42,
         "loras": [{"name": "ink", "strength": 0.5}, {"name": "film", "strength": 1.0}], "num_images": 1,
-        "output_format": "jpeg", "output_quality": 80}
+        "output_format": "jpeg", "output_quality": 80, "strength": None, "paste_back": True, "mask_blur": 4,
+        "upscale": 1.0, "upscale_strength": 0.35, "upscale_steps": None}
     (tmp_path / "profiles" / "torn.json").write_text("{")
     assert cli(tmp_path, "list") == 0
     out = capsys.readouterr().out.splitlines()

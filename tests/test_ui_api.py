@@ -170,9 +170,13 @@ def test_restore_settings_from_png(app, tmp_path):
     (job_id,) = app.generate("restore me", seed=77, steps=3, guidance=2.5, flow_shift=4.0, negative_prompt="ugly",
                              cfg_truncation=0.9, num_images=2)
     job = app.wait_done([job_id])[job_id]
+    from tests.test_ui_restore import restore_outputs
+
     out = app.client.predict(handle_file(job["paths"][1]), api_name="/restore")
-    (model, prompt, negative, w, h, steps, guidance, shift, norm, trunc, seed, num, preset, info, loras, strengths,
-     _triggers, message) = out
+    named = dict(zip(restore_outputs(), out, strict=True))
+    (model, prompt, negative, w, h, steps, guidance, shift, trunc, seed, num, preset, info, strengths, message) = (
+        named[k] for k in ("model", "prompt", "negative", "width", "height", "steps", "guidance", "flow_shift",
+                           "cfg_truncation", "seed", "num_images", "preset", "info", "lora_strengths", "message"))
     assert (model, prompt, w, h, steps, guidance, shift, trunc) == ("z_image_tiny", "restore me", 64, 64, 3, 2.5,
                                                                      4.0, 0.9)
     assert seed == 78 and num == 1  # the image's own seed: it renders alone as it did in its batch
@@ -289,7 +293,12 @@ def raw_call(app, api_name: str, data: list) -> tuple[str, str]:
 
 
 def generate_args(prompt: str, one_per_line: bool = False) -> list:
-    return ["z_image_tiny", prompt, one_per_line, "", 64, 64, 2, 4.0, 6.0, 0.0, 1.0, 7, 1, "", "default"]
+    """/generate's arguments in order: the model, the prompt, one per line, each form parameter, LoRAs, memory."""
+    from app.ui_form import form_params
+
+    given = {"negative_prompt": "", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 7}
+    return ["z_image_tiny", prompt, one_per_line,
+            *(None if p.is_file else given.get(p.name, p.default) for p in form_params()), "", "default"]
 
 
 def test_text_that_is_not_unicode_is_refused_and_the_queue_stays_readable(app):

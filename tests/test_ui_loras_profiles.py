@@ -123,7 +123,12 @@ def test_lora_refresh_lists_new_files(app):
 
 
 def controls(prompt: str = "a saved fox", loras: str = f"{STYLE}=0.6", seed: int = 42) -> list:
-    return ["z_image_tiny", prompt, "blurry", 64, 64, 3, 2.5, 5.0, 0.0, 1.0, seed, 1, loras]
+    """/profile_save's values in order: the model, the prompt, each parameter a profile keeps, the LoRAs."""
+    from app.ui_form import form_params
+
+    given = {"negative_prompt": "blurry", "width": 64, "height": 64, "num_inference_steps": 3,
+             "guidance_scale": 2.5, "flow_shift": 5.0, "seed": seed}
+    return ["z_image_tiny", prompt, *(given.get(p.name, p.default) for p in form_params() if p.in_profile), loras]
 
 
 def test_profile_save_list_load_export_delete(app):
@@ -135,9 +140,13 @@ def test_profile_save_list_load_export_delete(app):
     (app.profiles_dir / "broken.json").write_text("{not json")
     assert {p["name"]: p for p in app.client.predict(api_name="/profile_list")}["broken"]["broken"]
 
+    from tests.test_ui_restore import restore_outputs
+
     out = app.client.predict("api fox", api_name="/profile_load")
-    (model, prompt, _neg, width, height, steps, guidance, flow, _norm, _trunc, seed, n, _preset, _info,
-     selected, strengths, _triggers, status) = out
+    named = dict(zip(restore_outputs(), out, strict=True))  # the same controls as /restore's, then the status
+    (model, prompt, width, height, steps, guidance, flow, seed, n, selected, strengths, status) = (
+        named[k] for k in ("model", "prompt", "width", "height", "steps", "guidance", "flow_shift", "seed",
+                           "num_images", "lora_select", "lora_strengths", "message"))
     assert (model, prompt, width, height, steps, guidance, flow, seed, n) == (
         "z_image_tiny", "a saved fox", 64, 64, 3, 2.5, 5.0, 42, 1)
     selected = selected["value"] if isinstance(selected, dict) else selected  # an update: choices refreshed too

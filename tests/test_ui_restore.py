@@ -185,11 +185,19 @@ class RestoreApp:
 
     def restore(self, path: Path) -> dict:
         out = self.client.predict(handle_file(str(path)), api_name="/restore")
-        names = ("model", "prompt", "negative", "width", "height", "steps", "guidance", "flow_shift",
-                 "cfg_norm", "cfg_trunc", "seed", "num_images", "preset", "info", "lora_select", "lora_strengths",
-                 "lora_triggers", "message")
+        names = restore_outputs()
         assert len(out) == len(names)
         return dict(zip(names, out))
+
+
+def restore_outputs() -> tuple[str, ...]:
+    """/restore's outputs by name: the model, the prompt, each form parameter (by its API name), the preset,
+    the model's description, the LoRA controls and the message."""
+    from app.ui_form import form_params
+
+    short = {"negative_prompt": "negative"}
+    return ("model", "prompt", *(short.get(p.api_name, p.api_name) for p in form_params()), "preset", "info",
+            "lora_select", "lora_strengths", "lora_triggers", "message")
 
 
 @pytest.fixture(scope="module")

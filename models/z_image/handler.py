@@ -59,6 +59,12 @@ class ZImageHandler(FamilyHandler):
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {"max_prompt_tokens": 512, **self._defaults(architecture)}
 
+    def render(self, pipe: Any, **values: Any) -> Any:
+        """Image inputs, paste-back and the upscale pass around the sampling (models/z_image/image_job.py)."""
+        from models.z_image.image_job import render
+
+        return render(pipe, **values)
+
     def latent_preview_factors(self, architecture: str) -> PreviewFactors:
         return LATENT_RGB_FACTORS, LATENT_RGB_BIAS  # every Z-Image type (the tiny one too) has the Flux VAE's space
 

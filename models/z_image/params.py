@@ -4,6 +4,10 @@ without loading a model."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from models import image_inputs as ii
+from models.errors import UserError
 from models.params import Param
 
 DEFAULT_MODEL_TYPE = "z_image_base"  # when no model type is named
@@ -25,6 +29,78 @@ PARAMS = (
           cli="--cfg-truncation", group="advanced",
           help="guidance off once 1 - sigma exceeds C (1.0, the default, never truncates)"),
 )
+
+
+def _image_file(path: str) -> str:
+    ii.load_image(path)  # missing, not an image, corrupt: refused now, not when the job runs
+    return path
+
+
+def _mask_file(path: str) -> str:
+    if ii.load_mask(path).getextrema()[1] < 128:
+        raise UserError("the mask is all black: nothing to repaint (white = repaint)")
+    return path
+
+
+def _margins(text: str) -> str:
+    return ",".join(str(v) for v in ii.parse_margins(text))
+
+
+# image inputs (img2img, inpainting, outpainting, upscale): models/z_image/image_job.py runs them
+IMAGE_PARAMS = (
+    Param("image", str, "", "Input image", cli="--image", metavar="FILE", widget="image", group="image",
+          in_profile=False, check=_image_file,
+          help="img2img / inpainting input, resized (Lanczos) to the width x height; without --width/--height "
+               "its own size, rounded down to a multiple of 16"),
+    Param("mask", str, "", "Mask", cli="--mask", metavar="FILE", widget="mask", group="image", in_profile=False,
+          check=_mask_file, needs="image",
+          help="inpainting mask: white = repaint (any size; grey counts as white from 0.5)"),
+    Param("strength", float, None, "Strength", minimum=0.01, maximum=1.0, step=0.01, cli="--strength",
+          group="image", widget="number", optional=True, a1111="Denoising strength",
+          needs="image",
+          help="how much of the input is repainted (0.01-1; empty: 0.6, or 1.0 with a mask or outpainting)"),
+    Param("paste_back", bool, True, "Paste back", cli="--paste-back", widget="checkbox", group="image",
+          row="paste", needs="image",
+          help="put the input's own pixels back outside the mask (feathered over the mask blur)"),
+    Param("mask_blur", int, ii.DEFAULT_MASK_BLUR, "Mask blur", minimum=0, maximum=64, step=1, cli="--mask-blur",
+          group="image", row="paste", a1111="Mask blur",
+          needs="image",
+          help="paste-back feather in px: pixels 2 x blur px or more outside the mask are the input's exactly"),
+    Param("outpaint", str, "", "Outpaint", cli="--outpaint", metavar="L,T,R,B", widget="text", group="image",
+          in_profile=False, check=_margins,
+          needs="image",
+          help="grow the canvas by LEFT,TOP,RIGHT,BOTTOM px (multiples of 16); the new area is painted"),
+    Param("upscale", float, 1.0, "Upscale", minimum=1.0, maximum=ii.MAX_UPSCALE, step=0.05, cli="--upscale",
+          group="image", row="upscale", a1111="Hires upscale",
+          help="hires fix: resize the result (or the input) by this factor, then an img2img pass (1 = off)"),
+    Param("upscale_strength", float, 0.35, "Upscale strength", minimum=0.01, maximum=1.0, step=0.01,
+          cli="--upscale-strength", group="image", row="upscale", help="the upscale pass's strength"),
+    Param("upscale_steps", int, None, "Upscale steps", minimum=1, maximum=100, cli="--upscale-steps",
+          group="image", row="upscale", widget="number", optional=True, a1111="Hires steps",
+          help="the upscale pass's steps (empty: the job's steps)"),
+)
+PARAMS = (*PARAMS, *IMAGE_PARAMS)
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """Rules between parameters (each one alone is checked by its declaration): UserError names the first."""
+    image, mask, outpaint = values.get("image") or "", values.get("mask") or "", values.get("outpaint") or ""
+    if mask and not image:
+        raise UserError("a mask (--mask) needs an input image (--image)")
+    if outpaint and not image:
+        raise UserError("outpainting (--outpaint) needs an input image (--image)")
+    width, height = values.get("width"), values.get("height")
+    if not isinstance(width, int) or not isinstance(height, int):
+        return
+    if outpaint:
+        left, top, right, bottom = ii.parse_margins(outpaint)
+        width, height = width + left + right, height + top + bottom
+        if max(width, height) > ii.MAX_SIDE:
+            raise UserError(f"the outpainted canvas {width}x{height} exceeds {ii.MAX_SIDE} px a side")
+    upscale = values.get("upscale") or 1.0
+    if upscale > 1.0:
+        ii.upscale_size(width, height, upscale)  # over 4096 px a side: refused with the size
+
 
 # where the page shows a parameter when not where it is declared ("hidden": the model's default applies)
 LAYOUT: dict[str, dict[str, str]] = {
