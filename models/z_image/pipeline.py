@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from models.errors import GenerationInterrupted
+from models.z_image.samplers import check_sampler, sample_step
 from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 from models.z_image.transformer import ZImageTransformer, pad_len
 
@@ -136,7 +137,14 @@ class ZImagePipeline:
         step_start: Callable[[int, int], None] | None = None,
         output_type: str = "pil",
         vae_tiling: bool | Callable[[], bool] = False,
+        sampler: str = "euler",
     ) -> PipelineOutput:
+        """Text to image. sampler: "euler" (N steps = N evaluations) or "heun" (2N - 1; see
+        models.z_image.samplers): callback(i, N, latents) and step_start(i, N) run once per step either
+        way, step i's evaluations all under step_start(i)'s settings; interrupt is checked before
+        every evaluation but the step's first too.
+        """
+        check_sampler(sampler)
         f2 = self.vae_scale_factor * 2
         if height % f2 or width % f2:
             raise ValueError(f"height and width must be multiples of {f2} (got {width}x{height})")
@@ -159,19 +167,24 @@ class ZImagePipeline:
         neg = self.encode_prompt(negative_prompt or "", max_sequence_length) if any(use_cfg) else None
         sig_dev = sigmas.to(self.device)
 
-        for i in range(num_inference_steps):
+        def predict(x: torch.Tensor, k: int) -> torch.Tensor:
+            """Transformer output at sigma index k, CFG applied (float32)."""
+            t = (1000 - sig_dev[k] * 1000) / 1000  # diffusers' timestep arithmetic, float32
+            t = t.expand(n)
+            if use_cfg[k]:
+                p_out, n_out = self._predict(x, t, [[pos] * n, [neg] * n])
+                return apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
+            return self._predict(x, t, [[pos] * n])[0]
+
+        def check_interrupt() -> None:
             if interrupt is not None and interrupt():
                 raise GenerationInterrupted()
+
+        for i in range(num_inference_steps):
+            check_interrupt()
             if step_start is not None:  # e.g. per-step LoRA strengths
                 step_start(i, num_inference_steps)
-            t = (1000 - sig_dev[i] * 1000) / 1000  # diffusers' timestep arithmetic, float32
-            t = t.expand(n)
-            if use_cfg[i]:
-                p_out, n_out = self._predict(latents, t, [[pos] * n, [neg] * n])
-                pred = apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
-            else:
-                pred = self._predict(latents, t, [[pos] * n])[0]
-            latents = latents + (sig_dev[i + 1] - sig_dev[i]) * (-pred)
+            latents = sample_step(sampler, latents, i, sig_dev, predict, before_eval=check_interrupt)
             if callback is not None:
                 callback(i, num_inference_steps, latents)
 
