@@ -265,3 +265,70 @@ def test_nag_through_compiled_blocks():
         assert counters["stats"]["unique_graphs"] == graphs
         torch.testing.assert_close(model(x, t, [cap]), plain, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+KW = dict(prompt="a lighthouse", height=64, width=64, num_inference_steps=3, flow_shift=3.0, seed=5,
+          output_type="latent")
+
+
+def test_nag_scale_one_is_bit_identical_and_encodes_no_negative(pipe):
+    pipe.text_encoder.cache.clear()
+    before = pipe.text_encoder.encode_calls
+    plain = pipe(guidance_scale=0.0, **KW).images
+    off = pipe(guidance_scale=0.0, negative_prompt="fog", nag_scale=1.0, nag_tau=2.0, nag_alpha=0.9, **KW).images
+    assert torch.equal(plain, off)
+    assert pipe.text_encoder.encode_calls == before + 1  # the positive only
+
+
+class Calls:
+    """Records the transformer calls of a pipeline run (captions and the NAG argument)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.orig, self.calls = pipe, pipe.transformer.forward, []
+
+    def __enter__(self):
+        def forward(x, t, caps, **kw):
+            self.calls.append((caps, kw.get("nag")))
+            return self.orig(x, t, caps, **kw)
+
+        self.pipe.transformer.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.pipe.transformer.forward
+
+
+def test_pipeline_nag_at_guidance_zero(pipe):
+    pos, neg = pipe.encode_prompt("a lighthouse"), pipe.encode_prompt("fog, haze")
+    with Calls(pipe) as rec:
+        a = pipe(guidance_scale=0.0, negative_prompt="fog, haze", nag_scale=3.0, nag_tau=2.5, nag_alpha=0.25,
+                 num_images_per_prompt=2, **KW).images
+    assert len(rec.calls) == KW["num_inference_steps"]  # no second forward pass
+    for caps, nag in rec.calls:
+        assert len(caps) == 2 and all(torch.equal(c, pos) for c in caps)
+        assert (nag.scale, nag.tau, nag.alpha) == (3.0, 2.5, 0.25)
+        assert len(nag.neg_caps) == 2 and all(torch.equal(c, neg) for c in nag.neg_caps)
+    plain = pipe(guidance_scale=0.0, num_images_per_prompt=2, **KW).images
+    other = pipe(guidance_scale=0.0, negative_prompt="a storm", nag_scale=3.0, nag_tau=2.5, nag_alpha=0.25,
+                 num_images_per_prompt=2, **KW).images
+    assert (a - plain).abs().max() > 1e-2 and (a - other).abs().max() > 1e-2
+
+
+def test_pipeline_nag_with_cfg_guides_the_positive_pass_only(pipe):
+    pos, neg = pipe.encode_prompt("a lighthouse"), pipe.encode_prompt("fog")
+    with Calls(pipe) as rec:
+        pipe(guidance_scale=2.0, negative_prompt="fog", nag_scale=2.0, **KW)
+    assert len(rec.calls) == 2 * KW["num_inference_steps"]  # NAG's positive pass runs apart from the negative
+    for caps, nag in rec.calls:
+        if nag is not None:
+            assert torch.equal(caps[0], pos) and torch.equal(nag.neg_caps[0], neg)
+        else:
+            assert torch.equal(caps[0], neg)
+    assert sum(nag is not None for _, nag in rec.calls) == KW["num_inference_steps"]
+
+
+@pytest.mark.parametrize("bad", [dict(nag_scale=0.5), dict(nag_scale=2.0, nag_tau=0.0),
+                                 dict(nag_scale=2.0, nag_alpha=1.5)])
+def test_bad_nag_values_refused(pipe, bad):
+    with pytest.raises(ValueError, match="nag_"):
+        pipe(guidance_scale=0.0, **bad, **KW)

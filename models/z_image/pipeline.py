@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from models.errors import GenerationInterrupted
+from models.z_image.nag import NagGuidance, check_nag
 from models.z_image.samplers import check_sampler, sample_step
 from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 from models.z_image.transformer import ZImageTransformer, pad_len
@@ -99,18 +100,23 @@ class ZImagePipeline:
     def encode_prompt(self, prompt: str, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
         return self.text_encoder.encode(prompt, max_sequence_length, device=self.device)
 
-    def _predict(self, x: torch.Tensor, t: torch.Tensor, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        """One model evaluation per group of captions; groups of equal padded length share a call."""
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, groups: list[list[torch.Tensor]],
+                 nag: NagGuidance | None = None) -> list[torch.Tensor]:
+        """One model evaluation per group of captions; groups of equal padded length share a call.
+
+        nag: NAG for the first group (the positive captions), which then runs in a call of its own.
+        """
         dtype = self.transformer.dtype
-        merged: dict[int, list[int]] = {}
+        merged: dict[int | str, list[int]] = {}
         for gi, caps in enumerate(groups):
-            merged.setdefault(pad_len(caps[0].shape[0]), []).append(gi)
+            merged.setdefault("nag" if nag is not None and gi == 0 else pad_len(caps[0].shape[0]), []).append(gi)
         outs: list[torch.Tensor | None] = [None] * len(groups)
         b = x.shape[0]
-        for members in merged.values():
+        for key, members in merged.items():
             caps = [c for gi in members for c in groups[gi]]
             n = len(members)
-            out = self.transformer(x.to(dtype).repeat(n, 1, 1, 1), t.repeat(n), caps).float()
+            extra = {"nag": nag} if key == "nag" else {}
+            out = self.transformer(x.to(dtype).repeat(n, 1, 1, 1), t.repeat(n), caps, **extra).float()
             for j, gi in enumerate(members):
                 outs[gi] = out[j * b:(j + 1) * b]
         return outs
@@ -138,13 +144,21 @@ class ZImagePipeline:
         output_type: str = "pil",
         vae_tiling: bool | Callable[[], bool] = False,
         sampler: str = "euler",
+        nag_scale: float = 1.0,
+        nag_tau: float = 3.5,
+        nag_alpha: float = 0.5,
     ) -> PipelineOutput:
         """Text to image. sampler: "euler" (N steps = N evaluations) or "heun" (2N - 1; see
         models.z_image.samplers): callback(i, N, latents) and step_start(i, N) run once per step either
         way, step i's evaluations all under step_start(i)'s settings; interrupt is checked before
         every evaluation but the step's first too.
+
+        nag_scale != 1 turns on NAG (models.z_image.nag) with negative_prompt's embedding: meant for
+        guidance 0 (Turbo), where it is the only use of the negative prompt; with CFG it acts on the
+        positive pass only. nag_scale 1 (the default) runs exactly the plain model.
         """
         check_sampler(sampler)
+        use_nag = check_nag(nag_scale, nag_tau, nag_alpha)
         f2 = self.vae_scale_factor * 2
         if height % f2 or width % f2:
             raise ValueError(f"height and width must be multiples of {f2} (got {width}x{height})")
@@ -164,17 +178,19 @@ class ZImagePipeline:
         sigmas = flow_sigmas(num_inference_steps, shift)
         use_cfg = cfg_active_steps(sigmas, guidance_scale, cfg_truncation)
         pos = self.encode_prompt(prompt, max_sequence_length)
-        neg = self.encode_prompt(negative_prompt or "", max_sequence_length) if any(use_cfg) else None
+        neg = self.encode_prompt(negative_prompt or "", max_sequence_length) if any(use_cfg) or use_nag else None
+        nag = NagGuidance([neg] * n, nag_scale, nag_tau, nag_alpha) if use_nag else None
         sig_dev = sigmas.to(self.device)
 
         def predict(x: torch.Tensor, k: int) -> torch.Tensor:
             """Transformer output at sigma index k, CFG applied (float32)."""
             t = (1000 - sig_dev[k] * 1000) / 1000  # diffusers' timestep arithmetic, float32
             t = t.expand(n)
+            extra = {} if nag is None else {"nag": nag}
             if use_cfg[k]:
-                p_out, n_out = self._predict(x, t, [[pos] * n, [neg] * n])
+                p_out, n_out = self._predict(x, t, [[pos] * n, [neg] * n], **extra)
                 return apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
-            return self._predict(x, t, [[pos] * n])[0]
+            return self._predict(x, t, [[pos] * n], **extra)[0]
 
         def check_interrupt() -> None:
             if interrupt is not None and interrupt():
