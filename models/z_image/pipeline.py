@@ -23,6 +23,8 @@ from PIL import Image
 
 from models import image_inputs as ii
 from models.errors import GenerationInterrupted, UserError
+from models.z_image.nag import NagGuidance, check_nag
+from models.z_image.samplers import check_sampler, sample_step
 from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
 from models.z_image.transformer import ZImageTransformer, pad_len
 
@@ -109,18 +111,23 @@ class ZImagePipeline:
     def encode_prompt(self, prompt: str, max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
         return self.text_encoder.encode(prompt, max_sequence_length, device=self.device)
 
-    def _predict(self, x: torch.Tensor, t: torch.Tensor, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        """One model evaluation per group of captions; groups of equal padded length share a call."""
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, groups: list[list[torch.Tensor]],
+                 nag: NagGuidance | None = None) -> list[torch.Tensor]:
+        """One model evaluation per group of captions; groups of equal padded length share a call.
+
+        nag: NAG for the first group (the positive captions), which then runs in a call of its own.
+        """
         dtype = self.transformer.dtype
-        merged: dict[int, list[int]] = {}
+        merged: dict[int | str, list[int]] = {}
         for gi, caps in enumerate(groups):
-            merged.setdefault(pad_len(caps[0].shape[0]), []).append(gi)
+            merged.setdefault("nag" if nag is not None and gi == 0 else pad_len(caps[0].shape[0]), []).append(gi)
         outs: list[torch.Tensor | None] = [None] * len(groups)
         b = x.shape[0]
-        for members in merged.values():
+        for key, members in merged.items():
             caps = [c for gi in members for c in groups[gi]]
             n = len(members)
-            out = self.transformer(x.to(dtype).repeat(n, 1, 1, 1), t.repeat(n), caps).float()
+            extra = {"nag": nag} if key == "nag" else {}
+            out = self.transformer(x.to(dtype).repeat(n, 1, 1, 1), t.repeat(n), caps, **extra).float()
             for j, gi in enumerate(members):
                 outs[gi] = out[j * b:(j + 1) * b]
         return outs
@@ -151,6 +158,10 @@ class ZImagePipeline:
         mask_image: ii.MaskLike | None = None,
         strength: float = 1.0,
         vae_encode_tiling: bool | None = None,
+        sampler: str = "euler",
+        nag_scale: float = 1.0,
+        nag_tau: float = 3.5,
+        nag_alpha: float = 0.5,
     ) -> PipelineOutput:
         """Text-to-image, or with `image` img2img, or with `image` and `mask_image` inpainting.
 
@@ -163,7 +174,16 @@ class ZImagePipeline:
         vae_encode_tiling: None decides by pixel count (image_inputs.vae_tiling_needed). The decode is
         tiled when vae_tiling says so or by the same pixel count.
         Callbacks see step k of the steps that run (N - start), not the index in the full schedule.
+
+        sampler: "euler" (N steps = N evaluations) or "heun" (2N - 1; see models.z_image.samplers):
+        callback and step_start run once per step either way, step k's evaluations all under
+        step_start(k)'s settings; interrupt is checked before every evaluation.
+        nag_scale != 1 turns on NAG (models.z_image.nag) with negative_prompt's embedding: meant for
+        guidance 0 (Turbo), where it is the only use of the negative prompt; with CFG it acts on the
+        positive pass only. nag_scale 1 (the default) runs exactly the plain model.
         """
+        check_sampler(sampler)
+        use_nag = check_nag(nag_scale, nag_tau, nag_alpha)
         f2 = self.vae_scale_factor * 2
         if height % f2 or width % f2:
             raise ValueError(f"height and width must be multiples of {f2} (got {width}x{height})")
@@ -192,7 +212,7 @@ class ZImagePipeline:
             if first >= num_inference_steps:
                 raise UserError(f"strength {strength:g} is too low for {num_inference_steps} steps: no step would run")
         steps_run = num_inference_steps - first
-        use_cfg = cfg_active_steps(sigmas, guidance_scale, cfg_truncation)[first:]
+        use_cfg = cfg_active_steps(sigmas, guidance_scale, cfg_truncation)  # by sigma index
         mask = image_latents = noise = None
         if image is not None:
             mask = self._latent_mask(mask_image, height, width) if mask_image is not None else None
@@ -200,25 +220,33 @@ class ZImagePipeline:
             tiled = ii.vae_tiling_needed(width, height) if vae_encode_tiling is None else vae_encode_tiling
             image_latents = self.encode_image(image, tiled=tiled).expand(latents.shape[0], -1, -1, -1)
         pos = self.encode_prompt(prompt, max_sequence_length)
-        neg = self.encode_prompt(negative_prompt or "", max_sequence_length) if any(use_cfg) else None
+        needs_neg = any(use_cfg[first:]) or use_nag
+        neg = self.encode_prompt(negative_prompt or "", max_sequence_length) if needs_neg else None
+        nag = NagGuidance([neg] * n, nag_scale, nag_tau, nag_alpha) if use_nag else None
         sig_dev = sigmas.to(self.device)
         if image_latents is not None:
             noise = latents
             latents = scale_noise(image_latents, sig_dev[first], noise)
 
-        for k, i in enumerate(range(first, num_inference_steps)):
+        def predict(x: torch.Tensor, k: int) -> torch.Tensor:
+            """Transformer output at sigma index k, CFG applied (float32)."""
+            t = (1000 - sig_dev[k] * 1000) / 1000  # diffusers' timestep arithmetic, float32
+            t = t.expand(n)
+            extra = {} if nag is None else {"nag": nag}
+            if use_cfg[k]:
+                p_out, n_out = self._predict(x, t, [[pos] * n, [neg] * n], **extra)
+                return apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
+            return self._predict(x, t, [[pos] * n], **extra)[0]
+
+        def check_interrupt() -> None:
             if interrupt is not None and interrupt():
                 raise GenerationInterrupted()
+
+        for k, i in enumerate(range(first, num_inference_steps)):
+            check_interrupt()
             if step_start is not None:  # e.g. per-step LoRA strengths
                 step_start(k, steps_run)
-            t = (1000 - sig_dev[i] * 1000) / 1000  # diffusers' timestep arithmetic, float32
-            t = t.expand(n)
-            if use_cfg[k]:
-                p_out, n_out = self._predict(latents, t, [[pos] * n, [neg] * n])
-                pred = apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
-            else:
-                pred = self._predict(latents, t, [[pos] * n])[0]
-            latents = latents + (sig_dev[i + 1] - sig_dev[i]) * (-pred)
+            latents = sample_step(sampler, latents, i, sig_dev, predict, before_eval=check_interrupt)
             if mask is not None:  # the kept area follows the image, noised like the latents now are
                 kept = image_latents if i == num_inference_steps - 1 else scale_noise(
                     image_latents, sig_dev[i + 1], noise)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import BACKENDS, attention
+from models.z_image.nag import NagGuidance, NagLayer, nag_blend
 
 SEQ_MULTIPLE = 32  # each segment (image tokens, caption tokens) pads to this multiple
 ADALN_MAX_DIM = 256
@@ -97,15 +98,28 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(head_dim, 1e-5) if qk_norm else None
         self.backend = "sdpa"  # models.attention backend; set for the whole model by set_attention_backend
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], nag: NagLayer | None = None
+                ) -> torch.Tensor:
         q = self.to_q(x).reshape(*x.shape[:-1], self.n_heads, -1)
         k = self.to_k(x).reshape(*x.shape[:-1], self.n_heads, -1)
         v = self.to_v(x).reshape(*x.shape[:-1], self.n_heads, -1)
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
+        if nag is not None:
+            return self.to_out[0](self._nag_attention(q, k, v, rope, nag))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, self.backend).flatten(2)
         return self.to_out[0](out)
+
+    def _nag_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       rope: tuple[torch.Tensor, torch.Tensor], nag: NagLayer) -> torch.Tensor:
+        """Attention of an [image, caption, negative] sequence with NAG on the image segment (models.z_image.nag)."""
+        a, b = nag.n_img, nag.n_img + nag.n_cap
+        pos = attention(apply_rope(q[:, :b], *rope), apply_rope(k[:, :b], *rope), v[:, :b], self.backend).flatten(2)
+        qn, kn, vn = (torch.cat([t[:, :a], t[:, b:]], dim=1) for t in (q, k, v))
+        neg = attention(apply_rope(qn, *nag.rope_neg), apply_rope(kn, *nag.rope_neg), vn, self.backend).flatten(2)
+        img = nag_blend(pos[:, :a], neg[:, :a], nag.scale, nag.tau, nag.alpha)
+        return torch.cat([img, pos[:, a:], neg[:, a:]], dim=1)
 
 
 class FeedForward(nn.Module):
@@ -142,9 +156,10 @@ class TransformerBlock(_BlockBase):
         super().__init__(cfg)
         self.adaLN_modulation = nn.Sequential(nn.Linear(min(cfg.dim, ADALN_MAX_DIM), 4 * cfg.dim, bias=True))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], adaln: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], adaln: torch.Tensor,
+                nag: NagLayer | None = None) -> torch.Tensor:
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
-        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope)
+        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope, nag)
         x = x + gate_msa.tanh() * self.attention_norm2(attn)
         ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
         return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
@@ -285,8 +300,10 @@ class ZImageTransformer(nn.Module):
         pad = self.cap_pad_token.to(dtype)
         return torch.stack([torch.cat([e, pad.expand(target - n, -1)]) for e, n in zip(emb, lens)])
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, caps: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, caps: list[torch.Tensor],
+                nag: NagGuidance | None = None) -> torch.Tensor:
         """x: (B, C, H, W) latents; t: (B,) in [0, 1] (1 = clean); caps: B tensors (L_i, cap_feat_dim).
+        nag: Normalized Attention Guidance with B negative captions (models.z_image.nag).
 
         Returns the model output (B, C, H, W) in x's dtype (the pipeline negates it).
         """
@@ -311,9 +328,22 @@ class ZImageTransformer(nn.Module):
         for block in self.context_refiner:
             cap = block(cap, rope["cap"])
 
-        seq = torch.cat([img, cap], dim=1)
-        for block in self.layers:
-            seq = block(seq, rope["all"], adaln)
+        if nag is not None:
+            if len(nag.neg_caps) != b:
+                raise ValueError(f"NAG needs one negative caption per batch item ({b}), got {len(nag.neg_caps)}")
+            neg = self._embed_captions(nag.neg_caps, dtype)
+            rope_neg = self.rope.for_shape(neg.shape[1], ht, wt, x.device)
+            for block in self.context_refiner:
+                neg = block(neg, rope_neg["cap"])
+            layer_nag = NagLayer(img.shape[1], cap.shape[1], rope_neg["all"], float(nag.scale), float(nag.tau),
+                                 float(nag.alpha))
+            seq = torch.cat([img, cap, neg], dim=1)
+            for block in self.layers:
+                seq = block(seq, rope["all"], adaln, layer_nag)
+        else:
+            seq = torch.cat([img, cap], dim=1)
+            for block in self.layers:
+                seq = block(seq, rope["all"], adaln)
         out = self.all_final_layer[self._key](seq[:, :n_img], adaln)
         return out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
