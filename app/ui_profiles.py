@@ -41,7 +41,13 @@ def controls_to_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"model_type": values.get("model_type"), "prompt": values.get("prompt") or None}
     for p in profile_params():
         if p.name in values and p.name != "prompt":
-            out[p.name] = whole(values[p.name])
+            value = values[p.name]
+            if isinstance(value, str) and p.kind in (int, float):  # a text box (optional numbers: "" = not set)
+                try:
+                    value = p.parse(value)
+                except UserError:
+                    pass  # the store names the bad value
+            out[p.name] = whole(value)
     if "negative_prompt" in out:
         out["negative_prompt"] = out["negative_prompt"] or ""
     seed = whole(values["seed"] if values.get("seed") is not None else -1)

@@ -184,6 +184,9 @@ def _image_inputs(data: Mapping[str, Any], settings: dict[str, Any], label: str)
         except UserError as e:
             settings[p.name] = ""
             warnings.append(f"{label}: its {p.label.lower()} cannot be used ({e}); restored without it")
+    for p in all_params():  # a mask without its image means nothing: it goes too
+        if p.needs and p.name in settings and not p.in_profile and not settings.get(p.needs):
+            settings[p.name] = ""
     return warnings
 
 

@@ -171,3 +171,25 @@ def test_a_queued_img2img_job_survives_a_restart(tiny_dir, source, tmp_path):
         assert not kept.exists()  # no job refers to it any more
     finally:
         second.close()
+
+
+def test_restoring_an_image_whose_inputs_are_gone_says_so(tiny_dir, source, tmp_path, capsys):
+    from app.ui_restore import restore_settings
+    from models.registry import load_definitions
+
+    out = tmp_path / "made.png"
+    common = ("--image", str(source / "photo.png"), "--mask", str(source / "mask.png"), "--width", "64",
+              "--height", "64", "--outpaint", "16,0,0,0")
+    assert main(capsys, *gen(tiny_dir, *common, "--output", str(out)))[0] == 0
+    defs, _ = load_definitions()
+    restored = restore_settings(out, defs, lambda t: [])
+    assert restored.settings["image"] == str(tmp_path / "made_input.png") and restored.warnings == []
+    assert restored.settings["mask"] == str(tmp_path / "made_mask.png")
+    assert restored.settings["outpaint"] == "16,0,0,0"
+
+    (tmp_path / "made_input.png").unlink()
+    restored = restore_settings(out, defs, lambda t: [])
+    assert restored.settings["image"] == restored.settings["mask"] == restored.settings["outpaint"] == ""
+    assert any("input image cannot be used" in w and "not found" in w for w in restored.warnings)
+    rc, _, err = main(capsys, "generate", "--model-dir", str(tiny_dir), "--from-image", str(out))
+    assert rc == 2 and "image file not found" in err and err.count("error:") == 1

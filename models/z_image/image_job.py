@@ -71,9 +71,13 @@ def render(pipe: Any, *, width: int, height: int, num_inference_steps: int, imag
         if callback is not None:
             callback(offset + k, total, latents)
 
+    # the encode tiles whenever the caller's rule would tile the decode (its memory budget), else by size
+    encode_tiling = None
+    if source is not None and (vae_tiling() if callable(vae_tiling) else vae_tiling):
+        encode_tiling = True
     out = pipe(width=width, height=height, num_inference_steps=num_inference_steps, image=source,
                mask_image=mask_img, strength=s, num_images_per_prompt=count, seed=seed, callback=progress,
-               step_start=step_start, vae_tiling=vae_tiling, **sampling)
+               step_start=step_start, vae_tiling=vae_tiling, vae_encode_tiling=encode_tiling, **sampling)
     if mask_img is not None and paste_back:
         out.images = [ii.paste_back(source, im, mask_img, mask_blur) for im in out.images]
     if upscale > 1.0:
