@@ -351,6 +351,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_sigint)
     bars: dict[str, tqdm] = {}
+    running: list = [None]  # the job whose events these are
 
     def on_event(ev: dict) -> None:
         if ev["kind"] == "download":
@@ -366,7 +367,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if bar is None or bar.total != ev["total"] or bar.disable:
                 # the bar starts at the first step's event, so tqdm's own rate and ETA would measure that step
                 # from microseconds ago ("76260 step/s"): ours come from the pipeline's step times
-                bar = bars["steps"] = tqdm(total=ev["total"], desc="denoising", unit="step", bar_format=STEP_BAR)
+                # Heun evaluates the model twice a step (the last step once): the time per step says so too
+                heun = getattr(running[0], "sampler", "euler") == "heun"
+                bar = bars["steps"] = tqdm(total=ev["total"], desc="denoising (heun: 2 evaluations a step)" if heun
+                                           else "denoising", unit="step", bar_format=STEP_BAR)
             bar.update(1)
             bar.set_postfix_str(f"{ev['seconds_per_step']:.2f} s/step, ETA {tqdm.format_interval(ev['eta'])}")
             if ev["step"] >= ev["total"]:
@@ -376,6 +380,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     offset = 0
     try:
         for spec in specs:
+            running[0] = spec
             names = targets[offset:offset + spec.num_images] if targets else None
             offset += spec.num_images
             if not current[0].is_cancelled():  # a Ctrl-C between two jobs stops the next one at its start

@@ -65,7 +65,10 @@ def a1111_parameters(settings: dict[str, Any]) -> str:
         value = settings.get(p.name)
         if p.a1111 and value is not None:
             fields.append((p.a1111, p.a1111_value(value) if p.a1111_value else value))
-    fields.insert(1 if fields and fields[0][0] == "Steps" else 0, ("Sampler", "Euler (flow)"))  # A1111's order
+    # A1111's order: the sampler right after the steps (a family that declares none samples with Euler)
+    sampler = next((f for f in fields if f[0] == "Sampler"), ("Sampler", "Euler (flow)"))
+    fields = [f for f in fields if f[0] != "Sampler"]
+    fields.insert(1 if fields and fields[0][0] == "Steps" else 0, sampler)
     fields += [("Size", f"{settings['width']}x{settings['height']}" if "width" in settings else None),
                ("Model", settings.get("model_type"))]
     lines.append(", ".join(f"{k}: {_num(v)}" for k, v in fields if v is not None))

@@ -128,7 +128,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
     params = form_params()
     ctl = PageController(queue, service, store, params)
     first = ctl.first
-    form = ParamForm(params, ctl.layouts, ctl.first_values(), first)
+    form = ParamForm(params, ctl.layouts, ctl.first_values(), first, ctl.conditions)
     from app.ui_config import memory_override_choices  # reads app.offload's descriptions (torch)
 
     with gr.Blocks(title="wgp-zimage") as demo:

@@ -84,6 +84,8 @@ class PageController:
         self.first = self.model_types[0]
         self.short_names = {t: d.short_name for t, d in self.defs.items()}
         self.layouts = placements(self.model_types, self._family_params, self._handler_layout, self.params)
+        self.conditions = {t: handler_for(d.architecture).param_conditions(d.architecture)
+                           for t, d in self.defs.items()}
         self.output_dir = Path(service.config.output_dir)
         self.gallery_files = served_files(self.output_dir)  # the only local files the server may send
         self._captions: dict[str, str] = {}

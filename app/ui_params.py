@@ -74,9 +74,11 @@ class ParamForm:
     """
 
     def __init__(self, params: Iterable[Param], layouts: Mapping[str, Mapping[str, str]], values: Mapping[str, Any],
-                 first_model: str):
+                 first_model: str, conditions: Mapping[str, Mapping[str, str]] | None = None):
         self.params = list(params)
         self.layouts = {t: dict(v) for t, v in layouts.items()}
+        # per model type, {name: the parameter it needs set} on top of each declaration's `needs`
+        self.conditions = {t: dict(v) for t, v in (conditions or {}).items()}
         self.values = dict(values)
         self.first_model = first_model
         self.controls: dict[str, gr.components.Component] = {}  # the ones the jobs read
@@ -112,7 +114,9 @@ class ParamForm:
                     rows.enter_context(gr.Row(equal_height=True))
             if p.name in before:
                 before[p.name]()
-            visible = self.place(self.first_model, p) == group and not (p.needs and not self.values.get(p.needs))
+            needs = self.needs(self.first_model, p)
+            visible = self.place(self.first_model, p) == group and not (
+                needs and not self.is_set(needs, self.values.get(needs)))
             if group == p.group:
                 self.controls[p.name] = make_control(p, shown_value(p, self.values.get(p.name, p.default)), visible,
                                                      p.elem_id, scale=2)
@@ -131,9 +135,27 @@ class ParamForm:
     def placement_outputs(self) -> list[gr.components.Component]:
         return [*self.control_list(), *self.mirrors.values()]
 
+    def needs(self, model_type: str | None, p: Param) -> str:
+        """The parameter p needs set to be shown for model_type ("" for none)."""
+        return self.conditions.get(model_type or "", {}).get(p.name) or p.needs
+
     def needed(self) -> list[str]:
-        """The parameters others need a value of to be shown (`Param.needs`), in a fixed order."""
-        return sorted({p.needs for p in self.params if p.needs and p.needs in self.controls})
+        """The parameters others need set to be shown, in a fixed order."""
+        names = {p.needs for p in self.params if p.needs}
+        names |= {n for c in self.conditions.values() for n in c.values()}
+        return sorted(n for n in names if n in self.controls)
+
+    def is_set(self, name: str, value: Any) -> bool:
+        """Whether a needed parameter is set: it holds something other than its default."""
+        p = next(p for p in self.params if p.name == name)
+        if not has_value(value):
+            return False
+        if p.kind in (int, float) and not isinstance(value, bool):
+            try:
+                return float(value) != float(p.default)
+            except (TypeError, ValueError):
+                return True  # text a number box cannot hold: Generate says what is wrong with it
+        return value != p.default
 
     def placement_inputs(self) -> list[gr.components.Component]:
         """What placement_updates reads after the model type: the needed parameters' controls."""
@@ -142,11 +164,12 @@ class ParamForm:
     def placement_updates(self, model_type: str | None, *needed_values: Any) -> list[Any]:
         """Visibility of placement_outputs() for model_type, given the values of placement_inputs() (a
         parameter that needs another one's value is shown only while it has one)."""
-        present = {n: has_value(v) for n, v in zip(self.needed(), needed_values)}
+        present = {n: self.is_set(n, v) for n, v in zip(self.needed(), needed_values)}
         by_name = {p.name: p for p in self.params}
 
         def shown(p: Param, group: str) -> bool:
-            return self.place(model_type, p) == group and (not p.needs or present.get(p.needs, True))
+            needs = self.needs(model_type, p)
+            return self.place(model_type, p) == group and (not needs or present.get(needs, True))
 
         out = [gr.update(visible=shown(p, p.group)) for p in self.params]
         out += [gr.update(visible=shown(by_name[name], group)) for name, group in self.mirrors]

@@ -57,6 +57,11 @@ class FamilyHandler:
         {name: "main" | "advanced" | "hidden"} (hidden ones keep the model's default)."""
         return {}
 
+    def param_conditions(self, architecture: str) -> dict[str, str]:
+        """Parameters the page shows for this architecture only while another one is set (differs from its
+        default): {name: the other's name}, on top of each declaration's `needs`."""
+        return {}
+
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {}
 

@@ -25,7 +25,8 @@ FULL = {
     "cfg_normalization": 1.5, "cfg_truncation": 0.9, "seed_policy": "increment", "seed": 1234,
     "loras": [{"name": "ink", "strength": 0.7}, {"name": "film", "strength": 1.2}], "num_images": 3,
     "output_format": "webp", "output_quality": 85, "strength": 0.45, "paste_back": False, "mask_blur": 8,
-    "upscale": 1.5, "upscale_strength": 0.3, "upscale_steps": 12,
+    "upscale": 1.5, "upscale_strength": 0.3, "upscale_steps": 12, "sampler": "heun", "nag_scale": 4.0,
+    "nag_tau": 2.5, "nag_alpha": 0.25,
 }
 
 
@@ -77,7 +78,8 @@ def test_schema_1_migrates(store):
         "cfg_truncation": 1.0, "seed_policy": "fixed", "seed": 77,
         "loras": [{"name": "ink", "strength": 0.5}, {"name": "film", "strength": 1.0}], "num_images": 2,
         "output_format": "jpeg", "output_quality": 80, "strength": None, "paste_back": True, "mask_blur": 4,
-        "upscale": 1.0, "upscale_strength": 0.35, "upscale_steps": None}
+        "upscale": 1.0, "upscale_strength": 0.35, "upscale_steps": None, "sampler": "euler", "nag_scale": 1.0,
+        "nag_tau": 3.5, "nag_alpha": 0.5}
     assert any("migrated from schema 1" in w for w in warnings)
     # explicit version 1, random seed
     store.path("old").write_text(json.dumps({"schema_version": 1, "resolution": "512x512", "seed": -1}))
@@ -104,9 +106,9 @@ def test_bad_versions_and_migration_input(store, doc, field):
 # ------------------------------------------------------------------ validation
 
 def test_unknown_keys_ignored_with_notice(store):
-    warnings = store.save("u", {**FULL, "sampler": "euler", "hires": True})
-    assert warnings and "sampler" in warnings[0] and "hires" in warnings[0]
-    assert "sampler" not in json.loads(store.path("u").read_text())
+    warnings = store.save("u", {**FULL, "scheduler": "karras", "hires": True})
+    assert warnings and "scheduler" in warnings[0] and "hires" in warnings[0]
+    assert "scheduler" not in json.loads(store.path("u").read_text())
 
 
 @pytest.mark.parametrize("field, value", [
@@ -409,7 +411,8 @@ def test_cli_save_list_show_delete(tmp_path, capsys):
         "cfg_truncation": 1.0, "seed_policy": "fixed", "seed": 42,
         "loras": [{"name": "ink", "strength": 0.5}, {"name": "film", "strength": 1.0}], "num_images": 1,
         "output_format": "jpeg", "output_quality": 80, "strength": None, "paste_back": True, "mask_blur": 4,
-        "upscale": 1.0, "upscale_strength": 0.35, "upscale_steps": None}
+        "upscale": 1.0, "upscale_strength": 0.35, "upscale_steps": None, "sampler": "euler", "nag_scale": 1.0,
+        "nag_tau": 3.5, "nag_alpha": 0.5}
     (tmp_path / "profiles" / "torn.json").write_text("{")
     assert cli(tmp_path, "list") == 0
     out = capsys.readouterr().out.splitlines()

@@ -11,7 +11,7 @@ import torch
 from models.errors import UserError
 from models.registry import FamilyHandler, PreviewFactors, register_handler
 from models.z_image import checkpoints as ck
-from models.z_image.params import LAYOUT, LORA_SUBDIR, PARAMS
+from models.z_image.params import CONDITIONS, LAYOUT, LORA_SUBDIR, PARAMS
 from models.z_image.pipeline import ZImagePipeline
 
 log = logging.getLogger("wgp_zimage")
@@ -55,6 +55,9 @@ class ZImageHandler(FamilyHandler):
 
     def param_layout(self, architecture: str) -> dict[str, str]:
         return dict(LAYOUT.get(architecture, {}))
+
+    def param_conditions(self, architecture: str) -> dict[str, str]:
+        return dict(CONDITIONS.get(architecture, {}))
 
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {"max_prompt_tokens": 512, **self._defaults(architecture)}

@@ -79,7 +79,21 @@ IMAGE_PARAMS = (
           group="image", row="upscale", widget="number", optional=True, a1111="Hires steps",
           help="the upscale pass's steps (empty: the job's steps)"),
 )
-PARAMS = (*PARAMS, *IMAGE_PARAMS)
+# Turbo extras: a second sampler, and NAG (a negative prompt without CFG: models/z_image/nag.py)
+SAMPLER_NAMES = {"euler": "Euler (flow)", "heun": "Heun (flow)"}  # as the A1111 text names them
+EXTRA_PARAMS = (
+    Param("sampler", str, "euler", "Sampler", choices=tuple(SAMPLER_NAMES), cli="--sampler", widget="dropdown",
+          group="advanced", a1111="Sampler", a1111_value=SAMPLER_NAMES.get,
+          help="euler (N model evaluations) or heun (2N - 1: more accurate at few steps, about twice the time)"),
+    Param("nag_scale", float, 1.0, "NAG scale", minimum=1.0, maximum=20.0, step=0.1, cli="--nag-scale",
+          group="advanced", row="nag", a1111="NAG scale",
+          help="Normalized Attention Guidance: the negative prompt works at guidance 0 (1 = off; Turbo: try 3-5)"),
+    Param("nag_tau", float, 3.5, "NAG tau", minimum=0.1, maximum=20.0, step=0.1, cli="--nag-tau", group="advanced",
+          row="nag", help="NAG's cap on how far the guided attention may move from the positive one"),
+    Param("nag_alpha", float, 0.5, "NAG alpha", minimum=0.0, maximum=1.0, step=0.05, cli="--nag-alpha",
+          group="advanced", row="nag", help="NAG's blend: 1 = the guided attention only, 0 = off"),
+)
+PARAMS = (*PARAMS, *IMAGE_PARAMS, *EXTRA_PARAMS)
 
 
 def check_values(values: dict[str, Any]) -> None:
@@ -104,7 +118,13 @@ def check_values(values: dict[str, Any]) -> None:
 
 # where the page shows a parameter when not where it is declared ("hidden": the model's default applies)
 LAYOUT: dict[str, dict[str, str]] = {
-    # Turbo is distilled for one shift and no CFG
-    "z_image": {"negative_prompt": "hidden", "flow_shift": "advanced", "cfg_normalization": "hidden",
-                "cfg_truncation": "hidden"},
+    # Turbo is distilled for one shift and no CFG (its negative prompt is NAG's: see CONDITIONS)
+    "z_image": {"flow_shift": "advanced", "cfg_normalization": "hidden", "cfg_truncation": "hidden"},
+    # Base has CFG: NAG is for the distilled models (the CLI still takes it: it then guides the positive pass)
+    "z_image_base": {"nag_scale": "hidden", "nag_tau": "hidden", "nag_alpha": "hidden"},
+}
+
+# parameters the page shows only while another one is set, per architecture (on top of `Param.needs`)
+CONDITIONS: dict[str, dict[str, str]] = {
+    "z_image": {"negative_prompt": "nag_scale", "nag_tau": "nag_scale", "nag_alpha": "nag_scale"},
 }
