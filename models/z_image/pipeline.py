@@ -24,6 +24,7 @@ from PIL import Image
 from models import image_inputs as ii
 from models.errors import GenerationInterrupted, UserError
 from models.z_image import samplers as zs
+from models.z_image import variety as var
 from models.z_image.nag import NagGuidance, check_nag
 from models.z_image.samplers import check_sampler, sample_step
 from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
@@ -170,6 +171,8 @@ class ZImagePipeline:
         nag_scale: float = 1.0,
         nag_tau: float = 3.5,
         nag_alpha: float = 0.5,
+        variety: float = 0.0,
+        variety_until: float = var.DEFAULT_UNTIL,
         unified: zs.UnifiedConfig | dict | None = None,
     ) -> PipelineOutput:
         """Text-to-image, or with `image` img2img, or with `image` and `mask_image` inpainting.
@@ -196,9 +199,13 @@ class ZImagePipeline:
         unified: its settings (a UnifiedConfig, or overrides of the step count's preset by field name,
         e.g. {"stochast_ratio": 0.0}). Its fresh noise at each step continues image i's latent-noise
         generator (seed + i), so an image still re-renders from its seed. No image inputs with it.
+        variety S > 0: seed variety (models.z_image.variety): image i's positive caption embedding gets
+        seeded noise S * std(embedding) during the first ceil(variety_until * steps) steps run. 0 (the
+        default) runs exactly the plain pipeline.
         """
         check_sampler(sampler)
         use_nag = check_nag(nag_scale, nag_tau, nag_alpha)
+        use_variety = var.check_variety(variety, variety_until)
         twinflow = sampler == zs.TWINFLOW
         f2 = self.vae_scale_factor * 2
         if height % f2 or width % f2:
@@ -252,6 +259,11 @@ class ZImagePipeline:
         if image_latents is not None:
             noise = latents
             latents = scale_noise(image_latents, sig_dev[first], noise)
+        plain_caps = step_caps = [pos] * n
+        varied_caps, n_varied = plain_caps, 0
+        if use_variety:
+            varied_caps = [var.perturbed_caption(pos, variety, s) for s in var.image_seeds(n, seeds, generator)]
+            n_varied = var.variety_steps(steps_run, variety_until)
 
         def predict(x: torch.Tensor, k: int) -> torch.Tensor:
             """Transformer output at sigma index k, CFG applied (float32)."""
@@ -263,9 +275,9 @@ class ZImagePipeline:
                 t = (1000 - sig_dev[k] * 1000) / 1000  # diffusers' timestep arithmetic, float32
             t = t.expand(n)
             if use_cfg[k]:
-                p_out, n_out = self._predict(x, t, [[pos] * n, [neg] * n], **extra)
+                p_out, n_out = self._predict(x, t, [step_caps, [neg] * n], **extra)
                 return apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
-            return self._predict(x, t, [[pos] * n], **extra)[0]
+            return self._predict(x, t, [step_caps], **extra)[0]
 
         def fresh_noise() -> torch.Tensor:
             """The twinflow sampler's new noise: the next draw of each image's stream (of the generator, or
@@ -286,6 +298,7 @@ class ZImagePipeline:
             check_interrupt()
             if step_start is not None:  # e.g. per-step LoRA strengths
                 step_start(k, steps_run)
+            step_caps = varied_caps if k < n_varied else plain_caps
             if twinflow:
                 latents = zs.unified_step(latents, predict(latents, i), sig_dev[i], sig_dev[i + 1], ucfg,
                                           fresh_noise, ustate)
