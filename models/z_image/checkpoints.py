@@ -315,6 +315,15 @@ def _config_or_error(cfg: dict, source: Path) -> ZImageConfig:
         raise UserError(f"bad transformer config in {source}: {e}") from None
 
 
+def with_optional_modules(model: ZImageTransformer, keys) -> ZImageTransformer:
+    """model with the optional modules whose tensors the checkpoint's (diffusers) keys hold: TwinFlow's
+    `t_embedder_2.*` (its reference model's target-time embedder; Wan2GP's TwinFlow has none)."""
+    prefix = ZImageTransformer.TARGET_EMBEDDER + "."
+    if any(k.startswith(prefix) for k in keys):
+        model.add_target_embedder()
+    return model
+
+
 def load_transformer(
     files: list[Path], config_path: Path | None, dtype: torch.dtype, device: torch.device,
     folder_config: Path | None = None,
@@ -322,7 +331,7 @@ def load_transformer(
     cfg = transformer_config(files, config_path, folder_config)
     sd = convert_transformer_keys(read_state_dict(files))
     with torch.device("meta"):
-        model = ZImageTransformer(cfg)
+        model = with_optional_modules(ZImageTransformer(cfg), sd)
     _load_into(model, sd, "transformer", files)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

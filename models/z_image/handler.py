@@ -20,8 +20,11 @@ DEFAULT_NEGATIVE = (
     "low quality, worst quality, blurry, pixelated, noisy, artifacts, watermark, text, logo, "
     "bad anatomy, bad hands, extra limbs"
 )
-# transformer file stem of each type in the DeepBeepMeep/Z-Image file set
-TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo"}
+# transformer file stem of each type in the DeepBeepMeep/Z-Image file set (TwinFlow: Wan2GP's
+# defaults/z_image_twinflow_turbo.json names TwinFlow-Z-Image-Turbo_{bf16,quanto_bf16_int8}.safetensors there;
+# it shares Turbo's VAE, scheduler config and Qwen3 text encoder)
+TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo",
+                     "z_image_twinflow": "TwinFlow-Z-Image-Turbo"}
 TINY_FOLDER = "z_image_tiny"
 REPO_ID = "DeepBeepMeep/Z-Image"
 # Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
@@ -48,8 +51,9 @@ def is_url(location: str) -> bool:
 class ZImageHandler(FamilyHandler):
     family = "z_image"
     family_label = "Z-Image"
-    architectures = ("z_image_base", "z_image", "z_image_tiny")
+    architectures = ("z_image_base", "z_image", "z_image_tiny", "z_image_twinflow")
     aliases = {"base": "z_image_base", "turbo": "z_image", "tiny": "z_image_tiny"}
+    # not z_image_twinflow: Turbo's 8 Euler steps would carry over to a 2-step model with its own sampler
     equivalences = {"z_image_base": ("z_image",), "z_image": ("z_image_base",)}
     params = PARAMS
 
@@ -74,6 +78,9 @@ class ZImageHandler(FamilyHandler):
     def _defaults(self, architecture: str) -> dict[str, Any]:
         if architecture == "z_image":
             return {"width": 1024, "height": 1024, "num_inference_steps": 8, "guidance_scale": 0.0,
+                    "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
+        if architecture == "z_image_twinflow":  # TwinFlow's release: 2 steps (1-4), no CFG, its own sampler
+            return {"width": 1024, "height": 1024, "num_inference_steps": 2, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
         if architecture == "z_image_tiny":
             return {"width": 256, "height": 256, "num_inference_steps": 8, "guidance_scale": 4.0,

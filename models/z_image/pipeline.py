@@ -23,6 +23,8 @@ from PIL import Image
 
 from models import image_inputs as ii
 from models.errors import GenerationInterrupted, UserError
+from models.z_image import samplers as zs
+from models.z_image import variety as var
 from models.z_image.nag import NagGuidance, check_nag
 from models.z_image.samplers import check_sampler, sample_step
 from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
@@ -64,10 +66,14 @@ def apply_cfg(pos: torch.Tensor, neg: torch.Tensor, guidance: float, normalizati
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
     """Noise of image i from a CPU generator seeded with seeds[i] (reproducible alone)."""
-    return torch.cat(
-        [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), device="cpu", dtype=torch.float32)
-         for s in seeds]
-    )
+    return noise_streams(shape, seeds)[0]
+
+
+def noise_streams(shape: tuple[int, ...], seeds: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """`initial_noise` and the generators it drew from, which go on to give each image's later noise (the
+    twinflow sampler's): image i's noise stays the first draw of seeds[i] whatever follows."""
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return torch.cat([torch.randn(shape, generator=g, device="cpu", dtype=torch.float32) for g in gens]), gens
 
 
 def scale_noise(image_latents: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -112,10 +118,11 @@ class ZImagePipeline:
         return self.text_encoder.encode(prompt, max_sequence_length, device=self.device)
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, groups: list[list[torch.Tensor]],
-                 nag: NagGuidance | None = None) -> list[torch.Tensor]:
+                 nag: NagGuidance | None = None, target: torch.Tensor | None = None) -> list[torch.Tensor]:
         """One model evaluation per group of captions; groups of equal padded length share a call.
 
         nag: NAG for the first group (the positive captions), which then runs in a call of its own.
+        target: TwinFlow's target times (B,), as t, for every group.
         """
         dtype = self.transformer.dtype
         merged: dict[int | str, list[int]] = {}
@@ -127,6 +134,8 @@ class ZImagePipeline:
             caps = [c for gi in members for c in groups[gi]]
             n = len(members)
             extra = {"nag": nag} if key == "nag" else {}
+            if target is not None:
+                extra["target"] = target.repeat(n)
             out = self.transformer(x.to(dtype).repeat(n, 1, 1, 1), t.repeat(n), caps, **extra).float()
             for j, gi in enumerate(members):
                 outs[gi] = out[j * b:(j + 1) * b]
@@ -162,6 +171,9 @@ class ZImagePipeline:
         nag_scale: float = 1.0,
         nag_tau: float = 3.5,
         nag_alpha: float = 0.5,
+        variety: float = 0.0,
+        variety_until: float = var.DEFAULT_UNTIL,
+        unified: zs.UnifiedConfig | dict | None = None,
     ) -> PipelineOutput:
         """Text-to-image, or with `image` img2img, or with `image` and `mask_image` inpainting.
 
@@ -181,9 +193,20 @@ class ZImagePipeline:
         nag_scale != 1 turns on NAG (models.z_image.nag) with negative_prompt's embedding: meant for
         guidance 0 (Turbo), where it is the only use of the negative prompt; with CFG it acts on the
         positive pass only. nag_scale 1 (the default) runs exactly the plain model.
+
+        sampler "twinflow": UCGM's unified sampler for TwinFlow checkpoints (models.z_image.samplers), meant
+        for 1-4 steps at guidance 0: its own schedule (flow_shift is not used) and a target time per step.
+        unified: its settings (a UnifiedConfig, or overrides of the step count's preset by field name,
+        e.g. {"stochast_ratio": 0.0}). Its fresh noise at each step continues image i's latent-noise
+        generator (seed + i), so an image still re-renders from its seed. No image inputs with it.
+        variety S > 0: seed variety (models.z_image.variety): image i's positive caption embedding gets
+        seeded noise S * std(embedding) during the first ceil(variety_until * steps) steps run. 0 (the
+        default) runs exactly the plain pipeline.
         """
         check_sampler(sampler)
         use_nag = check_nag(nag_scale, nag_tau, nag_alpha)
+        use_variety = var.check_variety(variety, variety_until)
+        twinflow = sampler == zs.TWINFLOW
         f2 = self.vae_scale_factor * 2
         if height % f2 or width % f2:
             raise ValueError(f"height and width must be multiples of {f2} (got {width}x{height})")
@@ -192,20 +215,29 @@ class ZImagePipeline:
             image = ii.as_image(image)  # a bad file fails now, even where the image is not needed
         if image is not None and mask_image is None and strength >= 1.0:
             image = None  # sigma 1: the start latent is the noise itself; skip the encode
+        if twinflow and image is not None:
+            raise UserError("the twinflow sampler takes no image input (img2img, inpainting): use euler or heun")
         n = num_images_per_prompt
         shape = self.latent_shape(height, width)
-        seeds = None
+        seeds = streams = None
         if latents is not None:
             latents = latents.to(device=self.device, dtype=torch.float32)
         elif seed is not None:
             seeds = [seed + i for i in range(n)]
-            latents = initial_noise(shape, seeds).to(self.device)
+            latents, streams = noise_streams(shape, seeds)
+            latents = latents.to(self.device)
         else:
             latents = torch.randn((n, *shape[1:]), generator=generator, device="cpu", dtype=torch.float32)
             latents = latents.to(self.device)
 
         shift = self.default_shift if flow_shift is None else flow_shift
-        sigmas = flow_sigmas(num_inference_steps, shift)
+        ucfg = None
+        if twinflow:
+            ucfg = (unified if isinstance(unified, zs.UnifiedConfig)
+                    else zs.unified_config(num_inference_steps, **(unified or {})))
+            sigmas = zs.unified_sigmas(num_inference_steps, ucfg)
+        else:
+            sigmas = flow_sigmas(num_inference_steps, shift)
         first = 0
         if image is not None:
             first = ii.start_index(num_inference_steps, strength)
@@ -227,16 +259,36 @@ class ZImagePipeline:
         if image_latents is not None:
             noise = latents
             latents = scale_noise(image_latents, sig_dev[first], noise)
+        plain_caps = step_caps = [pos] * n
+        varied_caps, n_varied = plain_caps, 0
+        if use_variety:
+            varied_caps = [var.perturbed_caption(pos, variety, s) for s in var.image_seeds(n, seeds, generator)]
+            n_varied = var.variety_steps(steps_run, variety_until)
 
         def predict(x: torch.Tensor, k: int) -> torch.Tensor:
             """Transformer output at sigma index k, CFG applied (float32)."""
-            t = (1000 - sig_dev[k] * 1000) / 1000  # diffusers' timestep arithmetic, float32
-            t = t.expand(n)
             extra = {} if nag is None else {"nag": nag}
+            if twinflow:  # TwinFlow's sigma -> time mapping, and the step's target time
+                t = zs.ucgm_time(sig_dev[k])
+                extra["target"] = zs.ucgm_time(zs.unified_target(ucfg.style, sig_dev[k], sig_dev[k + 1])).expand(n)
+            else:
+                t = (1000 - sig_dev[k] * 1000) / 1000  # diffusers' timestep arithmetic, float32
+            t = t.expand(n)
             if use_cfg[k]:
-                p_out, n_out = self._predict(x, t, [[pos] * n, [neg] * n], **extra)
+                p_out, n_out = self._predict(x, t, [step_caps, [neg] * n], **extra)
                 return apply_cfg(p_out, n_out, guidance_scale, cfg_normalization)
-            return self._predict(x, t, [[pos] * n], **extra)[0]
+            return self._predict(x, t, [step_caps], **extra)[0]
+
+        def fresh_noise() -> torch.Tensor:
+            """The twinflow sampler's new noise: the next draw of each image's stream (of the generator, or
+            torch's global RNG, without a seed)."""
+            if streams is not None:
+                z = torch.cat([torch.randn(shape, generator=g, device="cpu", dtype=torch.float32) for g in streams])
+            else:
+                z = torch.randn(tuple(latents.shape), generator=generator, device="cpu", dtype=torch.float32)
+            return z.to(self.device)
+
+        ustate = zs.UnifiedState()
 
         def check_interrupt() -> None:
             if interrupt is not None and interrupt():
@@ -246,7 +298,12 @@ class ZImagePipeline:
             check_interrupt()
             if step_start is not None:  # e.g. per-step LoRA strengths
                 step_start(k, steps_run)
-            latents = sample_step(sampler, latents, i, sig_dev, predict, before_eval=check_interrupt)
+            step_caps = varied_caps if k < n_varied else plain_caps
+            if twinflow:
+                latents = zs.unified_step(latents, predict(latents, i), sig_dev[i], sig_dev[i + 1], ucfg,
+                                          fresh_noise, ustate)
+            else:
+                latents = sample_step(sampler, latents, i, sig_dev, predict, before_eval=check_interrupt)
             if mask is not None:  # the kept area follows the image, noised like the latents now are
                 kept = image_latents if i == num_inference_steps - 1 else scale_noise(
                     image_latents, sig_dev[i + 1], noise)

@@ -302,7 +302,7 @@ def load_transformer_int8(
     sd = ck.convert_transformer_keys(ck.read_state_dict(files))
     qmap = _rename_map(qmap, _transformer_module_name)
     with torch.device("meta"):
-        model = ZImageTransformer(cfg)
+        model = ck.with_optional_modules(ZImageTransformer(cfg), sd)
     _load_quantized(model, sd, qmap, "transformer", files)
     cast_model(model, dtype)
     return model.to(device=device).eval().requires_grad_(False)

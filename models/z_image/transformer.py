@@ -249,9 +249,17 @@ class RopeTables:
 
 
 class ZImageTransformer(nn.Module):
-    # modules taking float32 inputs as they are under mmgp offload (app/offload.py): the timestep embedding
-    # must not be rounded to the model dtype first
-    fp32_input_modules = ("", "t_embedder")
+    """The S3-DiT. TwinFlow checkpoints (models.z_image.samplers, "twinflow") also take a target time: see
+    `time_embedding`; a checkpoint with `t_embedder_2.*` tensors gets that auxiliary embedder
+    (`add_target_embedder`) and uses it for the target, else the target goes through `t_embedder` too."""
+
+    TARGET_EMBEDDER = "t_embedder_2"
+
+    @property
+    def fp32_input_modules(self) -> tuple[str, ...]:
+        """Modules taking float32 inputs as they are under mmgp offload (app/offload.py): the timestep
+        embeddings must not be rounded to the model dtype first."""
+        return ("", "t_embedder", *((self.TARGET_EMBEDDER,) if self.has_target_embedder else ()))
 
     def __init__(self, cfg: ZImageConfig):
         super().__init__()
@@ -278,6 +286,43 @@ class ZImageTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.x_pad_token.dtype
 
+    @property
+    def has_target_embedder(self) -> bool:
+        return self.TARGET_EMBEDDER in self._modules
+
+    def add_target_embedder(self) -> TimestepEmbedder:
+        """Give the model TwinFlow's auxiliary target-time embedder (`t_embedder_2`, t_embedder's shapes).
+
+        On a meta model (the loaders, which then load its tensors) it is empty; on a real one it starts as
+        a copy of t_embedder, as TwinFlow initializes it for training."""
+        if not self.has_target_embedder:
+            p = self.t_embedder.mlp[0].weight
+            with torch.device(p.device):
+                emb = TimestepEmbedder(self.t_embedder.mlp[2].out_features).to(p.dtype)
+            if p.device.type != "meta":
+                emb.load_state_dict(self.t_embedder.state_dict())
+            self.add_module(self.TARGET_EMBEDDER, emb)
+        return self._modules[self.TARGET_EMBEDDER]
+
+    def time_embedding(self, t: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """The adaLN input of times t (B,) in [0, 1] (1 = clean), in the embedder's dtype.
+
+        With a target time (TwinFlow; the same convention, B values or one): the embedding of the signed
+        gap (target - t) * t_scale, weighted by |t - target|, is added:
+        `t_embedder(t * s) + E((target - t) * s) * |t - target|`, E being `t_embedder_2` when the checkpoint
+        has one (TwinFlow's reference model), else `t_embedder` itself (Wan2GP's TwinFlow model). The gap and
+        the weight are float32; the sum is float32 when the embedder's dtype is lower (as in Wan2GP) and is
+        cast by the caller. target None: exactly the plain embedding.
+        """
+        scale = self.config.t_scale
+        emb = self.t_embedder(t * scale)
+        if target is None:
+            return emb
+        t32 = t.float()
+        tgt = target.to(device=t32.device, dtype=torch.float32).expand_as(t32)
+        embedder = self._modules[self.TARGET_EMBEDDER] if self.has_target_embedder else self.t_embedder
+        return emb + embedder((tgt - t32) * scale) * (t32 - tgt).abs()[:, None]
+
     def set_attention_backend(self, name: str) -> None:
         """Use backend name (models.attention.BACKENDS, already resolved) in every attention module of this
         model; set before compiling (a compiled block keeps the backend it was traced with)."""
@@ -301,9 +346,10 @@ class ZImageTransformer(nn.Module):
         return torch.stack([torch.cat([e, pad.expand(target - n, -1)]) for e, n in zip(emb, lens)])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, caps: list[torch.Tensor],
-                nag: NagGuidance | None = None) -> torch.Tensor:
+                nag: NagGuidance | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) latents; t: (B,) in [0, 1] (1 = clean); caps: B tensors (L_i, cap_feat_dim).
         nag: Normalized Attention Guidance with B negative captions (models.z_image.nag).
+        target: TwinFlow's target time, same convention as t (see `time_embedding`); None: the plain model.
 
         Returns the model output (B, C, H, W) in x's dtype (the pipeline negates it).
         """
@@ -312,7 +358,7 @@ class ZImageTransformer(nn.Module):
         ht, wt = h // p, w // p
         n_img = ht * wt
         dtype = x.dtype
-        adaln = self.t_embedder(t * self.config.t_scale).to(dtype)
+        adaln = self.time_embedding(t, target).to(dtype)
 
         tokens = x.view(b, c, ht, p, wt, p).permute(0, 2, 4, 3, 5, 1).reshape(b, n_img, p * p * c)
         img = self.all_x_embedder[self._key](tokens)
