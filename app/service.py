@@ -172,6 +172,7 @@ class GenerationService:
         self.pipe_memory_profile: int | None = None  # the profile the loaded pipeline was set up with
         self.attention_backend: str | None = None  # the backend the loaded pipeline's model uses
         self._lora_manager = None
+        self._lora_noted: set[str] = set()  # architectures whose LoRA note was given
         self._offload = None  # app.offload.OffloadSession of the loaded pipeline (CUDA only)
         self._libraries: dict[str, object] = {}
         self._lock = threading.RLock()
@@ -393,6 +394,13 @@ class GenerationService:
             strengths[str(item["name"])] = item.get("strength", 1.0)
         files, labels = self.lora_library(spec.model_type).resolve_selection(strengths, allow_paths=allow_paths)
         reports = self._lora_manager.sync(files, labels)
+        arch = self.definition(spec.model_type).architecture
+        note = handler_for(arch).lora_note(arch) if files else None
+        if note and arch in self._lora_noted:
+            note = None
+        if note:  # once per run of the app, in the log and with the job's LoRA reports
+            self._lora_noted.add(arch)
+            log.warning("%s", note)
         if self.device.type == "cuda":  # weights offloaded to the CPU, inputs on the GPU
             self._lora_manager.materialize(self.device, self.dtype)
         for r in reports:
@@ -400,7 +408,7 @@ class GenerationService:
             if r.unmatched:
                 log.warning("LoRA %s: %d keys not applied: %s", r.name, len(r.unmatched),
                             ", ".join(list(r.unmatched)[:5]))
-        return [r.summary for r in reports]
+        return [r.summary for r in reports] + ([note] if note else [])
 
     # ------------------------------------------------------------ generation
 
@@ -496,7 +504,7 @@ class GenerationService:
         with guard:
             arch = self.definition(spec.model_type).architecture
             out = handler_for(arch).render(
-                pipe, **spec.pipeline_values(arch), num_images_per_prompt=count,
+                pipe, arch, **spec.pipeline_values(arch), num_images_per_prompt=count,
                 seed=seed + first,
                 callback=observer.step_end, interrupt=cancel.is_cancelled, step_start=observer.step_start,
                 vae_tiling=functools.partial(self._decode_tiled, profile, spec.height, spec.width, count),

@@ -65,11 +65,15 @@ class FamilyHandler:
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {}
 
-    def render(self, pipe: Any, **values: Any) -> Any:
+    def render(self, pipe: Any, architecture: str, **values: Any) -> Any:
         """Run one job's images: values are its pipeline parameters by name plus the service's (seed,
         num_images_per_prompt, callbacks); the result has `images` and `seeds`. A family whose jobs are
         more than one sampling pass (inputs prepared, a refine pass) overrides this."""
         return pipe(**values)
+
+    def lora_note(self, architecture: str) -> str | None:
+        """A warning for jobs that use LoRAs with this architecture (said once per run of the app)."""
+        return None
 
     def latent_preview_factors(self, architecture: str) -> PreviewFactors | None:
         """The approximate latent -> RGB projection of this architecture's VAE for cheap step previews

@@ -26,7 +26,8 @@ def test_types_and_aliases(defs):
 
 def test_equivalence(defs):
     assert registry.equivalent_types("z_image_base", defs) == ("z_image_base", "z_image")
-    assert registry.equivalent_types("z_image", defs) == ("z_image", "z_image_base")
+    assert registry.equivalent_types("z_image", defs) == ("z_image", "z_image_base", "z_image_twinflow_turbo")
+    assert registry.equivalent_types("z_image_twinflow_turbo", defs) == ("z_image_twinflow_turbo", "z_image")
     assert registry.equivalent_types("z_image_tiny", defs) == ("z_image_tiny",)
 
 
@@ -37,9 +38,11 @@ def test_defaults(defs):
     assert (turbo["num_inference_steps"], turbo["guidance_scale"], turbo["flow_shift"]) == (8, 0.0, 3.0)
     # Turbo is distilled without CFG and for one shift: the page hides the negative prompt, moves the shift
     h = registry.handler_for("z_image")
-    assert h.param_layout("z_image")["negative_prompt"] == "hidden" and h.param_layout("z_image")["flow_shift"] == \
-        "advanced"
-    assert h.param_layout("z_image_base") == {}
+    # (its negative prompt shows once NAG is on: the page's conditions)
+    assert h.param_layout("z_image")["flow_shift"] == "advanced" and "negative_prompt" not in h.param_layout("z_image")
+    assert h.param_conditions("z_image")["negative_prompt"] == "nag_scale"
+    assert h.param_layout("z_image_base")["nag_scale"] == "hidden" and "negative_prompt" not in \
+        h.param_layout("z_image_base")
     assert defs["z_image_base"].urls[0].endswith("ZImageBase_bf16.safetensors")
     assert defs["z_image_base"].urls[1].endswith("ZImageBase_quanto_bf16_int8.safetensors")
 

@@ -89,3 +89,59 @@ def test_the_page_shows_nag_for_turbo_and_its_negative_prompt_once_nag_is_on(tmp
     base = visible("z_image_base", nag_scale=1.0)
     assert base["negative_prompt"] and not base["nag_scale"] and base["sampler"]
     demo.close()
+
+
+def tf(tiny_dir, *args: str) -> list[str]:
+    return ["generate", "--model", "twinflow", "--model-dir", str(tiny_dir), "--width", "64", "--height", "64",
+            "--seed", "4", "--prompt", "a fox", *args]
+
+
+def test_twinflow_samples_with_its_own_sampler_and_refuses_image_input(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "tf.png"
+    rc, err = run(capsys, *tf(tiny_dir, "--output", str(out)))
+    assert rc == 0, err
+    meta = read_settings(out)
+    assert (meta["model_type"], meta["num_inference_steps"], meta["guidance_scale"]) == ("z_image_twinflow_turbo", 2,
+                                                                                          0.0)
+    euler = tmp_path / "euler.png"  # the same weights and steps sampled by Turbo's Euler
+    assert run(capsys, *gen(tiny_dir, "--steps", "2", "--guidance", "0", "--flow-shift", "3", "--negative-prompt", "",
+                            "--output", str(euler)))[0] == 0
+    assert np.abs(pixels(out) - pixels(euler)).max() > 0
+    again = tmp_path / "again.png"
+    rc, err = run(capsys, "generate", "--model-dir", str(tiny_dir), "--from-image", str(out), "--output", str(again))
+    assert rc == 0, err
+    assert np.array_equal(pixels(again), pixels(out))
+    rc, err = run(capsys, *tf(tiny_dir, "--upscale", "2"))
+    assert rc == 2 and "TwinFlow Turbo takes no input image and no upscale pass" in err
+
+
+def test_twinflow_with_a_lora_warns_once(tiny_dir, tmp_path):
+    from app.jobs import JobSpec, validate
+    from app.service import GenerationService, ServiceConfig
+    from tests.test_lora_formats import load_tiny_transformer, write_lora
+
+    lora_dir = tmp_path / "loras" / "z_image"
+    lora_dir.mkdir(parents=True)
+    write_lora(lora_dir, "kohya_musubi", load_tiny_transformer(tiny_dir), name="ink")
+    service = GenerationService(ServiceConfig(output_dir=tmp_path / "out", checkpoints_dir=tmp_path / "ckpts",
+                                              lora_dirs={"z_image": lora_dir}))
+    reports = []
+    for _ in range(2):
+        spec = JobSpec(model_type="z_image_twinflow_turbo", prompt="a fox", width=64, height=64, seed=1,
+                       loras=[{"name": "ink", "strength": 1.0}])
+        validate(spec)
+        reports.append(service.generate(spec, model_dir=tiny_dir).lora_reports)
+    assert any("TwinFlow with LoRAs" in r for r in reports[0]) and not any("TwinFlow" in r for r in reports[1])
+
+
+def test_variety_is_recorded_and_re_renders(tiny_dir, tmp_path, capsys):
+    plain, varied = tmp_path / "plain.png", tmp_path / "varied.png"
+    assert run(capsys, *gen(tiny_dir, "--output", str(plain)))[0] == 0
+    rc, err = run(capsys, *gen(tiny_dir, "--variety", "2", "--variety-until", "1", "--output", str(varied)))
+    assert rc == 0, err
+    assert np.abs(pixels(varied) - pixels(plain)).max() > 0
+    assert (read_settings(varied)["variety"], read_settings(varied)["variety_until"]) == (2.0, 1.0)
+    again = tmp_path / "again.png"
+    rc, err = run(capsys, "generate", "--model-dir", str(tiny_dir), "--from-image", str(varied), "--output", str(again))
+    assert rc == 0, err
+    assert np.array_equal(pixels(again), pixels(varied))  # the variety noise comes from the image's seed

@@ -273,7 +273,7 @@ def tiny_cfg(tiny_dir):
 
 
 def load(model_dir, dtype=torch.float32, **kw):
-    return HANDLER.load_model(base_model_type="z_image_twinflow", dtype=dtype, model_dir=model_dir, **kw)
+    return HANDLER.load_model(base_model_type="z_image_twinflow_turbo", dtype=dtype, model_dir=model_dir, **kw)
 
 
 TF_KW = dict(prompt="a red fox", height=64, width=64, num_inference_steps=2, guidance_scale=0.0, seed=5,
@@ -283,13 +283,14 @@ TF_KW = dict(prompt="a red fox", height=64, width=64, num_inference_steps=2, gui
 def test_twinflow_names_and_downloads(tmp_path):
     from models.registry import ModelDefinition
 
-    assert "z_image_twinflow" in HANDLER.architectures
-    assert TRANSFORMER_STEMS["z_image_twinflow"] == "TwinFlow-Z-Image-Turbo"
-    assert HANDLER.ui_defaults("z_image_twinflow")["num_inference_steps"] == 2
+    assert "z_image_twinflow_turbo" in HANDLER.architectures
+    assert TRANSFORMER_STEMS["z_image_twinflow_turbo"] == "TwinFlow-Z-Image-Turbo"
+    assert HANDLER.ui_defaults("z_image_twinflow_turbo")["num_inference_steps"] == 2
     base = "https://huggingface.co/DeepBeepMeep/Z-Image/resolve/main/"
     urls = [base + TWINFLOW_BF16, base + TWINFLOW_INT8]
     te_urls = [base + "Qwen3/qwen3_bf16.safetensors", base + "Qwen3/qwen3_quanto_bf16_int8.safetensors"]
-    d = ModelDefinition("z_image_twinflow_turbo", "z_image_twinflow", "TwinFlow", "", urls, te_urls, {}, tmp_path / "x")
+    d = ModelDefinition("z_image_twinflow_turbo", "z_image_twinflow_turbo", "TwinFlow", "", urls, te_urls, {},
+                        tmp_path / "x")
     names = {s.repo_path for s in HANDLER.files_to_download(d, tmp_path, "int8", "bf16")}
     assert TWINFLOW_INT8 in names and TWINFLOW_BF16 not in names
     assert {"ZImageTurbo_VAE_bf16.safetensors", "ZImageTurbo_scheduler_config.json",

@@ -31,13 +31,14 @@ def ctl(tmp_path: Path) -> PageController:
 
 
 def test_models_are_listed_in_family_order_and_picking_one_sets_its_recommendations(ctl):
-    assert ctl.model_types[:3] == ["z_image_base", "z_image", "z_image_tiny"]
+    assert ctl.model_types[:4] == ["z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_tiny"]
     turbo = ctl.model_picked("z_image")
     assert (turbo["num_inference_steps"], turbo["guidance_scale"], turbo["flow_shift"]) == (8, 0.0, 3.0)
     assert turbo["preset"] == "1:1 · 1024×1024" and "Turbo" in turbo["model_info"]
     assert "cfg_truncation" not in turbo  # not tuned per model: the user's value stays
-    # Turbo: no negative prompt, no CFG extras, the shift under Advanced (the handler's layout)
-    assert not ctl.shown("z_image", "negative_prompt") and ctl.layouts["z_image"]["flow_shift"] == "advanced"
+    # Turbo: no CFG extras, the shift under Advanced (the handler's layout), the negative prompt once NAG is on
+    assert not ctl.shown("z_image", "cfg_truncation") and ctl.layouts["z_image"]["flow_shift"] == "advanced"
+    assert ctl.conditions["z_image"]["negative_prompt"] == "nag_scale"
     assert ctl.shown("z_image_base", "negative_prompt") and ctl.layouts["z_image_base"]["flow_shift"] == "main"
 
 

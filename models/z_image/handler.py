@@ -24,7 +24,7 @@ DEFAULT_NEGATIVE = (
 # defaults/z_image_twinflow_turbo.json names TwinFlow-Z-Image-Turbo_{bf16,quanto_bf16_int8}.safetensors there;
 # it shares Turbo's VAE, scheduler config and Qwen3 text encoder)
 TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo",
-                     "z_image_twinflow": "TwinFlow-Z-Image-Turbo"}
+                     "z_image_twinflow_turbo": "TwinFlow-Z-Image-Turbo"}
 TINY_FOLDER = "z_image_tiny"
 REPO_ID = "DeepBeepMeep/Z-Image"
 # Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
@@ -51,10 +51,11 @@ def is_url(location: str) -> bool:
 class ZImageHandler(FamilyHandler):
     family = "z_image"
     family_label = "Z-Image"
-    architectures = ("z_image_base", "z_image", "z_image_tiny", "z_image_twinflow")
-    aliases = {"base": "z_image_base", "turbo": "z_image", "tiny": "z_image_tiny"}
-    # not z_image_twinflow: Turbo's 8 Euler steps would carry over to a 2-step model with its own sampler
-    equivalences = {"z_image_base": ("z_image",), "z_image": ("z_image_base",)}
+    architectures = ("z_image_base", "z_image", "z_image_tiny", "z_image_twinflow_turbo")
+    aliases = {"base": "z_image_base", "turbo": "z_image", "tiny": "z_image_tiny", "twinflow": "z_image_twinflow_turbo"}
+    # settings carry over between these (the target's recommendations are named where they differ)
+    equivalences = {"z_image_base": ("z_image",), "z_image": ("z_image_base", "z_image_twinflow_turbo"),
+                    "z_image_twinflow_turbo": ("z_image",)}
     params = PARAMS
 
     def param_layout(self, architecture: str) -> dict[str, str]:
@@ -66,11 +67,23 @@ class ZImageHandler(FamilyHandler):
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {"max_prompt_tokens": 512, **self._defaults(architecture)}
 
-    def render(self, pipe: Any, **values: Any) -> Any:
-        """Image inputs, paste-back and the upscale pass around the sampling (models/z_image/image_job.py)."""
+    def render(self, pipe: Any, architecture: str, **values: Any) -> Any:
+        """Image inputs, paste-back and the upscale pass around the sampling (models/z_image/image_job.py);
+        TwinFlow samples with its own sampler whatever the job says."""
         from models.z_image.image_job import render
 
+        if architecture == "z_image_twinflow_turbo":
+            if values.get("image") or (values.get("upscale") or 1.0) > 1.0:
+                raise UserError("TwinFlow Turbo takes no input image and no upscale pass (its sampler starts from "
+                                "noise): use Turbo or Base for img2img, inpainting, outpainting and upscaling")
+            values["sampler"] = "twinflow"  # its own sampler, whatever the job's setting says
         return render(pipe, **values)
+
+    def lora_note(self, architecture: str) -> str | None:
+        if architecture == "z_image_twinflow_turbo":
+            return ("TwinFlow with LoRAs: they are made for Turbo (or Base); at TwinFlow's 1-4 steps their effect "
+                    "may be weaker or blurrier than on Turbo")
+        return None
 
     def latent_preview_factors(self, architecture: str) -> PreviewFactors:
         return LATENT_RGB_FACTORS, LATENT_RGB_BIAS  # every Z-Image type (the tiny one too) has the Flux VAE's space
@@ -79,7 +92,7 @@ class ZImageHandler(FamilyHandler):
         if architecture == "z_image":
             return {"width": 1024, "height": 1024, "num_inference_steps": 8, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
-        if architecture == "z_image_twinflow":  # TwinFlow's release: 2 steps (1-4), no CFG, its own sampler
+        if architecture == "z_image_twinflow_turbo":  # TwinFlow's release: 2 steps (1-4), no CFG, its own sampler
             return {"width": 1024, "height": 1024, "num_inference_steps": 2, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
         if architecture == "z_image_tiny":

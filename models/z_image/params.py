@@ -11,7 +11,7 @@ from models.errors import UserError
 from models.params import Param
 
 DEFAULT_MODEL_TYPE = "z_image_base"  # when no model type is named
-MODEL_ORDER = ("z_image_base", "z_image", "z_image_tiny")  # how the page lists them
+MODEL_ORDER = ("z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_tiny")  # how the page lists them
 LORA_SUBDIR = "z_image"  # loras/<this>, or --lora-dir-z-image
 
 # Z-Image's own generation parameters (the common ones are in app/params.py); the pipeline takes
@@ -92,6 +92,14 @@ EXTRA_PARAMS = (
           row="nag", help="NAG's cap on how far the guided attention may move from the positive one"),
     Param("nag_alpha", float, 0.5, "NAG alpha", minimum=0.0, maximum=1.0, step=0.05, cli="--nag-alpha",
           group="advanced", row="nag", help="NAG's blend: 1 = the guided attention only, 0 = off"),
+    # seed variety (models/z_image/variety.py): the distilled models give nearly the same picture for every seed
+    Param("variety", float, 0.0, "Seed variety", minimum=0.0, maximum=4.0, step=0.05, cli="--variety",
+          group="advanced", row="variety", a1111="Variety",
+          help="noise from the seed on the prompt's embedding early on, so seeds differ in composition "
+               "(0 = off; try 0.5-1.5)"),
+    Param("variety_until", float, 0.3, "Variety until", minimum=0.05, maximum=1.0, step=0.05,
+          cli="--variety-until", group="advanced", row="variety",
+          help="the fraction of the steps that see the varied prompt"),
 )
 PARAMS = (*PARAMS, *IMAGE_PARAMS, *EXTRA_PARAMS)
 
@@ -121,10 +129,14 @@ LAYOUT: dict[str, dict[str, str]] = {
     # Turbo is distilled for one shift and no CFG (its negative prompt is NAG's: see CONDITIONS)
     "z_image": {"flow_shift": "advanced", "cfg_normalization": "hidden", "cfg_truncation": "hidden"},
     # Base has CFG: NAG is for the distilled models (the CLI still takes it: it then guides the positive pass)
-    "z_image_base": {"nag_scale": "hidden", "nag_tau": "hidden", "nag_alpha": "hidden"},
+    "z_image_base": {"nag_scale": "hidden", "nag_tau": "hidden", "nag_alpha": "hidden", "variety": "hidden",
+                     "variety_until": "hidden"},
+    # TwinFlow: its own sampler and schedule (no shift), no CFG, no image input (the sampler takes none)
+    "z_image_twinflow_turbo": {"flow_shift": "hidden", "sampler": "hidden", "cfg_normalization": "hidden",
+                         "cfg_truncation": "hidden", **{p.name: "hidden" for p in IMAGE_PARAMS}},
 }
 
 # parameters the page shows only while another one is set, per architecture (on top of `Param.needs`)
-CONDITIONS: dict[str, dict[str, str]] = {
-    "z_image": {"negative_prompt": "nag_scale", "nag_tau": "nag_scale", "nag_alpha": "nag_scale"},
-}
+_DISTILLED = {"negative_prompt": "nag_scale", "nag_tau": "nag_scale", "nag_alpha": "nag_scale",
+              "variety_until": "variety"}
+CONDITIONS: dict[str, dict[str, str]] = {"z_image": _DISTILLED, "z_image_twinflow_turbo": _DISTILLED}
