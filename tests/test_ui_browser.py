@@ -76,8 +76,9 @@ def page(browser, app):
 
 
 def choose_model(page: Page, name: str) -> None:
+    """name: the word after "Z-Image" in the model's name (Base, Turbo, TwinFlow, tiny)."""
     page.click("#model-type input")
-    page.get_by_role("option", name=re.compile(name)).click()
+    page.get_by_role("option", name=re.compile(rf"^Z-Image {name}\b")).click()
 
 
 def number(page: Page, elem_id: str) -> str:
