@@ -311,7 +311,9 @@ class GenerationService:
             if converter is not None:
                 from models.lora_runtime import LoraManager
 
-                self._lora_manager = LoraManager(pipe.transformer, converter)
+                # constant strengths merge into the weights; under mmgp into the CPU copies it streams from
+                weights = self._offload.parameter_copies if self._offload is not None else None
+                self._lora_manager = LoraManager(pipe.transformer, converter, weights=weights)
             return pipe
 
     def fetch_weights(self, d: ModelDefinition, quant: tuple[str, str], on_event: EventFn | None = None) -> Path | None:
@@ -392,6 +394,8 @@ class GenerationService:
                 raise UserError(f"bad LoRA entry {item!r}: expected {{'name': ..., 'strength': ...}}")
             strengths[str(item["name"])] = item.get("strength", 1.0)
         files, labels = self.lora_library(spec.model_type).resolve_selection(strengths, allow_paths=allow_paths)
+        if self.device.type == "cuda":  # merges write into copies mmgp may still be moving: let it finish
+            torch.cuda.synchronize(self.device)
         reports = self._lora_manager.sync(files, labels)
         if self.device.type == "cuda":  # weights offloaded to the CPU, inputs on the GPU
             self._lora_manager.materialize(self.device, self.dtype)
