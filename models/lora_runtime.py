@@ -550,18 +550,21 @@ class LoraManager:
         weights = list(self.weights(module, "weight"))
         w = weights[0].detach()
         w32 = w.float()
-        total = w32.clone()
-        bias_total = None
+        total = bias_total = None
         for act, md in items:
             md = _moved(md, w.device)
             if md.up is not None or md.kron is not None or md.dense is not None:
+                if total is None:
+                    total = w32.clone()
                 total.add_(dense_delta(md, w32), alpha=act.current)
             if md.bias is not None:
                 if bias_total is None:
                     bias_total = next(iter(self.weights(module, "bias"))).detach().float().clone()
                 bias_total.add_(md.bias.float().to(bias_total.device), alpha=act.current)
-        originals = {"weight": w.to("cpu", copy=True)}
-        updates = [(weights, total.to(w.dtype))]
+        originals, updates = {}, []
+        if total is not None:
+            originals["weight"] = w.to("cpu", copy=True)
+            updates.append((weights, total.to(w.dtype)))
         if bias_total is not None:
             biases = list(self.weights(module, "bias"))
             originals["bias"] = biases[0].detach().to("cpu", copy=True)

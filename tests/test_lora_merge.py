@@ -120,6 +120,7 @@ def test_bias_deltas_merge_where_the_layer_has_a_bias(fp32_model, tmp_path):
     lin = fp32_model.get_submodule("all_final_layer.2-1.linear")
     assert torch.allclose(lin.bias - base["all_final_layer.2-1.linear.bias"], 0.5 * db)
     assert torch.equal(lin.weight, base["all_final_layer.2-1.linear.weight"])  # no weight delta: unchanged
+    assert set(manager._merged["all_final_layer.2-1.linear"].originals) == {"bias"}  # nor kept twice
     # q/k/v have no bias of their own: their bias delta stays a side branch
     assert manager.merged_layers == ["all_final_layer.2-1.linear"] and report.merged == 1
     assert hooked(fp32_model) == {f"layers.0.attention.to_{p}" for p in "qkv"}
