@@ -117,6 +117,17 @@ class JobResult:
     lora_reports: list[str] = field(default_factory=list)
 
 
+def merge_room() -> float:
+    """RAM that merged LoRAs may keep original weights in: half of what is available now (the rest of the
+    LoRAs' layers keep side branches: a per-step cost instead of a low-RAM machine's memory)."""
+    import psutil
+
+    return psutil.virtual_memory().available * MERGE_RAM_SHARE
+
+
+MERGE_RAM_SHARE = 0.5
+
+
 class StepObserver:
     """The pipeline's per-step hooks for one run, in one object: progress events with timing, the OOM guard's
     stage (encode -> denoise -> decode) and the LoRAs' per-step strengths."""
@@ -313,7 +324,8 @@ class GenerationService:
 
                 # constant strengths merge into the weights; under mmgp into the CPU copies it streams from
                 weights = self._offload.parameter_copies if self._offload is not None else None
-                self._lora_manager = LoraManager(pipe.transformer, converter, weights=weights)
+                self._lora_manager = LoraManager(pipe.transformer, converter, weights=weights,
+                                                 merge_room=merge_room)
             return pipe
 
     def fetch_weights(self, d: ModelDefinition, quant: tuple[str, str], on_event: EventFn | None = None) -> Path | None:

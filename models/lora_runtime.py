@@ -356,10 +356,14 @@ class LoraManager:
     """
 
     def __init__(self, model: nn.Module, converter: Converter, *, merge: bool = True,
-                 weights: WeightCopies | None = None):
+                 weights: WeightCopies | None = None, merge_room: Callable[[], float] | None = None):
         self.model = model
         self.converter = converter
         self.merge = merge
+        # bytes of RAM that newly merged layers may keep their originals in, asked at each sync (None: no
+        # limit); layers beyond it keep side branches, so merging never costs a low-RAM machine its RAM
+        self.merge_room = merge_room
+        self._room = float("inf")
         self.weights: WeightCopies = weights or own_parameter
         self._active: dict[tuple, _Active] = {}
         self._hooks: dict[str, _Hook] = {}
@@ -482,6 +486,7 @@ class LoraManager:
                 wanted.setdefault(name, []).append((act, md))
         merged_in: dict[int, int] = {}
         self._changes = 0
+        self._room = float("inf") if self.merge_room is None else float(self.merge_room())
         for name in dict.fromkeys([*self._merged, *self._hooks, *wanted]):
             for act in self._arrange_layer(name, modules[name], wanted.get(name, [])):
                 merged_in[id(act)] = merged_in.get(id(act), 0) + 1
@@ -492,10 +497,16 @@ class LoraManager:
             log.info("LoRAs: %d layers merged (%.0f MB of original weights kept in RAM), %d with side branches",
                      len(self._merged), kept / 2**20, len(self._hooks))
 
-    def _split(self, module: nn.Module, items: list[tuple[_Active, ModuleDelta]]
+    def _split(self, name: str, module: nn.Module, items: list[tuple[_Active, ModuleDelta]]
                ) -> tuple[list[tuple[_Active, ModuleDelta]], list[tuple[_Active, ModuleDelta]]]:
         """(to merge, as side branches) of one layer's LoRAs; a constant zero strength takes neither."""
-        mergeable = self.merge and _plain_float(next(iter(self.weights(module, "weight")), None))
+        weight = next(iter(self.weights(module, "weight")), None)
+        mergeable = self.merge and _plain_float(weight)
+        if mergeable and name not in self._merged:  # a new merge keeps a copy of the weight: is there room?
+            need = weight.nbytes + (module.bias.nbytes if getattr(module, "bias", None) is not None else 0)
+            mergeable = need <= self._room
+            if mergeable and any(act.constant for act, _ in items):
+                self._room -= need
         bias_ok = mergeable and _plain_float(next(iter(self.weights(module, "bias")), None))
         merge, side = [], []
         for act, md in items:
@@ -514,7 +525,7 @@ class LoraManager:
     def _arrange_layer(self, name: str, module: nn.Module, items: list[tuple[_Active, ModuleDelta]]
                        ) -> list[_Active]:
         """One layer: its merged LoRAs and side branches as `items` want them; returns the LoRAs merged."""
-        merge, side = self._split(module, items)
+        merge, side = self._split(name, module, items)
         signature = tuple((act.key, act.current) for act, _ in merge)
         current = self._merged.get(name)
         if current is not None and current.signature != signature:

@@ -400,3 +400,24 @@ def test_merge_goes_into_the_copy_mmgp_streams(tiny_dir, plain_lora, offload_ref
         ofl.release(session)
     q = modules["layers.0.attention.to_q"]
     assert same(session.parameter_copies(q, "weight"), [q.weight])  # released: the module's own parameter
+
+
+def test_merging_stops_where_the_ram_room_ends(tiny_dir, tmp_path):
+    """Layers beyond the RAM room given for kept originals keep side branches."""
+    model = load_tiny_transformer(tiny_dir)
+    path, _ = write_lora(tmp_path, "kohya_musubi", model, name="ink")
+    full = LoraManager(model, convert_state_dict)
+    (report,) = full.sync({path: 1.0})
+    total = sum(t.nbytes for m in full._merged.values() for t in m.originals.values())
+    assert report.merged == report.modules and not full._hooks  # unlimited room: every layer merged
+    full.remove_all()
+    roomy = LoraManager(model, convert_state_dict, merge_room=lambda: total / 2)
+    (report,) = roomy.sync({path: 1.0})
+    kept = sum(t.nbytes for m in roomy._merged.values() for t in m.originals.values())
+    assert 0 < report.merged < report.modules and kept <= total / 2
+    assert len(roomy._hooks) == report.modules - report.merged  # the rest as side branches
+    roomy.remove_all()
+    none = LoraManager(model, convert_state_dict, merge_room=lambda: 0)
+    (report,) = none.sync({path: 1.0})
+    assert report.merged == 0 and not none._merged
+    none.remove_all()
