@@ -127,12 +127,54 @@ class OffloadSession:
     locked: list[nn.Module] = field(default_factory=list)  # modules given a float32 _lock_dtype
     overlap: Any = None  # app.block_overlap._Overlap when block transfers overlap compute
 
+    _streamed: dict[tuple[int, str], tuple[nn.Module, torch.Tensor]] | None = field(default=None, repr=False)
+
+    def parameter_copies(self, module: nn.Module, name: str) -> list[torch.Tensor]:
+        """Every copy of `module.<name>` a weight change (a merged LoRA) must reach, mmgp's own first.
+
+        mmgp keeps each parameter's CPU copy (pinned in profiles 1-4) in its block lists and streams
+        from it: a load sets a new device Parameter on the module, an unload sets a Parameter over the
+        CPU copy back. A change made only to the module's current parameter would be lost at the next
+        load (or never reach the device), so the CPU copy comes first: the merge is written, and the
+        original bytes are read, there. A device copy resident now follows, to get the same values;
+        a module parameter sharing the CPU copy's memory is not listed twice. Outside mmgp's lists (or
+        after `release`) the module's parameter is the only copy. This is the `WeightCopies` seam of
+        models.lora_runtime.LoraManager; call it between jobs, with no transfer in flight (the service
+        synchronizes the device before a LoRA sync).
+        """
+        current = getattr(module, name, None)
+        blocks = getattr(self.manager, "blocks_of_modules", None)
+        if not self.models or not blocks:
+            return [] if current is None else [current]
+        if self._streamed is None:  # (module, name) -> mmgp's copy; the lists are fixed once profiled
+            self._streamed = {}
+            for params in blocks.values():
+                for parent, pname, p, _is_buffer, _tied in params:
+                    self._streamed.setdefault((id(parent), pname), (parent, p))
+        owner, master = self._streamed.get((id(module), name), (None, None))
+        if owner is not module:
+            return [] if current is None else [current]
+        if current is None or current is master or _same_memory(current, master):
+            return [master]
+        return [master, current]
+
     @classmethod
     def of(cls, session_or_manager: Any) -> OffloadSession:
         """A session as is; a bare mmgp manager (profiled without apply_profile) in a session of its own."""
         if isinstance(session_or_manager, OffloadSession):
             return session_or_manager
         return cls(manager=session_or_manager, models=dict(getattr(session_or_manager, "models", None) or {}))
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of the same memory (a quantized tensor without one pointer: assumed so,
+    since nothing is ever merged into one)."""
+    if a.device != b.device:
+        return False
+    try:
+        return a.data_ptr() == b.data_ptr()
+    except RuntimeError:
+        return True
 
 
 def _model_dtype(module: nn.Module) -> torch.dtype | None:
@@ -306,6 +348,7 @@ def release(session: OffloadSession | Any | None) -> None:
         _unhook(model, session.locked)
     # the session is spent: what it held goes (a second release finds nothing to undo)
     session.hooks, session.locked, session.models, session.overlap = [], [], {}, None
+    session._streamed = None
     empty_caches()
 
 

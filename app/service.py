@@ -117,6 +117,17 @@ class JobResult:
     lora_reports: list[str] = field(default_factory=list)
 
 
+def merge_room() -> float:
+    """RAM that merged LoRAs may keep original weights in: half of what is available now (the rest of the
+    LoRAs' layers keep side branches: a per-step cost instead of a low-RAM machine's memory)."""
+    import psutil
+
+    return psutil.virtual_memory().available * MERGE_RAM_SHARE
+
+
+MERGE_RAM_SHARE = 0.5
+
+
 class StepObserver:
     """The pipeline's per-step hooks for one run, in one object: progress events with timing, the OOM guard's
     stage (encode -> denoise -> decode) and the LoRAs' per-step strengths."""
@@ -312,7 +323,10 @@ class GenerationService:
             if converter is not None:
                 from models.lora_runtime import LoraManager
 
-                self._lora_manager = LoraManager(pipe.transformer, converter)
+                # constant strengths merge into the weights; under mmgp into the CPU copies it streams from
+                weights = self._offload.parameter_copies if self._offload is not None else None
+                self._lora_manager = LoraManager(pipe.transformer, converter, weights=weights,
+                                                 merge_room=merge_room)
             return pipe
 
     def fetch_weights(self, d: ModelDefinition, quant: tuple[str, str], on_event: EventFn | None = None) -> Path | None:
@@ -393,6 +407,8 @@ class GenerationService:
                 raise UserError(f"bad LoRA entry {item!r}: expected {{'name': ..., 'strength': ...}}")
             strengths[str(item["name"])] = item.get("strength", 1.0)
         files, labels = self.lora_library(spec.model_type).resolve_selection(strengths, allow_paths=allow_paths)
+        if self.device.type == "cuda":  # merges write into copies mmgp may still be moving: let it finish
+            torch.cuda.synchronize(self.device)
         reports = self._lora_manager.sync(files, labels)
         arch = self.definition(spec.model_type).architecture
         note = handler_for(arch).lora_note(arch) if files else None

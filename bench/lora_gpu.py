@@ -1,7 +1,9 @@
 """GPU benchmark: step overhead of a rank-32 LoRA on every attention and FFN linear (bf16 and int8).
 
 Full-size random transformer, 1024x1024 CFG step (batch 2, caption 128), timed without and with a
-LoRA applied through our side branches; then the same after int8 quantization (optimum-quanto).
+LoRA: in bf16 through side branches (`merge=False`, as a strength schedule runs) and merged into the
+weights (a constant strength; the time of the merge itself and of its removal too); then after
+int8 quantization (optimum-quanto), where the LoRA always runs as side branches.
 Target: overhead <= 10% in both. Writes `$OUT/lora.json`; append to bench/RESULTS.md.
 `DRY=1` runs tiny shapes on the CPU. On the GPU machine carry optimum-quanto (and its deps) as
 wheels, as described in bench/offload_gpu.py, then:
@@ -87,12 +89,25 @@ def main() -> dict:
 
             quantize_on_the_fly(model)
         base = timeit(step)
-        manager = LoraManager(model, convert_state_dict)
+        manager = LoraManager(model, convert_state_dict, merge=False)
         manager.sync({path: 1.0})
         with_lora = timeit(step)
         manager.remove_all()
         res[f"{label}_step_s"], res[f"{label}_lora_step_s"] = base, with_lora
         res[f"{label}_lora_overhead"] = with_lora / base - 1
+        if label == "bf16":  # merged (the weights live on the device here: merged there, originals kept on the CPU)
+            manager = LoraManager(model, convert_state_dict)
+            sync()
+            t0 = time.perf_counter()
+            (report,) = manager.sync({path: 1.0})
+            sync()
+            res["bf16_merge_s"], res["bf16_merged_layers"] = time.perf_counter() - t0, report.merged
+            merged = timeit(step)
+            t0 = time.perf_counter()
+            manager.remove_all()
+            sync()
+            res["bf16_unmerge_s"] = time.perf_counter() - t0
+            res["bf16_merged_step_s"], res["bf16_merged_overhead"] = merged, merged / base - 1
         print(label, {k: v for k, v in res.items() if k.startswith(label)}, flush=True)
         (OUT / "lora.json").write_text(json.dumps(res, indent=1))
     path.unlink()

@@ -1,13 +1,23 @@
-"""LoRAs applied as side branches of nn.Linear layers, whatever the model family.
+"""LoRAs on nn.Linear layers, whatever the model family: merged into the weights, or as side branches.
 
 A family converts a LoRA file into the canonical form below ({module name: ModuleDelta}); this
-module attaches it to a model with forward hooks: out = base(x) + strength_t * branch(x). The base
-weights are never modified, so the same code works on optimum-quanto int8 `QLinear` layers (and
-later under mmgp), per-step strengths cost nothing but a float change, and removing a LoRA (a hook
-removal) restores the base output bit for bit.
+module puts it on a model in one of two ways, chosen per layer:
+
+- merged: a LoRA with one constant strength on a layer with plain float weights (bf16, fp16, fp32)
+  goes into the weights, W' = W + sum_i s_i * dW_i computed in float32 and rounded once to the
+  weight's dtype (bias likewise); the forward is then the base layer's, at no cost per step. The
+  original weights are kept, byte for byte, on the CPU and copied back on removal or before a
+  re-merge (a strength change), so that removing a LoRA restores the base weights bit for bit.
+  Under an offload manager (mmgp) the merge goes into the copy the manager streams from (see
+  `WeightCopies`), not into a device copy that the next load would replace.
+- side branch: forward hooks, out = base(x) + strength_t * branch(x), for per-step strength
+  schedules and for layers whose weights cannot take a merge (optimum-quanto int8 `QLinear`, a bias
+  delta on a layer without bias). Per-step strengths cost nothing but a float change, and removing
+  a LoRA (a hook removal) restores the base output bit for bit. A layer that carries a DoRA side
+  branch (which reads the base output) takes no merge at all.
 
 `LoraManager.sync(selection)` makes the model carry exactly the selected files with the selected
-strengths; it re-reads nothing and re-hooks nothing when only the strengths (or nothing) changed.
+strengths; it re-reads nothing, and changes neither weights nor hooks, when nothing changed.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -230,6 +240,48 @@ class _Hook:
         return out
 
 
+# ------------------------------------------------------------------------------ merges
+
+WeightCopies = Callable[[nn.Module, str], Sequence[torch.Tensor]]
+"""(module, parameter name) -> every copy of that parameter a weight change must reach.
+
+The first is the master: the copy the model (or its offload manager) owns and loads from, whose
+original bytes are kept. The others (a device copy resident right now) get the same values. The
+default, `own_parameter`, is the module's own parameter; `app.offload.OffloadSession.parameter_copies`
+gives mmgp's CPU copy first."""
+
+MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def own_parameter(module: nn.Module, name: str) -> list[torch.Tensor]:
+    """The module's parameter itself (no offload manager): the only copy there is."""
+    t = getattr(module, name, None)
+    return [] if t is None else [t]
+
+
+def _plain_float(t: torch.Tensor | None) -> bool:
+    """A plain (not quantized, not a tensor subclass) float tensor that can hold W + s * dW."""
+    if t is None:
+        return False
+    data = t.data if isinstance(t, nn.Parameter) else t
+    return type(data) is torch.Tensor and data.dtype in MERGE_DTYPES and data.device.type != "meta"
+
+
+def _moved(md: ModuleDelta, device: torch.device) -> ModuleDelta:
+    """The delta's tensors on `device` (where the weight to merge into lives)."""
+    mv = lambda t: None if t is None else t.to(device)
+    return replace(md, up=mv(md.up), down=mv(md.down), dense=mv(md.dense), bias=mv(md.bias),
+                   magnitude=mv(md.magnitude), kron=None if md.kron is None else (mv(md.kron[0]), mv(md.kron[1])))
+
+
+@dataclass
+class _Merged:
+    """A layer whose weights carry merged LoRAs: the exact original bytes and what was merged."""
+
+    originals: dict[str, torch.Tensor]  # parameter name -> CPU copy of the original, in its own dtype
+    signature: tuple  # ((LoRA key, strength), ...) in merge order
+
+
 @dataclass
 class _Active:
     """One attached LoRA file."""
@@ -239,6 +291,7 @@ class _Active:
     schedule: tuple[float, ...]
     current: float = 0.0  # set() keeps it, `tensor` and `on` together
     modules: list[str] = field(default_factory=list)
+    deltas: dict[str, ModuleDelta] = field(default_factory=dict)  # by module name, kept for re-merges
     # the strength again as a 0-dim tensor changed in place, and whether it is non-zero: compiled blocks
     # treat a float read in a hook as a constant and would recompile for every new strength
     tensor: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
@@ -247,6 +300,11 @@ class _Active:
     def set(self, strength: float) -> None:
         self.current, self.on = strength, strength != 0.0
         self.tensor.fill_(strength)
+
+    @property
+    def constant(self) -> bool:
+        """One strength for every step: mergeable into the weights."""
+        return len(set(self.schedule)) == 1
 
 
 @dataclass
@@ -260,6 +318,7 @@ class LoraReport:
     total: int  # tensors in the file
     modules: int  # Linear layers it changes
     unmatched: dict[str, str] = field(default_factory=dict)  # key -> reason
+    merged: int = 0  # of those, layers that carry it merged into their weights (the rest: side branches)
 
     @property
     def summary(self) -> str:
@@ -289,13 +348,27 @@ def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 class LoraManager:
-    """Keeps a model's LoRA side branches in line with the current job's selection."""
+    """Keeps a model's LoRAs (merged weights and side branches) in line with the current job's selection.
 
-    def __init__(self, model: nn.Module, converter: Converter):
+    merge: put constant-strength LoRAs into plain float weights (False: side branches only, as for
+    int8 layers). weights: where a layer's weights live (`WeightCopies`; default: the module's own
+    parameters; under mmgp, the session's `parameter_copies`).
+    """
+
+    def __init__(self, model: nn.Module, converter: Converter, *, merge: bool = True,
+                 weights: WeightCopies | None = None, merge_room: Callable[[], float] | None = None):
         self.model = model
         self.converter = converter
+        self.merge = merge
+        # bytes of RAM that newly merged layers may keep their originals in, asked at each sync (None: no
+        # limit); layers beyond it keep side branches, so merging never costs a low-RAM machine its RAM
+        self.merge_room = merge_room
+        self._room = float("inf")
+        self.weights: WeightCopies = weights or own_parameter
         self._active: dict[tuple, _Active] = {}
         self._hooks: dict[str, _Hook] = {}
+        self._merged: dict[str, _Merged] = {}
+        self._changes = 0  # layers changed by the last sync
         self.loads = 0  # files read and converted (tests: nothing is redone when unchanged)
 
     # -- public
@@ -306,7 +379,8 @@ class LoraManager:
 
         labels: {path: name shown in reports and `multipliers`} (default: the file's stem).
         All new files are read and checked before anything changes, so a bad file (UserError)
-        leaves the model as it was. Unchanged files are neither re-read nor re-hooked.
+        leaves the model as it was. Unchanged files are not re-read; layers whose LoRAs and
+        strengths are unchanged are left alone (neither re-merged nor re-hooked).
         """
         wanted: dict[tuple, tuple[Path, tuple[float, ...]]] = {}
         names = {str(Path(k)): v for k, v in (labels or {}).items()}
@@ -319,14 +393,16 @@ class LoraManager:
             wanted[(str(p.resolve()), st.st_mtime_ns, st.st_size)] = (p, parse_schedule(strength))
         new = {k: self._prepare(p) for k, (p, _) in wanted.items() if k not in self._active}
         for key in [k for k in self._active if k not in wanted]:
-            self._detach(self._active.pop(key))
+            del self._active[key]
         for key, (report, deltas) in new.items():
-            self._active[key] = self._attach(key, report, deltas, wanted[key][1])
+            self._active[key] = _Active(key=key, report=report, schedule=wanted[key][1], modules=list(deltas),
+                                        deltas=deltas)
         for key, (path, schedule) in wanted.items():
             act = self._active[key]
             act.schedule = schedule
             act.set(schedule[0])
             act.report.name = names.get(str(path), path.stem)
+        self._arrange()
         return [self._active[k].report for k in wanted]
 
     def materialize(self, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -334,6 +410,7 @@ class LoraManager:
 
         Under mmgp the layers' weights (and so the branches) live on the CPU while the inputs arrive
         on the GPU: the copies, and the strengths, must not first be made inside a compiled block's trace.
+        Merged LoRAs need nothing here: they are in the weights mmgp moves.
         """
         probe = torch.empty(0, device=device, dtype=dtype)
         for hook in self._hooks.values():
@@ -343,7 +420,9 @@ class LoraManager:
             act.tensor = act.tensor.to(probe.device)
 
     def step_start(self, step: int, steps: int) -> None:
-        """Set each LoRA's strength for denoising step `step` of `steps` (the pipeline's hook)."""
+        """Set each LoRA's strength for denoising step `step` of `steps` (the pipeline's hook).
+
+        Merged LoRAs have one strength for every step: for them this changes nothing."""
         for act in self._active.values():
             act.set(strength_at(act.schedule, step, steps))
 
@@ -358,6 +437,11 @@ class LoraManager:
     @property
     def reports(self) -> list[LoraReport]:
         return [a.report for a in self._active.values()]
+
+    @property
+    def merged_layers(self) -> list[str]:
+        """Names of the layers whose weights carry merged LoRAs now."""
+        return list(self._merged)
 
     # -- internals
 
@@ -393,27 +477,120 @@ class LoraManager:
             log.warning("LoRA %s: %d tensors not applied: %s%s", path.name, len(unmatched), listed, more)
         return report, deltas
 
-    def _attach(self, key: tuple, report: LoraReport, deltas: dict[str, ModuleDelta],
-                schedule: tuple[float, ...]) -> _Active:
-        act = _Active(key=key, report=report, schedule=schedule)
-        act.set(schedule[0])
+    def _arrange(self) -> None:
+        """Bring every layer in line with the active LoRAs: restore, re-hook and merge where they changed."""
         modules = dict(self.model.named_modules())
-        for name, md in deltas.items():
-            module = modules[name]
-            hook = self._hooks.get(name)
-            if hook is None:
-                hook = self._hooks[name] = _Hook(module)
-            hook.branches.append(_Branch(md, module, act))
-            act.modules.append(name)
-        return act
+        wanted: dict[str, list[tuple[_Active, ModuleDelta]]] = {}
+        for act in self._active.values():
+            for name, md in act.deltas.items():
+                wanted.setdefault(name, []).append((act, md))
+        merged_in: dict[int, int] = {}
+        self._changes = 0
+        self._room = float("inf") if self.merge_room is None else float(self.merge_room())
+        for name in dict.fromkeys([*self._merged, *self._hooks, *wanted]):
+            for act in self._arrange_layer(name, modules[name], wanted.get(name, [])):
+                merged_in[id(act)] = merged_in.get(id(act), 0) + 1
+        for act in self._active.values():
+            act.report.merged = merged_in.get(id(act), 0)
+        if self._changes:
+            kept = sum(t.nbytes for merged in self._merged.values() for t in merged.originals.values())
+            log.info("LoRAs: %d layers merged (%.0f MB of original weights kept in RAM), %d with side branches",
+                     len(self._merged), kept / 2**20, len(self._hooks))
 
-    def _detach(self, act: _Active) -> None:
-        for name in act.modules:
-            hook = self._hooks[name]
-            hook.branches = [b for b in hook.branches if b.owner is not act]
-            if not hook.branches:  # no hook left at all: the layer is exactly the base layer again
+    def _split(self, name: str, module: nn.Module, items: list[tuple[_Active, ModuleDelta]]
+               ) -> tuple[list[tuple[_Active, ModuleDelta]], list[tuple[_Active, ModuleDelta]]]:
+        """(to merge, as side branches) of one layer's LoRAs; a constant zero strength takes neither."""
+        weight = next(iter(self.weights(module, "weight")), None)
+        mergeable = self.merge and _plain_float(weight)
+        if mergeable and name not in self._merged:  # a new merge keeps a copy of the weight: is there room?
+            need = weight.nbytes + (module.bias.nbytes if getattr(module, "bias", None) is not None else 0)
+            mergeable = need <= self._room
+            if mergeable and any(act.constant for act, _ in items):
+                self._room -= need
+        bias_ok = mergeable and _plain_float(next(iter(self.weights(module, "bias")), None))
+        merge, side = [], []
+        for act, md in items:
+            if act.constant and act.schedule[0] == 0.0:
+                continue
+            if mergeable and act.constant and (md.bias is None or bias_ok):
+                merge.append((act, md))
+            else:
+                side.append((act, md))
+        if merge and any(md.magnitude is not None for _, md in side):
+            # a DoRA branch computes from the base layer's output: the layer keeps its own weights
+            ids = {id(act) for act, _ in merge + side}
+            side, merge = [(a, md) for a, md in items if id(a) in ids], []
+        return merge, side
+
+    def _arrange_layer(self, name: str, module: nn.Module, items: list[tuple[_Active, ModuleDelta]]
+                       ) -> list[_Active]:
+        """One layer: its merged LoRAs and side branches as `items` want them; returns the LoRAs merged."""
+        merge, side = self._split(name, module, items)
+        signature = tuple((act.key, act.current) for act, _ in merge)
+        current = self._merged.get(name)
+        if current is not None and current.signature != signature:
+            # back to the exact original first: a DoRA branch made below reads the base weight
+            self._restore(module, current)
+            del self._merged[name]
+            self._changes += 1
+        hook = self._hooks.get(name)
+        owners = [b.owner for b in hook.branches] if hook else []
+        if len(owners) != len(side) or any(o is not act for o, (act, _) in zip(owners, side)):
+            have = {id(b.owner): b for b in hook.branches} if hook else {}
+            branches = [have.get(id(act)) or _Branch(md, module, act) for act, md in side]
+            self._changes += 1
+            if branches:
+                if hook is None:
+                    hook = self._hooks[name] = _Hook(module)
+                hook.branches = branches
+            elif hook is not None:  # no hook left at all: the layer is exactly the base layer again
                 hook.handle.remove()
                 del self._hooks[name]
+        if signature and name not in self._merged:
+            self._merged[name] = self._merge(module, merge, signature)
+            self._changes += 1
+        return [act for act, _ in merge]
+
+    @torch.no_grad()
+    def _merge(self, module: nn.Module, items: list[tuple[_Active, ModuleDelta]], signature: tuple) -> _Merged:
+        """W' = W + sum s_i dW_i (and b' = b + sum s_i db_i) in float32, rounded once, into every copy.
+
+        The new values are computed in full before any copy changes; the originals' exact bytes are
+        kept on the CPU. DoRA's delta is taken against the original weight, as its side branch does.
+        """
+        weights = list(self.weights(module, "weight"))
+        w = weights[0].detach()
+        w32 = w.float()
+        total = bias_total = None
+        for act, md in items:
+            md = _moved(md, w.device)
+            if md.up is not None or md.kron is not None or md.dense is not None:
+                if total is None:
+                    total = w32.clone()
+                total.add_(dense_delta(md, w32), alpha=act.current)
+            if md.bias is not None:
+                if bias_total is None:
+                    bias_total = next(iter(self.weights(module, "bias"))).detach().float().clone()
+                bias_total.add_(md.bias.float().to(bias_total.device), alpha=act.current)
+        originals, updates = {}, []
+        if total is not None:
+            originals["weight"] = w.to("cpu", copy=True)
+            updates.append((weights, total.to(w.dtype)))
+        if bias_total is not None:
+            biases = list(self.weights(module, "bias"))
+            originals["bias"] = biases[0].detach().to("cpu", copy=True)
+            updates.append((biases, bias_total.to(biases[0].dtype)))
+        for copies, value in updates:
+            for t in copies:
+                t.copy_(value)
+        return _Merged(originals, signature)
+
+    @torch.no_grad()
+    def _restore(self, module: nn.Module, merged: _Merged) -> None:
+        """Copy the original bytes back into every copy of the layer's merged parameters."""
+        for pname, original in merged.originals.items():
+            for t in self.weights(module, pname):
+                t.copy_(original)
 
 
 def _mismatch(module: nn.Module | None, md: ModuleDelta) -> str | None:

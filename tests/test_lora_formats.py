@@ -250,7 +250,7 @@ def transformer(tiny_dir):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_applied_delta_matches_dense_reference(fmt, transformer, tmp_path):
     path, refs = write_lora(tmp_path, fmt, transformer)
-    manager = LoraManager(transformer, convert_state_dict)
+    manager = LoraManager(transformer, convert_state_dict, merge=False)  # the side branches (merges: test_lora_merge)
     (report,) = manager.sync({path: 1.0})
     try:
         assert report.unmatched == {} and report.applied == report.total, report.unmatched
@@ -288,7 +288,7 @@ def test_bias_deltas(transformer, tmp_path):
     db = torch.linspace(-0.5, 0.5, 64)
     save_file({"diffusion_model.all_final_layer.2-1.linear.diff_b": db,
                "diffusion_model.layers.0.attention.qkv.diff_b": torch.arange(192.0)}, tmp_path / "b.safetensors")
-    manager = LoraManager(transformer, convert_state_dict)
+    manager = LoraManager(transformer, convert_state_dict, merge=False)  # side branches: the bias stays the base's
     (report,) = manager.sync({tmp_path / "b.safetensors": 0.5})
     zeros = torch.zeros(1, 64)
     with torch.no_grad():
