@@ -35,6 +35,7 @@ EXIT_INTERRUPTED = 130
 log = logging.getLogger("wgp_zimage")
 
 
+SAVE_QUANTIZED_CHOICES = ("int8", "fp8")
 # stands in the --memory-profile help until help is printed: the profiles' table lives beside torch (app.offload)
 PROFILES_HELP = "<memory profiles>"
 
@@ -102,8 +103,10 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--overlap-transfers", action="store_true",
                    help="experimental, low-VRAM profiles: copy the next streamed block while the current one "
                         "computes, without mmgp's device sync per block (one more block in VRAM)")
-    g.add_argument("--save-quantized", action="store_true",
-                   help="write the int8 file of weights quantized on the fly, beside the bf16 one")
+    g.add_argument("--save-quantized", nargs="?", const="int8", choices=list(SAVE_QUANTIZED_CHOICES), default=False,
+                   metavar="int8|fp8",
+                   help="write the int8 file of weights quantized on the fly, beside the bf16 one; fp8: turn the "
+                        "bf16 transformer into scaled fp8 and write that file (use it with --transformer)")
     g.add_argument("--loras", type=Path, default=None, metavar="ROOT",
                    help="LoRA root folder (one sub-folder per family: ROOT/z_image); default loras/")
     from models.registry import lora_subdirs
@@ -461,10 +464,23 @@ def quiet_libraries(verbose: bool) -> None:
     tlog.disable_progress_bar()
 
 
+def _bare_save_quantized(argv: list[str]) -> list[str]:
+    """A bare `--save-quantized` (int8) followed by anything but a format (a sub-command name, a prompt...)
+    written `--save-quantized=int8`: argparse would take that next word for the optional format."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--":
+            break
+        if arg == "--save-quantized" and out[i + 1] not in SAVE_QUANTIZED_CHOICES and not out[i + 1].startswith("-"):
+            out[i] = "--save-quantized=int8"
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parsed options; with no sub-command (the web UI) the configuration saved from its Config section
     supplies the defaults, so explicit flags still win. args.config_file names that file then."""
     parser = build_parser()
+    argv = _bare_save_quantized(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         from app.app_config import config_path, load_config, parser_defaults

@@ -79,7 +79,7 @@ class ServiceConfig:
     perc_reserved_mem_max: float = 0.0
     preload_mb: int = 0
     overlap_transfers: bool = False  # app/block_overlap.py (experimental)
-    save_quantized: bool = False
+    save_quantized: bool | str = False  # True / "int8": int8 files of on-the-fly weights; "fp8": an fp8 transformer
     output_format: str = "png"  # png | jpeg | webp (changed on a running service: applies to the next image)
     output_quality: int = 95  # JPEG / WebP quality, 1-100
     save_metadata: bool = True  # False: images hold no settings

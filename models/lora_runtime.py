@@ -104,7 +104,9 @@ def dense_delta(md: ModuleDelta, weight: torch.Tensor | None = None) -> torch.Te
 
 
 def base_weight(module: nn.Linear) -> torch.Tensor:
-    """The Linear's weight as a plain float32 tensor (dequantized for quanto layers)."""
+    """The Linear's weight as a plain float32 tensor (dequantized for quanto and low-bit layers)."""
+    if hasattr(module, "dequantized_weight"):  # models.lowbit layers: no `weight` attribute
+        return module.dequantized_weight(torch.float32).detach()
     w = module.weight
     if hasattr(w, "dequantize"):
         w = w.dequantize()
@@ -139,8 +141,11 @@ class _Branch:
 
     def __init__(self, md: ModuleDelta, module: nn.Linear, owner: _Active):
         self.owner = owner
-        dev = module.weight.device
-        dt = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
+        if hasattr(module, "compute_device_dtype"):  # models.lowbit layers: told without dequantizing
+            dev, dt = module.compute_device_dtype()
+        else:
+            dev = module.weight.device
+            dt = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
         cast = lambda t: None if t is None else t.detach().to(device=dev, dtype=dt).contiguous()
         self.up, self.down, self.scale = cast(md.up), cast(md.down), md.scale
         self.kron = None if md.kron is None else (cast(md.kron[0]), cast(md.kron[1]))

@@ -286,12 +286,16 @@ def _fits(cfg: ZImageConfig, shapes: dict[str, tuple[int, ...]]) -> bool:
     return all(shapes.get(k) == v for k, v in expected.items())
 
 
-def transformer_config(files: list[Path], config_path: Path | None, folder_config: Path | None = None) -> ZImageConfig:
+def transformer_config(files: list[Path], config_path: Path | None, folder_config: Path | None = None,
+                       shapes: dict[str, tuple[int, ...]] | None = None) -> ZImageConfig:
     """config.json when given, else the file's metadata, else a sibling json, else the model folder's
-    config when the file's tensors fit it, else the architecture read from the tensors' shapes."""
+    config when the file's tensors fit it, else the architecture read from the tensors' shapes.
+
+    shapes: the (diffusers) names and shapes of the tensors of files that are no safetensors files (GGUF):
+    they have no metadata to read a config from, nor a header transformer_shapes can read."""
     if config_path is not None:
         return _config_or_error(_read_json(config_path), config_path)
-    meta = read_metadata(files[0])
+    meta = read_metadata(files[0]) if shapes is None else {}
     if meta.get("config"):
         try:
             return _config_or_error(json.loads(meta["config"]), files[0])
@@ -300,7 +304,7 @@ def transformer_config(files: list[Path], config_path: Path | None, folder_confi
     for sibling in (files[0].with_name(files[0].stem + "_config.json"), files[0].with_name("config.json")):
         if sibling.is_file():
             return _config_or_error(_read_json(sibling), sibling)
-    shapes = transformer_shapes(files)
+    shapes = transformer_shapes(files) if shapes is None else shapes
     if folder_config is not None and Path(folder_config).is_file():
         cfg = _config_or_error(_read_json(folder_config), folder_config)
         if _fits(cfg, shapes):

@@ -219,18 +219,22 @@ class ZImageHandler(FamilyHandler):
         compile: bool = False,
         transformer_quantization: str = "bf16",
         text_encoder_quantization: str = "bf16",
-        save_quantized: bool = False,
+        save_quantized: bool | str = False,
         attention_backend: str = "sdpa",
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
 
         model_filename: a single-file transformer (diffusers, DeepBeepMeep or ComfyUI keys) that
-        replaces the folder's own; model_dir: any of the supported layouts.
+        replaces the folder's own, a GGUF file or an fp8 safetensors file (models/z_image/lowbit.py: their
+        weights stay low-bit; no int8 then); model_dir: any of the supported layouts.
         *_quantization "int8": the quanto int8 file beside the bf16 one when present, else the bf16
         weights quantized on the fly (written back as an int8 file with save_quantized).
+        save_quantized: True or "int8" as said; "fp8": bf16 transformer weights are turned into scaled fp8
+        ones (used for this run) and written beside the bf16 file (`lowbit.fp8_path`).
         attention_backend: a resolved models.attention backend, held by this model's attention modules.
         """
+        from models.z_image import lowbit
         from models.z_image import quantize as q
 
         if model_dir is None:
@@ -246,10 +250,22 @@ class ZImageHandler(FamilyHandler):
             folder_config, files.transformer, files.transformer_config = files.transformer_config, [tf], None
         else:
             folder_config = None
-        want_int8 = {"transformer": quantizeTransformer or transformer_quantization == "int8",
+        save_format = "int8" if save_quantized is True else (save_quantized or None)
+        if save_format not in (None, "int8", "fp8"):
+            raise UserError(f"cannot save quantized weights as {save_format!r}: int8 or fp8")
+        low = lowbit.lowbit_kind(files.transformer[0]) if len(files.transformer) == 1 else None
+        want_int8 = {"transformer": (quantizeTransformer or transformer_quantization == "int8") and low is None
+                     and save_format != "fp8",
                      "text encoder": text_encoder_quantization == "int8"}
+        if low is not None and (quantizeTransformer or transformer_quantization == "int8"):
+            log.info("%s holds %s weights: the transformer is not quantized to int8", files.transformer[0], low)
+        if low is not None and save_format == "fp8":
+            log.warning("--save-quantized fp8: %s already holds %s weights; no fp8 file written",
+                        files.transformer[0], low)
         int8_files = {}
         for part, paths in (("transformer", files.transformer), ("text encoder", files.text_encoder)):
+            if part == "transformer" and low is not None:
+                continue
             found = paths[0] if paths[0].is_file() and q.is_quanto_file(paths[0]) else (
                 q.find_int8(paths[0]) if want_int8[part] and len(paths) == 1 else None)
             if found is not None:
@@ -258,13 +274,25 @@ class ZImageHandler(FamilyHandler):
         files.check()
 
         def load_transformer():
+            if low == "gguf":
+                return lowbit.load_transformer_gguf(files.transformer[0], files.transformer_config, dtype, device,
+                                                    folder_config)
+            if low == "fp8":
+                return lowbit.load_transformer_fp8(files.transformer, files.transformer_config, dtype, device,
+                                                   folder_config)
             if "transformer" in int8_files:
+                if save_format == "fp8":
+                    log.warning("--save-quantized fp8: the transformer comes from the int8 file %s; no fp8 file "
+                                "written", int8_files["transformer"][0])
                 return q.load_transformer_int8(int8_files["transformer"], files.transformer_config, dtype, device,
                                                folder_config)
             model = ck.load_transformer(files.transformer, files.transformer_config, dtype, device, folder_config)
-            if want_int8["transformer"]:
+            if save_format == "fp8":
+                lowbit.to_fp8(model)
+                log.warning("saved %s", lowbit.save_fp8(model, lowbit.fp8_path(files.transformer[0])))
+            elif want_int8["transformer"]:
                 q.quantize_on_the_fly(model)
-                if save_quantized:
+                if save_format:
                     log.warning("saved %s", q.save_quantized(model, q.int8_path(files.transformer[0])))
             return model
 
@@ -276,7 +304,7 @@ class ZImageHandler(FamilyHandler):
                                        device)
             if want_int8["text encoder"]:
                 q.quantize_on_the_fly(enc.model)
-                if save_quantized:
+                if save_format == "int8":
                     log.warning("saved %s", q.save_quantized(enc.model, q.int8_path(files.text_encoder[0])))
             return enc
 

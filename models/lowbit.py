@@ -1,0 +1,153 @@
+"""Linear layers whose weights stay low-bit in memory and are dequantized per layer at each call.
+
+- `GGUFLinear`: the GGML blocks of a GGUF tensor (models/ggml.py), a flat uint8 buffer `weight_raw`;
+- `Fp8Linear`: the bytes of a float8 (e4m3fn / e5m2) weight, a uint8 buffer `weight_fp8`, and its float32
+  `weight_scale` (a scalar, or one per output row); W = fp8.to(dtype) * scale.to(dtype), as ComfyUI's
+  scaled fp8 does.
+
+The low-bit data are ordinary uint8 module *buffers*: `.to()`, mmgp's pinning and block streaming
+(app/offload.py) move them as they are, no float cast of the model touches them, and the memory they
+take is their own size. They are not parameters because mmgp asserts that every (non-quanto) parameter
+of a model has the model's dtype.
+The bias, when there is one, is an ordinary parameter in the compute dtype.
+
+Both are `nn.Linear` subclasses (the LoRA runtime hooks any nn.Linear) without a `weight` attribute:
+reading a dequantized weight costs a dequantization, and mmgp reads `module.weight` of every layer
+while it hooks a model, so `dequantized_weight()` says what it costs. `compute_device_dtype()` gives the
+device and dtype a layer computes in without dequantizing anything.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.ggml import GGMLTensor, dequantize, type_name
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+class _LowBitLinear(nn.Linear):
+    """What both share: no nn.Linear.__init__ (it would allocate a full weight), a bias parameter, and the
+    compute dtype, which follows the model's float casts (`model.to(dtype)` moves the low-bit data to the
+    new device and leaves their bytes alone: they are uint8 buffers)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, dtype: torch.dtype):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = dtype  # the model's dtype: what dequantized_weight() returns by default
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _data(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        return self._data().device, self.compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        # the dtype a float tensor of the compute dtype would get (Module.to(dtype), .half(), .float()...)
+        self.compute_dtype = fn(torch.zeros((), dtype=self.compute_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+    def quantized_bytes(self) -> int:
+        """Bytes of the low-bit weight data (and scale) this layer holds."""
+        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+
+
+class GGUFLinear(_LowBitLinear):
+    """A Linear holding a GGUF weight as its raw blocks (`weight_raw`, flat uint8) plus type and shape."""
+
+    def __init__(self, weight: GGMLTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias, dtype)
+        self.qtype = weight.qtype
+        self.weight_shape = tuple(weight.shape)
+        self.register_buffer("weight_raw", weight.raw.reshape(-1))
+
+    def _data(self) -> torch.Tensor:
+        return self.weight_raw
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize(self.weight_raw, self.qtype, self.weight_shape, dtype or self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, type={type_name(self.qtype)}"
+
+
+class Fp8Linear(_LowBitLinear):
+    """A Linear holding an fp8 weight and its float32 scale (`weight_scale`: a scalar or one per row).
+
+    The fp8 bytes are a uint8 buffer (`weight_fp8`; `fp8_weight` views them in their float8 dtype): no
+    float cast of the model can upcast them. The scale stays float32 through such casts too."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        if weight.dtype not in FP8_DTYPES or weight.ndim != 2:
+            raise ValueError(f"an fp8 weight must be a 2-D float8 tensor (got {weight.dtype}, {tuple(weight.shape)})")
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias, dtype)
+        scale = torch.ones((), dtype=torch.float32) if scale is None else scale.detach().to(torch.float32)
+        if scale.numel() == 1:
+            scale = scale.reshape(())
+        elif scale.numel() == out_features:
+            scale = scale.reshape(out_features, 1)
+        else:
+            raise ValueError(f"an fp8 weight of shape {tuple(weight.shape)} takes one scale or one per row "
+                             f"(got {scale.numel()})")
+        self.fp8_dtype = weight.dtype
+        self.register_buffer("weight_fp8", weight.contiguous().view(torch.uint8))
+        self.register_buffer("weight_scale", scale.clone())
+
+    @property
+    def fp8_weight(self) -> torch.Tensor:
+        return self.weight_fp8.view(self.fp8_dtype)
+
+    def _data(self) -> torch.Tensor:
+        return self.weight_fp8
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        return self.fp8_weight.to(dtype) * self.weight_scale.to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        out = super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:  # a float cast of the model: the scale keeps its precision
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {str(self.fp8_dtype).removeprefix('torch.')}"
+
+
+def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 weight, float32 scalar scale) with weight ~ fp8 * scale: per-tensor absmax scaling (the
+    largest magnitude lands on the format's largest finite value)."""
+    w = weight.detach().float()
+    amax = w.abs().max()
+    scale = (amax / FP8_MAX[dtype]).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (w / scale).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype)
+    return q, scale.reshape(())
+
+
+def lowbit_layers(model: nn.Module) -> dict[str, _LowBitLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _LowBitLinear)}
+
+
+def is_lowbit(module: nn.Module) -> bool:
+    return isinstance(module, _LowBitLinear)
+
+
+__all__ = ["FP8_DTYPES", "Fp8Linear", "GGUFLinear", "is_lowbit", "lowbit_layers", "quantize_fp8"]

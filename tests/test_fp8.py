@@ -1,0 +1,160 @@
+"""fp8 single-file transformers: plain and ComfyUI "scaled fp8" files written here load through the CLI with
+their weights kept in fp8, render close to the fp32 image, and `--save-quantized fp8` writes a file that
+reads back to the same image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import wgp_zimage
+from models.errors import UserError
+from models.lowbit import Fp8Linear, lowbit_layers, quantize_fp8
+
+# PSNR bounds (dB) against the fp32 image (tiny model, 3 steps at 64x64, fp32 compute), measured minus about
+# 3 dB: scaled e4m3fn 40.5 / e5m2 35.0 (per-tensor scales), plain e4m3fn 41.1 (no scales), per-row scales 40.7
+PSNR_BOUNDS = {"e4m3fn_scaled": 37, "e5m2_scaled": 32, "e4m3fn_plain": 38, "e4m3fn_rows": 37}
+MEASURED: dict[str, float] = {}
+FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+KEPT = ("x_embedder", "final_layer", "t_embedder", "cap_embedder")  # kept in the compute dtype
+
+
+def cli(capsys, *args):
+    rc = wgp_zimage.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def render(capsys, model_dir, out, *extra, model="tiny"):
+    rc, _, err = cli(capsys, "generate", "--model", model, "--model-dir", str(model_dir), "--steps", "3", "--width",
+                     "64", "--height", "64", "--seed", "5", "--prompt", "a red fox", "--output", str(out), *extra)
+    assert rc == 0, err
+    return np.asarray(Image.open(out)).astype(np.float64)
+
+
+def psnr(a, b):
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def fp8_file(src, path, fmt="e4m3fn", scaled=True, per_row=False, scale_name="scale_weight"):
+    """The ComfyUI single file src as an fp8 one: every 2-D weight but the embedders' and the final layer's
+    in fp8; scaled: with ComfyUI's `scaled_fp8` marker and a float32 scale per weight (per_row: one per
+    output row)."""
+    dtype = FP8[fmt]
+    out = {}
+    for key, t in load_file(src).items():
+        if t.ndim != 2 or not key.endswith(".weight") or any(k in key for k in KEPT):
+            out[key] = t
+            continue
+        if not scaled:
+            out[key] = t.to(dtype)
+            continue
+        if per_row:
+            scale = t.abs().amax(dim=1, keepdim=True) / torch.finfo(dtype).max
+            out[key] = (t / scale).to(dtype)
+            out[key[: -len("weight")] + scale_name] = scale.reshape(-1)
+        else:
+            out[key], scale = quantize_fp8(t, dtype)
+            out[key[: -len("weight")] + scale_name] = scale
+        out[key[: -len("weight")] + "scale_input"] = torch.ones(())  # fp8 compute's: ignored
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=dtype)
+    save_file(out, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.png"
+    rc = wgp_zimage.main(["generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "3", "--width", "64",
+                          "--height", "64", "--seed", "5", "--prompt", "a red fox", "--output", str(out)])
+    assert rc == 0
+    return np.asarray(Image.open(out)).astype(np.float64)
+
+
+@pytest.mark.parametrize("case", ["e4m3fn_scaled", "e5m2_scaled", "e4m3fn_plain", "e4m3fn_rows"])
+def test_fp8_file_renders_close_to_the_fp32_image(case, tiny_dir, tiny_comfy_file, reference, tmp_path, capsys):
+    fmt, kind = case.split("_")
+    path = fp8_file(tiny_comfy_file, tmp_path / f"z_image_{case}.safetensors", fmt, scaled=kind != "plain",
+                    per_row=kind == "rows", scale_name="weight_scale" if kind == "rows" else "scale_weight")
+    image = render(capsys, tiny_dir, tmp_path / "x.png", "--transformer", str(path))
+    MEASURED[case] = psnr(image, reference)
+    assert MEASURED[case] > PSNR_BOUNDS[case], MEASURED[case]
+
+
+def test_fp8_weights_stay_fp8_in_memory(tiny_comfy_file, tmp_path):
+    from models.z_image.lowbit import load_transformer_fp8
+
+    path = fp8_file(tiny_comfy_file, tmp_path / "f.safetensors")
+    model = load_transformer_fp8([path], None, torch.bfloat16, torch.device("cpu"))
+    layers = lowbit_layers(model)
+    assert "layers.0.attention.to_q" in layers and "layers.0.feed_forward.w2" in layers
+    assert all(isinstance(m, Fp8Linear) and m.fp8_dtype == torch.float8_e4m3fn for m in layers.values())
+    assert not any(n.startswith(("all_x_embedder", "all_final_layer", "t_embedder", "cap_embedder")) for n in layers)
+    numel = sum(m.in_features * m.out_features for m in layers.values())
+    held = sum(t.numel() * t.element_size() for m in layers.values() for t in m.buffers())
+    assert held == numel + 4 * len(layers)  # one byte a weight and a float32 scale each
+    # q, k and v cut from the fused qkv own their storage (a third each), with the fused weight's scale
+    q = model.layers[0].attention
+    assert q.to_q.weight_fp8.untyped_storage().nbytes() == 64 * 64
+    assert torch.equal(q.to_q.weight_scale, q.to_k.weight_scale)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # mmgp's one-dtype assertion holds
+    model.to(torch.float32)  # a float cast: the fp8 bytes and the float32 scale stay as they are
+    layer = layers["layers.0.attention.to_q"]
+    assert layer.weight_fp8.dtype == torch.uint8 and layer.weight_scale.dtype == torch.float32
+    w = layer.dequantized_weight()
+    assert w.dtype == torch.float32 and torch.equal(w, layer.fp8_weight.float() * layer.weight_scale)
+    x = torch.randn(2, 64)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, w))
+
+
+def test_save_quantized_fp8_writes_a_file_that_reads_back(tiny_dbm_dir, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "dbm"
+    shutil.copytree(tiny_dbm_dir, d)
+    common = ("--dtype", "bf16")
+    bf16 = render(capsys, d, tmp_path / "bf16.png", *common, model="base")
+    fly = render(capsys, d, tmp_path / "fly.png", *common, "--save-quantized", "fp8", model="base")
+    saved = d / "ZImageBase_fp8_e4m3fn_scaled.safetensors"
+    assert saved.is_file()
+    sd = load_file(saved)
+    assert sd["scaled_fp8"].dtype == torch.float8_e4m3fn
+    assert sd["layers.0.attention.to_q.weight"].dtype == torch.float8_e4m3fn
+    assert sd["layers.0.attention.to_q.scale_weight"].dtype == torch.float32
+    assert sd["all_x_embedder.2-1.weight"].dtype == torch.bfloat16
+    from safetensors import safe_open
+
+    with safe_open(str(saved), "pt") as f:
+        assert json.loads(f.metadata()["config"])["dim"] == 64
+    again = render(capsys, d, tmp_path / "file.png", *common, "--transformer", str(saved), model="base")
+    assert np.array_equal(fly, again)  # the file holds exactly the weights the run used
+    MEASURED["save_quantized_bf16"] = psnr(fly, bf16)
+    assert MEASURED["save_quantized_bf16"] > 35, MEASURED["save_quantized_bf16"]  # measured 38.8 (bf16 compute)
+    # a bare --save-quantized (before the sub-command too) still means int8
+    args = wgp_zimage.parse_args(["--save-quantized", "generate", "--prompt", "x"])
+    assert args.save_quantized == "int8" and args.command == "generate"
+    assert wgp_zimage.parse_args(["generate", "--save-quantized", "fp8", "--prompt", "x"]).save_quantized == "fp8"
+
+
+def test_fp8_file_with_a_stray_scale_is_refused(tiny_comfy_file, tmp_path):
+    from models.z_image.lowbit import load_transformer_fp8
+
+    path = fp8_file(tiny_comfy_file, tmp_path / "f.safetensors")
+    sd = load_file(path)
+    sd["model.diffusion_model.layers.0.attention.extra.scale_weight"] = torch.ones(())
+    save_file(sd, path)
+    with pytest.raises(UserError, match=r"1 unexpected keys \(first: layers\.0\.attention\.extra\.scale_weight\)"):
+        load_transformer_fp8([path], None, torch.float32, torch.device("cpu"))
+
+
+def test_report_measured_psnrs():
+    """Prints what the rendering tests measured (pytest -s shows it)."""
+    for name, value in MEASURED.items():
+        print(f"fp8 {name}: {value:.1f} dB")
