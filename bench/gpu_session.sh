@@ -6,6 +6,7 @@
 # Carry the wheels listed in bench/offload_gpu.py (".whl"); the device call is:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PARTS="service offload" bash bench/gpu_session.sh
+# speed_gpu.py's SKIP="section ..." leaves out sections an earlier run measured.
 # Dry run here: DRY=1 OUT=/tmp/gpu_dry bash bench/gpu_session.sh (uses .venv/bin/python if present)
 set -u
 OUT=${OUT:-/tmp/gpu_session}
@@ -34,5 +35,6 @@ for part in $PARTS; do
   timeout "$limit" $PY "$script" >"$OUT/$part.log" 2>&1
   echo "$script exit $?" >>"$OUT/$part.log"
 done
-rm -rf "${WORK:-/tmp/zimage_offload_bench}" /tmp/zimage_offload_dry
+# KEEP_WORK=1 leaves the model files for a next call on the same (warm) machine
+[ -z "${KEEP_WORK:-}" ] && rm -rf "${WORK:-/tmp/zimage_offload_bench}" /tmp/zimage_offload_dry
 tail -n 3 "$OUT"/*.log
