@@ -34,6 +34,8 @@ for part in $PARTS; do
   esac
   timeout "$limit" $PY "$script" >"$OUT/$part.log" 2>&1
   echo "$script exit $?" >>"$OUT/$part.log"
+  # a part cut by its limit can leave its CLI child exiting, holding the card: the next part's baseline
+  pkill -KILL -f wgp_zimage.py 2>/dev/null; sleep 1
 done
 # KEEP_WORK=1 leaves the model files for a next call on the same (warm) machine
 [ -z "${KEEP_WORK:-}" ] && rm -rf "${WORK:-/tmp/zimage_offload_bench}" /tmp/zimage_offload_dry
