@@ -100,9 +100,10 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="cap on pinned RAM as a fraction of RAM (0 = mmgp's default)")
     g.add_argument("--preload", type=cli_int, default=0, metavar="MB",
                    help="MB of the transformer kept in VRAM in the low-VRAM profiles")
-    g.add_argument("--overlap-transfers", action="store_true",
-                   help="experimental, low-VRAM profiles: copy the next streamed block while the current one "
-                        "computes, without mmgp's device sync per block (one more block in VRAM)")
+    g.add_argument("--overlap-transfers", action=argparse.BooleanOptionalAction, default=True,
+                   help="low-VRAM profiles (2, 4, 5): copy the next streamed block while the current one "
+                        "computes, without mmgp's device sync per block (one more block in VRAM; default on, "
+                        "same images; --no-overlap-transfers: mmgp's own streaming)")
     g.add_argument("--save-quantized", nargs="?", const="int8", choices=list(SAVE_QUANTIZED_CHOICES), default=False,
                    metavar="int8|fp8",
                    help="write the int8 file of weights quantized on the fly, beside the bf16 one; fp8: turn the "

@@ -1,4 +1,4 @@
-"""Overlapped block transfers for the models mmgp streams (opt-in: `--overlap-transfers`).
+"""Overlapped block transfers for the models mmgp streams (the default; `--no-overlap-transfers` turns it off).
 
 In the low-VRAM profiles mmgp 3.8.2 streams a model block by block: when block i starts it calls
 `torch.cuda.synchronize()`, then issues block i+1's copy on its transfer stream, then block i's

@@ -78,7 +78,7 @@ class ServiceConfig:
     memory_profile: int = 4  # MMGP profile (CUDA only)
     perc_reserved_mem_max: float = 0.0
     preload_mb: int = 0
-    overlap_transfers: bool = False  # app/block_overlap.py (experimental)
+    overlap_transfers: bool = True  # app/block_overlap.py: low-VRAM profiles stream without mmgp's per-block sync
     save_quantized: bool | str = False  # True / "int8": int8 files of on-the-fly weights; "fp8": an fp8 transformer
     output_format: str = "png"  # png | jpeg | webp (changed on a running service: applies to the next image)
     output_quality: int = 95  # JPEG / WebP quality, 1-100

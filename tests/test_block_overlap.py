@@ -298,7 +298,7 @@ def test_profile_option_installs_the_overlap(tiny_dir):
         assert session.overlap is None  # nothing streams in profile 1
         ofl.release(session)
         session = ofl.apply_profile(load(tiny_dir)[1], 4, device="cuda")
-        assert session.overlap is None  # opt-in
+        assert session.overlap is None  # explicit here; the service's config turns it on by default
         ofl.release(session)
 
 
@@ -306,9 +306,10 @@ def test_flag_reaches_the_profile(tiny_dir, tmp_path, monkeypatch):
     import wgp_zimage
     from app.service import GenerationService, ServiceConfig
 
-    assert ServiceConfig.from_args(wgp_zimage.parse_args(["generate", "--prompt", "x"])).overlap_transfers is False
-    cfg = ServiceConfig.from_args(wgp_zimage.parse_args(["generate", "--prompt", "x", "--overlap-transfers"]))
-    assert cfg.overlap_transfers is True
+    assert ServiceConfig.from_args(wgp_zimage.parse_args(["generate", "--prompt", "x"])).overlap_transfers is True
+    cfg = ServiceConfig.from_args(wgp_zimage.parse_args(["generate", "--prompt", "x", "--no-overlap-transfers"]))
+    assert cfg.overlap_transfers is False
+    assert ServiceConfig().overlap_transfers is True
     (tmp_path / "ckpts").mkdir()
     (tmp_path / "ckpts" / "z_image_tiny").symlink_to(tiny_dir, target_is_directory=True)
     seen = []
