@@ -475,8 +475,8 @@ if want("int8_dequant"):
             res[f"int8_dequant_step_linears_{v}_s"] = t
 
 # inductor settings that may speed up the elementwise kernels (12% of the compiled step on an H200);
-# opt-in because each recompiles the whole model: COMPILE_LEVERS="seqdyn cdt max-autotune-no-cudagraphs"
-# (seqdyn: only the sequence dimension symbolic, compile_blocks(dynamic="sequence"))
+# opt-in because each recompiles the whole model: COMPILE_LEVERS="cdt max-autotune-no-cudagraphs"
+# (seqdyn, only the sequence dimension symbolic, is compile_blocks' only mode since 2026-11-30)
 for lever in os.environ.get("COMPILE_LEVERS", "").split():
     with section(f"lever_compile_{lever}"):
         import torch._inductor.config as inductor_config
@@ -487,10 +487,7 @@ for lever in os.environ.get("COMPILE_LEVERS", "").split():
         tuned = rand_(tuned, bf16)
         inductor_config.coordinate_descent_tuning = lever == "cdt"
         t0 = time.perf_counter()
-        if lever == "seqdyn":
-            compile_blocks(tuned, dynamic="sequence")
-        else:
-            compile_blocks(tuned, mode=None if lever == "cdt" else lever)
+        compile_blocks(tuned, mode=None if lever == "cdt" else lever)
         tuned(x2, t2, [cap, neg])
         sync()
         res[f"lever_compile_{lever}_first_call_s"] = time.perf_counter() - t0

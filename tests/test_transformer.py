@@ -107,3 +107,25 @@ def test_key_conversion_units():
     assert torch.equal(out["layers.3.attention.to_q.weight"], q)
     assert torch.equal(out["layers.3.attention.to_k.weight"], k)
     assert torch.equal(out["layers.3.attention.to_v.weight"], v)
+
+
+def test_rope_rotates_pairs_by_the_position_angles():
+    """apply_rope with RopeTables' full-width tables against a float64 complex rotation computed here:
+    pair j of axis a turns by pos_a * theta^(-2j/d_a)."""
+    from models.z_image.transformer import RopeTables, apply_rope
+
+    theta, dims, lens = 256.0, [8, 4, 4], [64, 16, 16]
+    ids = torch.tensor([[3, 0, 0], [1, 5, 9], [0, 15, 2], [63, 7, 1]])
+    cos, sin = RopeTables(theta, dims, lens).lookup(ids)
+    x = torch.randn(1, len(ids), 2, sum(dims), generator=torch.Generator().manual_seed(0))
+    angles = torch.cat([ids[:, a:a + 1].double() * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+                        for a, d in enumerate(dims)], dim=-1)  # (S, D/2)
+    xc = torch.view_as_complex(x.double().reshape(1, len(ids), 2, -1, 2).contiguous())
+    want = torch.view_as_real(xc * torch.polar(torch.ones_like(angles), angles)[None, :, None]).flatten(-2)
+    got = apply_rope(x, cos, sin)
+    assert got.dtype == x.dtype and torch.allclose(got.double(), want, atol=1e-5, rtol=0)
+    # the same arithmetic per element as the (re*c - im*s, re*s + im*c) form it replaced: bit for bit
+    half_c, half_s = cos[..., 0::2].unsqueeze(2), sin[..., 1::2].unsqueeze(2)
+    re, im = x[..., 0::2], x[..., 1::2]
+    pairs = torch.stack((re * half_c - im * half_s, re * half_s + im * half_c), dim=-1).flatten(-2)
+    assert torch.equal(got, pairs)

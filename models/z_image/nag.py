@@ -47,9 +47,9 @@ class NagLayer(NamedTuple):
     n_img: int
     n_cap: int
     rope_neg: tuple[torch.Tensor, torch.Tensor]
-    scale: float
-    tau: float
-    alpha: float
+    scale: torch.Tensor  # 0-dim float32
+    tau: torch.Tensor
+    alpha: torch.Tensor
 
 
 def check_nag(scale: float, tau: float, alpha: float) -> bool:
@@ -63,7 +63,8 @@ def check_nag(scale: float, tau: float, alpha: float) -> bool:
     return scale != 1
 
 
-def nag_blend(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, alpha: float) -> torch.Tensor:
+def nag_blend(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float | torch.Tensor, tau: float | torch.Tensor,
+              alpha: float | torch.Tensor) -> torch.Tensor:
     """NAG per token (last dim = features) in float32; returns z_pos's dtype."""
     zp, zn = z_pos.float(), z_neg.float()
     z = scale * zp - (scale - 1) * zn

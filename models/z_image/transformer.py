@@ -75,13 +75,14 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3)... of the head dim; cos/sin: (B|1, S, D/2)."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)  # not Tensor.unflatten: dynamo cannot trace it under
-    # the default-device mode that mmgp leaves behind
-    xr, xi = xf[..., 0], xf[..., 1]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+    """Rotate interleaved pairs (x0, x1), (x2, x3)... of the head dim by RopeTables' full-width tables
+    (B|1, S, D): cos repeated per pair, sin signed (-s, +s). x*cos + pairs_swapped(x)*sin is the same
+    arithmetic per element as the (re*c - im*s, re*s + im*c) form, in one fused expression: 13 ms of the
+    compiled H200 step against 25 ms (bench/RESULTS.md, session 6)."""
+    xf = x.float()
+    # not Tensor.unflatten: dynamo cannot trace it under the default-device mode that mmgp leaves behind
+    swapped = xf.reshape(*x.shape[:-1], -1, 2).flip(-1).flatten(-2)
+    return (xf * cos.unsqueeze(2) + swapped * sin.unsqueeze(2)).type_as(x)
 
 
 class Attention(nn.Module):
@@ -225,6 +226,9 @@ class RopeTables:
         tables = self._axis_tables(ids.device)
         cos = torch.cat([tables[i][0][ids[:, i]] for i in range(len(tables))], dim=-1)
         sin = torch.cat([tables[i][1][ids[:, i]] for i in range(len(tables))], dim=-1)
+        # full head width for apply_rope: each angle's cos twice, its sin as (-sin, +sin)
+        cos = cos.repeat_interleave(2, dim=-1)
+        sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
         return cos[None], sin[None]
 
     def for_shape(self, cap_len: int, h: int, w: int, device: torch.device) -> dict[str, tuple]:
@@ -381,8 +385,9 @@ class ZImageTransformer(nn.Module):
             rope_neg = self.rope.for_shape(neg.shape[1], ht, wt, x.device)
             for block in self.context_refiner:
                 neg = block(neg, rope_neg["cap"])
-            layer_nag = NagLayer(img.shape[1], cap.shape[1], rope_neg["all"], float(nag.scale), float(nag.tau),
-                                 float(nag.alpha))
+            # the parameters as tensors: compiled blocks take other values without recompiling
+            scale, tau, alpha = (torch.tensor(float(v), device=x.device) for v in (nag.scale, nag.tau, nag.alpha))
+            layer_nag = NagLayer(img.shape[1], cap.shape[1], rope_neg["all"], scale, tau, alpha)
             seq = torch.cat([img, cap, neg], dim=1)
             for block in self.layers:
                 seq = block(seq, rope["all"], adaln, layer_nag)
@@ -406,8 +411,7 @@ def _mark_sequence_dynamic(forward):
     return marked
 
 
-def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: str | None = None,
-                   dynamic: str = "all") -> int:
+def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: str | None = None) -> int:
     """Regional torch.compile: each repeated block is compiled once and its code shared.
 
     The sequence dimension is dynamic from the first call, so a new prompt length (a caption
@@ -418,12 +422,10 @@ def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: st
     inside are traced. Compiled blocks say so (`is_compiled_region`; app.offload then moves mmgp's
     wrappers off their inner layers). Returns the number of blocks compiled.
 
-    dynamic: "all" compiles every dimension symbolic (dynamic=True); "sequence" marks only the
-    sequence dimension dynamic and lets the rest (batch, widths) specialize, which gives inductor
-    static sizes to tune for (a benchmark lever; the batch of 1 or 2 is a variant either way).
+    Only the sequence dimension is marked dynamic; batch and widths specialize, which gives inductor
+    static sizes to tune for (H200: 0.191 s per CFG step against 0.194 s with every dimension symbolic,
+    whose duck sizing also tied a sequence length to an equal head width and recompiled for it).
     """
-    if dynamic not in ("all", "sequence"):
-        raise ValueError(f"dynamic must be 'all' or 'sequence' (got {dynamic!r})")
     # Two dynamo settings these blocks need, applied around each of their calls only (that is when
     # dynamo traces, guards and counts recompiles), not to the whole process:
     # - variants per block kind: batch 1 vs more (0/1 specialization), image-only vs full sequence,
@@ -433,11 +435,8 @@ def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: st
     limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
     for block in blocks:
-        if dynamic == "all":
-            compiled = torch.compile(block.forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
-        else:
-            compiled = _mark_sequence_dynamic(
-                torch.compile(block.forward, backend=backend, mode=mode, dynamic=None, fullgraph=True))
+        compiled = _mark_sequence_dynamic(
+            torch.compile(block.forward, backend=backend, mode=mode, dynamic=None, fullgraph=True))
         # a patch object per block: it saves the values it replaces on itself
         block.forward = torch._dynamo.config.patch(recompile_limit=limit, skip_nnmodule_hook_guards=False)(compiled)
         block.is_compiled_region = True
