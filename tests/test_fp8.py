@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import wgp_zimage
 from models.errors import UserError
 from models.lowbit import Fp8Linear, lowbit_layers, quantize_fp8
+from tests.lowbit_helpers import psnr, render
 
 # PSNR bounds (dB) against the fp32 image (tiny model, 3 steps at 64x64, fp32 compute), measured minus about
 # 3 dB: scaled e4m3fn 40.5 / e5m2 35.0 (per-tensor scales), plain e4m3fn 41.1 (no scales), per-row scales 40.7
@@ -22,24 +23,6 @@ PSNR_BOUNDS = {"e4m3fn_scaled": 37, "e5m2_scaled": 32, "e4m3fn_plain": 38, "e4m3
 MEASURED: dict[str, float] = {}
 FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 KEPT = ("x_embedder", "final_layer", "t_embedder", "cap_embedder")  # kept in the compute dtype
-
-
-def cli(capsys, *args):
-    rc = wgp_zimage.main(list(args))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def render(capsys, model_dir, out, *extra, model="tiny"):
-    rc, _, err = cli(capsys, "generate", "--model", model, "--model-dir", str(model_dir), "--steps", "3", "--width",
-                     "64", "--height", "64", "--seed", "5", "--prompt", "a red fox", "--output", str(out), *extra)
-    assert rc == 0, err
-    return np.asarray(Image.open(out)).astype(np.float64)
-
-
-def psnr(a, b):
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 def fp8_file(src, path, fmt="e4m3fn", scaled=True, per_row=False, scale_name="scale_weight"):

@@ -14,6 +14,7 @@ import wgp_zimage
 from models.errors import UserError
 from models.ggml import SUPPORTED_TYPES, dequantize, read_gguf
 from tests.conftest import to_comfy
+from tests.lowbit_helpers import cli, psnr, render
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -25,24 +26,6 @@ QK_K = 256
 # llama.cpp's searching one (Q6_K 41.4, Q5_K 38.2, Q4_K 32.3)
 PSNR_BOUNDS = {"F16": 62, "BF16": 54, "Q8_0": 48, "Q5_0": 30, "Q4_0": 26, "Q6_K": 38, "Q5_K": 35, "Q4_K": 29}
 MEASURED: dict[str, float] = {}
-
-
-def cli(capsys, *args):
-    rc = wgp_zimage.main(list(args))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def render(capsys, tiny_dir, out, *extra):
-    rc, _, err = cli(capsys, "generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "3", "--width",
-                     "64", "--height", "64", "--seed", "5", "--prompt", "a red fox", "--output", str(out), *extra)
-    assert rc == 0, err
-    return np.asarray(Image.open(out)).astype(np.float64)
-
-
-def psnr(a, b):
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 # ------------------------------------------------------------------ writing GGUF files

@@ -35,6 +35,7 @@ from models.files import atomic_path
 from models.ggml import GGMLTensor, is_gguf_file, read_gguf
 from models.lowbit import FP8_DTYPES, Fp8Linear, GGUFLinear, is_lowbit, quantize_fp8
 from models.z_image import checkpoints as ck
+from models.z_image.quantize import sibling_path
 from models.z_image.transformer import ZImageConfig, ZImageTransformer
 
 log = logging.getLogger("wgp_zimage")
@@ -244,13 +245,8 @@ def load_transformer_fp8(files: list[Path], config_path: Path | None, dtype: tor
 
 def fp8_path(path: str | Path) -> Path:
     """Name of the fp8 file beside a bf16 one: `X_bf16.safetensors` -> `X_fp8_e4m3fn_scaled.safetensors`."""
-    path = Path(path)
-    stem = path.stem
-    for tag in ("_bf16", "_fp16", "_fp32"):
-        if stem.endswith(tag):
-            stem = stem[: -len(tag)]
-            break
-    return path.with_name(f"{stem}{FP8_TAG}{path.suffix}")
+
+    return sibling_path(path, FP8_TAG)
 
 
 def to_fp8(model: ZImageTransformer, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> ZImageTransformer:

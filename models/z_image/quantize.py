@@ -48,15 +48,20 @@ _DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 
 # ---------------------------------------------------------------- names and maps
 
-def int8_path(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Name of the int8 file beside a bf16 one: `X_bf16.safetensors` -> `X_quanto_bf16_int8.safetensors`."""
+def sibling_path(path: str | Path, tag: str) -> Path:
+    """A weight file's variant beside it: its stem without the dtype tag (_bf16, _fp16, _fp32), then tag."""
     path = Path(path)
     stem = path.stem
-    for tag in ("_bf16", "_fp16", "_fp32"):
-        if stem.endswith(tag):
-            stem = stem[: -len(tag)]
+    for dtype_tag in ("_bf16", "_fp16", "_fp32"):
+        if stem.endswith(dtype_tag):
+            stem = stem[: -len(dtype_tag)]
             break
-    return path.with_name(f"{stem}{QUANTO_TAG}{_DTYPE_TAGS.get(dtype, 'bf16')}_int8{path.suffix}")
+    return path.with_name(f"{stem}{tag}{path.suffix}")
+
+
+def int8_path(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Name of the int8 file beside a bf16 one: `X_bf16.safetensors` -> `X_quanto_bf16_int8.safetensors`."""
+    return sibling_path(path, f"{QUANTO_TAG}{_DTYPE_TAGS.get(dtype, 'bf16')}_int8")
 
 
 def find_int8(path: str | Path) -> Path | None:
