@@ -61,6 +61,7 @@ SIDE = 64 if DRY else 1024
 CARD_GIB = float(os.environ.get("CARD_GIB", "8"))  # the card the VAE tiling decision pretends to run on
 BUDGET_S = float(os.environ.get("BUDGET_S", "470"))  # skip the remaining jobs past this (setup included)
 # most wanted first: the time budget may cut the tail
+# "@2048": that image side (issue 19: a 2048x2048 Base job in profile 4 int8 within 6 GiB of device memory)
 # "+overlap": app/block_overlap.py (--overlap-transfers); its final latents must equal the run without
 RUNS = [("int8", 1), ("int8", 4), ("int8+overlap", 4), ("int8", 5), ("int8+overlap", 5), ("bf16", 1),
         ("bf16", 4), ("bf16+overlap", 4), ("diffusers-group-offload", 0), ("int8+preload1200", 4), ("int8", 2),
@@ -301,6 +302,9 @@ def set_tiles(vae, tiled: bool) -> None:
 
 def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) -> dict:
     res: dict = {"weights": weights, "profile": profile}
+    # "int8+overlap@2048": another image side for this run (a dry run divides it by 16)
+    side = (int(weights.split("@")[1]) // (16 if DRY else 1)) if "@" in weights else SIDE
+    res["side"] = side
     files = HANDLER.model_files(folder, "z_image_base")
     t0 = time.perf_counter()
     if weights.startswith("bf16"):
@@ -330,13 +334,13 @@ def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) ->
             if DEV.type == "cuda":
                 torch.cuda.empty_cache()
             used_now = (BASE.used() - BASE.used0) if not DRY else 0
-            decided.append(ofl.decode_needs_tiling(profile, int(CARD_GIB * GiB - used_now), SIDE, SIDE,
+            decided.append(ofl.decode_needs_tiling(profile, int(CARD_GIB * GiB - used_now), side, side,
                                                    parts["vae"].dtype))
             set_tiles(parts["vae"], decided[-1])
             return decided[-1]
 
         res.update(measure_job(lambda step_start, callback: pipe(
-            prompt=prompt, negative_prompt=neg, height=SIDE, width=SIDE, num_inference_steps=STEPS,
+            prompt=prompt, negative_prompt=neg, height=side, width=side, num_inference_steps=STEPS,
             guidance_scale=4.0, seed=1, step_start=step_start, callback=callback, vae_tiling=tiled),
             profile_step=(weights, profile) == PROFILE_RUN))
         res["vae_tiled"] = decided[-1] if decided else None
