@@ -297,3 +297,18 @@ def test_wrong_transformer(pipe, tmp_path):
     net = zc.load_controlnet(path, tcfg, dtype=torch.float32)
     with pytest.raises(UserError, match="does not fit the transformer"):
         zc.control_input(pipe, net, control_picture(), 0.5, W, H)  # the tiny model has 2 layers
+
+
+def test_batch_and_nag(pipe, folders):
+    """One control for a batch (with CFG): image i is the single run of seed + i; NAG is refused."""
+    net = zc.load_controlnet(folders["2.1"][0], pipe.transformer.config, dtype=torch.float32)
+    case = CASES["base"]
+    control = zc.control_input(pipe, net, control_picture(), 0.6, W, H)
+    kw = dict(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=H, width=W,
+              num_inference_steps=case["steps"], guidance_scale=case["guidance"], flow_shift=case["shift"],
+              control=control)
+    both = pipe(seed=SEED, num_images_per_prompt=2, **kw).images
+    second = pipe(seed=SEED + 1, **kw).images[0]
+    assert np.abs(np.asarray(both[1]).astype(np.int16) - np.asarray(second).astype(np.int16)).max() <= 1
+    with pytest.raises(UserError, match="NAG"):
+        pipe(seed=SEED, nag_scale=2.0, **{**kw, "guidance_scale": 0.0})

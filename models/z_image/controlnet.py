@@ -166,8 +166,10 @@ class ZImageControlNet(nn.Module):
         cfg = self.config
         b, n_img = img_embedded.shape[:2]
         latents = latents.to(device=seq.device, dtype=seq.dtype)
-        if latents.shape[0] != b:
-            latents = latents.expand(b, -1, -1, -1)
+        if latents.shape[0] != b:  # one control for the whole batch, or one per image repeated for CFG
+            if b % latents.shape[0]:
+                raise ValueError(f"control latents of batch {latents.shape[0]} for a batch of {b}")
+            latents = latents.repeat(b // latents.shape[0], 1, 1, 1)
         c = self.embed(latents, n_img, model.x_pad_token)
         mode = cfg.add_control_noise_refiner
         if mode is None:
