@@ -72,9 +72,22 @@ def transformers():
 class Recording(zc.ControlInput):
     """Keeps the hints of the last forward pass."""
 
-    def hints(self, *args):
-        self.last = super().hints(*args)
-        return self.last
+    def apply(self, *args):
+        seq, self.last = super().apply(*args)
+        return seq, self.last
+
+
+def model_inputs(hw, cap_len, in_dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 16, *hw, generator=g)
+    t = torch.rand(1, generator=g)
+    cap = torch.randn(cap_len, TINY_TRANSFORMER["cap_feat_dim"], generator=g)
+    return x, t, cap, torch.randn(1, in_dim, *hw, generator=g)
+
+
+def frames(x):
+    """Our (B, C, H, W) batch as diffusers' list of (C, 1, H, W)."""
+    return list(x.unsqueeze(2).unbind(0))
 
 
 @pytest.mark.parametrize("hw,cap_len", [((8, 8), 7), ((10, 14), 40)])
@@ -84,18 +97,13 @@ def test_model_matches_diffusers(transformers, version, hw, cap_len):
     cfg = net_config(version, [0, 2, 5], [0, 1], 2)
     net = random_net(cfg, seed=11)
     ref = diffusers_net(cfg, net.state_dict(), ref_t)
-    g = torch.Generator().manual_seed(sum(hw) + cap_len)
-    x = torch.randn(1, 16, *hw, generator=g)
-    t = torch.rand(1, generator=g)
-    cap = torch.randn(cap_len, TINY_TRANSFORMER["cap_feat_dim"], generator=g)
-    ctrl = torch.randn(1, cfg["control_in_dim"], *hw, generator=g)
+    x, t, cap, ctrl = model_inputs(hw, cap_len, cfg["control_in_dim"], sum(hw) + cap_len)
     scale = 0.7
     with torch.no_grad():
-        want_hints = ref(list(x.unsqueeze(2).unbind(0)), t, [cap], list(ctrl.unsqueeze(2).unbind(0)),
-                         conditioning_scale=scale)
-        want = torch.stack(ref_t(list(x.unsqueeze(2).unbind(0)), t, [cap], controlnet_block_samples=want_hints,
+        want_hints = ref(frames(x), t, [cap], frames(ctrl), conditioning_scale=scale)
+        want = torch.stack(ref_t(frames(x), t, [cap], controlnet_block_samples=want_hints,
                                  return_dict=False)[0]).squeeze(2)
-        control = Recording(net, ctrl, torch.tensor(scale))
+        control = Recording(net, ctrl, torch.tensor(scale), main_refiner_hints=False)
         got = ours_t(x, t, [cap], control=control)
         plain = ours_t(x, t, [cap])
     assert sorted(control.last) == sorted(want_hints) == [0, 2, 5]
@@ -104,6 +112,39 @@ def test_model_matches_diffusers(transformers, version, hw, cap_len):
         assert (control.last[place] - hint).abs().max() <= 1e-5 * max(1.0, hint.abs().max().item())
     assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
     assert (got - plain).abs().max() > 1e-2, "the ControlNet changed nothing"
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0", "2.1"])
+def test_model_publisher_refiner_hints(transformers, version):
+    """main_refiner_hints (the default): the main stream starts from the image tokens refined with the refiner
+    hints, as in VideoX-Fun's model. Reference: diffusers, its transformer's refined tokens replaced by the
+    hinted ones its ControlNet computed (1.0 has no refiner hints: the same as diffusers)."""
+    ours_t, ref_t = transformers
+    cfg = net_config(version, [0, 2, 5], [0, 1], 2)
+    net = random_net(cfg, seed=12)
+    ref = diffusers_net(cfg, net.state_dict(), ref_t)
+    hw = (10, 14)
+    x, t, cap, ctrl = model_inputs(hw, 20, cfg["control_in_dim"], 4)
+    n_img = 64  # 35 image tokens padded to 64
+    seen = {}  # the x of control block 0's last call: the main pass (2.0 calls it in the refiner pass too)
+    grab = ref.control_layers[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[1]))
+    with torch.no_grad():
+        hints = ref(frames(x), t, [cap], frames(ctrl), conditioning_scale=0.8)
+        grab.remove()
+        swap = ref_t.noise_refiner[-1].register_forward_hook(lambda m, args, out: seen["x"][:, :n_img])
+        try:
+            want = torch.stack(ref_t(frames(x), t, [cap], controlnet_block_samples=hints,
+                                     return_dict=False)[0]).squeeze(2)
+        finally:
+            swap.remove()
+        diffusers_like = torch.stack(ref_t(frames(x), t, [cap], controlnet_block_samples=hints,
+                                           return_dict=False)[0]).squeeze(2)
+        got = ours_t(x, t, [cap], control=zc.ControlInput(net, ctrl, torch.tensor(0.8)))
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+    if version == "1.0":
+        assert torch.equal(want, diffusers_like)
+    else:
+        assert (want - diffusers_like).abs().max() > 1e-2, "the refiner hints changed nothing"
 
 
 def test_strength_tensor_scales_hints(transformers):
@@ -190,7 +231,7 @@ def test_sampling_matches_diffusers(pipe, components, folders, version, name):
     case = CASES[name]
     net = zc.load_controlnet(folders[version][0], pipe.transformer.config, dtype=torch.float32)
     ctrl = control_picture()
-    mine = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.75, W, H))
+    mine = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.75, W, H, main_refiner_hints=False))
     ref = diffusers_run(components, folders, version, ZImageControlNetPipeline, case,
                         control_image=ii.fit_image(ctrl, W, H), controlnet_conditioning_scale=0.75)
     assert mine.shape == ref.shape == (H, W, 3)
@@ -204,14 +245,17 @@ def test_inpaint_matches_diffusers(pipe, components, folders, version):
     case = CASES["turbo"]
     net = zc.load_controlnet(folders[version][0], pipe.transformer.config, dtype=torch.float32)
     ctrl, src, mask = control_picture(), source_image(), source_mask()
-    mine = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.8, W, H, image=src, mask_image=mask))
+    mine = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.8, W, H, image=src, mask_image=mask,
+                                             main_refiner_hints=False))
     binary = Image.fromarray(ii.mask_to_array(mask, W, H).astype(np.uint8) * 255)
     ref = diffusers_run(components, folders, version, ZImageControlNetInpaintPipeline, case,
                         control_image=ii.fit_image(ctrl, W, H), image=ii.fit_image(src, W, H), mask_image=binary,
                         controlnet_conditioning_scale=0.8)
     assert np.abs(mine - ref).max() <= 1
-    plain = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.8, W, H))
+    plain = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.8, W, H, main_refiner_hints=False))
     assert np.abs(mine - plain).max() > 10, "the inpaint channels changed nothing"
+    publisher = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.8, W, H, image=src, mask_image=mask))
+    assert np.abs(publisher - mine).max() > 10, "the main stream's refiner hints changed nothing"
 
 
 def test_inpaint_needs_v2(pipe, folders):

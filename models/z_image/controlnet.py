@@ -12,10 +12,16 @@ Numerics follow diffusers 0.42 (`ZImageControlNetModel` + `ZImageTransformer2DMo
   read the transformer's own [image, caption] sequence;
 - 2.x: a first pass of control blocks (2.0: `control_layers` themselves, 2.1: `control_noise_refiner`)
   runs beside the noise refiner and its first hints are added after the noise refiner's layers at
-  `control_refiner_layers_places`; the control blocks then read that hinted sequence. The main
-  transformer's own noise refiner takes no hints (as in diffusers);
+  `control_refiner_layers_places`; the control blocks then read that hinted sequence;
 - each control block's hint (after_proj of its output), times the strength, is added to the main
   layer's output at its place.
+
+One difference, a choice (`ControlInput.main_refiner_hints`): in the publisher's model (VideoX-Fun
+`ZImageControlTransformer2DModel`) the main stream's noise refiner takes the 2.x refiner hints too, so
+the main layers start from the hinted image tokens; diffusers adds them only in the ControlNet's own
+copy of the refiner pass and the main stream starts from unhinted tokens. True (the default) follows
+the publisher's model the weights were trained in; False reproduces diffusers (the parity tests).
+1.0 has no refiner hints: both give the same result.
 """
 
 from __future__ import annotations
@@ -157,11 +163,13 @@ class ZImageControlNet(nn.Module):
 
     def forward(self, model: ZImageTransformer, latents: torch.Tensor, strength: torch.Tensor,
                 img_embedded: torch.Tensor, cap: torch.Tensor, seq: torch.Tensor, adaln: torch.Tensor,
-                rope: dict[str, tuple]) -> dict[int, torch.Tensor]:
-        """The hints {main layer index: tensor like seq} for one forward pass of `model`.
+                rope: dict[str, tuple]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The [image, caption] sequence the control blocks read (seq itself for 1.0, the one refined with
+        the refiner hints for 2.x) and the hints {main layer index: tensor like seq} for one forward pass
+        of `model`.
 
-        latents: control latents, batch 1 or seq's batch; strength: a 0-d tensor (a value change never
-        retraces a compiled graph); the rest is the transformer's state after its refiners
+        latents: control latents, batch 1 or a divisor of seq's batch; strength: a 0-d tensor (a value
+        change never retraces a compiled graph); the rest is the transformer's state after its refiners
         (`ZImageTransformer.forward`)."""
         cfg = self.config
         b, n_img = img_embedded.shape[:2]
@@ -194,22 +202,24 @@ class ZImageControlNet(nn.Module):
         for place, block in zip(cfg.control_layers_places, self.control_layers):
             c, hint = block(c, x, rope["all"], adaln)
             hints[place] = hint * strength
-        return hints
+        return x, hints
 
 
 @dataclass
 class ControlInput:
     """A ControlNet with its control latents and strength for one sampling run: what the transformer's
-    forward takes as `control` (it calls `hints`)."""
+    forward takes as `control` (it calls `apply`). main_refiner_hints: see the module's docstring."""
 
     net: ZImageControlNet
     latents: torch.Tensor
     strength: torch.Tensor
+    main_refiner_hints: bool = True
 
-    def hints(self, model: ZImageTransformer, img_embedded: torch.Tensor, cap: torch.Tensor, seq: torch.Tensor,
-              adaln: torch.Tensor, rope: dict[str, tuple]) -> dict[int, torch.Tensor]:
+    def apply(self, model: ZImageTransformer, img_embedded: torch.Tensor, cap: torch.Tensor, seq: torch.Tensor,
+              adaln: torch.Tensor, rope: dict[str, tuple]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         strength = self.strength.to(device=seq.device, dtype=seq.dtype)
-        return self.net(model, self.latents, strength, img_embedded, cap, seq, adaln, rope)
+        hinted, hints = self.net(model, self.latents, strength, img_embedded, cap, seq, adaln, rope)
+        return (hinted if self.main_refiner_hints else seq), hints
 
 
 # ---------------------------------------------------------------- loading
@@ -343,7 +353,7 @@ def control_latents(pipe, net: ZImageControlNet, control_image, width: int, heig
 
 
 def control_input(pipe, net: ZImageControlNet, control_image, strength: float, width: int, height: int,
-                  image=None, mask_image=None) -> ControlInput | None:
+                  image=None, mask_image=None, main_refiner_hints: bool = True) -> ControlInput | None:
     """What `ZImagePipeline.__call__(control=...)` takes: the ControlNet, its control latents (see
     `control_latents`) and the strength as a 0-d tensor. Strength 0 gives None: the ControlNet is not run
     at all, so the image is exactly the text-to-image one."""
@@ -351,4 +361,5 @@ def control_input(pipe, net: ZImageControlNet, control_image, strength: float, w
     if strength == 0:
         return None
     latents = control_latents(pipe, net, control_image, width, height, image, mask_image)
-    return ControlInput(net, latents.to(pipe.device), torch.tensor(float(strength), device=pipe.device))
+    return ControlInput(net, latents.to(pipe.device), torch.tensor(float(strength), device=pipe.device),
+                        main_refiner_hints)

@@ -250,10 +250,11 @@ class RopeTables:
 
 
 class ControlHook(Protocol):
-    """What the forward pass asks of a ControlNet: per main-layer hints, keyed by layer index."""
+    """What the forward pass asks of a ControlNet: the sequence the main layers start from (the refined one,
+    or one whose noise refiner took hints too) and the hints to add after main layers, by layer index."""
 
-    def hints(self, model: ZImageTransformer, img_embedded: torch.Tensor, cap: torch.Tensor, seq: torch.Tensor,
-              adaln: torch.Tensor, rope: dict[str, tuple]) -> dict[int, torch.Tensor]: ...
+    def apply(self, model: ZImageTransformer, img_embedded: torch.Tensor, cap: torch.Tensor, seq: torch.Tensor,
+              adaln: torch.Tensor, rope: dict[str, tuple]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]: ...
 
 
 class ZImageTransformer(nn.Module):
@@ -401,7 +402,9 @@ class ZImageTransformer(nn.Module):
                 seq = block(seq, rope["all"], adaln, layer_nag)
         else:
             seq = torch.cat([img, cap], dim=1)
-            hints = {} if control is None else control.hints(self, img_embedded, cap, seq, adaln, rope)
+            hints = {}
+            if control is not None:
+                seq, hints = control.apply(self, img_embedded, cap, seq, adaln, rope)
             for i, block in enumerate(self.layers):
                 seq = block(seq, rope["all"], adaln)
                 if i in hints:
