@@ -356,3 +356,23 @@ def test_batch_and_nag(pipe, folders):
     assert np.abs(np.asarray(both[1]).astype(np.int16) - np.asarray(second).astype(np.int16)).max() <= 1
     with pytest.raises(UserError, match="NAG"):
         pipe(seed=SEED, nag_scale=2.0, **{**kw, "guidance_scale": 0.0})
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.1"])
+def test_bf16_runs_close_to_fp32(transformers, tmp_path, version):
+    """A bf16 transformer with a ControlNet loaded in bf16 (control latents and strength cast on the way)."""
+    ours_t, _ = transformers
+    cfg = net_config(version, [0, 2, 5], [0, 1], 2)
+    net = random_net(cfg, seed=13)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    net16 = zc.load_controlnet(tmp_path, ours_t.config, dtype=torch.bfloat16)
+    assert net16.dtype == torch.bfloat16
+    model16 = ZImageTransformer(ours_t.config).to(torch.bfloat16).eval()
+    model16.load_state_dict(ours_t.state_dict())
+    x, t, cap, ctrl = model_inputs((8, 8), 12, cfg["control_in_dim"], 9)
+    with torch.no_grad():
+        want = ours_t(x, t, [cap], control=zc.ControlInput(net, ctrl, torch.tensor(0.9)))
+        got = model16(x.bfloat16(), t, [cap], control=zc.ControlInput(net16, ctrl, torch.tensor(0.9)))
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
