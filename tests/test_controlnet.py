@@ -154,9 +154,12 @@ def test_strength_tensor_scales_hints(transformers):
     x, t = torch.randn(1, 16, 8, 8, generator=g), torch.rand(1, generator=g)
     cap, ctrl = torch.randn(9, 32, generator=g), torch.randn(1, 33, 8, 8, generator=g)
     with torch.no_grad():
-        zero = ours_t(x, t, [cap], control=zc.ControlInput(net, ctrl, torch.tensor(0.0)))
         plain = ours_t(x, t, [cap])
-    assert (zero - plain).abs().max() <= 1e-6  # hints times a zero tensor add (signed) zeros
+        for main_refiner_hints in (True, False):
+            zero = ours_t(x, t, [cap], control=zc.ControlInput(net, ctrl, torch.tensor(0.0), main_refiner_hints))
+            assert torch.equal(zero, plain)  # hints times a zero tensor add (signed) zeros: no change at all
+            half = ours_t(x, t, [cap], control=zc.ControlInput(net, ctrl, torch.tensor(0.5), main_refiner_hints))
+            assert (half - plain).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- sampling parity

@@ -226,7 +226,7 @@ class ControlInput:
 
 
 def detect_version(keys) -> str:
-    """'1.0', '2.0' or '2.1' from a single file's keys (2.0 vs 2.1 needs the tensor: see `_single_file_config`).
+    """'1.0' or '2.x' from a single file's keys (2.0 vs 2.1 needs a tensor's values: `_single_file_config`).
 
     Raises UserError for a file that is no Z-Image ControlNet."""
     keys = set(keys)
