@@ -360,7 +360,8 @@ class ZImageTransformer(nn.Module):
         """x: (B, C, H, W) latents; t: (B,) in [0, 1] (1 = clean); caps: B tensors (L_i, cap_feat_dim).
         nag: Normalized Attention Guidance with B negative captions (models.z_image.nag).
         target: TwinFlow's target time, same convention as t (see `time_embedding`); None: the plain model.
-        control: a ControlNet's hints (models.z_image.controlnet), added to the main layers' outputs.
+        control: a ControlNet (models.z_image.controlnet.ControlInput): it gives the sequence the main layers
+        start from (2.x: refined with its refiner hints) and hints added to the main layers' outputs.
 
         Returns the model output (B, C, H, W) in x's dtype (the pipeline negates it).
         """
