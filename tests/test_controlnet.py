@@ -281,30 +281,33 @@ def test_strength_zero_is_text_to_image(pipe, folders, version):
 
 def original_file(path, version: str, n_layers: int = 30) -> dict:
     """A ControlNet single file with the published key names and layer counts (1.0: 6 control layers of
-    30, 2.x: 15), tiny width. 2.0 files carry a control_noise_refiner with zero before_proj."""
+    30, 2.x: 15), tiny width. 2.0 files carry a control_noise_refiner with zero before_proj ("2.0-bare":
+    none at all)."""
     places = list(range(0, n_layers, 5 if version == "1.0" else 2))
-    cfg = net_config("2.1" if version == "2.0" else version, places, [0, 1], 2)
+    cfg = net_config("1.0" if version == "1.0" else "2.1", places, [0, 1], 2)
     sd = random_net(cfg, seed=7).state_dict()
     if version == "2.0":
         sd["control_noise_refiner.0.before_proj.weight"].zero_()
         sd["control_noise_refiner.0.before_proj.bias"].zero_()
+    elif version == "2.0-bare":
+        sd = {k: v for k, v in sd.items() if not k.startswith("control_noise_refiner.")}
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
     return sd
 
 
-@pytest.mark.parametrize("version", ["1.0", "2.0", "2.1"])
+@pytest.mark.parametrize("version", ["1.0", "2.0", "2.0-bare", "2.1"])
 def test_single_file_versions(tmp_path, version):
     tcfg = ZImageConfig.from_dict({**TINY_TRANSFORMER, "n_layers": 30, "n_refiner_layers": 2})
     path = tmp_path / f"Z-Image-Turbo-Fun-Controlnet-Union-{version}.safetensors"
     sd = original_file(path, version)
     net = zc.load_controlnet(path, tcfg, dtype=torch.float32)
-    assert net.config.version == version
+    assert net.config.version == version.removesuffix("-bare")
     assert net.config.control_layers_places == (list(range(0, 30, 5)) if version == "1.0" else list(range(0, 30, 2)))
     assert net.in_dim == (16 if version == "1.0" else 33)
     got = net.state_dict()
     for k, v in got.items():
         assert torch.equal(v, sd[k]), k
-    if version == "2.0":  # its unused refiner tensors are dropped, as diffusers does
+    if version.startswith("2.0"):  # its unused refiner tensors are dropped, as diffusers does
         assert not any(k.startswith("control_noise_refiner.") for k in got)
     # the loaded 2.x ControlNet runs with the transformer it was read for
     model = ZImageTransformer(tcfg).eval()
