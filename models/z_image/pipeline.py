@@ -28,7 +28,7 @@ from models.z_image import variety as var
 from models.z_image.nag import NagGuidance, check_nag
 from models.z_image.samplers import check_sampler, sample_step
 from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH, PromptEncoder
-from models.z_image.transformer import ZImageTransformer, pad_len
+from models.z_image.transformer import ControlHook, ZImageTransformer, pad_len
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -118,11 +118,13 @@ class ZImagePipeline:
         return self.text_encoder.encode(prompt, max_sequence_length, device=self.device)
 
     def _predict(self, x: torch.Tensor, t: torch.Tensor, groups: list[list[torch.Tensor]],
-                 nag: NagGuidance | None = None, target: torch.Tensor | None = None) -> list[torch.Tensor]:
+                 nag: NagGuidance | None = None, target: torch.Tensor | None = None,
+                 control: ControlHook | None = None) -> list[torch.Tensor]:
         """One model evaluation per group of captions; groups of equal padded length share a call.
 
         nag: NAG for the first group (the positive captions), which then runs in a call of its own.
         target: TwinFlow's target times (B,), as t, for every group.
+        control: ControlNet hints (models.z_image.controlnet.ControlInput) for every group.
         """
         dtype = self.transformer.dtype
         merged: dict[int | str, list[int]] = {}
@@ -136,6 +138,8 @@ class ZImagePipeline:
             extra = {"nag": nag} if key == "nag" else {}
             if target is not None:
                 extra["target"] = target.repeat(n)
+            if control is not None:
+                extra["control"] = control
             out = self.transformer(x.to(dtype).repeat(n, 1, 1, 1), t.repeat(n), caps, **extra).float()
             for j, gi in enumerate(members):
                 outs[gi] = out[j * b:(j + 1) * b]
@@ -174,6 +178,7 @@ class ZImagePipeline:
         variety: float = 0.0,
         variety_until: float = var.DEFAULT_UNTIL,
         unified: zs.UnifiedConfig | dict | None = None,
+        control: ControlHook | None = None,
     ) -> PipelineOutput:
         """Text-to-image, or with `image` img2img, or with `image` and `mask_image` inpainting.
 
@@ -202,11 +207,15 @@ class ZImagePipeline:
         variety S > 0: seed variety (models.z_image.variety): image i's positive caption embedding gets
         seeded noise S * std(embedding) during the first ceil(variety_until * steps) steps run. 0 (the
         default) runs exactly the plain pipeline.
+        control: a ControlNet with its control latents and strength (models.z_image.controlnet: `ControlInput`,
+        made by `control_input`); None runs exactly the plain pipeline. Not with NAG.
         """
         check_sampler(sampler)
         use_nag = check_nag(nag_scale, nag_tau, nag_alpha)
         use_variety = var.check_variety(variety, variety_until)
         twinflow = sampler == zs.TWINFLOW
+        if control is not None and use_nag:
+            raise UserError("NAG cannot be combined with a ControlNet")
         f2 = self.vae_scale_factor * 2
         if height % f2 or width % f2:
             raise ValueError(f"height and width must be multiples of {f2} (got {width}x{height})")
@@ -268,6 +277,8 @@ class ZImagePipeline:
         def predict(x: torch.Tensor, k: int) -> torch.Tensor:
             """Transformer output at sigma index k, CFG applied (float32)."""
             extra = {} if nag is None else {"nag": nag}
+            if control is not None:
+                extra["control"] = control
             if twinflow:  # TwinFlow's sigma -> time mapping, and the step's target time
                 t = zs.ucgm_time(sig_dev[k])
                 extra["target"] = zs.ucgm_time(zs.unified_target(ucfg.style, sig_dev[k], sig_dev[k + 1])).expand(n)

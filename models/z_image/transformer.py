@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -252,6 +253,14 @@ class RopeTables:
         return self._shapes[key]
 
 
+class ControlHook(Protocol):
+    """What the forward pass asks of a ControlNet: the sequence the main layers start from (the refined one,
+    or one whose noise refiner took hints too) and the hints to add after main layers, by layer index."""
+
+    def apply(self, model: ZImageTransformer, img_embedded: torch.Tensor, cap: torch.Tensor, seq: torch.Tensor,
+              adaln: torch.Tensor, rope: dict[str, tuple]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]: ...
+
+
 class ZImageTransformer(nn.Module):
     """The S3-DiT. TwinFlow checkpoints (models.z_image.samplers, "twinflow") also take a target time: see
     `time_embedding`; a checkpoint with `t_embedder_2.*` tensors gets that auxiliary embedder
@@ -350,10 +359,13 @@ class ZImageTransformer(nn.Module):
         return torch.stack([torch.cat([e, pad.expand(target - n, -1)]) for e, n in zip(emb, lens)])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, caps: list[torch.Tensor],
-                nag: NagGuidance | None = None, target: torch.Tensor | None = None) -> torch.Tensor:
+                nag: NagGuidance | None = None, target: torch.Tensor | None = None,
+                control: ControlHook | None = None) -> torch.Tensor:
         """x: (B, C, H, W) latents; t: (B,) in [0, 1] (1 = clean); caps: B tensors (L_i, cap_feat_dim).
         nag: Normalized Attention Guidance with B negative captions (models.z_image.nag).
         target: TwinFlow's target time, same convention as t (see `time_embedding`); None: the plain model.
+        control: a ControlNet (models.z_image.controlnet.ControlInput): it gives the sequence the main layers
+        start from (2.x: refined with its refiner hints) and hints added to the main layers' outputs.
 
         Returns the model output (B, C, H, W) in x's dtype (the pipeline negates it).
         """
@@ -373,11 +385,14 @@ class ZImageTransformer(nn.Module):
         cap = self._embed_captions(caps, dtype)
         rope = self.rope.for_shape(cap.shape[1], ht, wt, x.device)
 
+        img_embedded = img  # the ControlNet's refiner pass (v2.x) starts from the embedded tokens
         for block in self.noise_refiner:
             img = block(img, rope["img"], adaln)
         for block in self.context_refiner:
             cap = block(cap, rope["cap"])
 
+        if nag is not None and control is not None:
+            raise ValueError("NAG and a ControlNet cannot be combined")
         if nag is not None:
             if len(nag.neg_caps) != b:
                 raise ValueError(f"NAG needs one negative caption per batch item ({b}), got {len(nag.neg_caps)}")
@@ -393,8 +408,13 @@ class ZImageTransformer(nn.Module):
                 seq = block(seq, rope["all"], adaln, layer_nag)
         else:
             seq = torch.cat([img, cap], dim=1)
-            for block in self.layers:
+            hints = {}
+            if control is not None:
+                seq, hints = control.apply(self, img_embedded, cap, seq, adaln, rope)
+            for i, block in enumerate(self.layers):
                 seq = block(seq, rope["all"], adaln)
+                if i in hints:
+                    seq = seq + hints[i]
         out = self.all_final_layer[self._key](seq[:, :n_img], adaln)
         return out.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
 
