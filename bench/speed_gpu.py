@@ -369,9 +369,19 @@ def rope_variants(heads: int, head_dim: int) -> dict:
     fn_ = torch.nn.functional
     eps = 1e-5
 
-    def current(q, k, wq, wk, cos, sin):  # the model's code: bf16 norm, then RoPE in fp32 by pairs
+    def current(q, k, wq, wk, cos, sin):  # the model's code: bf16 norm, then RoPE on RopeTables' full-width tables
+        c, s_ = cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
         q, k = fn_.rms_norm(q, (head_dim,), wq, eps), fn_.rms_norm(k, (head_dim,), wk, eps)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, c, s_), apply_rope(k, c, s_)
+
+    def pairs_stack(q, k, wq, wk, cos, sin):  # the model's code before 2026-11-30: (re*c - im*s, re*s + im*c)
+        def rope(x):
+            xf = x.float().reshape(*x.shape[:-1], -1, 2)
+            c, s_ = cos.unsqueeze(2), sin.unsqueeze(2)
+            return torch.stack((xf[..., 0] * c - xf[..., 1] * s_, xf[..., 0] * s_ + xf[..., 1] * c), -1).flatten(-2) \
+                .type_as(x)
+        q, k = fn_.rms_norm(q, (head_dim,), wq, eps), fn_.rms_norm(k, (head_dim,), wk, eps)
+        return rope(q), rope(k)
 
     def complex_mul(q, k, wq, wk, cos, sin):  # diffusers' formulation: complex multiply
         freqs = torch.polar(torch.ones_like(cos), torch.atan2(sin, cos)).unsqueeze(2)
@@ -402,7 +412,7 @@ def rope_variants(heads: int, head_dim: int) -> dict:
             return torch.stack((xr * c - xi * s_, xr * s_ + xi * c), -1).flatten(-2).type_as(x)
         return one(q, wq), one(k, wk)
 
-    return {"current": current, "complex_mul": complex_mul, "rotate_pairs": rotate_pairs,
+    return {"current": current, "pairs_stack": pairs_stack, "complex_mul": complex_mul, "rotate_pairs": rotate_pairs,
             "fp32_through": fp32_through}
 
 
