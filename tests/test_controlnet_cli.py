@@ -216,3 +216,24 @@ def test_twinflow_refuses_a_control_image():
     with pytest.raises(UserError, match="TwinFlow Turbo takes no control image"):
         HANDLER.render(None, "z_image_twinflow_turbo", control_image="x.png", width=64, height=64,
                        num_inference_steps=2)
+
+
+def test_a_controlnet_type_loads_its_own_file_and_takes_its_strength(tiny_dbm_dir, nets, pictures, tmp_path, capsys):
+    """z_image_control from a DeepBeepMeep folder (tiny weights under Turbo's and the 1.0 ControlNet's names):
+    its ControlNet comes with the model and its strength from the definition."""
+    import shutil
+
+    folder = tmp_path / "ck"
+    shutil.copytree(tiny_dbm_dir, folder)
+    (folder / "ZImageBase_bf16.safetensors").rename(folder / "ZImageTurbo_bf16.safetensors")
+    base = ["generate", "--model", "z_image_control", "--model-dir", str(folder), "--steps", "2", "--prompt", "a cat",
+            "--seed", "5", *SIZE, "--control-image", str(pictures / "photo.png")]
+    rc, _, err = main(capsys, *base, "--output", str(tmp_path / "none.png"))
+    assert rc == 2 and "Z-Image-Turbo-Fun-Controlnet-Union_bf16.safetensors" in err, err
+    shutil.copy(nets["1.0"], folder / "Z-Image-Turbo-Fun-Controlnet-Union_bf16.safetensors")
+    out = tmp_path / "typed.png"
+    rc, _, err = main(capsys, *base, "--output", str(out))
+    assert rc == 0, err
+    meta = read_settings(out)
+    assert meta["model_type"] == "z_image_control" and meta["control_strength"] == 0.75
+    assert meta["guidance_scale"] == 0.0 and (tmp_path / "typed_control.png").is_file()
