@@ -151,6 +151,9 @@ def build_parser() -> Parser:
                      help="weights folder: diffusers layout or the DeepBeepMeep/Z-Image file set")
     gen.add_argument("--transformer", type=Path, default=None,
                      help="single-file transformer (diffusers, DeepBeepMeep or ComfyUI keys) replacing the folder's")
+    gen.add_argument("--controlnet", type=Path, default=None, metavar="PATH",
+                     help="Z-Image ControlNet Union (1.0 / 2.0 / 2.1: the published single file or a diffusers "
+                          "folder) loaded with the model, for --control-image (ControlNet model types have their own)")
     gen.add_argument("--gen-profile", default=None, metavar="NAME",
                      help="start from a saved generation profile (explicit flags still win)")
     gen.add_argument("--profiles-dir", type=Path, default=Path("profiles"), help="generation profiles folder")
@@ -390,7 +393,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if not current[0].is_cancelled():  # a Ctrl-C between two jobs stops the next one at its start
                 current[0] = CancelToken()
             result = service.generate(
-                spec, model_dir=args.model_dir, transformer_file=args.transformer,
+                spec, model_dir=args.model_dir, transformer_file=args.transformer, controlnet_file=args.controlnet,
                 model_type_given=model_name is not None, output_dir=out_dir, file_names=names,
                 on_event=on_event, allow_lora_paths=lora_paths, cancel=current[0])
             for line in result.lora_reports:

@@ -36,9 +36,10 @@ def output_name(when: datetime, seed: int, index: int, prompt: str, ext: str = "
     return f"{when.strftime('%Y-%m-%d-%Hh%Mm%Ss')}_seed{seed}_{index}_{prompt_slug(prompt)}.{ext}"
 
 
-# copies of a job's input files beside its first output: <output stem>_input.png, <output stem>_mask.png
-INPUT_COPY_NAMES = {"image": "input"}
-_INPUT_COPY = re.compile(r"_(?:input|mask)(?:-\d+)?\.png$")
+# copies of a job's input files beside its first output: <output stem>_input.png, <output stem>_mask.png,
+# <output stem>_control_input.png (a control image); <output stem>_control.png is the control map a job made
+INPUT_COPY_NAMES = {"image": "input", "control_image": "control_input"}
+_INPUT_COPY = re.compile(r"_(?:input|mask|control|control_input)(?:-\d+)?\.png$")
 
 
 def input_copy_path(output: Path, param: str) -> Path:

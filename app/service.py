@@ -268,10 +268,12 @@ class GenerationService:
         on_event: EventFn | None = None,
         memory_profile: int | None = None,
         cancel: CancelToken | None = None,
+        controlnet_file: str | Path | None = None,
     ):
         """The loaded pipeline, reloaded when any part of its key changed; memory_profile (a job's
         override) replaces the configured profile for this load; a cancelled token stops a load between
-        its parts (GenerationInterrupted)."""
+        its parts (GenerationInterrupted); controlnet_file: a ControlNet loaded with the model (the family's
+        handler takes it), like transformer_file a weight file of the model, not of a job."""
         d = self.definition(model_type or DEFAULT_MODEL_TYPE)
         profile = self.config.memory_profile if memory_profile is None else memory_profile
         handler = handler_for(d.architecture)
@@ -280,7 +282,7 @@ class GenerationService:
         if model_dir is None:
             transformer_file = transformer_file or self.fetch_weights(d, quant, on_event)
         folder = self.model_dir(model_type, model_dir)
-        key = (d.model_type if model_type else None, str(folder), str(transformer_file),
+        key = (d.model_type if model_type else None, str(folder), str(transformer_file), str(controlnet_file),
                str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
                profile, self.config.preload_mb, self.config.perc_reserved_mem_max, self.config.overlap_transfers)
         with self._lock:
@@ -309,6 +311,7 @@ class GenerationService:
                     device="cpu" if offloaded else self.device, progress=progress, compile=self.config.compile,
                     transformer_quantization=quant[0], text_encoder_quantization=quant[1],
                     save_quantized=self.config.save_quantized, attention_backend=backend,
+                    **({"controlnet_file": controlnet_file} if controlnet_file is not None else {}),
                 )
                 self._offload = apply_profile(
                     parts, profile, preload_mb=self.config.preload_mb,
@@ -434,6 +437,7 @@ class GenerationService:
         *,
         model_dir: str | Path | None = None,
         transformer_file: str | Path | None = None,
+        controlnet_file: str | Path | None = None,
         model_type_given: bool = True,
         output_dir: Path | None = None,
         file_names: list[Path] | None = None,
@@ -482,7 +486,8 @@ class GenerationService:
                     log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
                              "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
                 pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file,
-                                     on_event, memory_profile=profile, cancel=cancel)
+                                     on_event, memory_profile=profile, cancel=cancel,
+                                     controlnet_file=controlnet_file)
                 lora_reports = self._sync_loras(spec, allow_lora_paths)
                 # consecutive missing images render together (image i of a batch uses seed + i, so a run starting at
                 # image k with seed + k gives the same images as the full batch)
@@ -540,6 +545,9 @@ class GenerationService:
                 path = unique_path(folder / output_name(when, image_seed, index + 1, spec.prompt, ext))
             if inputs is None:
                 inputs = self._save_inputs(spec, path)
+                # what the render made besides the images (a control map): shown beside the output, not re-read
+                for suffix, picture in (getattr(out, "side_images", None) or {}).items():
+                    save_image_atomic(picture, input_copy_path(output=path, param=suffix), None)
             s.update(inputs)
             paths[index] = save_image_atomic(image, path, s if self.config.save_metadata else None,
                                              quality=self.config.output_quality)

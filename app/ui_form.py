@@ -29,8 +29,8 @@ _MAX_TEXT = 100_000  # a form field longer than this is not something the page w
 
 def form_params() -> list[Param]:
     """The declared parameters the form has a control for, in the form's order (the prompt and memory profile
-    have controls of their own)."""
-    return [p for p in all_params() if p.name not in CUSTOM_CONTROLS]
+    have controls of their own; command-line-only ones are left out)."""
+    return [p for p in all_params() if p.name not in CUSTOM_CONTROLS and p.page]
 
 
 def form_keys() -> tuple[str, ...]:

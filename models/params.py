@@ -57,8 +57,9 @@ class Param:
     returns the value to keep or raises UserError, which parse() prefixes with the parameter's name.
     stored: kept in image metadata; in_profile: kept in generation profiles.
     a1111 / a1111_value: its name (and value formatter) in the A1111 `parameters` text.
-    pipeline: passed to the family's pipeline under `name`. legacy: older names read from old
-    profile files. optional: None is a value (meaning "not set": the app's default).
+    page: False keeps it off the page's form and the `/generate` API (the command line only, until the
+    page has a control for it). pipeline: passed to the family's pipeline under `name`. legacy: older
+    names read from old profile files. optional: None is a value (meaning "not set": the app's default).
     """
 
     name: str
@@ -88,6 +89,7 @@ class Param:
     model_tuned: bool = False
     legacy: tuple[str, ...] = ()
     optional: bool = False
+    page: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

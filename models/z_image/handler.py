@@ -24,7 +24,14 @@ DEFAULT_NEGATIVE = (
 # defaults/z_image_twinflow_turbo.json names TwinFlow-Z-Image-Turbo_{bf16,quanto_bf16_int8}.safetensors there;
 # it shares Turbo's VAE, scheduler config and Qwen3 text encoder)
 TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo",
-                     "z_image_twinflow_turbo": "TwinFlow-Z-Image-Turbo"}
+                     "z_image_twinflow_turbo": "TwinFlow-Z-Image-Turbo", "z_image_control": "ZImageTurbo",
+                     "z_image_control2": "ZImageTurbo", "z_image_control2_1": "ZImageTurbo"}
+# the ControlNet Union types: Turbo's transformer plus the ControlNet file of this stem (its
+# definition's "controlnet_URLs" download it, bf16 first) in the checkpoints folder
+CONTROLNET_STEMS = {"z_image_control": "Z-Image-Turbo-Fun-Controlnet-Union",
+                    "z_image_control2": "Z-Image-Turbo-Fun-Controlnet-Union2",
+                    "z_image_control2_1": "Z-Image-Turbo-Fun-Controlnet-Union2.1-8steps"}
+CONTROLNET_TYPES = tuple(CONTROLNET_STEMS)
 TINY_FOLDER = "z_image_tiny"
 REPO_ID = "DeepBeepMeep/Z-Image"
 # Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
@@ -51,11 +58,14 @@ def is_url(location: str) -> bool:
 class ZImageHandler(FamilyHandler):
     family = "z_image"
     family_label = "Z-Image"
-    architectures = ("z_image_base", "z_image", "z_image_tiny", "z_image_twinflow_turbo")
-    aliases = {"base": "z_image_base", "turbo": "z_image", "tiny": "z_image_tiny", "twinflow": "z_image_twinflow_turbo"}
-    # settings carry over between these (the target's recommendations are named where they differ)
+    architectures = ("z_image_base", "z_image", "z_image_tiny", "z_image_twinflow_turbo", *CONTROLNET_TYPES)
+    aliases = {"base": "z_image_base", "turbo": "z_image", "tiny": "z_image_tiny", "twinflow": "z_image_twinflow_turbo",
+               "control": "z_image_control", "control2": "z_image_control2", "control2.1": "z_image_control2_1"}
+    # settings carry over between these (the target's recommendations are named where they differ); the 2.x
+    # ControlNets take the same control maps and inpaint channels
     equivalences = {"z_image_base": ("z_image",), "z_image": ("z_image_base", "z_image_twinflow_turbo"),
-                    "z_image_twinflow_turbo": ("z_image",)}
+                    "z_image_twinflow_turbo": ("z_image",), "z_image_control2": ("z_image_control2_1",),
+                    "z_image_control2_1": ("z_image_control2",)}
     params = PARAMS
 
     def param_layout(self, architecture: str) -> dict[str, str]:
@@ -76,6 +86,8 @@ class ZImageHandler(FamilyHandler):
             if values.get("image") or (values.get("upscale") or 1.0) > 1.0:
                 raise UserError("TwinFlow Turbo takes no input image and no upscale pass (its sampler starts from "
                                 "noise): use Turbo or Base for img2img, inpainting, outpainting and upscaling")
+            if values.get("control_image"):
+                raise UserError("TwinFlow Turbo takes no control image: use a ControlNet model type")
             values["sampler"] = "twinflow"  # its own sampler, whatever the job's setting says
         return render(pipe, **values)
 
@@ -95,6 +107,10 @@ class ZImageHandler(FamilyHandler):
         if architecture == "z_image_twinflow_turbo":  # TwinFlow's release: 2 steps (1-4), no CFG, its own sampler
             return {"width": 1024, "height": 1024, "num_inference_steps": 2, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
+        if architecture in CONTROLNET_TYPES:  # the publishers': Turbo without CFG, 9 steps (2.1 distilled: 8)
+            return {"width": 1024, "height": 1024, "num_inference_steps": 8 if architecture == "z_image_control2_1"
+                    else 9, "guidance_scale": 0.0, "flow_shift": 3.0, "negative_prompt": "", "control_strength": 0.75,
+                    "min_recommended_size": 512}
         if architecture == "z_image_tiny":
             return {"width": 256, "height": 256, "num_inference_steps": 8, "guidance_scale": 4.0,
                     "flow_shift": 6.0, "negative_prompt": "blurry", "min_recommended_size": 0}
@@ -148,6 +164,12 @@ class ZImageHandler(FamilyHandler):
                 raise UserError(f"model definition {definition.source} has no {quant} {what} URL")
             if is_url(urls[pick[quant]]):  # a finetune may name a local file instead
                 specs.append(spec_from_url(urls[pick[quant]], checkpoints_dir))
+        # a ControlNet type's own file: bf16 whatever the transformer's choice (int8 ControlNets do not load yet)
+        control_urls = definition.model.get("controlnet_URLs") or []
+        if definition.architecture in CONTROLNET_TYPES and not control_urls:
+            raise UserError(f"model definition {definition.source} has no controlnet_URLs")
+        if control_urls and is_url(control_urls[0]):
+            specs.append(spec_from_url(control_urls[0], checkpoints_dir))
         specs += [FileSpec(REPO_ID, name, Path(checkpoints_dir) / name) for name in SHARED_FILES]
         return specs
 
@@ -159,6 +181,21 @@ class ZImageHandler(FamilyHandler):
             path = Path(urls[i]).expanduser()
             return path if path.is_absolute() else definition.source.parent.parent / path
         return None
+
+    def _controlnet_path(self, model_dir: Path, architecture: str | None, given: str | Path | None) -> Path | None:
+        """The ControlNet to load: the one given, else a ControlNet type's file in the model folder."""
+        if given is not None:
+            path = Path(given).expanduser()
+            if not path.exists():
+                raise UserError(f"ControlNet not found: {path}")
+            return path
+        if architecture not in CONTROLNET_STEMS:
+            return None
+        path = model_dir / f"{CONTROLNET_STEMS[architecture]}_bf16.safetensors"
+        if not path.is_file():
+            raise UserError(f"ControlNet file not found: {path} (run without --model-dir to download it, or give "
+                            "--controlnet FILE)")
+        return path
 
     def count_tokens(self, model_dir: Path, architecture: str, prompt: str) -> int | None:
         """The prompt's token count with this model's tokenizer; None when its files are not there yet."""
@@ -221,6 +258,7 @@ class ZImageHandler(FamilyHandler):
         text_encoder_quantization: str = "bf16",
         save_quantized: bool | str = False,
         attention_backend: str = "sdpa",
+        controlnet_file: str | Path | None = None,
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
@@ -233,6 +271,8 @@ class ZImageHandler(FamilyHandler):
         save_quantized: True or "int8" as said; "fp8": bf16 transformer weights are turned into scaled fp8
         ones (used for this run) and written beside the bf16 file (`lowbit.fp8_path`).
         attention_backend: a resolved models.attention backend, held by this model's attention modules.
+        controlnet_file: a ControlNet (single file or diffusers folder) for any type; a ControlNet type loads its
+        own file from the folder otherwise. The pipeline holds it as `pipe.controlnet` (None without).
         """
         from models.z_image import lowbit
         from models.z_image import quantize as q
@@ -271,6 +311,7 @@ class ZImageHandler(FamilyHandler):
             if found is not None:
                 files.missing = [p for p in files.missing if p != paths[0]]
                 int8_files[part] = [found]
+        control_path = self._controlnet_path(Path(model_dir), base_model_type, controlnet_file)
         files.check()
 
         def load_transformer():
@@ -313,6 +354,12 @@ class ZImageHandler(FamilyHandler):
             ("text encoder", load_text_encoder),
             ("VAE", lambda: ck.load_vae(files.vae, files.vae_config, VAE_dtype, device)),
         ]
+        if control_path is not None:
+            from models.z_image.controlnet import load_controlnet
+
+            # its blocks match the transformer's dtype: the hints are added to the transformer's stream
+            steps.append(("ControlNet", lambda: load_controlnet(control_path, parts["transformer"].config, dtype,
+                                                                device)))
         parts = {}
         for i, (name, load) in enumerate(steps):
             if progress is not None:
@@ -328,6 +375,9 @@ class ZImageHandler(FamilyHandler):
         shift = self.scheduler_shift(files)
         pipe = ZImagePipeline(parts["transformer"], parts["text encoder"], parts["VAE"],
                               default_shift=shift if shift is not None else 3.0, device=device)
+        pipe.controlnet = parts.get("ControlNet")
+        if pipe.controlnet is not None:
+            pipe.controlnet.check_transformer(parts["transformer"])  # a width mismatch: said at load time
         return pipe, {"transformer": parts["transformer"], "text_encoder": parts["text encoder"].model,
                       "vae": parts["VAE"]}
 

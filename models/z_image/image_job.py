@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 from models import image_inputs as ii
+from models.errors import UserError
+from models.z_image.params import DEFAULT_CONTROL_STRENGTH
 
 DEFAULT_STRENGTH = 0.6  # img2img; inpainting and outpainting default to 1.0
 LARGE_PIXELS = 1024 * 1024  # an upscale pass above this encodes and decodes in tiles
@@ -47,18 +49,51 @@ def prepare_inputs(image: str, mask: str, outpaint: str, width: int, height: int
     return source, mask_img
 
 
+def _control(pipe: Any, path: str, control_type: str, strength: float, width: int, height: int,
+             source: Image.Image | None, mask_img: Image.Image | None) -> tuple[Any, Image.Image]:
+    """(the pipeline's `control` argument, the control map) for one job; UserError when the model has no
+    ControlNet or a 1.0 ControlNet is asked to inpaint."""
+    from models.z_image.control_map import control_map
+    from models.z_image.controlnet import INPAINT_IN_DIM, control_input
+
+    net = getattr(pipe, "controlnet", None)
+    if net is None:
+        raise UserError("a control image (--control-image) needs a ControlNet: a ControlNet model type "
+                        "(z_image_control, z_image_control2, z_image_control2_1) or --controlnet FILE")
+    if mask_img is not None and net.in_dim != INPAINT_IN_DIM:
+        raise UserError(f"this ControlNet (version {net.config.version}) cannot inpaint: a mask (--mask) with a "
+                        "control image needs a 2.x ControlNet (or leave the mask out)")
+    picture = control_map(path, control_type, width, height)
+    if next(net.parameters()).device != pipe.device:  # loaded on the CPU beside offloaded parts: it runs resident
+        net.to(pipe.device)
+    # the inpaint channels take the image and mask only with a mask (img2img + control is plain control)
+    inpaint = mask_img is not None
+    control = control_input(pipe, net, picture, strength, width, height, image=source if inpaint else None,
+                            mask_image=mask_img if inpaint else None)
+    return control, picture
+
+
 def render(pipe: Any, *, width: int, height: int, num_inference_steps: int, image: str = "", mask: str = "",
            strength: float | None = None, paste_back: bool = True, mask_blur: int = ii.DEFAULT_MASK_BLUR,
            outpaint: str = "", upscale: float = 1.0, upscale_strength: float = 0.35,
            upscale_steps: int | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
            callback: Callable[[int, int, Any], None] | None = None,
-           step_start: Callable[[int, int], None] | None = None, vae_tiling: Any = False, **sampling: Any) -> Any:
-    """The job's images (an object with `images` and `seeds`, as the pipeline returns). Values are checked
-    already (their declarations in models/z_image/params.py); files that vanished since raise UserError."""
+           step_start: Callable[[int, int], None] | None = None, vae_tiling: Any = False, control_image: str = "",
+           control_strength: float = DEFAULT_CONTROL_STRENGTH, control_type: str = "raw", **sampling: Any) -> Any:
+    """The job's images (an object with `images` and `seeds`, as the pipeline returns, plus `side_images`:
+    {suffix: picture} to save beside the first output, the control map as "control"). Values are checked
+    already (their declarations in models/z_image/params.py); files that vanished since raise UserError.
+
+    control_image: with the pipeline's ControlNet (`pipe.controlnet`) it steers the first pass (with an image
+    and a mask, a 2.x ControlNet inpaints through its inpaint channels); the upscale pass runs without it."""
     source = mask_img = None
     if image:
         source, mask_img = prepare_inputs(image, mask, outpaint, width, height)
         width, height = source.size
+    control, side_images = None, {}
+    if control_image:
+        control, side_images["control"] = _control(pipe, control_image, control_type, control_strength, width,
+                                                    height, source, mask_img)
     s = strength if strength is not None else (1.0 if mask_img is not None else DEFAULT_STRENGTH)
     count = num_images_per_prompt
     first = steps_run(num_inference_steps, s, source is not None, mask_img is not None)
@@ -77,7 +112,9 @@ def render(pipe: Any, *, width: int, height: int, num_inference_steps: int, imag
         encode_tiling = True
     out = pipe(width=width, height=height, num_inference_steps=num_inference_steps, image=source,
                mask_image=mask_img, strength=s, num_images_per_prompt=count, seed=seed, callback=progress,
-               step_start=step_start, vae_tiling=vae_tiling, vae_encode_tiling=encode_tiling, **sampling)
+               step_start=step_start, vae_tiling=vae_tiling, vae_encode_tiling=encode_tiling, control=control,
+               **sampling)
+    out.side_images = side_images
     if mask_img is not None and paste_back:
         out.images = [ii.paste_back(source, im, mask_img, mask_blur) for im in out.images]
     if upscale > 1.0:

@@ -11,7 +11,9 @@ from models.errors import UserError
 from models.params import Param
 
 DEFAULT_MODEL_TYPE = "z_image_base"  # when no model type is named
-MODEL_ORDER = ("z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_tiny")  # how the page lists them
+# how the page lists them (the ControlNet types last: the page has no control section yet)
+MODEL_ORDER = ("z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_tiny", "z_image_control",
+               "z_image_control2", "z_image_control2_1")
 LORA_SUBDIR = "z_image"  # loras/<this>, or --lora-dir-z-image
 
 # Z-Image's own generation parameters (the common ones are in app/params.py); the pipeline takes
@@ -101,7 +103,26 @@ EXTRA_PARAMS = (
           cli="--variety-until", group="advanced", row="variety",
           help="the fraction of the steps that see the varied prompt"),
 )
-PARAMS = (*PARAMS, *IMAGE_PARAMS, *EXTRA_PARAMS)
+# ControlNet Union (models/z_image/control_job.py): the ControlNet itself is a weight file of the model
+# (a ControlNet model type's, or --controlnet), not a job setting; the job names its control image.
+# Command line only for now (page=False, and not in generation profiles, which the page edits too): the
+# page has no control section yet.
+CONTROL_TYPES = ("raw", "canny")
+DEFAULT_CONTROL_STRENGTH = 0.75  # the publisher's range is 0.65-0.75 (1.0 / 2.x)
+CONTROL_PARAMS = (
+    Param("control_image", str, "", "Control image", cli="--control-image", metavar="FILE", widget="image",
+          group="image", in_profile=False, check=_image_file, page=False,
+          help="ControlNet input (a ControlNet model type or --controlnet): the control map itself (raw) or the "
+               "picture it is made from (--control-type); resized (Lanczos) to the width x height"),
+    Param("control_strength", float, DEFAULT_CONTROL_STRENGTH, "Control strength", minimum=0.0, maximum=2.0,
+          step=0.05, cli="--control-strength", group="image", model_tuned=True, needs="control_image", page=False,
+          in_profile=False,
+          help="how strongly the control map steers the image (0 = exactly text-to-image; published 0.65-0.75)"),
+    Param("control_type", str, "raw", "Control type", choices=CONTROL_TYPES, cli="--control-type",
+          widget="dropdown", group="image", needs="control_image", page=False, in_profile=False,
+          help="raw: the control image is the map; canny: its edges (OpenCV Canny) are the map"),
+)
+PARAMS = (*PARAMS, *IMAGE_PARAMS, *CONTROL_PARAMS, *EXTRA_PARAMS)
 
 
 def check_values(values: dict[str, Any]) -> None:
@@ -111,6 +132,8 @@ def check_values(values: dict[str, Any]) -> None:
         raise UserError("a mask (--mask) needs an input image (--image)")
     if outpaint and not image:
         raise UserError("outpainting (--outpaint) needs an input image (--image)")
+    if values.get("control_image") and outpaint:  # the control map has the render size, not the grown canvas's
+        raise UserError("a control image (--control-image) cannot go with outpainting (--outpaint)")
     width, height = values.get("width"), values.get("height")
     if not isinstance(width, int) or not isinstance(height, int):
         return
@@ -133,7 +156,7 @@ LAYOUT: dict[str, dict[str, str]] = {
                      "variety_until": "hidden"},
     # TwinFlow: its own sampler and schedule (no shift), no CFG, no image input (the sampler takes none)
     "z_image_twinflow_turbo": {"flow_shift": "hidden", "sampler": "hidden", "cfg_normalization": "hidden",
-                         "cfg_truncation": "hidden", **{p.name: "hidden" for p in IMAGE_PARAMS}},
+                         "cfg_truncation": "hidden", **{p.name: "hidden" for p in (*IMAGE_PARAMS, *CONTROL_PARAMS)}},
 }
 
 # parameters the page shows only while another one is set, per architecture (on top of `Param.needs`)
