@@ -187,7 +187,7 @@ def test_model_types_download_turbo_and_their_controlnet(tmp_path):
     assert not problems
     expected = {"z_image_control": ("Z-Image-Turbo-Fun-Controlnet-Union_bf16.safetensors", 9),
                 "z_image_control2": ("Z-Image-Turbo-Fun-Controlnet-Union2_bf16.safetensors", 9),
-                "z_image_control2_1": ("Z-Image-Turbo-Fun-Controlnet-Union2.1-8steps_bf16.safetensors", 8)}
+                "z_image_control2_1": ("Z-Image-Turbo-Fun-Controlnet-Union2.1_bf16.safetensors", 9)}
     for model_type, (name, steps) in expected.items():
         d = defs[model_type]
         handler = handler_for(d.architecture)

@@ -30,7 +30,7 @@ TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo",
 # definition's "controlnet_URLs" download it, bf16 first) in the checkpoints folder
 CONTROLNET_STEMS = {"z_image_control": "Z-Image-Turbo-Fun-Controlnet-Union",
                     "z_image_control2": "Z-Image-Turbo-Fun-Controlnet-Union2",
-                    "z_image_control2_1": "Z-Image-Turbo-Fun-Controlnet-Union2.1-8steps"}
+                    "z_image_control2_1": "Z-Image-Turbo-Fun-Controlnet-Union2.1"}
 CONTROLNET_TYPES = tuple(CONTROLNET_STEMS)
 TINY_FOLDER = "z_image_tiny"
 REPO_ID = "DeepBeepMeep/Z-Image"
