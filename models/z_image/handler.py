@@ -107,10 +107,9 @@ class ZImageHandler(FamilyHandler):
         if architecture == "z_image_twinflow_turbo":  # TwinFlow's release: 2 steps (1-4), no CFG, its own sampler
             return {"width": 1024, "height": 1024, "num_inference_steps": 2, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
-        if architecture in CONTROLNET_TYPES:  # the publishers': Turbo without CFG, 9 steps (2.1 distilled: 8)
-            return {"width": 1024, "height": 1024, "num_inference_steps": 8 if architecture == "z_image_control2_1"
-                    else 9, "guidance_scale": 0.0, "flow_shift": 3.0, "negative_prompt": "", "control_strength": 0.75,
-                    "min_recommended_size": 512}
+        if architecture in CONTROLNET_TYPES:  # the publishers' (as Wan2GP has them): Turbo without CFG, 9 steps
+            return {"width": 1024, "height": 1024, "num_inference_steps": 9, "guidance_scale": 0.0,
+                    "flow_shift": 3.0, "negative_prompt": "", "control_strength": 0.75, "min_recommended_size": 512}
         if architecture == "z_image_tiny":
             return {"width": 256, "height": 256, "num_inference_steps": 8, "guidance_scale": 4.0,
                     "flow_shift": 6.0, "negative_prompt": "blurry", "min_recommended_size": 0}
