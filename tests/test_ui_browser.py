@@ -76,9 +76,10 @@ def page(browser, app):
 
 
 def choose_model(page: Page, name: str) -> None:
-    """name: the word after "Z-Image" in the model's name (Base, Turbo, TwinFlow, tiny)."""
+    """name: the word after "Z-Image" in the model's name (Base, Turbo, TwinFlow, tiny); the plain model, not
+    its ControlNet types ("Z-Image Turbo ControlNet Union ...")."""
     page.click("#model-type input")
-    page.get_by_role("option", name=re.compile(rf"^Z-Image {name}\b")).click()
+    page.get_by_role("option", name=re.compile(rf"^Z-Image {name}\b(?! ControlNet)")).click()
 
 
 def number(page: Page, elem_id: str) -> str:
