@@ -30,6 +30,23 @@ def run_cli(*args: str, timeout: float = 240, env_extra: dict | None = None, **k
                           text=True, timeout=timeout, env=env, **kwargs)
 
 
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run wgp_zimage's main in this process; (exit code, stdout, stderr)."""
+    import wgp_zimage
+
+    rc = wgp_zimage.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def pixels(path: Path):
+    """An image file's RGB pixels as ints."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny model in the official diffusers layout (single files)."""

@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import wgp_zimage
 from app.metadata import read_settings
 from models.errors import UserError
 from models.z_image import controlnet as zc
 from models.z_image.tiny import TINY_TRANSFORMER, _randomize
+from tests.conftest import cli as main
+from tests.conftest import pixels
 
 SIZE = ("--width", "64", "--height", "64")
 
@@ -27,16 +28,6 @@ SIZE = ("--width", "64", "--height", "64")
 def gen(tiny_dir: Path, *args: str) -> list[str]:
     return ["generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "3", "--prompt", "a cat",
             "--seed", "5", *SIZE, *args]
-
-
-def main(capsys, *args: str) -> tuple[int, str, str]:
-    rc = wgp_zimage.main(list(args))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
 def write_net(path: Path, version: str) -> Path:

@@ -9,13 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import wgp_zimage
 from models.errors import UserError
 from models.lowbit import Fp8Linear, lowbit_layers, quantize_fp8
-from tests.lowbit_helpers import psnr, render
+from tests.lowbit_helpers import psnr, reference, render  # noqa: F401 (reference: a fixture)
 
 # PSNR bounds (dB) against the fp32 image (tiny model, 3 steps at 64x64, fp32 compute), measured minus about
 # 3 dB: scaled e4m3fn 40.5 / e5m2 35.0 (per-tensor scales), plain e4m3fn 41.1 (no scales), per-row scales 40.7
@@ -52,17 +51,9 @@ def fp8_file(src, path, fmt="e4m3fn", scaled=True, per_row=False, scale_name="sc
     return path
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "ref.png"
-    rc = wgp_zimage.main(["generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "3", "--width", "64",
-                          "--height", "64", "--seed", "5", "--prompt", "a red fox", "--output", str(out)])
-    assert rc == 0
-    return np.asarray(Image.open(out)).astype(np.float64)
-
-
 @pytest.mark.parametrize("case", ["e4m3fn_scaled", "e5m2_scaled", "e4m3fn_plain", "e4m3fn_rows"])
-def test_fp8_file_renders_close_to_the_fp32_image(case, tiny_dir, tiny_comfy_file, reference, tmp_path, capsys):
+def test_fp8_file_renders_close_to_the_fp32_image(case, tiny_dir, tiny_comfy_file, reference, tmp_path,  # noqa: F811
+                                                  capsys):
     fmt, kind = case.split("_")
     path = fp8_file(tiny_comfy_file, tmp_path / f"z_image_{case}.safetensors", fmt, scaled=kind != "plain",
                     per_row=kind == "rows", scale_name="weight_scale" if kind == "rows" else "scale_weight")

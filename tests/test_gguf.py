@@ -7,14 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import wgp_zimage
 from models.errors import UserError
 from models.ggml import SUPPORTED_TYPES, dequantize, read_gguf
 from tests.conftest import to_comfy
-from tests.lowbit_helpers import cli, psnr, render
+from tests.lowbit_helpers import cli, psnr, reference, render  # noqa: F401 (reference: a fixture)
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -122,15 +120,6 @@ def comfy_sd(path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "ref.png"
-    rc = wgp_zimage.main(["generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "3", "--width", "64",
-                          "--height", "64", "--seed", "5", "--prompt", "a red fox", "--output", str(out)])
-    assert rc == 0
-    return np.asarray(Image.open(out)).astype(np.float64)
-
-
-@pytest.fixture(scope="module")
 def wide_file(tmp_path_factory):
     """A random transformer 256 wide (K-quant blocks need rows of 256) beside the tiny text encoder and VAE,
     as a ComfyUI single file without config (its architecture is read from the shapes)."""
@@ -176,7 +165,7 @@ def test_test_encoders_make_valid_kquant_blocks(qtype):
 # ------------------------------------------------------------------ rendering through the CLI
 
 @pytest.mark.parametrize("name", ["F16", "BF16", "Q8_0", "Q5_0", "Q4_0"])
-def test_gguf_file_renders_close_to_the_safetensors_image(name, tiny_dir, tiny_comfy_file, reference, tmp_path,
+def test_gguf_file_renders_close_to_the_safetensors_image(name, tiny_dir, tiny_comfy_file, reference, tmp_path,  # noqa: F811
                                                           capsys):
     path = write_gguf(tmp_path / f"z_image_{name}.gguf", comfy_sd(tiny_comfy_file), T[name])
     image = render(capsys, tiny_dir, tmp_path / "x.png", "--transformer", str(path))

@@ -12,27 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import wgp_zimage
 from app.jobs import JobSpec
 from app.metadata import MetadataError, read_settings
 from app.queue import JobQueue
 from app.service import GenerationService, ServiceConfig
 from models.z_image.image_job import steps_run
+from tests.conftest import cli as main
+from tests.conftest import pixels
 
 
 def gen(tiny_dir: Path, *args: str) -> list[str]:
     return ["generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "4", "--prompt", "a cat",
             *args]
-
-
-def main(capsys, *args: str) -> tuple[int, str, str]:
-    rc = wgp_zimage.main(list(args))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
 @pytest.fixture(scope="module")
