@@ -190,6 +190,8 @@ def _settings_column(c: dict[str, Any], ctl: PageController, form: ParamForm, st
     if form.has_group("image"):
         with gr.Accordion("Image input: img2img, inpaint, outpaint, upscale", open=False, elem_id="image-input"):
             form.build("image")
+    if form.has_group("control"):
+        _control_section(c, ctl, form)
     with gr.Accordion("LoRAs", open=True, elem_id="loras"):
         with gr.Row(equal_height=True):
             c["lora_select"] = gr.Dropdown(ctl.lora_names(), value=[], multiselect=True, label="LoRAs",
@@ -222,6 +224,20 @@ def _settings_column(c: dict[str, Any], ctl: PageController, form: ParamForm, st
         c["profiles"] = build_profiles_section(store, inputs, [c[k] for k in keys],
                                                lambda st: as_tuple(keys, ctl.settings_updates(st)),
                                                lambda: ctl.lora_names())
+
+
+def _control_section(c: dict[str, Any], ctl: PageController, form: ParamForm) -> None:
+    """The ControlNet's inputs (shown for the model types that have one) and a preview of the control map."""
+    shown = ctl.shows_group(ctl.first, "control")
+    with gr.Accordion("ControlNet: control image, type, strength", open=True, elem_id="control-section",
+                      visible=shown) as c["control_section"]:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                form.build("control")
+            with gr.Column(scale=2):
+                c["control_preview"] = gr.Image(label="Control map (what the ControlNet sees)", interactive=False,
+                                                height=240, elem_id="control-map-preview", buttons=[])
+                c["control_preview_button"] = gr.Button("Preview map", elem_id="control-map-button", size="sm")
 
 
 def _settings_keys(form: ParamForm) -> list[str]:
@@ -368,6 +384,14 @@ def _wire_settings(demo: gr.Blocks, c: dict[str, Any], ctl: PageController, form
     model.change(ctl.model_files_report, model, [model_files, model], **PRIVATE)
     form.wire_placement(model)
     form.wire_mirrors()
+    if "control_section" in c:
+        model.change(lambda t: gr.update(visible=ctl.shows_group(t, "control")), model, c["control_section"],
+                     **PRIVATE)
+        preview_inputs = [model, c["control_image"], c["control_type"], c["width"], c["height"]]
+        # an upload or a new type shows the map at once; the button redraws it (after a size change, say)
+        gr.on([c["control_image"].upload, c["control_image"].clear, c["control_type"].input,
+               c["control_preview_button"].click], ctl.control_preview, preview_inputs, c["control_preview"],
+              show_progress="minimal", api_visibility="private")
 
     def token_count(model_type: str, text: str) -> str:
         """Live count against the prompt limit (chat template included); longer prompts are truncated."""

@@ -103,6 +103,10 @@ class PageController:
     def shown(self, model_type: str, name: str) -> bool:
         return self.layouts.get(model_type, {}).get(name, HIDDEN) != HIDDEN
 
+    def shows_group(self, model_type: str | None, group: str) -> bool:
+        """Whether model_type shows any parameter in group (a section of the page)."""
+        return group in self.layouts.get(model_type or "", {}).values()
+
     def lora_library(self, model_type: str | None = None):
         return self.service.lora_library(model_type or self.first)
 
@@ -327,6 +331,26 @@ class PageController:
         return {editor.name: {"background": path, "layers": [], "composite": path}, "width": width,
                 "height": height, "preset": preset_for(width, height)}
 
+    def control_preview(self, model_type: str, control_image: Any, control_type: Any, width: Any,
+                        height: Any) -> Any:
+        """The control map a job would use (the picture the ControlNet sees at the job's size), shown before
+        generating; a problem is a warning and clears the preview."""
+        d = self.defs.get(model_type)
+        by_name = {p.name: p for p in self.params}
+        try:
+            if d is None:
+                raise UserError(f"model type {model_type!r} is not installed")
+            values = {"control_image": uploaded_path(control_image, by_name["control_image"].display)}
+            if not values["control_image"]:
+                return None
+            for name, raw in (("control_type", control_type), ("width", width), ("height", height)):
+                values[name] = by_name[name].parse(raw)
+            return handler_for(d.architecture).control_map(d.architecture, values,
+                                                           Path(self.service.config.checkpoints_dir))
+        except UserError as e:
+            gr.Warning(str(e))
+            return None
+
     # ------------------------------------------------------------ submitting and controlling jobs
 
     def generate(self, values: Mapping[str, Any], session: str = "") -> str:
@@ -383,6 +407,8 @@ class PageController:
                 out[p.name], painted = editor_inputs(out[p.name], p.display)
                 image = out[p.name]
         for p in self.params:
+            if p.widget == "picture" and p.name in out:
+                out[p.name] = uploaded_path(out[p.name], p.display)
             if p.widget == "mask" and p.name in out:
                 uploaded = uploaded_path(out[p.name], p.display)
                 out[p.name] = combined_mask(uploaded, painted, image) if image else uploaded

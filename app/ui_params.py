@@ -33,6 +33,10 @@ def make_control(p: Param, value: Any, visible: bool, elem_id: str, **extra: Any
                               brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
                               eraser=gr.Eraser(default_size=24), transforms=(), layers=False,
                               **{**common, "label": f"{p.label} (paint the area to repaint)"})
+    if p.widget == "picture":  # a picture used as it is (a control image)
+        common.pop("info")
+        return gr.Image(value=None, type="filepath", image_mode="RGB", sources=("upload", "clipboard"), height=240,
+                        **common)
     if p.widget == "mask":  # an uploaded mask, added to the painted one
         common.pop("info")
         return gr.Image(value=None, type="filepath", image_mode="L", sources=("upload", "clipboard"), height=160,

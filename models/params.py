@@ -22,10 +22,11 @@ from models.errors import UserError
 from models.parsing import ascii_float, ascii_int
 
 KINDS = (int, float, str, bool)
-GROUPS = ("main", "image", "advanced")
-# "image" / "mask": a file (its path, kind str); the page shows an image editor / an image upload
-WIDGETS = ("slider", "number", "text", "checkbox", "dropdown", "image", "mask")
-FILE_WIDGETS = ("image", "mask")
+GROUPS = ("main", "image", "control", "advanced")
+# "image" / "mask" / "picture": a file (its path, kind str); the page shows an image editor (the input, whose
+# strokes are a mask) / an upload for a mask / an upload for a picture (a control image)
+WIDGETS = ("slider", "number", "text", "checkbox", "dropdown", "image", "mask", "picture")
+FILE_WIDGETS = ("image", "mask", "picture")
 
 
 def _number(x: float) -> str:
@@ -47,7 +48,8 @@ class Param:
     definition's settings override it per model type when `model_tuned`).
     minimum / maximum / multiple_of / choices / max_length: what parse() accepts.
     label / help: what the page and `--help` show; cli: the option of `generate` (None: none).
-    group: where the page puts it ("main" or "advanced"; a handler may move or hide it per model);
+    group: where the page puts it ("main", "image", "control" or "advanced"; a handler may move or hide it per
+    model);
     widget: its kind of control; step: a slider's step; slider_maximum: a slider's end when
     narrower than what parse accepts.
     row: controls of one group with the same row name share a row on the page (consecutive ones).

@@ -71,6 +71,11 @@ class FamilyHandler:
         more than one sampling pass (inputs prepared, a refine pass) overrides this."""
         return pipe(**values)
 
+    def control_map(self, architecture: str, values: dict[str, Any], checkpoints_dir: Path) -> Any:
+        """The control map a job with these values would use (a PIL image) for the page's preview; None when
+        the values name no control image. UserError when this architecture takes none."""
+        raise UserError("this model type takes no control image")
+
     def lora_note(self, architecture: str) -> str | None:
         """A warning for jobs that use LoRAs with this architecture (said once per run of the app)."""
         return None

@@ -26,7 +26,8 @@ FULL = {
     "loras": [{"name": "ink", "strength": 0.7}, {"name": "film", "strength": 1.2}], "num_images": 3,
     "output_format": "webp", "output_quality": 85, "strength": 0.45, "paste_back": False, "mask_blur": 8,
     "upscale": 1.5, "upscale_strength": 0.3, "upscale_steps": 12, "sampler": "heun", "nag_scale": 4.0,
-    "nag_tau": 2.5, "nag_alpha": 0.25, "variety": 0.75, "variety_until": 0.5,
+    "nag_tau": 2.5, "nag_alpha": 0.25, "variety": 0.75, "variety_until": 0.5, "control_type": "canny",
+    "control_strength": 0.6,
 }
 
 
@@ -79,7 +80,8 @@ def test_schema_1_migrates(store):
         "loras": [{"name": "ink", "strength": 0.5}, {"name": "film", "strength": 1.0}], "num_images": 2,
         "output_format": "jpeg", "output_quality": 80, "strength": None, "paste_back": True, "mask_blur": 4,
         "upscale": 1.0, "upscale_strength": 0.35, "upscale_steps": None, "sampler": "euler", "nag_scale": 1.0,
-        "nag_tau": 3.5, "nag_alpha": 0.5, "variety": 0.0, "variety_until": 0.3}
+        "nag_tau": 3.5, "nag_alpha": 0.5, "variety": 0.0, "variety_until": 0.3, "control_type": "raw",
+        "control_strength": 0.75}
     assert any("migrated from schema 1" in w for w in warnings)
     # explicit version 1, random seed
     store.path("old").write_text(json.dumps({"schema_version": 1, "resolution": "512x512", "seed": -1}))
@@ -412,7 +414,8 @@ def test_cli_save_list_show_delete(tmp_path, capsys):
         "loras": [{"name": "ink", "strength": 0.5}, {"name": "film", "strength": 1.0}], "num_images": 1,
         "output_format": "jpeg", "output_quality": 80, "strength": None, "paste_back": True, "mask_blur": 4,
         "upscale": 1.0, "upscale_strength": 0.35, "upscale_steps": None, "sampler": "euler", "nag_scale": 1.0,
-        "nag_tau": 3.5, "nag_alpha": 0.5, "variety": 0.0, "variety_until": 0.3}
+        "nag_tau": 3.5, "nag_alpha": 0.5, "variety": 0.0, "variety_until": 0.3, "control_type": "raw",
+        "control_strength": 0.75}
     (tmp_path / "profiles" / "torn.json").write_text("{")
     assert cli(tmp_path, "list") == 0
     out = capsys.readouterr().out.splitlines()

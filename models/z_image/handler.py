@@ -31,7 +31,9 @@ TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo",
 CONTROLNET_STEMS = {"z_image_control": "Z-Image-Turbo-Fun-Controlnet-Union",
                     "z_image_control2": "Z-Image-Turbo-Fun-Controlnet-Union2",
                     "z_image_control2_1": "Z-Image-Turbo-Fun-Controlnet-Union2.1"}
-CONTROLNET_TYPES = tuple(CONTROLNET_STEMS)
+TINY_CONTROL = "z_image_tiny_control"  # the tiny model with a tiny ControlNet 2.1 (models/z_image/tiny.py)
+CONTROLNET_TYPES = (*CONTROLNET_STEMS, TINY_CONTROL)
+TINY_TYPES = ("z_image_tiny", TINY_CONTROL)
 TINY_FOLDER = "z_image_tiny"
 REPO_ID = "DeepBeepMeep/Z-Image"
 # Approximate latent -> RGB projection of the Flux VAE (16 channels), which Z-Image uses. These are
@@ -91,6 +93,17 @@ class ZImageHandler(FamilyHandler):
             values["sampler"] = "twinflow"  # its own sampler, whatever the job's setting says
         return render(pipe, **values)
 
+    def control_map(self, architecture: str, values: dict[str, Any], checkpoints_dir: Path) -> Any:
+        """The control map of values' control image at values' render size (what the job encodes)."""
+        if architecture not in CONTROLNET_TYPES:
+            raise UserError("this model type takes no control image: pick a ControlNet model type")
+        if not values.get("control_image"):
+            return None
+        from models.z_image.control_map import control_map
+
+        return control_map(values["control_image"], values.get("control_type") or "raw", values["width"],
+                           values["height"])
+
     def lora_note(self, architecture: str) -> str | None:
         if architecture == "z_image_twinflow_turbo":
             return ("TwinFlow with LoRAs: they are made for Turbo (or Base); at TwinFlow's 1-4 steps their effect "
@@ -107,6 +120,8 @@ class ZImageHandler(FamilyHandler):
         if architecture == "z_image_twinflow_turbo":  # TwinFlow's release: 2 steps (1-4), no CFG, its own sampler
             return {"width": 1024, "height": 1024, "num_inference_steps": 2, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
+        if architecture == TINY_CONTROL:
+            return {**self._defaults("z_image_tiny"), "control_strength": 0.75}
         if architecture in CONTROLNET_TYPES:  # the publishers' (as Wan2GP has them): Turbo without CFG, 9 steps
             return {"width": 1024, "height": 1024, "num_inference_steps": 9, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "control_strength": 0.75, "min_recommended_size": 512}
@@ -127,10 +142,10 @@ class ZImageHandler(FamilyHandler):
 
     def default_model_dir(self, architecture: str, checkpoints_dir: Path) -> Path:
         """Where a type's weights live when no --model-dir is given (created for the tiny model)."""
-        if architecture == "z_image_tiny":
+        if architecture in TINY_TYPES:
             from models.z_image.tiny import ensure_tiny_model
 
-            return ensure_tiny_model(Path(checkpoints_dir) / TINY_FOLDER)
+            return ensure_tiny_model(Path(checkpoints_dir) / TINY_FOLDER, controlnet=architecture == TINY_CONTROL)
         return Path(checkpoints_dir)
 
     def model_files(self, model_dir: Path, architecture: str | None) -> ck.ModelFiles:
@@ -153,7 +168,7 @@ class ZImageHandler(FamilyHandler):
         """FileSpecs of everything a type needs in the checkpoints folder (none for the tiny model)."""
         from models.downloads import FileSpec, spec_from_url
 
-        if definition.architecture == "z_image_tiny":
+        if definition.architecture in TINY_TYPES:
             return []
         pick = {"bf16": 0, "int8": 1}
         specs = []
@@ -187,6 +202,16 @@ class ZImageHandler(FamilyHandler):
             path = Path(given).expanduser()
             if not path.exists():
                 raise UserError(f"ControlNet not found: {path}")
+            return path
+        if architecture == TINY_CONTROL:
+            from models.z_image.tiny import CONTROLNET_FOLDER, is_tiny_model, write_tiny_controlnet
+
+            path = model_dir / CONTROLNET_FOLDER
+            if not (path / "config.json").is_file():
+                if not is_tiny_model(model_dir):
+                    raise UserError(f"the tiny ControlNet is not in {path} (the tiny control type takes the tiny "
+                                    "model's folder)")
+                write_tiny_controlnet(path)
             return path
         if architecture not in CONTROLNET_STEMS:
             return None

@@ -11,9 +11,9 @@ from models.errors import UserError
 from models.params import Param
 
 DEFAULT_MODEL_TYPE = "z_image_base"  # when no model type is named
-# how the page lists them (the ControlNet types last: the page has no control section yet)
-MODEL_ORDER = ("z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_tiny", "z_image_control",
-               "z_image_control2", "z_image_control2_1")
+# how the page lists them (the smoke-test models last)
+MODEL_ORDER = ("z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_control2_1", "z_image_control2",
+               "z_image_control", "z_image_tiny", "z_image_tiny_control")
 LORA_SUBDIR = "z_image"  # loras/<this>, or --lora-dir-z-image
 
 # Z-Image's own generation parameters (the common ones are in app/params.py); the pipeline takes
@@ -103,24 +103,24 @@ EXTRA_PARAMS = (
           cli="--variety-until", group="advanced", row="variety",
           help="the fraction of the steps that see the varied prompt"),
 )
-# ControlNet Union (models/z_image/control_job.py): the ControlNet itself is a weight file of the model
-# (a ControlNet model type's, or --controlnet), not a job setting; the job names its control image.
-# Command line only for now (page=False, and not in generation profiles, which the page edits too): the
-# page has no control section yet.
+# ControlNet Union (models/z_image/controlnet.py, maps in control_map.py): the ControlNet itself is a weight file
+# of the model (a ControlNet model type's, or --controlnet), not a job setting; the job names its control image.
+# The page shows them for the ControlNet types only (LAYOUT); like the input image, the control image is not
+# kept in generation profiles, its type and strength are.
 CONTROL_TYPES = ("raw", "canny")
 DEFAULT_CONTROL_STRENGTH = 0.75  # the publisher's range is 0.65-0.75 (1.0 / 2.x)
 CONTROL_PARAMS = (
-    Param("control_image", str, "", "Control image", cli="--control-image", metavar="FILE", widget="image",
-          group="image", in_profile=False, check=_image_file, page=False,
+    Param("control_image", str, "", "Control image", cli="--control-image", metavar="FILE", widget="picture",
+          group="control", in_profile=False, check=_image_file,
           help="ControlNet input (a ControlNet model type or --controlnet): the control map itself (raw) or the "
                "picture it is made from (--control-type); resized (Lanczos) to the width x height"),
-    Param("control_strength", float, DEFAULT_CONTROL_STRENGTH, "Control strength", minimum=0.0, maximum=2.0,
-          step=0.05, cli="--control-strength", group="image", model_tuned=True, needs="control_image", page=False,
-          in_profile=False,
-          help="how strongly the control map steers the image (0 = exactly text-to-image; published 0.65-0.75)"),
     Param("control_type", str, "raw", "Control type", choices=CONTROL_TYPES, cli="--control-type",
-          widget="dropdown", group="image", needs="control_image", page=False, in_profile=False,
+          widget="dropdown", group="control", row="control",
           help="raw: the control image is the map; canny: its edges (OpenCV Canny) are the map"),
+    Param("control_strength", float, DEFAULT_CONTROL_STRENGTH, "Control strength", minimum=0.0, maximum=2.0,
+          step=0.05, cli="--control-strength", group="control", row="control", model_tuned=True,
+          a1111="Control strength",
+          help="how strongly the control map steers the image (0 = exactly text-to-image; published 0.65-0.75)"),
 )
 PARAMS = (*PARAMS, *IMAGE_PARAMS, *CONTROL_PARAMS, *EXTRA_PARAMS)
 
@@ -148,12 +148,24 @@ def check_values(values: dict[str, Any]) -> None:
 
 
 # where the page shows a parameter when not where it is declared ("hidden": the model's default applies)
+# the control section is for the ControlNet types (the command line takes a control image with --controlnet
+# for any type)
+_NO_CONTROL = {p.name: "hidden" for p in CONTROL_PARAMS}
+_NO_NAG = {"nag_scale": "hidden", "nag_tau": "hidden", "nag_alpha": "hidden"}  # the ControlNet runs without NAG
+# the ControlNet types are Turbo plus a ControlNet
+_CONTROL_TURBO = {"flow_shift": "advanced", "cfg_normalization": "hidden", "cfg_truncation": "hidden", **_NO_NAG}
 LAYOUT: dict[str, dict[str, str]] = {
     # Turbo is distilled for one shift and no CFG (its negative prompt is NAG's: see CONDITIONS)
-    "z_image": {"flow_shift": "advanced", "cfg_normalization": "hidden", "cfg_truncation": "hidden"},
+    "z_image": {"flow_shift": "advanced", "cfg_normalization": "hidden", "cfg_truncation": "hidden", **_NO_CONTROL},
     # Base has CFG: NAG is for the distilled models (the CLI still takes it: it then guides the positive pass)
     "z_image_base": {"nag_scale": "hidden", "nag_tau": "hidden", "nag_alpha": "hidden", "variety": "hidden",
-                     "variety_until": "hidden"},
+                     "variety_until": "hidden", **_NO_CONTROL},
+    "z_image_tiny": _NO_CONTROL,
+    "z_image_tiny_control": _NO_NAG,
+    # ControlNet Union 1.0 has no inpaint channels: no mask (its input image still does img2img)
+    "z_image_control": {**_CONTROL_TURBO, "mask": "hidden"},
+    "z_image_control2": _CONTROL_TURBO,
+    "z_image_control2_1": _CONTROL_TURBO,
     # TwinFlow: its own sampler and schedule (no shift), no CFG, no image input (the sampler takes none)
     "z_image_twinflow_turbo": {"flow_shift": "hidden", "sampler": "hidden", "cfg_normalization": "hidden",
                          "cfg_truncation": "hidden", **{p.name: "hidden" for p in (*IMAGE_PARAMS, *CONTROL_PARAMS)}},

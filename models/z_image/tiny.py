@@ -39,6 +39,7 @@ TINY_VAE = {
     "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64, "use_quant_conv": False,
     "use_post_quant_conv": False, "scaling_factor": 0.3611, "shift_factor": 0.1159,
 }
+TINY_NOTE = "wgp-zimage tiny smoke-test model: random weights, produces noise"
 SCHEDULER = {
     "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
     "use_dynamic_shifting": False,
@@ -111,7 +112,7 @@ def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
             "_class_name": "ZImagePipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
             "text_encoder": ["transformers", "Qwen3Model"], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
             "transformer": ["diffusers", "ZImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "_note": "wgp-zimage tiny smoke-test model: random weights, produces noise",
+            "_note": TINY_NOTE,
         }, indent=2))
         if folder.exists():
             shutil.rmtree(folder)
@@ -123,8 +124,55 @@ def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def ensure_tiny_model(folder: str | Path) -> Path:
+def is_tiny_model(folder: str | Path) -> bool:
+    """Whether folder holds a tiny model written by write_tiny_model."""
+    try:
+        return json.loads((Path(folder) / "model_index.json").read_text()).get("_note") == TINY_NOTE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+CONTROLNET_FOLDER = "controlnet"  # the tiny ControlNet (`z_image_tiny_control`), a diffusers folder
+
+
+def write_tiny_controlnet(folder: str | Path, seed: int = 1) -> Path:
+    """A tiny ControlNet Union 2.1 for the tiny model (a control block per main layer, its own refiner, the
+    inpaint channels), written atomically as a diffusers folder; returns folder. Its projections are random,
+    not zero as in training, so the control map visibly changes the (noise) image."""
+    from safetensors.torch import save_file
+
+    from models.z_image import controlnet as zc
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    t = TINY_TRANSFORMER
+    cfg = zc.ControlNetConfig(
+        control_layers_places=list(range(t["n_layers"])), control_refiner_layers_places=list(
+            range(t["n_refiner_layers"])), control_in_dim=zc.INPAINT_IN_DIM,
+        add_control_noise_refiner=zc.REFINER_IS_OWN, dim=t["dim"], n_refiner_layers=t["n_refiner_layers"],
+        n_heads=t["n_heads"], n_kv_heads=t["n_kv_heads"])
+    net = zc.ZImageControlNet(cfg)
+    _randomize(net, torch.Generator("cpu").manual_seed(seed), 1.0)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-control-", dir=folder.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+                  tmp / "diffusion_pytorch_model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.chmod(tmp, creation_mode(directory=True))
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def ensure_tiny_model(folder: str | Path, controlnet: bool = False) -> Path:
+    """The tiny model in folder, written on first use; controlnet: with its tiny ControlNet (folder/controlnet)."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         write_tiny_model(folder)
+    if controlnet and not (folder / CONTROLNET_FOLDER / "config.json").is_file():
+        write_tiny_controlnet(folder / CONTROLNET_FOLDER)
     return folder
