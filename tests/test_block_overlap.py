@@ -27,7 +27,7 @@ from tests.test_lora_offload import (  # noqa: F401 - fixtures
     lora_file,
     lora_reference,
 )
-from tests.test_offload import cpu_cuda_standins, load, render
+from tests.test_offload import control_case, cpu_cuda_standins, load, render  # noqa: F401 - control_case: a fixture
 
 SMALL = {"transformer": 0.001, "text_encoder": 0.001}  # every block streams
 
@@ -392,3 +392,36 @@ def test_compile_lora_and_overlap(tiny_dir, lora_file, lora_reference, fresh_dyn
         finally:
             ofl.release(session)
 
+
+
+def test_overlapped_streaming_with_a_controlnet(control_case):  # noqa: F811
+    """The ControlNet's blocks stream with the transformer's under the overlap too: the image is the unprofiled
+    one, and from the second step on each control block was copied ahead (its successor learnt from the first
+    step), not copied on the compute stream when it is called."""
+    from tests.test_offload import control_render, load_control
+
+    model_dir, picture, controlled = control_case
+    with cpu_cuda_standins():
+        pipe, parts = load_control(model_dir)
+        session = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL)
+        manager = session.manager
+        manager.transfer_stream = Stream("transfer", [])
+        rec = Recorder()
+        manager.transfer_stream.log = rec.log
+        state = overlap_block_transfers(manager, rec)
+        real_copy = state._copy
+
+        def logged_copy(entry, compute_stream, ahead):
+            rec.log.append(("copying", entry, ahead))
+            return real_copy(entry, compute_stream, ahead)
+
+        state._copy = logged_copy
+        try:
+            assert np.array_equal(control_render(pipe, picture), controlled)
+        finally:
+            ofl.release(session)
+    copies = [e for e in rec.log if e[0] == "copying" and "controlnet." in e[1]]
+    control_blocks = {e[1] for e in copies}
+    assert {"transformer/controlnet.control_layers.0", "transformer/controlnet.control_layers.1"} <= control_blocks
+    per_block = {b: [ahead for _, e, ahead in copies if e == b] for b in control_blocks}
+    assert all(any(flags[1:]) for flags in per_block.values())  # copied ahead once its place was learnt

@@ -464,3 +464,62 @@ def test_vae_tiles_small_enough_to_split(tiny_dir):
         out = vae.decode(torch.randn(1, 16, 8, 8), return_dict=False)[0]
     assert calls and out.shape == (1, 3, 64, 64)
 
+
+
+# ---------------------------------------------------------------- a ControlNet under the profiles
+
+@pytest.fixture(scope="module")
+def control_case(tiny_dir, tmp_path_factory):
+    """(model folder with the tiny ControlNet, a control picture, the unprofiled controlled image)."""
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("offload_control")
+    model_dir = shutil.copytree(tiny_dir, root / "model")
+    y, x = np.mgrid[0:64, 0:64]
+    picture = root / "control.png"
+    Image.fromarray(np.stack([x * 4, y * 4, 255 - x * 2], -1).astype(np.uint8)).save(picture)
+    pipe, _ = load_control(model_dir)
+    return model_dir, picture, control_render(pipe, picture, under_cuda_default=False)
+
+
+def load_control(model_dir):
+    return HANDLER.load_model(base_model_type="z_image_tiny_control", dtype=torch.bfloat16,
+                              VAE_dtype=torch.float32, model_dir=model_dir)
+
+
+def control_render(pipe, picture, under_cuda_default: bool = True) -> np.ndarray:
+    pipe.text_encoder.cache.clear()
+    if under_cuda_default:
+        torch.set_default_device("cuda")
+    try:
+        out = HANDLER.render(pipe, "z_image_tiny_control", **KW, control_image=str(picture), control_type="raw",
+                             control_strength=0.75)
+        return np.asarray(out.images[0])
+    finally:
+        torch.set_default_device("cpu")
+
+
+@pytest.mark.parametrize("profile_no", [1, 4, 5])
+def test_a_controlnet_renders_under_every_profile_like_unprofiled(control_case, reference, fake_cuda, profile_no):
+    model_dir, picture, controlled = control_case
+    assert not np.array_equal(controlled, reference)  # the ControlNet changes the image
+    pipe, parts = load_control(model_dir)
+    assert parts["transformer"].controlnet is pipe.controlnet  # mmgp sees it as part of the transformer
+    session = ofl.apply_profile(parts, profile_no, device="cuda")
+    assert np.array_equal(control_render(pipe, picture), controlled)
+    ofl.release(session)
+
+
+def test_the_control_blocks_stream_with_the_transformer(control_case, fake_cuda):
+    """Under budgets below a block's size the ControlNet's blocks are loaded one at a time, like the main
+    layers, instead of the whole ControlNet sitting on the device."""
+    model_dir, picture, controlled = control_case
+    pipe, parts = load_control(model_dir)
+    session = ofl.apply_profile(parts, 4, device="cuda", budgets={"transformer": 0.001, "text_encoder": 0.001})
+    assert np.array_equal(control_render(pipe, picture), controlled)
+    blocks = {b for m, b, pre in fake_cuda if m == "transformer" and not pre}
+    assert {"controlnet.control_layers.0", "controlnet.control_layers.1", "controlnet.control_noise_refiner.0",
+            "layers.0", "layers.1"} <= blocks
+    ofl.release(session)

@@ -240,6 +240,20 @@ def _count(keys, prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
+QUANTO_DATA = ".weight._data"  # a quanto int8 weight's data (its scale: ".weight._scale")
+
+
+def _weights_view(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sd with a quanto int8 weight's data under the weight's own name (the same shape; zero where the weight is
+    zero), for telling the version and sizes apart; scales left out."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(("._scale", ".input_scale", ".output_scale")):
+            continue
+        out[k.removesuffix("._data")] = v
+    return out
+
+
 def _single_file_config(sd: dict[str, torch.Tensor], transformer: ZImageConfig) -> ControlNetConfig:
     """The config of a published single file, from its tensors and the transformer it goes with."""
     version = detect_version(sd)
@@ -285,11 +299,16 @@ def load_controlnet(path: str | Path, transformer: ZImageConfig, dtype: torch.dt
     else:
         files = [path]
         sd = convert_transformer_keys(read_state_dict(files))
-        cfg = _single_file_config(sd, transformer)
+        cfg = _single_file_config(_weights_view(sd), transformer)
     if cfg.add_control_noise_refiner == REFINER_IS_CONTROL_LAYERS:  # 2.0: its refiner tensors are unused
         sd = {k: v for k, v in sd.items() if not k.startswith("control_noise_refiner.")}
     with torch.device("meta"):
         net = ZImageControlNet(cfg)
+    if any(k.endswith(QUANTO_DATA) for k in sd):  # a quanto int8 file (DeepBeepMeep's *_quanto_bf16_int8)
+        from models.z_image import quantize as q
+
+        q.load_int8_state(net, sd, files, f"ControlNet {path.name}", dtype)
+        return net.to(device).eval().requires_grad_(False)
     expected = set(net.state_dict())
     problem = key_mismatch(expected - sd.keys(), sd.keys() - expected)
     if problem:

@@ -178,12 +178,15 @@ class ZImageHandler(FamilyHandler):
                 raise UserError(f"model definition {definition.source} has no {quant} {what} URL")
             if is_url(urls[pick[quant]]):  # a finetune may name a local file instead
                 specs.append(spec_from_url(urls[pick[quant]], checkpoints_dir))
-        # a ControlNet type's own file: bf16 whatever the transformer's choice (int8 ControlNets do not load yet)
+        # a ControlNet type's own file, int8 with an int8 transformer (bf16 when the definition lists no int8 one)
         control_urls = definition.model.get("controlnet_URLs") or []
-        if definition.architecture in CONTROLNET_TYPES and not control_urls:
+        if definition.architecture in CONTROLNET_TYPES and not control_urls and definition.architecture not in \
+                TINY_TYPES:
             raise UserError(f"model definition {definition.source} has no controlnet_URLs")
-        if control_urls and is_url(control_urls[0]):
-            specs.append(spec_from_url(control_urls[0], checkpoints_dir))
+        if control_urls:
+            url = control_urls[min(pick[transformer_quantization], len(control_urls) - 1)]
+            if is_url(url):
+                specs.append(spec_from_url(url, checkpoints_dir))
         specs += [FileSpec(REPO_ID, name, Path(checkpoints_dir) / name) for name in SHARED_FILES]
         return specs
 
@@ -196,8 +199,10 @@ class ZImageHandler(FamilyHandler):
             return path if path.is_absolute() else definition.source.parent.parent / path
         return None
 
-    def _controlnet_path(self, model_dir: Path, architecture: str | None, given: str | Path | None) -> Path | None:
-        """The ControlNet to load: the one given, else a ControlNet type's file in the model folder."""
+    def _controlnet_path(self, model_dir: Path, architecture: str | None, given: str | Path | None,
+                         int8: bool = False) -> Path | None:
+        """The ControlNet to load: the one given, else a ControlNet type's file in the model folder (its int8
+        sibling when int8 and it is there)."""
         if given is not None:
             path = Path(given).expanduser()
             if not path.exists():
@@ -216,6 +221,12 @@ class ZImageHandler(FamilyHandler):
         if architecture not in CONTROLNET_STEMS:
             return None
         path = model_dir / f"{CONTROLNET_STEMS[architecture]}_bf16.safetensors"
+        if int8:
+            from models.z_image.quantize import find_int8
+
+            found = find_int8(path)
+            if found is not None:
+                return found
         if not path.is_file():
             raise UserError(f"ControlNet file not found: {path} (run without --model-dir to download it, or give "
                             "--controlnet FILE)")
@@ -335,7 +346,8 @@ class ZImageHandler(FamilyHandler):
             if found is not None:
                 files.missing = [p for p in files.missing if p != paths[0]]
                 int8_files[part] = [found]
-        control_path = self._controlnet_path(Path(model_dir), base_model_type, controlnet_file)
+        control_path = self._controlnet_path(Path(model_dir), base_model_type, controlnet_file,
+                                             int8=transformer_quantization == "int8" or bool(quantizeTransformer))
         files.check()
 
         def load_transformer():
@@ -402,6 +414,7 @@ class ZImageHandler(FamilyHandler):
         pipe.controlnet = parts.get("ControlNet")
         if pipe.controlnet is not None:
             pipe.controlnet.check_transformer(parts["transformer"])  # a width mismatch: said at load time
+            parts["transformer"].controlnet = pipe.controlnet  # memory profiles stream it with the transformer
         return pipe, {"transformer": parts["transformer"], "text_encoder": parts["text encoder"].model,
                       "vae": parts["VAE"]}
 

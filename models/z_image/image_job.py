@@ -64,8 +64,6 @@ def _control(pipe: Any, path: str, control_type: str, strength: float, width: in
         raise UserError(f"this ControlNet (version {net.config.version}) cannot inpaint: a mask (--mask) with a "
                         "control image needs a 2.x ControlNet (or leave the mask out)")
     picture = control_map(path, control_type, width, height)
-    if next(net.parameters()).device != pipe.device:  # loaded on the CPU beside offloaded parts: it runs resident
-        net.to(pipe.device)
     # the inpaint channels take the image and mask only with a mask (img2img + control is plain control)
     inpaint = mask_img is not None
     control = control_input(pipe, net, picture, strength, width, height, image=source if inpaint else None,

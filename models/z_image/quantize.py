@@ -41,6 +41,7 @@ TRANSFORMER_EXCLUDE = ("all_x_embedder*", "all_final_layer*", "t_embedder*", "ca
 # the embedding table stays a plain nn.Embedding (quanto has no int8 embedding; mmgp's would
 # dequantize the whole 151936 x 2560 table at every call)
 TEXT_ENCODER_EXCLUDE = ("embed_tokens",)
+CONTROLNET_EXCLUDE = ("control_all_x_embedder*",)  # its patch embedder, like the transformer's
 QUANTO_TAG = "_quanto_"
 _SCALE_KEYS = (".input_scale", ".output_scale")
 _DTYPE_TAGS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -123,6 +124,8 @@ def read_quantization_map(files: list[Path]) -> dict | None:
 def default_exclude(model: nn.Module) -> tuple[str, ...]:
     if isinstance(model, ZImageTransformer):
         return TRANSFORMER_EXCLUDE
+    if hasattr(model, "control_all_x_embedder"):  # a ControlNet (models/z_image/controlnet.py)
+        return CONTROLNET_EXCLUDE
     if hasattr(model, "embed_tokens"):
         return TEXT_ENCODER_EXCLUDE
     return ()
@@ -242,6 +245,20 @@ def _load_quantized(model: nn.Module, sd: dict, qmap: dict, what: str, files: li
         raise UserError(f"{what} int8 checkpoint {where} has no data for {len(meta)} tensors "
                         f"(first: {', '.join(meta[:3])})")
     align_int8_storage(model)  # the file's int8 views can sit at any offset: see its docstring
+
+
+def load_int8_state(model: nn.Module, sd: dict, files: list[Path], what: str, dtype: torch.dtype) -> nn.Module:
+    """model (built on the meta device, its keys those of sd) with the quanto int8 tensors of sd loaded: the
+    modules the files' quantization map names become quanto modules; floating tensors and scales end in dtype.
+    UserError for a file without a map or whose keys do not fit."""
+    qmap = read_quantization_map(files)
+    if qmap is None:
+        raise UserError(f"{files[0]} has no quantization map (metadata 'quantization_map' or "
+                        f"{files[0].stem}_map.json): not a quanto int8 file")
+    qmap = {k: v for k, v in _rename_map(qmap, _transformer_module_name).items()
+            if any(key.startswith(k + ".") for key in sd)}  # entries of tensors the caller left out go too
+    _load_quantized(model, sd, qmap, what, files)
+    return cast_model(model, dtype)
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -294,6 +294,10 @@ class ZImageTransformer(nn.Module):
         self.layers = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.rope = RopeTables(cfg.rope_theta, cfg.axes_dims, cfg.axes_lens)
         self._key = key
+        # a ControlNet loaded with the model (models/z_image/controlnet.py) rides along as a submodule, so a memory
+        # manager that streams this model's blocks (mmgp) streams the control blocks with them; the job's
+        # ControlInput still names the net it runs. Attached after loading: the weight files never hold it.
+        self.controlnet: nn.Module | None = None
 
     @property
     def dtype(self) -> torch.dtype:
