@@ -529,6 +529,7 @@ class GenerationService:
                 seed=seed + first,
                 callback=observer.step_end, interrupt=cancel.is_cancelled, step_start=observer.step_start,
                 vae_tiling=functools.partial(self._decode_tiled, profile, spec.height, spec.width, count),
+                checkpoints_dir=self.config.checkpoints_dir, on_event=on_event,
             )
         when = datetime.now()
         from app.metadata import EXTENSIONS

@@ -68,7 +68,11 @@ class FamilyHandler:
     def render(self, pipe: Any, architecture: str, **values: Any) -> Any:
         """Run one job's images: values are its pipeline parameters by name plus the service's (seed,
         num_images_per_prompt, callbacks); the result has `images` and `seeds`. A family whose jobs are
-        more than one sampling pass (inputs prepared, a refine pass) overrides this."""
+        more than one sampling pass (inputs prepared, a refine pass) overrides this. The service also passes
+        checkpoints_dir (where weights a job needs besides the model's download, e.g. control-map annotators)
+        and on_event (the job's download/progress events); the plain pipeline takes neither."""
+        values.pop("checkpoints_dir", None)
+        values.pop("on_event", None)
         return pipe(**values)
 
     def lora_note(self, architecture: str) -> str | None:

@@ -107,7 +107,8 @@ EXTRA_PARAMS = (
 # (a ControlNet model type's, or --controlnet), not a job setting; the job names its control image.
 # Command line only for now (page=False, and not in generation profiles, which the page edits too): the
 # page has no control section yet.
-CONTROL_TYPES = ("raw", "canny")
+# how the control image becomes the map (models/z_image/control_map.py); depth and pose download an annotator
+CONTROL_TYPES = ("raw", "canny", "gray", "scribble", "depth", "pose")
 DEFAULT_CONTROL_STRENGTH = 0.75  # the publisher's range is 0.65-0.75 (1.0 / 2.x)
 CONTROL_PARAMS = (
     Param("control_image", str, "", "Control image", cli="--control-image", metavar="FILE", widget="image",
@@ -120,7 +121,9 @@ CONTROL_PARAMS = (
           help="how strongly the control map steers the image (0 = exactly text-to-image; published 0.65-0.75)"),
     Param("control_type", str, "raw", "Control type", choices=CONTROL_TYPES, cli="--control-type",
           widget="dropdown", group="image", needs="control_image", page=False, in_profile=False,
-          help="raw: the control image is the map; canny: its edges (OpenCV Canny) are the map"),
+          help="raw: the control image is the map; canny: its edges (OpenCV Canny); gray: its grey image; "
+               "scribble: thick strokes of its contours; depth: a Depth Anything V2 depth map (downloads about "
+               "100 MB on first use); pose: OpenPose-style skeletons by RT-DETR + ViTPose (about 520 MB)"),
 )
 PARAMS = (*PARAMS, *IMAGE_PARAMS, *CONTROL_PARAMS, *EXTRA_PARAMS)
 
