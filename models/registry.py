@@ -89,6 +89,11 @@ class FamilyHandler:
         """FileSpecs (models.downloads) of what a type needs in the checkpoints folder."""
         return []
 
+    def job_files(self, values: dict[str, Any], checkpoints_dir: Path) -> list:
+        """FileSpecs of what one job needs besides its model's files (values: its pipeline parameters), fetched
+        before the model loads so a missing download fails fast."""
+        return []
+
     lora_subdir: str = ""  # folder under the LoRA root (loras/<lora_subdir>)
 
     def lora_converter(self):

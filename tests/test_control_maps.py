@@ -139,6 +139,7 @@ def test_missing_annotator_offline_is_one_clear_error_and_the_next_job_runs(tiny
     rc, _, err = run(tiny_dir, net, photo, tmp_path / "x.png", "depth", capsys, "--checkpoints-dir", str(empty))
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "loading" not in err  # told before the model loads
     assert "missing and cannot be downloaded: offline mode is on" in lines[0]
     assert f"{an.DEPTH_REPO}/resolve/main/model.safetensors" in err
     assert str(empty / "annotators" / "Depth-Anything-V2-Small-hf") in err
@@ -316,3 +317,23 @@ def test_pose_map_is_the_skeletons_of_the_models_keypoints(tiny_dir, net, photo,
     assert got.shape == (H, W, 3) and got.any()
     assert np.array_equal(got, np.asarray(an.draw_openpose(people, W, H)))
     assert len(people) == len(boxes) and any(p is not None for person in people for p in person)
+
+
+def test_annotators_are_freed_once_the_map_is_made(ckpts, photo, monkeypatch):
+    import weakref
+
+    from models.z_image.control_map import control_map
+
+    loaded, events = [], []
+    real = an._load
+
+    def spy(folder, model_class):
+        processor, model = real(folder, model_class)
+        loaded.append(weakref.ref(model))
+        return processor, model
+
+    monkeypatch.setattr(an, "_load", spy)
+    picture = control_map(str(photo), "depth", W, H, checkpoints_dir=ckpts, on_event=events.append)
+    assert picture.size == (W, H) and len(loaded) == 1 and loaded[0]() is None  # nothing kept after the job
+    assert [e["step"] for e in events if e["kind"] == "preprocess"] == [0, 1, 2]
+    assert not [e for e in events if e["kind"] == "download"]  # present: nothing fetched
