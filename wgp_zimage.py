@@ -369,6 +369,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bar.set_postfix_str(ev["desc"])
             if ev["step"] >= ev["total"]:
                 bars.pop("load").close()
+        elif ev["kind"] == "preprocess":  # a control map made by an annotator model (depth, pose)
+            bar = bars.get("prep") or bars.setdefault("prep", tqdm(total=ev["total"], desc="control map",
+                                                                    unit="part"))
+            bar.n = ev["step"]
+            bar.set_postfix_str(ev["desc"])
+            if ev["step"] >= ev["total"]:
+                bars.pop("prep").close()
         elif ev["kind"] == "step":
             bar = bars.get("steps")
             if bar is None or bar.total != ev["total"] or bar.disable:

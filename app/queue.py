@@ -654,6 +654,9 @@ class JobQueue:
             if ev["kind"] == "load":
                 job.phase = f"loading model: {ev.get('desc', '')}".rstrip(": ")
                 job.step, job.total = ev["step"], ev["total"]
+            elif ev["kind"] == "preprocess":  # the control map's annotator (depth, pose)
+                job.phase = f"control map: {ev.get('desc', '')}".rstrip(": ")
+                job.step, job.total = ev["step"], ev["total"]
             elif ev["kind"] == "step":
                 job.phase = "decoding" if ev["step"] >= ev["total"] else "denoising"
                 job.step, job.total = ev["step"], ev["total"]

@@ -335,16 +335,20 @@ class GenerationService:
     def fetch_weights(self, d: ModelDefinition, quant: tuple[str, str], on_event: EventFn | None = None) -> Path | None:
         """Download what a type needs (quant: the transformer's and text encoder's bf16/int8 choice) into
         the checkpoints folder; returns a finetune's local transformer."""
-        from models.downloads import download_files, missing_files
-
         handler = handler_for(d.architecture)
         tq, teq = quant
-        specs = handler.files_to_download(d, self.config.checkpoints_dir, tq, teq)
+        self._download(handler.files_to_download(d, self.config.checkpoints_dir, tq, teq), on_event)
+        return handler.local_transformer(d, tq)
+
+    @staticmethod
+    def _download(specs: list, on_event: EventFn | None) -> None:
+        """The missing files of specs downloaded (a "download" event first), UserError when they cannot be."""
+        from models.downloads import download_files, missing_files
+
         missing = missing_files(specs)
         if missing and on_event:
             on_event({"kind": "download", "files": [s.repo_path for s in missing]})
-        download_files(specs)
-        return handler.local_transformer(d, tq)
+        download_files(specs)  # no request at all when nothing is missing
 
     def memory_status(self) -> dict[str, Any]:
         """Device, whether a model is loaded, VRAM (CUDA) and RAM use in bytes (None where unknown)."""
@@ -485,6 +489,9 @@ class GenerationService:
                 if spec.memory_profile is not None:
                     log.info("memory profile %d for this job (configured: %d)%s", profile, self.config.memory_profile,
                              "" if self.device.type == "cuda" else "; recorded only: no mmgp offload on the CPU")
+                arch = d.architecture
+                self._download(handler_for(arch).job_files(spec.pipeline_values(arch), self.config.checkpoints_dir),
+                               on_event)  # before the model load: an offline job without them fails at once
                 pipe = self.pipeline(spec.model_type if model_type_given else None, model_dir, transformer_file,
                                      on_event, memory_profile=profile, cancel=cancel,
                                      controlnet_file=controlnet_file)
@@ -529,6 +536,7 @@ class GenerationService:
                 seed=seed + first,
                 callback=observer.step_end, interrupt=cancel.is_cancelled, step_start=observer.step_start,
                 vae_tiling=functools.partial(self._decode_tiled, profile, spec.height, spec.width, count),
+                checkpoints_dir=self.config.checkpoints_dir, on_event=on_event,
             )
         when = datetime.now()
         from app.metadata import EXTENSIONS

@@ -68,7 +68,11 @@ class FamilyHandler:
     def render(self, pipe: Any, architecture: str, **values: Any) -> Any:
         """Run one job's images: values are its pipeline parameters by name plus the service's (seed,
         num_images_per_prompt, callbacks); the result has `images` and `seeds`. A family whose jobs are
-        more than one sampling pass (inputs prepared, a refine pass) overrides this."""
+        more than one sampling pass (inputs prepared, a refine pass) overrides this. The service also passes
+        checkpoints_dir (where weights a job needs besides the model's download, e.g. control-map annotators)
+        and on_event (the job's download/progress events); the plain pipeline takes neither."""
+        values.pop("checkpoints_dir", None)
+        values.pop("on_event", None)
         return pipe(**values)
 
     def control_map(self, architecture: str, values: dict[str, Any], checkpoints_dir: Path) -> Any:
@@ -88,6 +92,11 @@ class FamilyHandler:
     def files_to_download(self, definition: ModelDefinition, checkpoints_dir: Path,
                           transformer_quantization: str = "bf16", text_encoder_quantization: str = "bf16") -> list:
         """FileSpecs (models.downloads) of what a type needs in the checkpoints folder."""
+        return []
+
+    def job_files(self, values: dict[str, Any], checkpoints_dir: Path) -> list:
+        """FileSpecs of what one job needs besides its model's files (values: its pipeline parameters), fetched
+        before the model loads so a missing download fails fast."""
         return []
 
     lora_subdir: str = ""  # folder under the LoRA root (loras/<lora_subdir>)

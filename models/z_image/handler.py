@@ -79,6 +79,14 @@ class ZImageHandler(FamilyHandler):
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
         return {"max_prompt_tokens": 512, **self._defaults(architecture)}
 
+    def job_files(self, values: dict[str, Any], checkpoints_dir: Path) -> list:
+        """The depth and pose control types' annotator weights (models/annotators.py)."""
+        if not values.get("control_image"):
+            return []
+        from models.annotators import annotators_for
+
+        return [s for a in annotators_for(values.get("control_type") or "raw") for s in a.specs(checkpoints_dir)]
+
     def render(self, pipe: Any, architecture: str, **values: Any) -> Any:
         """Image inputs, paste-back and the upscale pass around the sampling (models/z_image/image_job.py);
         TwinFlow samples with its own sampler whatever the job says."""
@@ -102,7 +110,7 @@ class ZImageHandler(FamilyHandler):
         from models.z_image.control_map import control_map
 
         return control_map(values["control_image"], values.get("control_type") or "raw", values["width"],
-                           values["height"])
+                           values["height"], checkpoints_dir=checkpoints_dir)
 
     def lora_note(self, architecture: str) -> str | None:
         if architecture == "z_image_twinflow_turbo":

@@ -9,6 +9,7 @@ total), so one progress bar and ETA cover the job; the per-step LoRA hook sees e
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,8 @@ def prepare_inputs(image: str, mask: str, outpaint: str, width: int, height: int
 
 
 def _control(pipe: Any, path: str, control_type: str, strength: float, width: int, height: int,
-             source: Image.Image | None, mask_img: Image.Image | None) -> tuple[Any, Image.Image]:
+             source: Image.Image | None, mask_img: Image.Image | None, checkpoints_dir: Path | None = None,
+             on_event: Callable[[dict[str, Any]], None] | None = None) -> tuple[Any, Image.Image]:
     """(the pipeline's `control` argument, the control map) for one job; UserError when the model has no
     ControlNet or a 1.0 ControlNet is asked to inpaint."""
     from models.z_image.control_map import control_map
@@ -63,7 +65,7 @@ def _control(pipe: Any, path: str, control_type: str, strength: float, width: in
     if mask_img is not None and net.in_dim != INPAINT_IN_DIM:
         raise UserError(f"this ControlNet (version {net.config.version}) cannot inpaint: a mask (--mask) with a "
                         "control image needs a 2.x ControlNet (or leave the mask out)")
-    picture = control_map(path, control_type, width, height)
+    picture = control_map(path, control_type, width, height, checkpoints_dir=checkpoints_dir, on_event=on_event)
     # the inpaint channels take the image and mask only with a mask (img2img + control is plain control)
     inpaint = mask_img is not None
     control = control_input(pipe, net, picture, strength, width, height, image=source if inpaint else None,
@@ -77,13 +79,16 @@ def render(pipe: Any, *, width: int, height: int, num_inference_steps: int, imag
            upscale_steps: int | None = None, num_images_per_prompt: int = 1, seed: int | None = None,
            callback: Callable[[int, int, Any], None] | None = None,
            step_start: Callable[[int, int], None] | None = None, vae_tiling: Any = False, control_image: str = "",
-           control_strength: float = DEFAULT_CONTROL_STRENGTH, control_type: str = "raw", **sampling: Any) -> Any:
+           control_strength: float = DEFAULT_CONTROL_STRENGTH, control_type: str = "raw",
+           checkpoints_dir: Path | None = None, on_event: Callable[[dict[str, Any]], None] | None = None,
+           **sampling: Any) -> Any:
     """The job's images (an object with `images` and `seeds`, as the pipeline returns, plus `side_images`:
     {suffix: picture} to save beside the first output, the control map as "control"). Values are checked
     already (their declarations in models/z_image/params.py); files that vanished since raise UserError.
 
     control_image: with the pipeline's ControlNet (`pipe.controlnet`) it steers the first pass (with an image
-    and a mask, a 2.x ControlNet inpaints through its inpaint channels); the upscale pass runs without it."""
+    and a mask, a 2.x ControlNet inpaints through its inpaint channels); the upscale pass runs without it.
+    checkpoints_dir and on_event: where the depth and pose annotators are downloaded, and their events."""
     source = mask_img = None
     if image:
         source, mask_img = prepare_inputs(image, mask, outpaint, width, height)
@@ -91,7 +96,7 @@ def render(pipe: Any, *, width: int, height: int, num_inference_steps: int, imag
     control, side_images = None, {}
     if control_image:
         control, side_images["control"] = _control(pipe, control_image, control_type, control_strength, width,
-                                                    height, source, mask_img)
+                                                    height, source, mask_img, checkpoints_dir, on_event)
     s = strength if strength is not None else (1.0 if mask_img is not None else DEFAULT_STRENGTH)
     count = num_images_per_prompt
     first = steps_run(num_inference_steps, s, source is not None, mask_img is not None)

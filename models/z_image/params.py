@@ -107,7 +107,8 @@ EXTRA_PARAMS = (
 # of the model (a ControlNet model type's, or --controlnet), not a job setting; the job names its control image.
 # The page shows them for the ControlNet types only (LAYOUT); like the input image, the control image is not
 # kept in generation profiles, its type and strength are.
-CONTROL_TYPES = ("raw", "canny")
+# how the control image becomes the map (control_map.py); depth and pose download an annotator
+CONTROL_TYPES = ("raw", "canny", "gray", "scribble", "depth", "pose")
 DEFAULT_CONTROL_STRENGTH = 0.75  # the publisher's range is 0.65-0.75 (1.0 / 2.x)
 CONTROL_PARAMS = (
     Param("control_image", str, "", "Control image", cli="--control-image", metavar="FILE", widget="picture",
@@ -116,7 +117,9 @@ CONTROL_PARAMS = (
                "picture it is made from (--control-type); resized (Lanczos) to the width x height"),
     Param("control_type", str, "raw", "Control type", choices=CONTROL_TYPES, cli="--control-type",
           widget="dropdown", group="control", row="control",
-          help="raw: the control image is the map; canny: its edges (OpenCV Canny) are the map"),
+          help="raw: the control image is the map; canny: its edges (OpenCV Canny); gray: its grey image; "
+               "scribble: thick strokes of its contours; depth: a Depth Anything V2 depth map (downloads about "
+               "100 MB on first use); pose: OpenPose-style skeletons by RT-DETR + ViTPose (about 520 MB)"),
     Param("control_strength", float, DEFAULT_CONTROL_STRENGTH, "Control strength", minimum=0.0, maximum=2.0,
           step=0.05, cli="--control-strength", group="control", row="control", model_tuned=True,
           a1111="Control strength",
