@@ -104,6 +104,11 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="low-VRAM profiles (2, 4, 5): copy the next streamed block while the current one "
                         "computes, without mmgp's device sync per block (one more block in VRAM; default on, "
                         "same images; --no-overlap-transfers: mmgp's own streaming)")
+    g.add_argument("--fp8-compute", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp8 weights (an fp8 --transformer file, --save-quantized fp8): the main layers' matrix "
+                        "products in fp8 (torch._scaled_mm, activations scaled per token); default: on where the "
+                        "CUDA GPU has compute capability 8.9+ (Ada, Hopper); --fp8-compute asks for it on any "
+                        "device that runs it (one warning and per-layer dequantization where none does)")
     g.add_argument("--save-quantized", nargs="?", const="int8", choices=list(SAVE_QUANTIZED_CHOICES), default=False,
                    metavar="int8|fp8",
                    help="write the int8 file of weights quantized on the fly, beside the bf16 one; fp8: turn the "

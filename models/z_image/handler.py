@@ -258,6 +258,7 @@ class ZImageHandler(FamilyHandler):
         save_quantized: bool | str = False,
         attention_backend: str = "sdpa",
         controlnet_file: str | Path | None = None,
+        fp8_compute: bool = False,
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
@@ -272,6 +273,8 @@ class ZImageHandler(FamilyHandler):
         attention_backend: a resolved models.attention backend, held by this model's attention modules.
         controlnet_file: a ControlNet (single file or diffusers folder) for any type; a ControlNet type loads its
         own file from the folder otherwise. The pipeline holds it as `pipe.controlnet` (None without).
+        fp8_compute: fp8 weights' main layers multiply in fp8 (`lowbit.enable_fp8_compute`); the caller has
+        checked that the device runs torch._scaled_mm.
         """
         from models.z_image import lowbit
         from models.z_image import quantize as q
@@ -367,6 +370,8 @@ class ZImageHandler(FamilyHandler):
         if progress is not None:
             progress(len(steps), len(steps), "loaded")
         parts["transformer"].set_attention_backend(attention_backend)
+        if fp8_compute:
+            lowbit.enable_fp8_compute(parts["transformer"])
         if compile:
             from models.z_image.transformer import compile_blocks
 
