@@ -364,7 +364,7 @@ class GenerationService:
         if missing and on_event:
             on_event({"kind": "download", "files": [s.repo_path for s in missing]})
         download_files(specs)
-        return handler.local_transformer(d, tq)
+        return handler.local_transformer(d, tq, self.config.checkpoints_dir)
 
     def memory_status(self) -> dict[str, Any]:
         """Device, whether a model is loaded, VRAM (CUDA) and RAM use in bytes (None where unknown)."""
