@@ -131,3 +131,16 @@ def test_fp8_compute_without_scaled_mm_falls_back_said_once(tiny_dir, tiny_comfy
     lines = [line for line in err.splitlines() if "fp8 compute unavailable" in line]
     assert len(lines) == 1 and "has no torch._scaled_mm" in lines[0] and "dequantized per layer" in lines[0], err
     assert np.array_equal(image(tmp_path / "asked.png"), image(tmp_path / "plain.png"))  # the fallback's image
+
+
+def test_the_option_reaches_the_service_config():
+    import wgp_zimage
+    from app.service import ServiceConfig
+
+    def config(*extra: str) -> ServiceConfig:
+        return ServiceConfig.from_args(wgp_zimage.parse_args(["generate", "--prompt", "x", *extra]))
+
+    assert config().fp8_compute is None  # automatic: CUDA with compute capability 8.9+
+    assert config("--fp8-compute").fp8_compute is True
+    assert config("--no-fp8-compute").fp8_compute is False
+    assert ServiceConfig.from_args(wgp_zimage.parse_args(["--fp8-compute", "generate", "--prompt", "x"])).fp8_compute
