@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
-from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES
+from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, TRANSFORMER_QUANTIZATION_CHOICES
 from models.parsing import cli_float, cli_int  # ASCII digits only: int('٣') would be 3
 
 if TYPE_CHECKING:  # torch: imported by the commands that need it
@@ -85,10 +85,12 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="model dtype (default: bf16 on CUDA, fp32 on the CPU)")
     g.add_argument("--vae-dtype", choices=["bf16", "fp32"], default="fp32", help="VAE decode dtype (default fp32)")
     g.add_argument("--vae-tiling", action="store_true", help="decode the image in tiles (large images, small cards)")
-    for part in ("transformer", "text-encoder"):
-        g.add_argument(f"--{part}-quantization", choices=list(QUANTIZATION_CHOICES), default="auto",
+    for part, choices in (("transformer", TRANSFORMER_QUANTIZATION_CHOICES), ("text-encoder", QUANTIZATION_CHOICES)):
+        g.add_argument(f"--{part}-quantization", choices=list(choices), default="auto",
                        help=f"{part.replace('-', ' ')} weights to download and load: auto = int8 on cards under "
-                            "24 GB, bf16 otherwise")
+                            "24 GB, bf16 otherwise" + ("; fp8, gguf-q8, gguf-q4: the low-bit file the model "
+                                                       "definition lists (`models` shows its formats)"
+                                                       if part == "transformer" else ""))
     g.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
                    help="attention backend (auto: the fastest installed one that is safe for Z-Image; "
                         "sage can corrupt Base images)")
@@ -104,6 +106,11 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="low-VRAM profiles (2, 4, 5): copy the next streamed block while the current one "
                         "computes, without mmgp's device sync per block (one more block in VRAM; default on, "
                         "same images; --no-overlap-transfers: mmgp's own streaming)")
+    g.add_argument("--fp8-compute", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp8 weights (an fp8 --transformer file, --save-quantized fp8): the main layers' matrix "
+                        "products in fp8 (torch._scaled_mm, activations scaled per token); default: on where the "
+                        "CUDA GPU has compute capability 8.9+ (Ada, Hopper); --fp8-compute asks for it on any "
+                        "device that runs it (one warning and per-layer dequantization where none does)")
     g.add_argument("--save-quantized", nargs="?", const="int8", choices=list(SAVE_QUANTIZED_CHOICES), default=False,
                    metavar="int8|fp8",
                    help="write the int8 file of weights quantized on the fly, beside the bf16 one; fp8: turn the "
@@ -419,6 +426,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from app.service import resolve_device
+    from models.errors import UserError
     from models.registry import handler_for, install_state, load_definitions
 
     defs, problems = load_definitions()
@@ -428,13 +436,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     for mt, d in sorted(defs.items()):
         handler = handler_for(d.architecture)
         print(f"{mt}  [{handler.family_label}] {d.name}")
+        if d.transformer_formats:
+            print(f"    transformer formats: {', '.join(d.transformer_formats)}")
         # the same list the web UI's model dropdown reads
-        state = install_state(d, args.checkpoints_dir, args.transformer_quantization,
-                              args.text_encoder_quantization, device)
+        try:
+            state = install_state(d, args.checkpoints_dir, args.transformer_quantization,
+                                  args.text_encoder_quantization, device)
+        except UserError as e:  # a format this type does not list
+            print(f"    cannot be used: {e}")
+            continue
         specs, local = state.specs, state.local_transformer
         if not specs and local is None:
             print("    no files to fetch (generated on first use)")
-        if local is not None:
+        if local is not None and local not in {spec.local_path for spec in specs}:  # a download is listed below
             print(f"    [{'x' if local.is_file() else ' '}] {local}")
         for spec in specs:
             print(f"    [{'x' if spec.local_path.is_file() else ' '}] {spec.local_path}  <- {spec.url()}")

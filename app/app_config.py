@@ -20,10 +20,13 @@ from typing import Any
 
 from models.errors import UserError
 from models.files import atomic_path
+from models.registry import LOWBIT_FORMATS
 
 CONFIG_FILE = "wgp_zimage_config.json"
 ATTENTION_CHOICES = ("auto", "sdpa", "flash", "flash3", "sage")
 QUANTIZATION_CHOICES = ("auto", "bf16", "int8")
+# the transformer's: also the low-bit files a definition may list
+TRANSFORMER_QUANTIZATION_CHOICES = (*QUANTIZATION_CHOICES, *LOWBIT_FORMATS)
 FORMAT_CHOICES = ("png", "jpeg", "webp")
 KEYS = ("memory_profile", "attention", "compile", "transformer_quantization", "text_encoder_quantization",
         "output_dir", "output_format", "output_quality", "save_metadata")
@@ -66,7 +69,8 @@ def validate_config(data: dict[str, Any]) -> dict[str, Any]:
             if any(ord(c) < 32 or ord(c) == 127 for c in v):  # a NUL byte made every later start fail
                 raise UserError(f"the output folder must not contain control characters (got {v!r})")
         else:
-            choices = {"attention": ATTENTION_CHOICES, "output_format": FORMAT_CHOICES}.get(key, QUANTIZATION_CHOICES)
+            choices = {"attention": ATTENTION_CHOICES, "output_format": FORMAT_CHOICES,
+                       "transformer_quantization": TRANSFORMER_QUANTIZATION_CHOICES}.get(key, QUANTIZATION_CHOICES)
             if v not in choices:
                 raise UserError(f"{key.replace('_', ' ')} must be one of {', '.join(choices)} (got {v!r})")
         out[key] = v

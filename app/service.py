@@ -79,6 +79,9 @@ class ServiceConfig:
     perc_reserved_mem_max: float = 0.0
     preload_mb: int = 0
     overlap_transfers: bool = True  # app/block_overlap.py: low-VRAM profiles stream without mmgp's per-block sync
+    # fp8 weights' products in fp8 (torch._scaled_mm): None = where the CUDA GPU runs them (compute capability
+    # 8.9+), True = asked for (any device that runs them; elsewhere said once, then dequantized), False = never
+    fp8_compute: bool | None = None
     save_quantized: bool | str = False  # True / "int8": int8 files of on-the-fly weights; "fp8": an fp8 transformer
     output_format: str = "png"  # png | jpeg | webp (changed on a running service: applies to the next image)
     output_quality: int = 95  # JPEG / WebP quality, 1-100
@@ -94,7 +97,7 @@ class ServiceConfig:
             "transformer_quantization": "transformer_quantization",
             "text_encoder_quantization": "text_encoder_quantization",
             "memory_profile": "memory_profile", "perc_reserved_mem_max": "perc_reserved_mem_max",
-            "preload_mb": "preload", "overlap_transfers": "overlap_transfers",
+            "preload_mb": "preload", "overlap_transfers": "overlap_transfers", "fp8_compute": "fp8_compute",
             "save_quantized": "save_quantized", "output_format": "output_format",
             "output_quality": "output_quality", "save_metadata": "save_metadata",
         }
@@ -284,7 +287,8 @@ class GenerationService:
         folder = self.model_dir(model_type, model_dir)
         key = (d.model_type if model_type else None, str(folder), str(transformer_file), str(controlnet_file),
                str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
-               profile, self.config.preload_mb, self.config.perc_reserved_mem_max, self.config.overlap_transfers)
+               profile, self.config.preload_mb, self.config.perc_reserved_mem_max, self.config.overlap_transfers,
+               self.config.fp8_compute)
         with self._lock:
             if self._pipe_key == key:
                 return self._pipe
@@ -311,6 +315,7 @@ class GenerationService:
                     device="cpu" if offloaded else self.device, progress=progress, compile=self.config.compile,
                     transformer_quantization=quant[0], text_encoder_quantization=quant[1],
                     save_quantized=self.config.save_quantized, attention_backend=backend,
+                    fp8_compute=self._fp8_compute(),
                     **({"controlnet_file": controlnet_file} if controlnet_file is not None else {}),
                 )
                 self._offload = apply_profile(
@@ -332,13 +337,28 @@ class GenerationService:
                                                  merge_room=merge_room)
             return pipe
 
+    def _fp8_compute(self) -> bool:
+        """Whether fp8 weights multiply in fp8 on this device (ServiceConfig.fp8_compute); a device that cannot
+        is said once per load (a warning when it was asked for)."""
+        mode = self.config.fp8_compute
+        if mode is False or (mode is None and self.device.type != "cuda"):
+            return False
+        from models.lowbit import fp8_compute_problem
+
+        problem = fp8_compute_problem(self.device, self.dtype)
+        if problem is not None:
+            (log.warning if mode else log.info)(
+                "fp8 compute unavailable: %s; fp8 weights are dequantized per layer (same images, bf16 speed)",
+                problem)
+        return problem is None
+
     def fetch_weights(self, d: ModelDefinition, quant: tuple[str, str], on_event: EventFn | None = None) -> Path | None:
         """Download what a type needs (quant: the transformer's and text encoder's bf16/int8 choice) into
         the checkpoints folder; returns a finetune's local transformer."""
         handler = handler_for(d.architecture)
         tq, teq = quant
         self._download(handler.files_to_download(d, self.config.checkpoints_dir, tq, teq), on_event)
-        return handler.local_transformer(d, tq)
+        return handler.local_transformer(d, tq, self.config.checkpoints_dir)
 
     @staticmethod
     def _download(specs: list, on_event: EventFn | None) -> None:

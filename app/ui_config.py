@@ -21,6 +21,7 @@ from app.app_config import (
     FORMAT_CHOICES,
     MODEL_KEYS,
     QUANTIZATION_CHOICES,
+    TRANSFORMER_QUANTIZATION_CHOICES,
     save_config,
     validate_config,
 )
@@ -87,8 +88,9 @@ def build_config_section(queue: JobQueue, service: GenerationService, config: Se
             compile_box = gr.Checkbox(bool(config.compile), label="torch.compile the transformer",
                                       elem_id="cfg-compile", scale=1)
         with gr.Row():
-            tq = gr.Dropdown(list(QUANTIZATION_CHOICES), value=config.transformer_quantization,
-                             label="Transformer quantization", elem_id="cfg-transformer-quantization")
+            tq = gr.Dropdown(list(TRANSFORMER_QUANTIZATION_CHOICES), value=config.transformer_quantization,
+                             label="Transformer quantization", elem_id="cfg-transformer-quantization",
+                             info="fp8 / gguf-q8 / gguf-q4: where the model lists such a file (`models` shows them)")
             teq = gr.Dropdown(list(QUANTIZATION_CHOICES), value=config.text_encoder_quantization,
                               label="Text encoder quantization", elem_id="cfg-text-encoder-quantization")
         with gr.Row():

@@ -4,6 +4,8 @@ One run, one size (1024x1024, CFG batch 2, 128-token captions), STEPS steps (def
 - our pipeline with int8 weights (pre-quantized files read by models/z_image/quantize.py) under
   memory profiles 1-5, and with bf16 weights under profiles 1 and 4;
 - diffusers' ZImagePipeline with block-level group offload (streams) in bf16, same weights;
+- when RUNS names them, low-bit transformers (issue 18): random GGUF Q8_0 / Q4_K blocks, or the bf16 weights
+  as scaled fp8 (with fp8 compute on a GPU that runs it, "fp8-dequant" without), the text encoder int8;
 each job loaded from files, profiled, run (encode + STEPS steps + decode), released. Per job:
 device memory used over the whole job and during the denoising steps (the transformer part),
 as the rise of NVML/`torch.cuda.mem_get_info` used memory over the process start (CUDA context
@@ -63,6 +65,7 @@ BUDGET_S = float(os.environ.get("BUDGET_S", "470"))  # skip the remaining jobs p
 # most wanted first: the time budget may cut the tail
 # "@2048": that image side (issue 19: a 2048x2048 Base job in profile 4 int8 within 6 GiB of device memory)
 # "+overlap": app/block_overlap.py (--overlap-transfers); its final latents must equal the run without
+# "gguf-q8" / "gguf-q4k" / "fp8" / "fp8-dequant": issue 18's low-bit transformers (GGUF_RUNS), only when named
 RUNS = [("int8", 1), ("int8", 4), ("int8+overlap", 4), ("int8", 5), ("int8+overlap", 5), ("bf16", 1),
         ("bf16", 4), ("bf16+overlap", 4), ("diffusers-group-offload", 0), ("int8+preload1200", 4), ("int8", 2),
         ("int8", 3)]
@@ -201,6 +204,39 @@ def randomize(module: torch.nn.Module) -> None:
                 p.normal_(0, 0.02)
 
 
+# low-bit runs (issue 18): the transformer's main layers as GGUF blocks (random, valid: fp16 scales set) or as
+# scaled fp8 (the bf16 weights quantized, as --save-quantized fp8 does), the text encoder int8
+GGUF_RUNS = {"gguf-q8": ("Q8_0", 3e-4), "gguf-q4k": ("Q4_K", 1e-4)}  # GGML type, its fp16 scale fields' value
+
+
+def random_gguf(model: torch.nn.Module, type_name: str, scale: float) -> int:
+    """model's main Linear layers (not those int8 / fp8 keep: embedders, final layer) as GGUFLinear layers of
+    random blocks of type_name, in place, each block's fp16 scale(s) set to scale (random bytes there could be
+    inf / NaN); the cost of a GGUF file's layers, not its values. Returns the layers swapped (a dry run's
+    layers whose width is no whole number of blocks stay bf16)."""
+    from models.ggml import _TYPES, GGMLTensor
+    from models.lowbit import GGUFLinear
+    from models.z_image.lowbit import _kept_full, _linear_names, _set_module
+
+    qtype = next(n for n, (name, _, _) in _TYPES.items() if name == type_name)
+    _, block, size = _TYPES[qtype]
+    fp16_fields = 2 if type_name.endswith("_K") else 1  # K-quants: d and dmin (Q6_K's d is last: not used here)
+    gen = torch.Generator().manual_seed(0)
+    swapped = 0
+    for name in sorted(_linear_names(model)):
+        layer = model.get_submodule(name)
+        if _kept_full(name) or layer.in_features % block:
+            continue
+        blocks = layer.out_features * layer.in_features // block
+        raw = torch.randint(0, 256, (blocks, size), dtype=torch.uint8, generator=gen)
+        half = torch.full((blocks, fp16_fields), scale, dtype=torch.float16).view(torch.uint8)
+        raw[:, : 2 * fp16_fields] = half.reshape(blocks, 2 * fp16_fields)
+        tensor = GGMLTensor(raw.reshape(-1), qtype, (layer.out_features, layer.in_features))
+        _set_module(model, name, GGUFLinear(tensor, layer.bias, BF16))
+        swapped += 1
+    return swapped
+
+
 def write_models(folder: Path) -> dict:
     """A DeepBeepMeep-layout folder (bf16 files) plus the int8 files our --save-quantized would write.
     With REUSE_MODELS=1 a complete folder left by an earlier part (KEEP=1) is used as it is."""
@@ -307,9 +343,31 @@ def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) ->
     res["side"] = side
     files = HANDLER.model_files(folder, "z_image_base")
     t0 = time.perf_counter()
+    kind = weights.split("+")[0].split("@")[0]
     if weights.startswith("bf16"):
         pipe, parts = HANDLER.load_model(base_model_type="z_image_base", dtype=BF16, VAE_dtype=torch.float32,
                                          model_dir=folder, device="cpu")
+    elif kind in GGUF_RUNS or kind.startswith("fp8"):
+        from models.lowbit import fp8_compute_problem
+        from models.z_image.lowbit import enable_fp8_compute, to_fp8
+
+        tr = ck.load_transformer(files.transformer, files.transformer_config, BF16, torch.device("cpu"))
+        t1 = time.perf_counter()
+        if kind in GGUF_RUNS:
+            res["lowbit_layers"] = random_gguf(tr, *GGUF_RUNS[kind])
+        else:  # "fp8": fp8 compute where the app would turn it on (CUDA, cc 8.9+); "fp8-dequant": never
+            to_fp8(tr)
+            if kind == "fp8" and DEV.type == "cuda" and fp8_compute_problem(DEV, BF16) is None:
+                res["fp8_compute_layers"] = enable_fp8_compute(tr)
+        res["convert_s"] = round(time.perf_counter() - t1, 2)
+        res["transformer_GiB"] = gib(sum(t.numel() * t.element_size()
+                                         for t in [*tr.parameters(), *tr.buffers()]))
+        te = q.load_text_encoder_int8([q.find_int8(files.text_encoder[0])], files.text_encoder_config,
+                                      files.tokenizer_dir, BF16, torch.device("cpu"))
+        vae = ck.load_vae(files.vae, files.vae_config, torch.float32, torch.device("cpu"))
+        pipe = ZImagePipeline(tr, te, vae, default_shift=6.0)
+        parts = {"transformer": tr, "text_encoder": te.model, "vae": vae}
+        del tr, te, vae
     else:
         tr = q.load_transformer_int8([q.find_int8(files.transformer[0])], files.transformer_config, BF16,
                                      torch.device("cpu"))

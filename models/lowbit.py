@@ -3,7 +3,9 @@
 - `GGUFLinear`: the GGML blocks of a GGUF tensor (models/ggml.py), a flat uint8 buffer `weight_raw`;
 - `Fp8Linear`: the bytes of a float8 (e4m3fn / e5m2) weight, a uint8 buffer `weight_fp8`, and its float32
   `weight_scale` (a scalar, or one per output row); W = fp8.to(dtype) * scale.to(dtype), as ComfyUI's
-  scaled fp8 does.
+  scaled fp8 does. With `fp8_compute` set (`set_fp8_compute`) an e4m3fn layer whose dims are multiples of 16
+  computes in fp8 instead: its input quantized to e4m3fn per token (row amax / 448), one
+  `torch._scaled_mm` with row-wise scales (the token's, the weight's), the bias added after.
 
 The low-bit data are ordinary uint8 module *buffers*: `.to()`, mmgp's pinning and block streaming
 (app/offload.py) move them as they are, no float cast of the model touches them, and the memory they
@@ -27,6 +29,39 @@ from models.ggml import GGMLTensor, dequantize, type_name
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3fn rows, float32 (rows, 1) scales) of a 2-D x, each row's largest magnitude landing on 448."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()
+    scale = (amax / FP8_MAX[torch.float8_e4m3fn]).clamp_min(torch.finfo(torch.float32).tiny)  # a zero row stays 0
+    q = (x.float() / scale).clamp(-FP8_MAX[torch.float8_e4m3fn], FP8_MAX[torch.float8_e4m3fn])
+    return q.to(torch.float8_e4m3fn), scale
+
+
+def scaled_mm_fits(in_features: int, out_features: int) -> bool:
+    """torch._scaled_mm's shape rule (CUDA's): both dims of the weight multiples of 16."""
+    return in_features % 16 == 0 and out_features % 16 == 0
+
+
+def fp8_compute_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why fp8 matrix products cannot run on device with dtype outputs (None: they can): no
+    torch._scaled_mm, a CUDA GPU under compute capability 8.9, or a probe product that fails."""
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_mm"
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor} (fp8 needs 8.9+)"
+    try:  # the call the layers make, on a 16x32 @ 32x16 product
+        x = torch.ones(16, 32, device=device, dtype=dtype)
+        w = torch.ones(16, 32, device=device).to(torch.float8_e4m3fn)
+        q, s = quantize_per_token(x)
+        torch._scaled_mm(q, w.t(), scale_a=s, scale_b=torch.ones(1, 16, device=device), out_dtype=dtype)
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        return f"torch._scaled_mm fails on {device} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
 
 
 class _LowBitLinear(nn.Linear):
@@ -107,8 +142,28 @@ class Fp8Linear(_LowBitLinear):
             raise ValueError(f"an fp8 weight of shape {tuple(weight.shape)} takes one scale or one per row "
                              f"(got {scale.numel()})")
         self.fp8_dtype = weight.dtype
+        self.fp8_compute = False  # set_fp8_compute: torch._scaled_mm instead of a dequantized weight
         self.register_buffer("weight_fp8", weight.contiguous().view(torch.uint8))
         self.register_buffer("weight_scale", scale.clone())
+
+    @property
+    def scaled_mm_ready(self) -> bool:
+        """Whether this layer can compute in fp8: an e4m3fn weight (the activations' format too) of dims
+        torch._scaled_mm takes."""
+        return self.fp8_dtype == torch.float8_e4m3fn and scaled_mm_fits(self.in_features, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp8_compute:
+            return super().forward(x)
+        rows = x.reshape(-1, self.in_features)
+        q, scale_a = quantize_per_token(rows)
+        # row-wise on both sides (CUDA takes no per-tensor scale beside a row-wise one): the weight's
+        # per-tensor scale repeated over its output rows
+        scale_b = self.weight_scale.float().reshape(1, -1).expand(1, self.out_features).contiguous()
+        out = torch._scaled_mm(q, self.fp8_weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     @property
     def fp8_weight(self) -> torch.Tensor:
@@ -142,6 +197,19 @@ def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn)
     return q, scale.reshape(())
 
 
+def set_fp8_compute(model: nn.Module, on: bool, skip: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Turn fp8 compute on (or off) for model's Fp8Linear layers, but those whose name holds one of skip
+    and those `scaled_mm_ready` refuses (they keep per-layer dequantization). Returns (layers computing in
+    fp8, fp8 layers that do not)."""
+    on_count = off_count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            module.fp8_compute = on and module.scaled_mm_ready and not any(k in name for k in skip)
+            on_count += module.fp8_compute
+            off_count += not module.fp8_compute
+    return on_count, off_count
+
+
 def lowbit_layers(model: nn.Module) -> dict[str, _LowBitLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _LowBitLinear)}
 
@@ -150,4 +218,5 @@ def is_lowbit(module: nn.Module) -> bool:
     return isinstance(module, _LowBitLinear)
 
 
-__all__ = ["FP8_DTYPES", "Fp8Linear", "GGUFLinear", "is_lowbit", "lowbit_layers", "quantize_fp8"]
+__all__ = ["FP8_DTYPES", "Fp8Linear", "GGUFLinear", "fp8_compute_problem", "is_lowbit", "lowbit_layers",
+           "quantize_fp8", "quantize_per_token", "scaled_mm_fits", "set_fp8_compute"]

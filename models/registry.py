@@ -27,6 +27,9 @@ DEFAULTS_DIR = ROOT / "defaults"
 # a latent -> RGB projection for live previews: (one row of 3 per latent channel, 3 biases)
 PreviewFactors = tuple[tuple[tuple[float, float, float], ...], tuple[float, float, float]]
 FINETUNES_DIR = ROOT / "finetunes"
+# transformer files a definition may list beside its bf16 / int8 "URLs", by format, in "lowbit_URLs"
+LOWBIT_FORMATS = ("fp8", "gguf-q8", "gguf-q4")
+TRANSFORMER_FORMATS = ("bf16", "int8", *LOWBIT_FORMATS)
 
 
 class FamilyHandler:
@@ -109,15 +112,21 @@ class FamilyHandler:
         """The prompt's length in tokens for the limit shown in the UI (None: unknown)."""
         return None
 
-    def local_transformer(self, definition: ModelDefinition, transformer_quantization: str = "bf16") -> Path | None:
+    def local_transformer(self, definition: ModelDefinition, transformer_quantization: str = "bf16",
+                          checkpoints_dir: Path | None = None) -> Path | None:
+        """The transformer file to load instead of the one the model folder holds (a finetune's own file, a
+        low-bit download in checkpoints_dir), if any."""
         return None
 
     def choose_quantization(self, requested: str, device) -> str:
-        """bf16 or int8 weights: 'auto' takes int8 on cards under 24 GB, bf16 otherwise (and on the CPU)."""
+        """bf16 or int8 weights: 'auto' takes int8 on cards under 24 GB, bf16 otherwise (and on the CPU); a
+        low-bit transformer format (LOWBIT_FORMATS) is taken as it is."""
         import torch
 
+        if requested in LOWBIT_FORMATS:
+            return requested
         if requested not in ("auto", "bf16", "int8"):
-            raise UserError(f"quantization must be auto, bf16 or int8 (got {requested!r})")
+            raise UserError(f"quantization must be one of auto, {', '.join(TRANSFORMER_FORMATS)} (got {requested!r})")
         choice = requested
         if requested == "auto":
             small = device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 24 * 1024**3
@@ -225,6 +234,22 @@ class ModelDefinition:
     settings: dict[str, Any]
     source: Path
     model: dict[str, Any] = field(default_factory=dict)
+    lowbit_urls: dict[str, str] = field(default_factory=dict)  # "lowbit_URLs": {format: URL or local path}
+
+    @property
+    def transformer_formats(self) -> tuple[str, ...]:
+        """The transformer formats this definition lists files for (bf16, int8: its URLs in that order)."""
+        return (*("bf16", "int8")[: len(self.urls)], *(f for f in LOWBIT_FORMATS if f in self.lowbit_urls))
+
+    def transformer_url(self, fmt: str) -> str:
+        """The URL (or local path) of the transformer in fmt; a UserError naming the formats it has otherwise."""
+        listed = {**dict(zip(("bf16", "int8"), self.urls)), **self.lowbit_urls}
+        url = listed.get(fmt)
+        if url is None:
+            have = ", ".join(self.transformer_formats) or "none"
+            raise UserError(f"{self.name} ({self.source.name}) lists no {fmt} transformer (it has: {have}); choose "
+                            "one of those as the transformer quantization (Config, --transformer-quantization)")
+        return url
 
     @property
     def short_name(self) -> str:
@@ -245,6 +270,9 @@ def _parse_definition(path: Path) -> ModelDefinition:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or "architecture" not in model:
         raise ValueError('needs a "model" object with an "architecture"')
+    lowbit = model.get("lowbit_URLs", {})
+    if not isinstance(lowbit, dict) or not all(k in LOWBIT_FORMATS and isinstance(v, str) for k, v in lowbit.items()):
+        raise ValueError(f'"lowbit_URLs" must map formats ({", ".join(LOWBIT_FORMATS)}) to URLs (got {lowbit!r})')
     return ModelDefinition(
         model_type=path.stem,
         architecture=str(model["architecture"]),
@@ -255,6 +283,7 @@ def _parse_definition(path: Path) -> ModelDefinition:
         settings={k: v for k, v in data.items() if k != "model"},
         source=path,
         model=model,
+        lowbit_urls=dict(lowbit),
     )
 
 
@@ -302,14 +331,15 @@ class InstallState:
 
 def install_state(definition: ModelDefinition, checkpoints_dir: Path, transformer_quantization: str,
                   text_encoder_quantization: str, device: Any) -> InstallState:
-    """The files of definition for these quantization settings (auto|bf16|int8, decided for device)."""
+    """The files of definition for these quantization settings (auto|bf16|int8 or a low-bit transformer format,
+    decided for device)."""
     from models.downloads import missing_files
 
     handler = handler_for(definition.architecture)
     tq = handler.choose_quantization(transformer_quantization, device)
     teq = handler.choose_quantization(text_encoder_quantization, device)
     specs = handler.files_to_download(definition, Path(checkpoints_dir), tq, teq)
-    return InstallState(specs, missing_files(specs), handler.local_transformer(definition, tq))
+    return InstallState(specs, missing_files(specs), handler.local_transformer(definition, tq, Path(checkpoints_dir)))
 
 
 def aliases() -> dict[str, str]:

@@ -114,5 +114,6 @@ def test_quantization_choice_on_cpu():
     assert h.choose_quantization("int8", torch.device("cpu")) == "int8"
     not_ready = type("NoInt8", (FamilyHandler,), {"int8_ready": False})()
     assert not_ready.choose_quantization("int8", torch.device("cpu")) == "bf16"  # a family without int8 loader
-    with pytest.raises(UserError):
-        h.choose_quantization("fp8", torch.device("cpu"))
+    assert h.choose_quantization("gguf-q4", torch.device("cpu")) == "gguf-q4"  # a low-bit file: as chosen
+    with pytest.raises(UserError, match="quantization must be one of auto, bf16, int8, fp8, gguf-q8, gguf-q4"):
+        h.choose_quantization("fp4", torch.device("cpu"))

@@ -179,32 +179,44 @@ class ZImageHandler(FamilyHandler):
         if definition.architecture in TINY_TYPES:
             return []
         pick = {"bf16": 0, "int8": 1}
-        specs = []
-        for urls, quant, what in ((definition.urls, transformer_quantization, "transformer"),
-                                  (definition.text_encoder_urls, text_encoder_quantization, "text encoder")):
-            if len(urls) <= pick[quant]:
-                raise UserError(f"model definition {definition.source} has no {quant} {what} URL")
-            if is_url(urls[pick[quant]]):  # a finetune may name a local file instead
-                specs.append(spec_from_url(urls[pick[quant]], checkpoints_dir))
-        # a ControlNet type's own file, int8 with an int8 transformer (bf16 when the definition lists no int8 one)
+        if text_encoder_quantization not in pick:
+            raise UserError(f"the text encoder takes bf16 or int8 weights (got {text_encoder_quantization!r})")
+        urls = definition.text_encoder_urls
+        if len(urls) <= pick[text_encoder_quantization]:
+            raise UserError(f"model definition {definition.source} has no {text_encoder_quantization} text encoder URL")
+        # a finetune may name local files instead of URLs
+        locations = (definition.transformer_url(transformer_quantization), urls[pick[text_encoder_quantization]])
+        specs = [spec_from_url(loc, checkpoints_dir) for loc in locations if is_url(loc)]
+        # a ControlNet type's own file, int8 with an int8 transformer (bf16 when the definition lists no int8 one,
+        # and with a low-bit transformer)
         control_urls = definition.model.get("controlnet_URLs") or []
         if definition.architecture in CONTROLNET_TYPES and not control_urls and definition.architecture not in \
                 TINY_TYPES:
             raise UserError(f"model definition {definition.source} has no controlnet_URLs")
         if control_urls:
-            url = control_urls[min(pick[transformer_quantization], len(control_urls) - 1)]
+            url = control_urls[min(pick.get(transformer_quantization, 0), len(control_urls) - 1)]
             if is_url(url):
                 specs.append(spec_from_url(url, checkpoints_dir))
         specs += [FileSpec(REPO_ID, name, Path(checkpoints_dir) / name) for name in SHARED_FILES]
         return specs
 
-    def local_transformer(self, definition, transformer_quantization: str = "bf16") -> Path | None:
-        """The transformer file a definition names by local path (finetunes), if any."""
-        urls = definition.urls
-        i = {"bf16": 0, "int8": 1}[transformer_quantization]
-        if len(urls) > i and not is_url(urls[i]):
-            path = Path(urls[i]).expanduser()
+    def local_transformer(self, definition, transformer_quantization: str = "bf16",
+                          checkpoints_dir: Path | None = None) -> Path | None:
+        """The transformer file to load instead of the model folder's own: one a definition names by local path
+        (finetunes), or the download of a low-bit format (lowbit_URLs) or of a .gguf URL in checkpoints_dir (the
+        folder lookup finds only the type's bf16 / int8 names)."""
+        from models.downloads import spec_from_url
+        from models.registry import LOWBIT_FORMATS
+
+        if transformer_quantization not in definition.transformer_formats:
+            return None  # the tiny model (no files), or a format files_to_download refuses
+        location = definition.transformer_url(transformer_quantization)
+        if not is_url(location):
+            path = Path(location).expanduser()
             return path if path.is_absolute() else definition.source.parent.parent / path
+        if checkpoints_dir is not None and (transformer_quantization in LOWBIT_FORMATS
+                                            or location.split("?")[0].endswith(".gguf")):
+            return spec_from_url(location, checkpoints_dir).local_path
         return None
 
     def _controlnet_path(self, model_dir: Path, architecture: str | None, given: str | Path | None,
@@ -302,6 +314,7 @@ class ZImageHandler(FamilyHandler):
         save_quantized: bool | str = False,
         attention_backend: str = "sdpa",
         controlnet_file: str | Path | None = None,
+        fp8_compute: bool = False,
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
@@ -316,6 +329,8 @@ class ZImageHandler(FamilyHandler):
         attention_backend: a resolved models.attention backend, held by this model's attention modules.
         controlnet_file: a ControlNet (single file or diffusers folder) for any type; a ControlNet type loads its
         own file from the folder otherwise. The pipeline holds it as `pipe.controlnet` (None without).
+        fp8_compute: fp8 weights' main layers multiply in fp8 (`lowbit.enable_fp8_compute`); the caller has
+        checked that the device runs torch._scaled_mm.
         """
         from models.z_image import lowbit
         from models.z_image import quantize as q
@@ -412,6 +427,8 @@ class ZImageHandler(FamilyHandler):
         if progress is not None:
             progress(len(steps), len(steps), "loaded")
         parts["transformer"].set_attention_backend(attention_backend)
+        if fp8_compute:
+            lowbit.enable_fp8_compute(parts["transformer"])
         if compile:
             from models.z_image.transformer import compile_blocks
 

@@ -10,9 +10,11 @@ at load, to the compute dtype.
 
 fp8 (safetensors with float8_e4m3fn / float8_e5m2 weights): plain fp8 weights, or ComfyUI's "scaled
 fp8" layout: a `scaled_fp8` marker tensor and a float32 `<layer>.scale_weight` per fp8 weight
-(`<layer>.weight_scale`, the name of ComfyUI's newer quantized layout, is read too; activation scales
-are ignored: compute is not fp8). The fp8 weights are kept (`models.lowbit.Fp8Linear`), never
-upcast as a whole; W = fp8.to(dtype) * scale per layer at each call. Keys: diffusers or ComfyUI.
+(`<layer>.weight_scale`, the name of ComfyUI's newer quantized layout, is read too; the files' static
+activation scales are ignored: fp8 compute scales each token itself). The fp8 weights are kept
+(`models.lowbit.Fp8Linear`), never upcast as a whole; W = fp8.to(dtype) * scale per layer at each call,
+or, with `enable_fp8_compute`, the main layers' products in fp8 (torch._scaled_mm). Keys: diffusers or
+ComfyUI.
 
 `to_fp8` / `save_fp8` / `fp8_path`: what `--save-quantized fp8` does with bf16 weights: per-tensor
 absmax-scaled e4m3fn weights in ComfyUI's scaled-fp8 layout (diffusers key names, the config in the
@@ -33,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from models.errors import UserError
 from models.files import atomic_path
 from models.ggml import GGMLTensor, is_gguf_file, read_gguf
-from models.lowbit import FP8_DTYPES, Fp8Linear, GGUFLinear, is_lowbit, quantize_fp8
+from models.lowbit import FP8_DTYPES, Fp8Linear, GGUFLinear, is_lowbit, quantize_fp8, set_fp8_compute
 from models.z_image import checkpoints as ck
 from models.z_image.quantize import sibling_path
 from models.z_image.transformer import ZImageConfig, ZImageTransformer
@@ -46,6 +48,9 @@ SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 _FP8_HEADER_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 FP8_TAG = "_fp8_e4m3fn_scaled"
+# fp8 layers that compute in bf16 even with fp8 compute: adaLN's products take one timestep embedding per
+# image (nothing to gain) and scale every block's stream (their error would reach everything)
+FP8_COMPUTE_SKIP = ("adaLN_modulation",)
 
 
 def _kept_full(module_name: str) -> bool:
@@ -241,6 +246,19 @@ def load_transformer_fp8(files: list[Path], config_path: Path | None, dtype: tor
     return _assemble(model, modules, out, what, dtype, device)
 
 
+def enable_fp8_compute(model: nn.Module) -> int:
+    """The main layers' fp8 weights multiplied in fp8 (`models.lowbit.set_fp8_compute`; not adaLN's, and not
+    layers torch._scaled_mm cannot take: e5m2 weights, dims that are not multiples of 16). Says what it did
+    in one line (nothing for a model without fp8 layers); returns the number of layers computing in fp8."""
+    on, off = set_fp8_compute(model, True, FP8_COMPUTE_SKIP)
+    if on or off:
+        log.info("fp8 compute: %d linear layers through torch._scaled_mm (per-token activation scales), %d fp8 "
+                 "layers dequantized per layer (adaLN, e5m2 weights, dims not multiples of 16)", on, off)
+    else:
+        log.info("fp8 compute: the transformer has no fp8 weights; nothing to do")
+    return on
+
+
 # ---------------------------------------------------------------- writing fp8
 
 def fp8_path(path: str | Path) -> Path:
@@ -293,5 +311,5 @@ def save_fp8(model: ZImageTransformer, path: str | Path, config: dict | None = N
     return path
 
 
-__all__ = ["FP8_MARKER", "convert_gguf_keys", "fp8_file_dtype", "fp8_path", "load_transformer_fp8",
-           "load_transformer_gguf", "lowbit_kind", "save_fp8", "to_fp8"]
+__all__ = ["FP8_MARKER", "convert_gguf_keys", "enable_fp8_compute", "fp8_file_dtype", "fp8_path",
+           "load_transformer_fp8", "load_transformer_gguf", "lowbit_kind", "save_fp8", "to_fp8"]
