@@ -285,6 +285,8 @@ class GenerationService:
         if model_dir is None:
             transformer_file = transformer_file or self.fetch_weights(d, quant, on_event)
         folder = self.model_dir(model_type, model_dir)
+        if controlnet_file is None and model_type:  # a ControlNet type's own (its definition names it)
+            controlnet_file = handler.controlnet_file(d, folder, quant[0])
         key = (d.model_type if model_type else None, str(folder), str(transformer_file), str(controlnet_file),
                str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
                profile, self.config.preload_mb, self.config.perc_reserved_mem_max, self.config.overlap_transfers,

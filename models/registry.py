@@ -78,6 +78,11 @@ class FamilyHandler:
         values.pop("on_event", None)
         return pipe(**values)
 
+    def controlnet_file(self, definition: ModelDefinition, model_dir: Path,
+                        transformer_quantization: str = "bf16") -> Path | None:
+        """A ControlNet weight file the definition's model type loads with its model (None: none)."""
+        return None
+
     def control_map(self, architecture: str, values: dict[str, Any], checkpoints_dir: Path) -> Any:
         """The control map a job with these values would use (a PIL image) for the page's preview; None when
         the values name no control image. UserError when this architecture takes none."""

@@ -178,7 +178,8 @@ def test_model_types_download_turbo_and_their_controlnet(tmp_path):
     assert not problems
     expected = {"z_image_control": ("Z-Image-Turbo-Fun-Controlnet-Union_bf16.safetensors", 9),
                 "z_image_control2": ("Z-Image-Turbo-Fun-Controlnet-Union2_bf16.safetensors", 9),
-                "z_image_control2_1": ("Z-Image-Turbo-Fun-Controlnet-Union2.1_bf16.safetensors", 9)}
+                "z_image_control2_1": ("Z-Image-Turbo-Fun-Controlnet-Union2.1_bf16.safetensors", 9),
+                "z_image_control2_1_8s": ("Z-Image-Turbo-Fun-Controlnet-Union2.1-8steps_bf16.safetensors", 8)}
     for model_type, (name, steps) in expected.items():
         d = defs[model_type]
         handler = handler_for(d.architecture)
@@ -191,12 +192,24 @@ def test_model_types_download_turbo_and_their_controlnet(tmp_path):
         assert 0.65 <= values["control_strength"] <= 0.75
         int8 = d.model["controlnet_URLs"][1]
         assert int8.endswith(name.replace("_bf16", "_quanto_bf16_int8"))
+    # the Tile ControlNet (Wan2GP's z_image_control2_1_8s file; no int8 file known): bf16 whatever the choice
+    tile = defs["z_image_control_tile"]
+    for quant in ("bf16", "int8"):
+        names = [s.local_path.name for s in handler_for(tile.architecture).files_to_download(tile, tmp_path, quant,
+                                                                                             "bf16")]
+        assert "Z-Image-Turbo-Fun-Controlnet-Tile-2.1-2601-8_steps_bf16.safetensors" in names
+    assert tile.defaults()["num_inference_steps"] == 8
 
 
 def test_model_type_without_its_controlnet_file_says_which(tmp_path):
+    from models.registry import load_definitions
     from models.z_image.handler import HANDLER
 
+    defs, _ = load_definitions()
     with pytest.raises(UserError, match="Z-Image-Turbo-Fun-Controlnet-Union2_bf16.safetensors"):
+        HANDLER.controlnet_file(defs["z_image_control2"], tmp_path)
+    assert HANDLER.controlnet_file(defs["z_image"], tmp_path) is None
+    with pytest.raises(UserError, match="needs its ControlNet file"):  # loaded without its definition's file
         HANDLER._controlnet_path(tmp_path, "z_image_control2", None)
     assert HANDLER._controlnet_path(tmp_path, "z_image", None) is None
 

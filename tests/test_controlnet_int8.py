@@ -113,11 +113,14 @@ def test_an_int8_controlnet_renders_close_to_its_bf16_file(tiny_dir, files, tmp_
 
 
 def test_the_controlnet_types_take_the_int8_file_beside_an_int8_transformer(tmp_path):
+    from models.registry import load_definitions
+
+    d = load_definitions()[0]["z_image_control2"]
     stem = "Z-Image-Turbo-Fun-Controlnet-Union2"
     bf16 = tmp_path / f"{stem}_bf16.safetensors"
     bf16.write_bytes(b"x")
-    assert HANDLER._controlnet_path(tmp_path, "z_image_control2", None, int8=True) == bf16  # none there yet
+    assert HANDLER.controlnet_file(d, tmp_path, "int8") == bf16  # no int8 file there yet
     int8 = tmp_path / f"{stem}_quanto_bf16_int8.safetensors"
     int8.write_bytes(b"x")
-    assert HANDLER._controlnet_path(tmp_path, "z_image_control2", None, int8=True) == int8
-    assert HANDLER._controlnet_path(tmp_path, "z_image_control2", None, int8=False) == bf16
+    assert HANDLER.controlnet_file(d, tmp_path, "int8") == int8
+    assert HANDLER.controlnet_file(d, tmp_path, "bf16") == bf16

@@ -31,8 +31,9 @@ def ctl(tmp_path: Path) -> PageController:
 
 
 def test_models_are_listed_in_family_order_and_picking_one_sets_its_recommendations(ctl):
-    assert ctl.model_types[:8] == ["z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_control2_1",
-                                   "z_image_control2", "z_image_control", "z_image_tiny", "z_image_tiny_control"]
+    assert ctl.model_types[:10] == ["z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_control2_1",
+                                    "z_image_control2_1_8s", "z_image_control_tile", "z_image_control2",
+                                    "z_image_control", "z_image_tiny", "z_image_tiny_control"]
     turbo = ctl.model_picked("z_image")
     assert (turbo["num_inference_steps"], turbo["guidance_scale"], turbo["flow_shift"]) == (8, 0.0, 3.0)
     assert turbo["preset"] == "1:1 · 1024×1024" and "Turbo" in turbo["model_info"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -26,13 +27,10 @@ DEFAULT_NEGATIVE = (
 TRANSFORMER_STEMS = {"z_image_base": "ZImageBase", "z_image": "ZImageTurbo",
                      "z_image_twinflow_turbo": "TwinFlow-Z-Image-Turbo", "z_image_control": "ZImageTurbo",
                      "z_image_control2": "ZImageTurbo", "z_image_control2_1": "ZImageTurbo"}
-# the ControlNet Union types: Turbo's transformer plus the ControlNet file of this stem (its
-# definition's "controlnet_URLs" download it, bf16 first) in the checkpoints folder
-CONTROLNET_STEMS = {"z_image_control": "Z-Image-Turbo-Fun-Controlnet-Union",
-                    "z_image_control2": "Z-Image-Turbo-Fun-Controlnet-Union2",
-                    "z_image_control2_1": "Z-Image-Turbo-Fun-Controlnet-Union2.1"}
+# the ControlNet Union architectures: Turbo's transformer plus the ControlNet file their definition's
+# "controlnet_URLs" name (bf16 first, then int8), downloaded into the checkpoints folder
 TINY_CONTROL = "z_image_tiny_control"  # the tiny model with a tiny ControlNet 2.1 (models/z_image/tiny.py)
-CONTROLNET_TYPES = (*CONTROLNET_STEMS, TINY_CONTROL)
+CONTROLNET_TYPES = ("z_image_control", "z_image_control2", "z_image_control2_1", TINY_CONTROL)
 TINY_TYPES = ("z_image_tiny", TINY_CONTROL)
 TINY_FOLDER = "z_image_tiny"
 REPO_ID = "DeepBeepMeep/Z-Image"
@@ -219,10 +217,30 @@ class ZImageHandler(FamilyHandler):
             return spec_from_url(location, checkpoints_dir).local_path
         return None
 
-    def _controlnet_path(self, model_dir: Path, architecture: str | None, given: str | Path | None,
-                         int8: bool = False) -> Path | None:
-        """The ControlNet to load: the one given, else a ControlNet type's file in the model folder (its int8
-        sibling when int8 and it is there)."""
+    def controlnet_file(self, definition, model_dir: Path, transformer_quantization: str = "bf16") -> Path | None:
+        """The ControlNet file a ControlNet type's definition names (its controlnet_URLs' file in the model folder;
+        the int8 one with int8 transformer weights when it is there); None for the other types."""
+        urls = definition.model.get("controlnet_URLs") or []
+        if definition.architecture == TINY_CONTROL or not urls:
+            return None
+
+        def local(location: str) -> Path:
+            if is_url(location):
+                return Path(model_dir) / Path(urlparse(location).path).name
+            path = Path(location).expanduser()  # a finetune may name a local file
+            return path if path.is_absolute() else definition.source.parent.parent / path
+
+        if transformer_quantization == "int8" and len(urls) > 1 and local(urls[1]).is_file():
+            return local(urls[1])
+        path = local(urls[0])
+        if not path.is_file():
+            raise UserError(f"ControlNet file not found: {path} (run without --model-dir to download it, or give "
+                            "--controlnet FILE)")
+        return path
+
+    def _controlnet_path(self, model_dir: Path, architecture: str | None, given: str | Path | None) -> Path | None:
+        """The ControlNet to load: the one given (a ControlNet type's comes from its definition:
+        `controlnet_file`), the tiny control type's own, or none."""
         if given is not None:
             path = Path(given).expanduser()
             if not path.exists():
@@ -238,19 +256,9 @@ class ZImageHandler(FamilyHandler):
                                     "model's folder)")
                 write_tiny_controlnet(path)
             return path
-        if architecture not in CONTROLNET_STEMS:
-            return None
-        path = model_dir / f"{CONTROLNET_STEMS[architecture]}_bf16.safetensors"
-        if int8:
-            from models.z_image.quantize import find_int8
-
-            found = find_int8(path)
-            if found is not None:
-                return found
-        if not path.is_file():
-            raise UserError(f"ControlNet file not found: {path} (run without --model-dir to download it, or give "
-                            "--controlnet FILE)")
-        return path
+        if architecture in CONTROLNET_TYPES:
+            raise UserError(f"the {architecture} model type needs its ControlNet file (give --controlnet FILE)")
+        return None
 
     def count_tokens(self, model_dir: Path, architecture: str, prompt: str) -> int | None:
         """The prompt's token count with this model's tokenizer; None when its files are not there yet."""
@@ -369,8 +377,7 @@ class ZImageHandler(FamilyHandler):
             if found is not None:
                 files.missing = [p for p in files.missing if p != paths[0]]
                 int8_files[part] = [found]
-        control_path = self._controlnet_path(Path(model_dir), base_model_type, controlnet_file,
-                                             int8=transformer_quantization == "int8" or bool(quantizeTransformer))
+        control_path = self._controlnet_path(Path(model_dir), base_model_type, controlnet_file)
         files.check()
 
         def load_transformer():

@@ -12,8 +12,8 @@ from models.params import Param
 
 DEFAULT_MODEL_TYPE = "z_image_base"  # when no model type is named
 # how the page lists them (the smoke-test models last)
-MODEL_ORDER = ("z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_control2_1", "z_image_control2",
-               "z_image_control", "z_image_tiny", "z_image_tiny_control")
+MODEL_ORDER = ("z_image_base", "z_image", "z_image_twinflow_turbo", "z_image_control2_1", "z_image_control2_1_8s",
+               "z_image_control_tile", "z_image_control2", "z_image_control", "z_image_tiny", "z_image_tiny_control")
 LORA_SUBDIR = "z_image"  # loras/<this>, or --lora-dir-z-image
 
 # Z-Image's own generation parameters (the common ones are in app/params.py); the pipeline takes
