@@ -365,6 +365,8 @@ class GenerationService:
     @staticmethod
     def _download(specs: list, on_event: EventFn | None) -> None:
         """The missing files of specs downloaded (a "download" event first), UserError when they cannot be."""
+        if not specs:  # most jobs: not even the downloader's imports (the GPU bench machine lacks its client)
+            return
         from models.downloads import download_files, missing_files
 
         missing = missing_files(specs)

@@ -2,7 +2,8 @@
 # GPU benchmarks in one lent-machine call, each bounded in time so that a hang in one leaves the
 # others' results. Logs and JSON land in $OUT (at most 8 files come back: keep PARTS to what fits).
 # PARTS picks and orders them (default: the first four; ~8 min on an H100/H200 with the default limits;
-# "image" (bench/image_gpu.py) and "turbo" (bench/turbo_gpu.py) run only when named).
+# "image" (bench/image_gpu.py), "turbo" (bench/turbo_gpu.py) and "control" (bench/control_gpu.py) run only
+# when named).
 # Carry the wheels listed in bench/offload_gpu.py (".whl"); the device call is:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PARTS="service offload" bash bench/gpu_session.sh
@@ -18,7 +19,7 @@ PARTS=${PARTS:-"speed lora offload service"}
 # offload and service write the same model files (1-2 min): the first writes, the next reuses
 export KEEP=1 REUSE_MODELS=1
 SPEED_S=${SPEED_S:-150} LORA_S=${LORA_S:-60} OFFLOAD_S=${OFFLOAD_S:-260} SERVICE_S=${SERVICE_S:-300}
-IMAGE_S=${IMAGE_S:-300} TURBO_S=${TURBO_S:-300}
+IMAGE_S=${IMAGE_S:-300} TURBO_S=${TURBO_S:-300} CONTROL_S=${CONTROL_S:-420}
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   $PY -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'diffusers', diffusers.__version__)"; } >"$OUT/machine.log" 2>&1
@@ -30,6 +31,7 @@ for part in $PARTS; do
     service) limit=$SERVICE_S; script=bench/service_gpu.py ;;
     image) limit=$IMAGE_S; script=bench/image_gpu.py ;;
     turbo) limit=$TURBO_S; script=bench/turbo_gpu.py ;;
+    control) limit=$CONTROL_S; script=bench/control_gpu.py ;;
     *) echo "unknown part $part" >>"$OUT/machine.log"; continue ;;
   esac
   timeout "$limit" $PY "$script" >"$OUT/$part.log" 2>&1

@@ -433,6 +433,12 @@ class ZImageHandler(FamilyHandler):
             parts[name] = load()
         if progress is not None:
             progress(len(steps), len(steps), "loaded")
+        net = parts.get("ControlNet")
+        if net is not None:
+            net.check_transformer(parts["transformer"])  # a width mismatch: said at load time
+            # a submodule from here on: the memory profiles stream its blocks with the transformer's, and the
+            # attention backend and compile below reach them too
+            parts["transformer"].controlnet = net
         parts["transformer"].set_attention_backend(attention_backend)
         if fp8_compute:
             lowbit.enable_fp8_compute(parts["transformer"])
@@ -444,9 +450,6 @@ class ZImageHandler(FamilyHandler):
         pipe = ZImagePipeline(parts["transformer"], parts["text encoder"], parts["VAE"],
                               default_shift=shift if shift is not None else 3.0, device=device)
         pipe.controlnet = parts.get("ControlNet")
-        if pipe.controlnet is not None:
-            pipe.controlnet.check_transformer(parts["transformer"])  # a width mismatch: said at load time
-            parts["transformer"].controlnet = pipe.controlnet  # memory profiles stream it with the transformer
         return pipe, {"transformer": parts["transformer"], "text_encoder": parts["text encoder"].model,
                       "vae": parts["VAE"]}
 

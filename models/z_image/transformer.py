@@ -435,6 +435,20 @@ def _mark_sequence_dynamic(forward):
     return marked
 
 
+def _mark_control_dynamic(forward):
+    """A ControlNet block's forward (control tokens c, the stream x it reads, rope, adaln) with the sequence
+    dimension of c, x and the rope tables marked dynamic before each call."""
+
+    def marked(c: torch.Tensor, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], *args):
+        torch._dynamo.maybe_mark_dynamic(c, 1)
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+        for table in rope:
+            torch._dynamo.maybe_mark_dynamic(table, 1)
+        return forward(c, x, rope, *args)
+
+    return marked
+
+
 def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: str | None = None) -> int:
     """Regional torch.compile: each repeated block is compiled once and its code shared.
 
@@ -458,10 +472,12 @@ def compile_blocks(model: ZImageTransformer, backend: str = "inductor", mode: st
     #   default dynamo does not guard on hooks and would keep running the code traced without them
     limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = [*model.noise_refiner, *model.context_refiner, *model.layers]
-    for block in blocks:
-        compiled = _mark_sequence_dynamic(
-            torch.compile(block.forward, backend=backend, mode=mode, dynamic=None, fullgraph=True))
+    net = model.controlnet  # an attached ControlNet's blocks: (c, x, rope, adaln) for the control blocks
+    control = [*net.control_layers, *(net.control_noise_refiner or [])] if net is not None else []
+    for block in [*blocks, *control]:
+        mark = _mark_control_dynamic if hasattr(block, "after_proj") else _mark_sequence_dynamic
+        compiled = mark(torch.compile(block.forward, backend=backend, mode=mode, dynamic=None, fullgraph=True))
         # a patch object per block: it saves the values it replaces on itself
         block.forward = torch._dynamo.config.patch(recompile_limit=limit, skip_nnmodule_hook_guards=False)(compiled)
         block.is_compiled_region = True
-    return len(blocks)
+    return len(blocks) + len(control)
