@@ -189,3 +189,21 @@ def test_a_queued_control_job_survives_a_restart(model_dir, picture, tmp_path):
         assert read_settings(job["paths"][0])["control_type"] == "canny"
     finally:
         second.close()
+
+
+def test_loras_still_apply_to_the_transformer_with_a_controlnet(model_dir, picture, tmp_path, capsys):
+    """The ControlNet rides along as a submodule of the transformer: a LoRA still finds all its layers."""
+    import re
+
+    from tests.test_lora_formats import load_tiny_transformer, write_lora
+
+    lora, _ = write_lora(tmp_path, "kohya_musubi", load_tiny_transformer(model_dir), name="style")
+    common = ("generate", "--model", "z_image_tiny_control", "--model-dir", str(model_dir), "--prompt", "a cat",
+              "--steps", "3", "--width", "64", "--height", "64", "--seed", "4", "--control-image", str(picture))
+    plain, styled = tmp_path / "plain.png", tmp_path / "styled.png"
+    assert cli(capsys, *common, "--output", str(plain))[0] == 0
+    rc, out, err = cli(capsys, *common, "--lora", str(lora), "--output", str(styled))
+    assert rc == 0, err
+    applied = re.search(r"(\d+) of (\d+) tensors applied", out + err)
+    assert applied and applied.group(1) == applied.group(2) != "0"
+    assert np.abs(pixels(styled) - pixels(plain)).mean() > 0.5
