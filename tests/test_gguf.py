@@ -312,3 +312,42 @@ def test_report_measured_psnrs():
     """Prints what the rendering tests measured (pytest -s shows it; the README's table comes from here)."""
     for name, value in MEASURED.items():
         print(f"GGUF {name}: {value:.1f} dB (bound {PSNR_BOUNDS[name]})")
+
+
+@pytest.mark.parametrize("profile_no", [2, 4])
+def test_under_a_memory_profile_the_quantized_blocks_are_what_streams(tiny_dir, tiny_comfy_file, tmp_path,
+                                                                       profile_no):
+    """mmgp (its real code on the CPU stand-ins) streams a GGUF transformer's blocks as they are held: the uint8
+    GGML blocks, not a dequantized copy; the image equals the unprofiled GGUF one."""
+    import numpy as np
+
+    from app import offload as ofl
+    from models.lowbit import GGUFLinear
+    from models.z_image.handler import HANDLER
+    from tests.test_offload import cpu_cuda_standins, render
+
+    path = write_gguf(tmp_path / "q8.gguf", comfy_sd(tiny_comfy_file), T.Q8_0)
+
+    def load():
+        return HANDLER.load_model(base_model_type="z_image_tiny", model_filename=path, dtype=torch.bfloat16,
+                                  VAE_dtype=torch.float32, model_dir=tiny_dir)
+
+    want = render(load()[0], under_cuda_default=False)
+    with cpu_cuda_standins() as transfers:
+        pipe, parts = load()
+        session = ofl.apply_profile(parts, profile_no, device="cuda",
+                                    budgets={"transformer": 0.001, "text_encoder": 0.001})
+        try:
+            got = render(pipe)
+            streamed = session.manager.blocks_of_modules["transformer/layers.0"]
+        finally:
+            ofl.release(session)
+    assert np.array_equal(got, want)
+    assert ("transformer", "layers.0", False) in transfers  # streamed as a block
+    gguf_tensors = [(k, p) for module, k, p, _, _ in streamed if isinstance(module, GGUFLinear)]
+    assert gguf_tensors and {p.dtype for k, p in gguf_tensors if k == "weight_raw"} == {torch.uint8}
+    assert not any(k == "weight" for k, _ in gguf_tensors)  # no dequantized weight travels
+    held = sum(p.numel() * p.element_size() for _, k, p, _, _ in streamed)
+    dense = sum(m.in_features * m.out_features * 2 for m in {id(m): m for m, *_ in streamed
+                                                              if isinstance(m, GGUFLinear)}.values())
+    assert held < 0.75 * dense  # Q8_0: 34 bytes per 32 weights against bf16's 64
