@@ -630,6 +630,8 @@ class JobQueue:
             with self._cond:
                 if self._stopping:
                     return None
+                if ready != (slot in self._ready):  # a worker came or went: the page's worker list changes
+                    self._version += 1
                 if ready:
                     self._ready.add(slot)
                     job = self._pick(slot)
