@@ -67,6 +67,30 @@ def connect(address: str | None = None, local: bool = False, num_cpus: int | Non
         raise UserError(f"cannot start or reach the Ray cluster {where}: {str(e).splitlines()[0][:200]}") from None
 
 
+def wants_ray(args: Any) -> bool:
+    """Whether the command line asks for Ray (--ray-local / --ray-address); --ray-workers alone is an error."""
+    asked = bool(getattr(args, "ray_local", False) or getattr(args, "ray_address", None))
+    if not asked and getattr(args, "ray_workers", None) is not None:
+        raise UserError("--ray-workers goes with --ray-local or --ray-address")
+    return asked
+
+
+def executor_from_args(args: Any, service: Any) -> RayExecutor:
+    """Connect to (or start) Ray as the command line says and make the executor of its workers."""
+    workers = getattr(args, "ray_workers", None)
+    if workers is not None and workers < 1:
+        raise UserError(f"--ray-workers must be at least 1 (got {workers})")
+    connect(getattr(args, "ray_address", None), local=bool(getattr(args, "ray_local", False)))
+    return RayExecutor(service, workers=workers)
+
+
+def shutdown() -> None:
+    """Leave the cluster (a --ray-local one stops)."""
+    import ray
+
+    ray.shutdown()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -449,4 +473,5 @@ class RayExecutor:
                          result["seconds_per_step"], result["warnings"], result["lora_reports"])
 
 
-__all__ = ["RayExecutor", "RayWorker", "WorkerLost", "connect", "RAY_MISSING"]
+__all__ = ["RayExecutor", "RayWorker", "WorkerLost", "connect", "executor_from_args", "shutdown", "wants_ray",
+           "RAY_MISSING"]
