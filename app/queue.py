@@ -667,10 +667,13 @@ class JobQueue:
         except GenerationInterrupted:
             status = "interrupted" if self._stopping else "aborted"
         except WorkerLost as e:
-            job.attempts += 1
+            with self._cond:
+                job.attempts += 1
             if self._stopping:
                 status = "interrupted"
-            elif job.attempts <= self.max_retries and not cancel.is_cancelled():
+            elif cancel.is_cancelled():  # stopped by the user as its worker went: nothing to run again
+                status = "aborted"
+            elif job.attempts <= self.max_retries:
                 status = "queued"  # runs again; the images it saved are recorded, so only the missing ones render
                 log.warning("job %s: %s; queued again (attempt %d of %d)", job.id, e, job.attempts + 1,
                             self.max_retries + 1)

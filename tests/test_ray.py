@@ -247,3 +247,20 @@ def test_no_ray_without_asking(tmp_path):
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
+
+
+def test_a_job_failing_on_its_actor_says_why_as_locally(make_queue, service, local):
+    from app.queue import user_message
+
+    folder = service.lora_library("z_image_tiny").lora_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    service.lora_library("z_image_tiny").refresh()
+    local.lora_library("z_image_tiny").refresh()
+    bad = spec("broken lora", loras=[{"name": "broken", "strength": 1.0}])
+    with pytest.raises(Exception) as raised:
+        local.generate(bad)
+    q = make_queue()
+    job = q.wait(q.submit(bad), 120)
+    assert job["status"] == "failed" and job["error"] == user_message(raised.value)
+    assert q.wait(q.submit(spec("after it")), 120)["status"] == "done"  # the worker goes on
