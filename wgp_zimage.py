@@ -445,6 +445,7 @@ def generate_on_ray(args: argparse.Namespace, service, specs: list, out_dir: Pat
     try:
         queue = JobQueue(service, None, executor=executor)
         ids = queue.submit_many(specs)
+        executor.start_all()  # the lines spread over all the workers, not over the first one up
         queue.start()
         signal.signal(signal.SIGINT, lambda *_: queue.abort())
         with tqdm(total=len(ids), desc=f"jobs on {len(executor.slot_names())} Ray workers", unit="job") as bar:

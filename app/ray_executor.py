@@ -327,6 +327,16 @@ class RayExecutor:
         self._nodes[slot], self._states[slot] = str(info.get("node", "")), "idle"
         return True
 
+    def start_all(self) -> int:
+        """Start every slot's actor at once (each imports torch: seconds); how many are up. A batch starts
+        with all its workers, rather than the first one up taking the first jobs alone."""
+        threads = [threading.Thread(target=self.ensure, args=(slot,), daemon=True) for slot in range(len(self._names))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(a is not None for a in self._actors)
+
     def affinity(self, spec: JobSpec) -> Any:
         profile = spec.memory_profile if spec.memory_profile is not None else self.service.config.memory_profile
         return (spec.model_type, profile)

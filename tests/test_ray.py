@@ -83,6 +83,7 @@ def local(root) -> Local:
 def executor(service):
     connect(local=True, num_cpus=2)
     ex = RayExecutor(service, workers=2)
+    assert ex.start_all() == 2
     yield ex
     ex.close()
     ray.shutdown()
