@@ -637,7 +637,9 @@ class JobQueue:
                     job = self._pick(slot)
                     if job is not None:
                         job.status, job.started, job.phase, job.error = "running", time.time(), "starting", ""
-                        job.worker = self.executor.slot_names()[slot] if len(self._threads) > 1 else ""
+                        # the in-process executor runs everything: no worker to name
+                        local = isinstance(self.executor, LocalExecutor)
+                        job.worker = "" if local else self.executor.slot_names()[slot]
                         self._running[slot] = (job, CancelToken())
                         self._changed()
                         return job

@@ -285,6 +285,9 @@ class RayExecutor:
         self._nodes = [""] * count
         self._next_try = [0.0] * count
         self._remote = ray.remote(RayWorker)
+        # the actors are asked for here, in the caller's thread (ensure() waits for them): Ray serializes the
+        # first actor creation with lazy imports of its own, which raced with the page's imports in another thread
+        self._pending: list[Any] = [self._create(slot) for slot in range(count)]
         self._lock = threading.Lock()
         self._shipped: dict[str, Any] = {}  # sha256 -> ObjectRef (kept: a later job sends the same ref)
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -304,10 +307,9 @@ class RayExecutor:
         if time.monotonic() < self._next_try[slot]:
             return False
         ray = self._ray
-        options = {"num_gpus": 1, "num_cpus": 0} if self.use_gpus else {"num_cpus": 1}
-        actor = None
+        actor, self._pending[slot] = self._pending[slot], None
         try:
-            actor = self._remote.options(max_concurrency=4, **options).remote(self._names[slot])
+            actor = actor if actor is not None else self._create(slot)
             info = ray.get(actor.ping.remote(), timeout=self.start_timeout)
         except Exception as e:  # no room, no cluster, a crash at start: the slot waits and tries again
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -316,7 +318,8 @@ class RayExecutor:
                 why = f"no worker started within {self.start_timeout:g} s (no free {kind}?)"
             self._states[slot] = f"unavailable: {why}"
             self._next_try[slot] = time.monotonic() + RESPAWN_SECONDS
-            log.warning("Ray worker %s unavailable: %s", self._names[slot], why)
+            log.warning("Ray worker %s unavailable: %s", self._names[slot], why,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
             if actor is not None:
                 try:
                     ray.kill(actor)
@@ -337,6 +340,11 @@ class RayExecutor:
             t.join()
         return sum(a is not None for a in self._actors)
 
+    def _create(self, slot: int) -> Any:
+        """Ask Ray for the slot's actor (returns at once; it starts in its own process)."""
+        options = {"num_gpus": 1, "num_cpus": 0} if self.use_gpus else {"num_cpus": 1}
+        return self._remote.options(max_concurrency=4, **options).remote(self._names[slot])
+
     def affinity(self, spec: JobSpec) -> Any:
         profile = spec.memory_profile if spec.memory_profile is not None else self.service.config.memory_profile
         return (spec.model_type, profile)
@@ -349,6 +357,13 @@ class RayExecutor:
                 for n, node, state, loaded in zip(self._names, self._nodes, self._states, self._loaded)]
 
     def close(self) -> None:
+        for slot, actor in enumerate(self._pending):
+            if actor is not None:
+                try:
+                    self._ray.kill(actor)
+                except Exception:
+                    pass
+                self._pending[slot] = None
         for slot, actor in enumerate(self._actors):
             if actor is not None:
                 try:
