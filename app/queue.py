@@ -1,4 +1,5 @@
-"""The job queue behind the web UI: one worker thread, one GenerationService, a persisted list of jobs.
+"""The job queue behind the web UI: a persisted list of jobs and one worker thread per executor slot (the
+in-process GenerationService: one; Ray: one per actor, app/ray_executor.py).
 
 Gradio's own queue is not used for generation: a page handler only submits here and polls
 `snapshot()`, so closing or reloading the tab never stops a job, and every tab sees the same queue.
