@@ -244,7 +244,7 @@ def test_no_ray_without_asking(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, app.queue, app.service, app.ui_view, wgp_zimage; "
+    code = ("import sys, app.queue, app.service, app.ui_view, app.launch, app.executors, wgp_zimage; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
