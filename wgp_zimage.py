@@ -128,6 +128,13 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                    help="JPEG / WebP quality 1-100 (default 95)")
     g.add_argument("--no-metadata", dest="save_metadata", action="store_false", default=True,
                    help="store no generation settings in the images")
+    ray = g.add_mutually_exclusive_group()
+    ray.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                     help="run jobs on the Ray cluster there (one worker per GPU; pip install -r requirements-ray.txt)")
+    ray.add_argument("--ray-local", action="store_true", default=False,
+                     help="start Ray on this machine and run jobs on it (one worker per visible GPU)")
+    g.add_argument("--ray-workers", type=cli_int, default=None, metavar="N",
+                   help="with --ray-*: N workers (default: one per GPU of the cluster; without GPUs one CPU worker)")
     g.add_argument("--verbose", "-v", action="store_true", help="log details (and tracebacks) to stderr")
     if suppress:
         for action in p._actions:
@@ -352,6 +359,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         check_output_folder(out_dir or service.config.output_dir, "--output" if out_dir else "--output-dir")
 
+    from app.ray_executor import wants_ray
+
+    if wants_ray(args):
+        return generate_on_ray(args, service, specs, out_dir, targets)
+
     from app.cancel import CancelToken
 
     # first Ctrl-C: stop the current job after its current step; a second one: stop at once
@@ -422,6 +434,58 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for bar in bars.values():
             bar.close()
     return 0
+
+
+def generate_on_ray(args: argparse.Namespace, service, specs: list, out_dir: Path | None,
+                    targets: list[Path] | None) -> int:
+    """`generate --ray-*`: the jobs (one per prompt line) go through an in-memory queue to the Ray workers,
+    side by side; each job's files are written here, named as without Ray."""
+    from tqdm import tqdm
+
+    from app.queue import FINISHED, JobQueue
+    from app.ray_executor import executor_from_args, shutdown
+    from models.errors import UserError
+
+    for flag, value in (("--model-dir", args.model_dir), ("--transformer", args.transformer),
+                        ("--controlnet", args.controlnet), ("--output FILE", targets)):
+        if value:
+            raise UserError(f"{flag} does not go with --ray-local / --ray-address (the workers use the model "
+                            "types' own files)")
+    if args.lora:  # the workers get LoRAs of the LoRA folder, by name
+        check_loras(service, specs, False)
+    if out_dir is not None:
+        service.config.output_dir = out_dir
+    executor = executor_from_args(args, service)
+    try:
+        queue = JobQueue(service, None, executor=executor)
+        ids = queue.submit_many(specs)
+        executor.start_all()  # the lines spread over all the workers, not over the first one up
+        queue.start()
+        signal.signal(signal.SIGINT, lambda *_: queue.abort())
+        with tqdm(total=len(ids), desc=f"jobs on {len(executor.slot_names())} Ray workers", unit="job") as bar:
+            while True:
+                done = sum(queue.get(i)["status"] in FINISHED for i in ids)
+                bar.update(done - bar.n)
+                if done == len(ids):
+                    break
+                queue.wait_until(lambda q, n=done: sum(q.get(i)["status"] in FINISHED for i in ids) > n, 3600)
+        queue.close()
+    finally:
+        executor.close()
+        shutdown()
+    failed = 0
+    for job_id in ids:
+        job = queue.get(job_id)
+        for line in job["lora_reports"]:
+            print(line)
+        for path, seed in zip(job["paths"], job["seeds"]):
+            print(f"saved {path} (seed {seed}, on {job['worker']})")
+        if job["status"] != "done":
+            failed += 1
+            sys.stderr.write(f"job {job_id} ({job['spec']['prompt'][:40]!r}) {job['status']}: {job['error']}\n")
+    if any(queue.get(i)["status"] == "aborted" for i in ids):
+        return EXIT_INTERRUPTED
+    return 1 if failed else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

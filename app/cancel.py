@@ -7,6 +7,7 @@ started and the queue had to set again, so a stop requested at the wrong moment 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from models.errors import GenerationInterrupted
 
@@ -16,9 +17,19 @@ class CancelToken:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
 
     def cancel(self) -> None:
         self._event.set()
+        for fn in list(self._callbacks):
+            fn()
+
+    def on_cancel(self, fn: Callable[[], None]) -> None:
+        """Call fn (once) when the token is cancelled, at once if it is already: how a stop reaches a job that
+        runs elsewhere (a Ray actor) without polling. fn must be quick and must not raise."""
+        self._callbacks.append(fn)
+        if self._event.is_set():
+            fn()
 
     def is_cancelled(self) -> bool:
         return self._event.is_set()

@@ -95,7 +95,10 @@ def launch(args: argparse.Namespace) -> int:
     config = ServiceConfig.from_args(args)
     service = GenerationService(config)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    queue = JobQueue(service, queue_file(args)).start()
+    from app.ray_executor import executor_from_args, shutdown, wants_ray
+
+    executor = executor_from_args(args, service) if wants_ray(args) else None  # Ray: only when asked
+    queue = JobQueue(service, queue_file(args), executor=executor).start()
     if threading.current_thread() is threading.main_thread():
         # `kill` / systemd stop: the same clean shutdown as Ctrl-C (the running job is saved as interrupted)
         signal.signal(signal.SIGTERM, _sigterm)
@@ -128,4 +131,7 @@ def launch(args: argparse.Namespace) -> int:
         pass
     finally:
         queue.close()  # a running job stops within one step and is saved as interrupted
+        if executor is not None:
+            executor.close()
+            shutdown()
     return 0

@@ -1,4 +1,5 @@
-"""The job queue behind the web UI: one worker thread, one GenerationService, a persisted list of jobs.
+"""The job queue behind the web UI: a persisted list of jobs and one worker thread per executor slot (the
+in-process GenerationService: one; Ray: one per actor, app/ray_executor.py).
 
 Gradio's own queue is not used for generation: a page handler only submits here and polls
 `snapshot()`, so closing or reloading the tab never stops a job, and every tab sees the same queue.
@@ -36,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from app.cancel import CancelToken
+from app.executors import Executor, LocalExecutor, WorkerLost
 from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
 from app.outputs import clean_stale_parts
 from app.params import all_params
@@ -123,6 +125,8 @@ class Job:
     # crash a retry knows which ones exist; batch_seed is image 0's seed (a random seed is resolved once)
     image_indexes: list[int] = field(default_factory=list)
     batch_seed: int | None = None
+    worker: str = ""  # the executor's worker that runs / ran it (empty: the app itself)
+    attempts: int = 0  # runs cut short by a lost worker (app.executors.WorkerLost): retried up to max_retries
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,7 +143,8 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # name -> (types, No
     "created": (_NUMBER, False), "started": (_NUMBER, True), "finished": (_NUMBER, True),
     "phase": ((str,), False), "step": ((int,), False), "total": ((int,), False),
     "seconds_per_step": (_NUMBER, True), "eta": (_NUMBER, True), "seconds": (_NUMBER, True),
-    "error": ((str,), False), "batch_seed": ((int,), True),
+    "error": ((str,), False), "batch_seed": ((int,), True), "worker": ((str,), False),
+    "attempts": ((int,), False),
 }
 _LIST_TYPES: dict[str, type] = {"paths": str, "seeds": int, "lora_reports": str, "image_indexes": int}
 
@@ -196,11 +201,19 @@ def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
     return job
 
 
-class JobQueue:
-    """Runs jobs one at a time through `service.generate`; thread-safe; see the module docstring."""
+MAX_RETRIES = 2  # a job whose worker was lost runs again at most this many times, then fails with the reason
 
-    def __init__(self, service: Any, state_file: str | Path | None = None, preview_every: int = 2):
+
+class JobQueue:
+    """Runs jobs through an executor (default: the in-process service, one job at a time); thread-safe; see
+    the module docstring. With several worker slots (app/ray_executor.py) jobs run side by side, each slot
+    taking the first queued job it suits best (model affinity: see _pick)."""
+
+    def __init__(self, service: Any, state_file: str | Path | None = None, preview_every: int = 2,
+                 executor: Executor | None = None, max_retries: int = MAX_RETRIES):
         self.service = service
+        self.executor: Executor = executor if executor is not None else LocalExecutor(service)
+        self.max_retries = max(0, int(max_retries))
         self.state_file = Path(state_file) if state_file else None
         self.preview_every = max(1, int(preview_every))
         self._jobs: list[Job] = []
@@ -209,13 +222,13 @@ class JobQueue:
         self._results_version = 0  # bumped when a job ends: the gallery rescans the output folder only then
         self._preview: Image.Image | None = None
         self._preview_version = 0
-        self._current: Job | None = None
-        self._cancel: CancelToken | None = None  # the running job's token: stopping it stops that job only
-        self._abort_requested: str | None = None  # id of the job the user asked to stop
+        # running jobs by slot, with their tokens: stopping one stops that job only
+        self._running: dict[int, tuple[Job, CancelToken]] = {}
         self._remove_after: set[str] = set()  # running jobs removed by the user: dropped when they stop
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._texts_saved: set[str] = set()  # jobs whose prompt file is written (it never changes after)
+        self._ready: set[int] = set()  # slots whose worker was there at their last look
         self.notices: list[str] = []  # restore problems, for the page (one line each)
         self._restore()
 
@@ -489,23 +502,33 @@ class JobQueue:
     def when_idle(self, fn: Callable[[], Any]) -> bool:
         """Call fn while no job runs (none can start meanwhile); False, without calling it, when one runs."""
         with self._cond:
-            if self._current is not None:
+            if self._running:
                 return False
             fn()
             return True
 
-    def abort(self) -> str | None:
-        """Stop the running job after its current step; returns its id (None when idle)."""
+    def abort(self, job_id: str | None = None) -> str | None:
+        """Stop a running job (job_id; None: every running job) after its current step; returns the id of the
+        (first) job stopped, None when none runs."""
         with self._cond:
-            if self._current is None:
-                return None
-            self._request_abort(self._current)
-            return self._current.id
+            jobs = [j for j, _ in self._running.values() if job_id is None or j.id == job_id]
+            for job in jobs:
+                self._request_abort(job)
+            return jobs[0].id if jobs else None
 
     def _request_abort(self, job: Job) -> None:
-        self._abort_requested = job.id
-        if self._current is job and self._cancel is not None:
-            self._cancel.cancel()
+        for running, token in self._running.values():
+            if running is job:
+                token.cancel()
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The executor's workers and their states (empty for the in-process one), with the job each runs."""
+        out = [dict(w) for w in self.executor.workers()]
+        with self._cond:
+            for slot, (job, _) in self._running.items():
+                if slot < len(out):
+                    out[slot]["job"] = job.id
+        return out
 
     # ------------------------------------------------------------ reading
 
@@ -568,54 +591,98 @@ class JobQueue:
     # ------------------------------------------------------------ worker
 
     def start(self) -> JobQueue:
-        if self._thread is None or not self._thread.is_alive():
+        if not any(t.is_alive() for t in self._threads):
             self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="wgp-zimage-queue", daemon=True)
-            self._thread.start()
+            names = self.executor.slot_names()
+            self._threads = [threading.Thread(target=self._run, args=(slot,), daemon=True,
+                                              name="wgp-zimage-queue" + (f"-{name}" if len(names) > 1 else ""))
+                             for slot, name in enumerate(names)]
+            for t in self._threads:
+                t.start()
         return self
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the worker; a running job is stopped and saved as interrupted (retry to run it)."""
+        """Stop the workers; running jobs are stopped and saved as interrupted (retry to run them)."""
         with self._cond:
             self._stopping = True
-            if self._cancel is not None:
-                self._cancel.cancel()
+            for _, token in self._running.values():
+                token.cancel()
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
-    def _next(self) -> Job | None:
-        with self._cond:
-            while not self._stopping:
-                job = next((j for j in self._jobs if j.status == "queued"), None)
-                if job is not None:
-                    job.status, job.started, job.phase, job.error = "running", time.time(), "starting", ""
-                    self._current, self._abort_requested, self._cancel = job, None, CancelToken()
-                    self._changed()
-                    return job
-                self._cond.wait()
-            return None
+    def _pick(self, slot: int) -> Job | None:
+        """The job slot runs next (lock held): the first queued job, unless another idle slot has that job's
+        model loaded and this one has not (that slot takes it: no second load), then the next one, and so on."""
+        busy = set(self._running)
+        loaded = self.executor.loaded(slot)
+        others = {self.executor.loaded(s) for s in range(len(self._threads)) if s != slot and s not in busy
+                  and s in self._ready}
+        for job in (j for j in self._jobs if j.status == "queued"):
+            key = self.executor.affinity(JobSpec.from_dict(job.spec))
+            if key == loaded or key not in others:
+                return job
+        return None
 
-    def _run(self) -> None:
-        while (job := self._next()) is not None:
-            self._run_job(job)
+    def _next(self, slot: int) -> Job | None:
+        while True:
+            ready = self.executor.ensure(slot)  # may block (a Ray worker starting): outside the lock
+            with self._cond:
+                if self._stopping:
+                    return None
+                if ready != (slot in self._ready):  # a worker came or went: the page's worker list changes
+                    self._version += 1
+                if ready:
+                    self._ready.add(slot)
+                    job = self._pick(slot)
+                    if job is not None:
+                        job.status, job.started, job.phase, job.error = "running", time.time(), "starting", ""
+                        # the in-process executor runs everything: no worker to name
+                        local = isinstance(self.executor, LocalExecutor)
+                        job.worker = "" if local else self.executor.slot_names()[slot]
+                        self._running[slot] = (job, CancelToken())
+                        self._changed()
+                        return job
+                else:
+                    self._ready.discard(slot)
+                # woken by any change; a slot without a worker looks again every few seconds
+                self._cond.wait(None if ready else 5.0)
 
-    def _run_job(self, job: Job) -> None:
+    def _run(self, slot: int) -> None:
+        while (job := self._next(slot)) is not None:
+            self._run_job(job, slot)
+
+    def _run_job(self, job: Job, slot: int = 0) -> None:
         status, error, result = "done", "", None
         with self._cond:  # a retry: the images saved before are kept (the service checks they are still there)
-            existing = dict(zip(job.image_indexes, job.paths))
+            existing = {i: Path(p) for i, p in zip(job.image_indexes, job.paths) if Path(p).is_file()}
             batch_seed = job.batch_seed
-            cancel = self._cancel
+            cancel = self._running[slot][1]
         try:
             factors = self.service.latent_preview_factors(job.spec["model_type"])
         except Exception:  # a preview is a nicety: the job runs without one (generate reports a bad type)
             factors = None
         try:
-            result = self.service.generate(JobSpec.from_dict(job.spec),
-                                           on_event=lambda ev: self._on_event(job, ev, factors),
-                                           existing_images=existing, batch_seed=batch_seed, cancel=cancel)
+            result = self.executor.run(slot, JobSpec.from_dict(job.spec),
+                                       on_event=lambda ev: self._on_event(job, ev, factors),
+                                       existing_images=existing, batch_seed=batch_seed, cancel=cancel, job_id=job.id)
         except GenerationInterrupted:
             status = "interrupted" if self._stopping else "aborted"
+        except WorkerLost as e:
+            with self._cond:
+                job.attempts += 1
+            if self._stopping:
+                status = "interrupted"
+            elif cancel.is_cancelled():  # stopped by the user as its worker went: nothing to run again
+                status = "aborted"
+            elif job.attempts <= self.max_retries:
+                status = "queued"  # runs again; the images it saved are recorded, so only the missing ones render
+                log.warning("job %s: %s; queued again (attempt %d of %d)", job.id, e, job.attempts + 1,
+                            self.max_retries + 1)
+            else:
+                status, error = "failed", f"worker lost {job.attempts} times, last: {clean_text(str(e))[:300]}"
+                log.error("job %s failed: %s", job.id, error)
         except BaseException as e:  # anything: record it, log the traceback, go on with the next job
             status, error = "failed", user_message(e)
             log.error("job %s failed: %s", job.id, error, exc_info=not isinstance(e, UserError))
@@ -626,13 +693,18 @@ class JobQueue:
                 job.status, job.error, job.finished, job.phase, job.eta = status, error, time.time(), "", None
                 if status == "interrupted":
                     job.error = INTERRUPTED_ERROR
+                if status == "queued":
+                    job.finished = job.started = None
+                    job.step = job.total = 0
                 if result is not None:
                     job.paths = [str(p) for p in result.paths]
                     job.seeds = list(result.seeds)
                     job.image_indexes = list(range(len(job.paths)))
                     job.seconds, job.seconds_per_step = result.seconds, result.seconds_per_step
                     job.lora_reports = list(getattr(result, "lora_reports", []) or [])
-                self._current, self._abort_requested, self._preview, self._cancel = None, None, None, None
+                self._running.pop(slot, None)
+                if not self._running:
+                    self._preview = None
                 self._preview_version += 1
                 self._results_version += 1
                 if job.id in self._remove_after:
@@ -644,8 +716,9 @@ class JobQueue:
     def _on_event(self, job: Job, ev: dict[str, Any], factors: PreviewFactors | None = None) -> None:
         """Progress from the service (worker thread): update the job, make a preview (a stop request reaches
         the service through the job's cancel token, not here)."""
-        preview = None
-        if ev["kind"] == "step" and (ev["step"] % self.preview_every == 0 or ev["step"] == ev["total"]):
+        preview = ev.get("preview")  # a remote worker sends its preview ready-made (no latents travel)
+        if ev["kind"] == "step" and "latents" in ev and (ev["step"] % self.preview_every == 0
+                                                          or ev["step"] == ev["total"]):
             try:
                 preview = latent_preview(ev["latents"], factors=factors)
             except Exception:  # a preview is a nicety: never fail the job over it

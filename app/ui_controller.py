@@ -472,7 +472,8 @@ class PageController:
         jobs = None
         if state.get("v") != version:
             jobs = queue.snapshot(prompt_chars=PROMPT_PREVIEW_CHARS)  # the table shows only their start
-            table_out, progress_out = queue_table(jobs, self.short_names), progress_html(jobs, queue.notices)
+            table_out = queue_table(jobs, self.short_names)
+            progress_out = progress_html(jobs, queue.notices, queue.workers())
             state["v"] = version
         if state.get("rv") != queue.results_version:
             # only when a job ended (or on a tab's first poll): the folder is not rescanned every step

@@ -102,7 +102,9 @@ def table_row(j: dict[str, Any], short_names: Mapping[str, str] | None = None) -
                 f"{s['num_inference_steps']} steps" + (f" · ×{s['num_images']}" if s["num_images"] > 1 else "")
                 # older queue files have no memory_profile
                 + (f" · memory profile {s['memory_profile']}" if s.get("memory_profile") else ""))
-    return [j["id"], f"{STATUS_ICONS.get(j['status'], '')} {j['status']}", job_progress(j), prompt,
+    # the worker (on Ray): which machine / GPU runs or ran it
+    status = f"{STATUS_ICONS.get(j['status'], '')} {j['status']}" + (f" · {j['worker']}" if j.get("worker") else "")
+    return [j["id"], status, job_progress(j), prompt,
             settings, seed, job_result(j)]
 
 
@@ -131,16 +133,37 @@ def queue_table(jobs: list[dict[str, Any]], short_names: Mapping[str, str] | Non
     return pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
-def progress_html(jobs: list[dict[str, Any]], notices: list[str] | None = None) -> str:
-    """The running job's step i/N, s/step and ETA; else the last finished job's outcome; notices (saved jobs
-    that could not be restored) below. Never raises: it is polled by every tab."""
+def progress_html(jobs: list[dict[str, Any]], notices: list[str] | None = None,
+                  workers: list[dict[str, Any]] | None = None) -> str:
+    """The running job's step i/N, s/step and ETA; else the last finished job's outcome; the workers' states
+    (on Ray: JobQueue.workers()) and notices (saved jobs that could not be restored) below. Never raises: it is
+    polled by every tab."""
     try:
         out = _progress_html(jobs)
     except Exception:
         log.warning("progress: cannot show the queue's state", exc_info=True)
         out = "<div class='error'>The queue's state cannot be shown (see the log).</div>"
+    try:
+        out += workers_html(workers or [])
+    except Exception:
+        log.warning("progress: cannot show the workers", exc_info=True)
     out += "".join(f"<div class='error'>⚠ {html.escape(n)}</div>" for n in (notices or [])[-5:])
     return clean_text(out)
+
+
+def workers_html(workers: list[dict[str, Any]]) -> str:
+    """One line: each worker, where it runs, its state and the job it runs (empty without workers)."""
+    if not workers:
+        return ""
+    parts = []
+    for w in workers:
+        state = str(w.get("state", "?"))
+        text = f"{w.get('name', '?')}" + (f" ({w['node']})" if w.get("node") else "") + f": {state}"
+        text += f" {w['job']}" if w.get("job") and state == "running" else ""
+        text += f" · {w['model']}" if w.get("model") else ""
+        parts.append(f"<span class='{'error' if state.startswith(('unavailable', 'lost')) else 'muted'}'>"
+                     f"{html.escape(text)}</span>")
+    return "<div class='workers'>Workers: " + " · ".join(parts) + "</div>"
 
 
 def _progress_html(jobs: list[dict[str, Any]]) -> str:

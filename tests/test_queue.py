@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -413,3 +414,47 @@ def test_latent_preview(service):
     assert im.mode == "RGB" and im.size == (12 * 21, 8 * 21)  # scaled up by a whole factor
     assert latent_preview(rng.standard_normal((1, 4, 8, 8)), factors=factors).mode == "RGB"  # other latent spaces
     assert latent_preview(rng.standard_normal((1, 16, 8, 8))).mode == "RGB"  # a family that gives none
+
+
+class FlakyCluster:
+    """An executor (the local one inside) whose only worker is missing until `back` is set: a cluster gone."""
+
+    def __init__(self, service):
+        from app.executors import LocalExecutor
+
+        self.inner, self.back = LocalExecutor(service), False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def ensure(self, slot: int) -> bool:
+        return self.back
+
+    def workers(self):
+        return [{"name": "w1", "state": "idle" if self.back else "unavailable: cluster gone"}]
+
+
+def test_jobs_wait_while_no_worker_is_there_and_run_when_one_returns(service, tmp_path):
+    from app.ui_view import progress_html
+
+    executor = FlakyCluster(service)
+    q = JobQueue(service, tmp_path / "queue.json", executor=executor).start()
+    try:
+        job_id = q.submit(spec("waits"))
+        time.sleep(0.5)
+        assert q.get(job_id)["status"] == "queued"
+        assert "w1: unavailable: cluster gone" in progress_html(q.snapshot(), q.notices, q.workers())
+        executor.back = True  # the slot looks again within 5 s
+        assert q.wait(job_id, 60)["status"] == "done"
+    finally:
+        q.close()
+
+
+def test_worker_and_attempts_are_kept_across_a_restart(make_queue, tmp_path):
+    q = make_queue()
+    job_id = q.submit(spec("kept"))
+    with q._cond:  # as the queue records a job a Ray worker ran, once requeued
+        q._jobs[0].worker, q._jobs[0].attempts = "ray-2", 1
+        q._changed()
+    again = make_queue(state_file=q.state_file)
+    assert (again.get(job_id)["worker"], again.get(job_id)["attempts"]) == ("ray-2", 1)
