@@ -221,7 +221,7 @@ class RayWorker:
                         events.put({"kind": "image", "index": ev["index"], "seed": ev["seed"],
                                     "batch_seed": ev["batch_seed"], "name": image,
                                     "files": [(p.name, p.read_bytes()) for p in new]})
-                    elif kind in ("load", "download"):
+                    elif kind in ("load", "download", "preprocess"):
                         events.put(dict(ev))
 
                 before = service._pipe_key
