@@ -43,6 +43,9 @@ class Executor(Protocol):
         an "image" event each; returns an app.service.JobResult. GenerationInterrupted when cancel stops it,
         WorkerLost when the worker went away, any other exception: the job failed."""
 
+    def unload(self) -> bool:
+        """Free the loaded models (the app's and every worker's; called when no job runs): whether any was."""
+
     def workers(self) -> list[dict[str, Any]]:
         """Each worker's name and state ("idle", "running", "unavailable: why"), for the page."""
 
@@ -74,6 +77,12 @@ class LocalExecutor:
         self._last = self.affinity(spec)
         return self.service.generate(spec, on_event=on_event, existing_images=existing_images,
                                      batch_seed=batch_seed, cancel=cancel)
+
+    def unload(self) -> bool:
+        loaded = self.service.pipeline_key is not None
+        self.service.unload()
+        self._last = None
+        return loaded
 
     def workers(self) -> list[dict[str, Any]]:
         return []  # one worker, the app itself: the page shows no worker list

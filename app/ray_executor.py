@@ -118,9 +118,16 @@ class RayWorker:
         return {"name": self.name, "node": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
     def stats(self) -> dict[str, Any]:
-        key = self.service._pipe_key if self.service is not None else None
+        key = self.service.pipeline_key if self.service is not None else None
         return {"loads": self.loads, "fetched": dict(self.fetched), "loaded": key[0] if key else None,
                 "pid": os.getpid()}
+
+    def unload(self) -> bool:
+        """Free this worker's model (the page's "Unload models"); whether one was loaded."""
+        loaded = self.service is not None and self.service.pipeline_key is not None
+        if self.service is not None:
+            self.service.unload()
+        return loaded
 
     def cancel(self, job_id: str) -> None:
         with self.lock:  # a cancel may come before run() starts: the token waits for it
@@ -224,12 +231,12 @@ class RayWorker:
                     elif kind in ("load", "download", "preprocess"):
                         events.put(dict(ev))
 
-                before = service._pipe_key
+                before = service.pipeline_key
                 try:
                     result = service.generate(spec, output_dir=out_dir, on_event=on_event, cancel=token,
                                               existing_images=kept, batch_seed=batch_seed)
                 finally:
-                    if service._pipe_key is not None and service._pipe_key != before:
+                    if service.pipeline_key is not None and service.pipeline_key != before:
                         self.loads += 1
                 events.put({"kind": "result", "seeds": list(result.seeds), "seconds": result.seconds,
                             "seconds_per_step": result.seconds_per_step, "warnings": list(result.warnings),
@@ -351,6 +358,22 @@ class RayExecutor:
 
     def loaded(self, slot: int) -> Any:
         return self._loaded[slot]
+
+    def unload(self) -> bool:
+        """Free the app's own model and every worker's (the queue calls it when no job runs); whether any was
+        loaded. A worker that does not answer is left as it is (it is gone or busy starting)."""
+        loaded = self.service.pipeline_key is not None
+        self.service.unload()
+        for slot, actor in enumerate(self._actors):
+            if actor is None:
+                continue
+            try:
+                loaded |= bool(self._ray.get(actor.unload.remote(), timeout=30))
+            except Exception as e:  # a lost worker is its slot's business, not the page's
+                log.warning("worker %s did not unload: %s", self._names[slot], str(e).splitlines()[0][:200])
+                continue
+            self._loaded[slot] = None
+        return loaded
 
     def workers(self) -> list[dict[str, Any]]:
         return [{"name": n, "node": node, "state": state, "model": loaded[0] if loaded else None}

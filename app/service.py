@@ -374,6 +374,12 @@ class GenerationService:
             on_event({"kind": "download", "files": [s.repo_path for s in missing]})
         download_files(specs)  # no request at all when nothing is missing
 
+    @property
+    def pipeline_key(self) -> tuple | None:
+        """What the loaded pipeline was loaded for (model type, folder, files, device, dtypes, profile...); None
+        when nothing is loaded. A change of it means a (re)load."""
+        return self._pipe_key
+
     def memory_status(self) -> dict[str, Any]:
         """Device, whether a model is loaded, VRAM (CUDA) and RAM use in bytes (None where unknown)."""
         out: dict[str, Any] = {"device": str(self.device), "loaded": self._pipe is not None,

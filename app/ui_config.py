@@ -143,10 +143,10 @@ def build_config_section(queue: JobQueue, service: GenerationService, config: Se
 
     def unload() -> str:
         """Free the loaded models (refused while a job runs)."""
-        loaded = service.memory_status()["loaded"]
-        if not queue.when_idle(service.unload):
+        unloaded: list[bool] = []  # the app's model and, with Ray, each worker's
+        if not queue.when_idle(lambda: unloaded.append(queue.executor.unload())):
             return "A job is running: stop it or wait for it to end, then unload."
-        return "Models unloaded." if loaded else "No model was loaded."
+        return "Models unloaded." if any(unloaded) else "No model was loaded."
 
     unload_btn.click(unload, None, message, api_name="unload_models", concurrency_id="gpu",
                      show_progress="hidden").then(lambda: system_info_text(service), None, info, queue=False,

@@ -152,6 +152,22 @@ def test_an_idle_actor_with_the_model_loaded_takes_the_job(make_queue, executor)
     assert sum(s["loads"] for s in stats(executor)) == loads  # no load: each went where its model was
 
 
+def test_unload_frees_every_worker_model(make_queue, executor):
+    """The page's "Unload models" reaches the actors: afterwards none holds a model, and the next job loads."""
+    q = make_queue()
+    assert q.wait(q.submit(spec("warm", TYPES[0])), 120)["status"] == "done"
+    assert any(s["loaded"] for s in stats(executor))
+    unloaded: list[bool] = []
+    assert q.when_idle(lambda: unloaded.append(q.executor.unload()))
+    assert unloaded == [True] and not any(s["loaded"] for s in stats(executor))
+    assert all(executor.loaded(slot) is None for slot in range(2))
+    loads = sum(s["loads"] for s in stats(executor))
+    assert q.wait(q.submit(spec("again", TYPES[0])), 120)["status"] == "done"
+    assert sum(s["loads"] for s in stats(executor)) == loads + 1
+    assert q.when_idle(lambda: unloaded.append(q.executor.unload())) and unloaded[-1] is True
+    assert q.when_idle(lambda: unloaded.append(q.executor.unload())) and unloaded[-1] is False  # none left
+
+
 def test_abort_reaches_the_actor_within_a_step(make_queue, tmp_path):
     q = make_queue(preview_every=1)
     long = q.submit(spec("long", width=768, height=768, num_inference_steps=100))
