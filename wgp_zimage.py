@@ -36,6 +36,7 @@ log = logging.getLogger("wgp_zimage")
 
 
 SAVE_QUANTIZED_CHOICES = ("int8", "fp8")
+INT8_LAYERS = ("quanto", "plain")  # ServiceConfig.int8_layers
 # stands in the --memory-profile help until help is printed: the profiles' table lives beside torch (app.offload)
 PROFILES_HELP = "<memory profiles>"
 
@@ -111,6 +112,9 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                         "products in fp8 (torch._scaled_mm, activations scaled per token); default: on where the "
                         "CUDA GPU has compute capability 8.9+ (Ada, Hopper); --fp8-compute asks for it on any "
                         "device that runs it (one warning and per-layer dequantization where none does)")
+    g.add_argument("--int8-layers", choices=list(INT8_LAYERS), default="quanto",
+                   help="int8 transformer weights as quanto's layers (quanto, default) or as plain int8 tensors "
+                        "and per-row scales (plain: the same products, which --compile traces with the matmul)")
     g.add_argument("--save-quantized", nargs="?", const="int8", choices=list(SAVE_QUANTIZED_CHOICES), default=False,
                    metavar="int8|fp8",
                    help="write the int8 file of weights quantized on the fly, beside the bf16 one; fp8: turn the "

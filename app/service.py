@@ -82,6 +82,9 @@ class ServiceConfig:
     # fp8 weights' products in fp8 (torch._scaled_mm): None = where the CUDA GPU runs them (compute capability
     # 8.9+), True = asked for (any device that runs them; elsewhere said once, then dequantized), False = never
     fp8_compute: bool | None = None
+    # int8 transformer weights as quanto's layers ("quanto") or as plain int8 tensors and scales ("plain":
+    # models.lowbit.Int8Linear, same products, traced whole by --compile)
+    int8_layers: str = "quanto"
     save_quantized: bool | str = False  # True / "int8": int8 files of on-the-fly weights; "fp8": an fp8 transformer
     output_format: str = "png"  # png | jpeg | webp (changed on a running service: applies to the next image)
     output_quality: int = 95  # JPEG / WebP quality, 1-100
@@ -98,6 +101,7 @@ class ServiceConfig:
             "text_encoder_quantization": "text_encoder_quantization",
             "memory_profile": "memory_profile", "perc_reserved_mem_max": "perc_reserved_mem_max",
             "preload_mb": "preload", "overlap_transfers": "overlap_transfers", "fp8_compute": "fp8_compute",
+            "int8_layers": "int8_layers",
             "save_quantized": "save_quantized", "output_format": "output_format",
             "output_quality": "output_quality", "save_metadata": "save_metadata",
         }
@@ -290,7 +294,7 @@ class GenerationService:
         key = (d.model_type if model_type else None, str(folder), str(transformer_file), str(controlnet_file),
                str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
                profile, self.config.preload_mb, self.config.perc_reserved_mem_max, self.config.overlap_transfers,
-               self.config.fp8_compute)
+               self.config.fp8_compute, self.config.int8_layers)
         with self._lock:
             if self._pipe_key == key:
                 return self._pipe
@@ -317,7 +321,7 @@ class GenerationService:
                     device="cpu" if offloaded else self.device, progress=progress, compile=self.config.compile,
                     transformer_quantization=quant[0], text_encoder_quantization=quant[1],
                     save_quantized=self.config.save_quantized, attention_backend=backend,
-                    fp8_compute=self._fp8_compute(),
+                    fp8_compute=self._fp8_compute(), int8_layers=self.config.int8_layers,
                     **({"controlnet_file": controlnet_file} if controlnet_file is not None else {}),
                 )
                 self._offload = apply_profile(

@@ -362,6 +362,33 @@ if want("int8"):
         res["int8_step_cfg_1024_compiled_s"] = timeit(lambda: q8(x2, t2, [cap, neg]))
         q8 = None
 
+if want("int8_plain"):
+    with section("int8_plain"):
+        # the same int8 weights as plain tensors (models.lowbit.Int8Linear, --int8-layers plain): compile traces
+        # the dequantization (scale * int8) with the matmul instead of calling quanto's opaque op through its
+        # tensor subclass (issue 19: int8 compiled <= 1.05x bf16 compiled)
+        from models.lowbit import plain_int8_layers
+        from models.z_image.quantize import quantize_on_the_fly
+
+        torch._dynamo.reset()
+        ours = None
+        with torch.device("meta"):
+            p8 = ZImageTransformer(cfg)
+        p8 = quantize_on_the_fly(rand_(p8, bf16))
+        res["int8_plain_layers"] = plain_int8_layers(p8)
+        res["int8_plain_step_cfg_1024_eager_s"] = timeit(lambda: p8(x2, t2, [cap, neg]))
+        compile_blocks(p8)
+        t0 = time.perf_counter()
+        p8(x2, t2, [cap, neg])
+        sync()
+        res["int8_plain_compile_first_call_s"] = time.perf_counter() - t0
+        res["int8_plain_step_cfg_1024_compiled_s"] = timeit(lambda: p8(x2, t2, [cap, neg]))
+        if res.get("ours_step_cfg_1024_compiled_s"):
+            res["ratio_int8_plain_compiled_over_bf16"] = (res["int8_plain_step_cfg_1024_compiled_s"]
+                                                         / res["ours_step_cfg_1024_compiled_s"])
+        p8 = None
+
+
 def rope_variants(heads: int, head_dim: int) -> dict:
     """Formulations of the attention's q/k RMSNorm + RoPE (8.8 ms of the compiled H200 step, at about a
     quarter of the memory bandwidth): each maps (q, k, wq, wk, cos, sin) -> (q', k') in (B, S, H, D)."""

@@ -1,6 +1,7 @@
 """Linear layers whose weights stay low-bit in memory and are dequantized per layer at each call.
 
 - `GGUFLinear`: the GGML blocks of a GGUF tensor (models/ggml.py), a flat uint8 buffer `weight_raw`;
+- `Int8Linear`: an int8 weight (an int8 buffer) and its per-row scale: quanto's int8 layer as plain tensors;
 - `Fp8Linear`: the bytes of a float8 (e4m3fn / e5m2) weight, a uint8 buffer `weight_fp8`, and its float32
   `weight_scale` (a scalar, or one per output row); W = fp8.to(dtype) * scale.to(dtype), as ComfyUI's
   scaled fp8 does. With `fp8_compute` set (`set_fp8_compute`) an e4m3fn layer whose dims are multiples of 16
@@ -187,6 +188,58 @@ class Fp8Linear(_LowBitLinear):
         return f"{super().extra_repr()}, {str(self.fp8_dtype).removeprefix('torch.')}"
 
 
+class Int8Linear(_LowBitLinear):
+    """A Linear holding an int8 weight with one scale per output row, as plain tensors (`weight_int8`, an int8
+    buffer, and `weight_scale`, (out, 1) in the compute dtype): W = scale * int8, what quanto's int8 QLinear
+    computes, without its tensor subclass. Made from a quanto layer by `plain_int8_layers`, so that
+    torch.compile traces the dequantization with the matmul (quanto's path is an opaque op behind a subclass's
+    dispatch)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        if weight.dtype != torch.int8 or weight.ndim != 2:
+            raise ValueError(f"an int8 weight must be a 2-D int8 tensor (got {weight.dtype}, {tuple(weight.shape)})")
+        out_features, in_features = weight.shape
+        if scale.numel() != out_features:
+            raise ValueError(f"an int8 weight of shape {tuple(weight.shape)} takes one scale per row "
+                             f"(got {scale.numel()})")
+        super().__init__(in_features, out_features, bias, dtype)
+        self.register_buffer("weight_int8", weight.detach().contiguous())
+        self.register_buffer("weight_scale", scale.detach().reshape(out_features, 1).to(dtype).clone())
+
+    def _data(self) -> torch.Tensor:
+        return self.weight_int8
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        scale = self.weight_scale.to(dtype)
+        return scale * self.weight_int8.to(dtype)
+
+
+def plain_int8_layers(model: nn.Module) -> int:
+    """Replace model's quanto int8 Linear layers (weight-only, per-row scales) by Int8Linear layers holding the
+    same int8 data and scales; returns how many. Their outputs are quanto's, op for op on the CPU."""
+    from optimum.quanto import QModuleMixin
+    from optimum.quanto.tensor.weights.qbytes import WeightQBytesTensor
+
+    swaps = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        # quanto's QLinear, or the router class mmgp puts in its place once imported
+        if isinstance(module, QModuleMixin) and isinstance(module, nn.Linear) and \
+                isinstance(w, WeightQBytesTensor) and w._data.dtype == torch.int8 and w.axis == 0 and \
+                module.activation_qtype is None:
+            swaps.append((name, module))
+    for name, module in swaps:
+        w = module.weight
+        layer = Int8Linear(w._data, w._scale, module.bias, dtype=w._scale.dtype)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+    if swaps and hasattr(model, "_quanto_map"):
+        del model._quanto_map  # no quanto layer left to describe
+    return len(swaps)
+
+
 def quantize_fp8(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp8 weight, float32 scalar scale) with weight ~ fp8 * scale: per-tensor absmax scaling (the
     largest magnitude lands on the format's largest finite value)."""
@@ -218,5 +271,6 @@ def is_lowbit(module: nn.Module) -> bool:
     return isinstance(module, _LowBitLinear)
 
 
-__all__ = ["FP8_DTYPES", "Fp8Linear", "GGUFLinear", "fp8_compute_problem", "is_lowbit", "lowbit_layers",
-           "quantize_fp8", "quantize_per_token", "scaled_mm_fits", "set_fp8_compute"]
+__all__ = ["FP8_DTYPES", "Fp8Linear", "GGUFLinear", "Int8Linear", "fp8_compute_problem", "is_lowbit",
+           "lowbit_layers", "plain_int8_layers", "quantize_fp8", "quantize_per_token", "scaled_mm_fits",
+           "set_fp8_compute"]

@@ -323,6 +323,7 @@ class ZImageHandler(FamilyHandler):
         attention_backend: str = "sdpa",
         controlnet_file: str | Path | None = None,
         fp8_compute: bool = False,
+        int8_layers: str = "quanto",
         **_: Any,
     ) -> tuple[ZImagePipeline, dict[str, Any]]:
         """Load a pipeline and its parts ({transformer, text_encoder, vae}), Wan2GP's shape.
@@ -337,6 +338,8 @@ class ZImageHandler(FamilyHandler):
         attention_backend: a resolved models.attention backend, held by this model's attention modules.
         controlnet_file: a ControlNet (single file or diffusers folder) for any type; a ControlNet type loads its
         own file from the folder otherwise. The pipeline holds it as `pipe.controlnet` (None without).
+        int8_layers: "plain" turns the transformer's quanto int8 layers into models.lowbit.Int8Linear (the same
+        int8 data and scales as plain tensors); "quanto" keeps them.
         fp8_compute: fp8 weights' main layers multiply in fp8 (`lowbit.enable_fp8_compute`); the caller has
         checked that the device runs torch._scaled_mm.
         """
@@ -442,6 +445,12 @@ class ZImageHandler(FamilyHandler):
         parts["transformer"].set_attention_backend(attention_backend)
         if fp8_compute:
             lowbit.enable_fp8_compute(parts["transformer"])
+        if int8_layers == "plain":  # quanto's int8 layers (the ControlNet's too) as plain tensors
+            from models.lowbit import plain_int8_layers
+
+            log.info("int8 layers as plain tensors: %d", plain_int8_layers(parts["transformer"]))
+        elif int8_layers != "quanto":
+            raise UserError(f"int8 layers must be quanto or plain (got {int8_layers!r})")
         if compile:
             from models.z_image.transformer import compile_blocks
 
