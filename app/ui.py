@@ -153,7 +153,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
             with gr.Column(scale=5, elem_id="settings-column", elem_classes=[FORM_PENDING]) as settings_column:
                 _settings_column(c, ctl, form, store, memory_override_choices())
             with gr.Column(scale=6):
-                _results_column(c, any(p.widget == "image" for p in params))
+                _results_column(c, any(p.widget == "image" for p in params), form.has_group("control"))
 
         from app.app_config import CONFIG_FILE
         from app.ui_config import build_config_section
@@ -246,7 +246,7 @@ def _settings_keys(form: ParamForm) -> list[str]:
             "lora_strengths", "lora_triggers"]
 
 
-def _results_column(c: dict[str, Any], inputs: bool) -> None:
+def _results_column(c: dict[str, Any], inputs: bool, controls: bool) -> None:
     with gr.Row():
         c["generate"] = gr.Button("Generate", variant="primary", elem_id="generate", scale=4)
         c["abort"] = gr.Button("Abort", variant="stop", elem_id="abort", scale=1)
@@ -265,6 +265,8 @@ def _results_column(c: dict[str, Any], inputs: bool) -> None:
                                       size="sm", scale=3)
         if inputs:  # the model families take input images
             c["use_input"] = gr.Button("Use as input image", elem_id="use-as-input", size="sm", scale=2)
+        if controls:  # and control images
+            c["use_control"] = gr.Button("Use as control image", elem_id="use-as-control", size="sm", scale=2)
         # shown on page load to a browser on this machine only (is_local_request)
         c["open_outputs"] = gr.Button("📂 Open output folder", elem_id="open-output-folder", size="sm", scale=1,
                                       visible=False)
@@ -451,6 +453,13 @@ def _wire_settings(demo: gr.Blocks, c: dict[str, Any], ctl: PageController, form
         used = [*editors, "width", "height", "preset"]
         c["use_input"].click(lambda path: as_tuple(used, ctl.use_as_input(path)), selected_image,
                              [c[k] for k in used], **PRIVATE)
+    if "use_control" in c:
+        picture = next(p.name for p in form.params if p.widget == "picture")
+        # one output: Gradio takes the value itself, not a 1-tuple
+        c["use_control"].click(lambda path, t: ctl.use_as_control(path, t).get(picture, gr.skip()),
+                               [selected_image, model], c[picture], **PRIVATE).then(
+            ctl.control_preview, [model, c["control_image"], c["control_type"], c["width"], c["height"]],
+            c["control_preview"], **PRIVATE)
 
     lora_keys = ["lora_select", "lora_strengths", "lora_triggers"]
     lora = [c[k] for k in lora_keys]

@@ -351,6 +351,17 @@ class PageController:
             gr.Warning(str(e))
             return None
 
+    def use_as_control(self, path: str | None, model_type: str | None) -> Updates:
+        """A gallery image as the control image (a ControlNet type's control section shows it)."""
+        picture = next((p for p in self.params if p.widget == "picture"), None)
+        if not path or picture is None:
+            gr.Warning("select an image in the gallery first")
+            return {}
+        if not self.shows_group(model_type, "control"):
+            gr.Warning("pick a ControlNet model type first: its control section takes the image")
+            return {}
+        return {picture.name: path}
+
     # ------------------------------------------------------------ submitting and controlling jobs
 
     def generate(self, values: Mapping[str, Any], session: str = "") -> str:

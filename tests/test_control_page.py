@@ -207,3 +207,11 @@ def test_loras_still_apply_to_the_transformer_with_a_controlnet(model_dir, pictu
     applied = re.search(r"(\d+) of (\d+) tensors applied", out + err)
     assert applied and applied.group(1) == applied.group(2) != "0"
     assert np.abs(pixels(styled) - pixels(plain)).mean() > 0.5
+
+
+def test_a_gallery_image_as_the_control_image(ctl, picture):
+    assert ctl.use_as_control(str(picture), "z_image_tiny_control") == {"control_image": str(picture)}
+    with pytest.warns(UserWarning, match="ControlNet model type"):
+        assert ctl.use_as_control(str(picture), "z_image_tiny") == {}
+    with pytest.warns(UserWarning, match="select an image"):
+        assert ctl.use_as_control("", "z_image_tiny_control") == {}

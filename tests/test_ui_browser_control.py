@@ -75,3 +75,11 @@ def test_control_image_preview_and_generate(page: Page, app, tmp_path: Path):
     assert job["spec"]["model_type"] == "z_image_tiny_control" and job["spec"]["control_type"] == "canny"
     stem = Path(job["paths"][0]).with_suffix("")
     assert np.array_equal(pixels(Path(f"{stem}_control.png")), expected_canny(source, 64, 64))
+
+    # the result as the next control image: the section shows it and its map
+    before = page.get_attribute("#control-map-preview img", "src")
+    page.locator("#gallery img").first.click()
+    page.click("#use-as-control")
+    page.wait_for_function("(s) => { const i = document.querySelector('#control-map-preview img'); "
+                           "return i && i.src && i.src !== s; }", arg=before, timeout=60_000)
+    expect(page.locator("#control-image img")).to_be_visible()
