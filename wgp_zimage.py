@@ -465,14 +465,27 @@ def generate_on_ray(args: argparse.Namespace, service, specs: list, out_dir: Pat
         ids = queue.submit_many(specs)
         executor.start_all()  # the lines spread over all the workers, not over the first one up
         queue.start()
-        signal.signal(signal.SIGINT, lambda *_: queue.abort())
+        stopping: list[bool] = []
+
+        def stop(*_: object) -> None:  # Ctrl-C: the running jobs stop within a step, the waiting ones end
+            if stopping:  # a second Ctrl-C quits at once
+                raise KeyboardInterrupt
+            stopping.append(True)
+            queue.abort_waiting()
+            queue.abort()
+            sys.stderr.write("stopping (Ctrl-C again to quit at once)\n")
+
+        signal.signal(signal.SIGINT, stop)
         with tqdm(total=len(ids), desc=f"jobs on {len(executor.slot_names())} Ray workers", unit="job") as bar:
             while True:
                 done = sum(queue.get(i)["status"] in FINISHED for i in ids)
                 bar.update(done - bar.n)
                 if done == len(ids):
                     break
-                queue.wait_until(lambda q, n=done: sum(q.get(i)["status"] in FINISHED for i in ids) > n, 3600)
+                try:  # jobs may wait long for a worker (none free, a GPU busy): the bar just waits on
+                    queue.wait_until(lambda q, n=done: sum(q.get(i)["status"] in FINISHED for i in ids) > n, 60)
+                except TimeoutError:
+                    continue
         queue.close()
     finally:
         executor.close()

@@ -486,6 +486,7 @@ class JobQueue:
             if waiting >= MAX_WAITING:
                 raise UserError(f"the queue is full: {waiting} jobs wait to run (at most {MAX_WAITING})")
             job.status, job.error, job.phase = "queued", "", ""
+            job.attempts = 0  # a retry asked for by the user gets its own lost-worker retries
             job.step = job.total = 0
             job.started = job.finished = job.seconds_per_step = job.eta = job.seconds = None
             self._changed()
@@ -515,6 +516,17 @@ class JobQueue:
             for job in jobs:
                 self._request_abort(job)
             return jobs[0].id if jobs else None
+
+    def abort_waiting(self, reason: str = "stopped before it ran") -> int:
+        """Mark every queued job aborted (with reason; they can be retried); returns how many. A batch that is
+        stopped (Ctrl-C) ends its waiting jobs so, beside abort() for the running ones."""
+        with self._cond:
+            waiting = [j for j in self._jobs if j.status == "queued"]
+            for job in waiting:
+                job.status, job.error, job.finished = "aborted", reason, time.time()
+            if waiting:
+                self._changed()
+            return len(waiting)
 
     def _request_abort(self, job: Job) -> None:
         for running, token in self._running.values():

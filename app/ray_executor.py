@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import queue as queue_mod
+import re
 import shutil
 import tempfile
 import threading
@@ -44,8 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 RAY_MISSING = "Ray is not installed: pip install -r requirements-ray.txt"
 START_TIMEOUT = 180.0  # seconds an actor may take to start (its process imports torch)
 RESPAWN_SECONDS = 5.0  # a slot without an actor tries to start one this often
+UNLOAD_SECONDS = 10.0  # how long the page's Unload waits for the workers (the queue is held meanwhile)
+DRAIN_SECONDS = 60.0  # an actor told to stop a job the app gave up on must end it within this, else it goes
 # the app's settings an actor does not take from the app: its own device, folders and LoRA folder
 LOCAL_FIELDS = ("device", "output_dir", "loras_root", "lora_dirs")
+# a file an actor may send back: a plain name (no folder, not hidden) of an image file
+SAFE_NAME = re.compile(r"[^/\\.\x00-\x1f][^/\\\x00-\x1f]{0,250}\.(?:png|jpe?g|webp)", re.IGNORECASE)
 
 
 def connect(address: str | None = None, local: bool = False, num_cpus: int | None = None) -> None:
@@ -97,6 +102,35 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_result(folder: Path, files: list, image_name: str) -> Path:
+    """Write one image's files (name, bytes) from a worker into folder, each atomically and never over an
+    existing file; the image's path. Only plain file names of image files are taken (RuntimeError otherwise).
+    When the image's name is taken already, its files move to the next free stem together (<stem>-2.png,
+    <stem>-2_input.png: the local service's unique_path rule); the image's settings still name its input
+    copies by the first name then (said in the log)."""
+    files = [(str(name), data) for name, data in files]
+    for name, _ in files:
+        if not SAFE_NAME.fullmatch(name):
+            raise RuntimeError(f"a worker sent a file name this app does not write: {name[:80]!r}")
+    image_name = str(image_name)
+    if image_name not in {name for name, _ in files}:
+        raise RuntimeError("a worker sent an image event without its image")
+    stem = Path(image_name).stem
+    folder.mkdir(parents=True, exist_ok=True)
+    image = unique_path(folder / image_name)
+    if image.name != image_name:
+        log.warning("%s exists already: the image is written as %s (its settings still name its input copies "
+                    "by the first name)", image_name, image.name)
+    for name, data in files:
+        own = name == image_name or name.startswith(stem + "_")  # <stem>_input.png...: renamed with the image
+        target = folder / (image.stem + name[len(stem):] if own else name)
+        if target != image:
+            target = unique_path(target)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+    return image
 
 
 class RayWorker:
@@ -296,6 +330,7 @@ class RayExecutor:
         # first actor creation with lazy imports of its own, which raced with the page's imports in another thread
         self._pending: list[Any] = [self._create(slot) for slot in range(count)]
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # slots write results into the output folder one at a time
         self._shipped: dict[str, Any] = {}  # sha256 -> ObjectRef (kept: a later job sends the same ref)
         self._hashes: dict[tuple[str, int, int], str] = {}
         self.puts: Counter[str] = Counter()  # sha256 -> times put in the object store (once each)
@@ -364,11 +399,11 @@ class RayExecutor:
         loaded. A worker that does not answer is left as it is (it is gone or busy starting)."""
         loaded = self.service.pipeline_key is not None
         self.service.unload()
-        for slot, actor in enumerate(self._actors):
-            if actor is None:
-                continue
+        asked = {slot: actor.unload.remote() for slot, actor in enumerate(self._actors) if actor is not None}
+        deadline = time.monotonic() + UNLOAD_SECONDS  # all at once: a hung worker costs this once, not per worker
+        for slot, ref in asked.items():
             try:
-                loaded |= bool(self._ray.get(actor.unload.remote(), timeout=30))
+                loaded |= bool(self._ray.get(ref, timeout=max(0.1, deadline - time.monotonic())))
             except Exception as e:  # a lost worker is its slot's business, not the page's
                 log.warning("worker %s did not unload: %s", self._names[slot], str(e).splitlines()[0][:200])
                 continue
@@ -395,6 +430,30 @@ class RayExecutor:
                     pass
                 self._actors[slot] = None
 
+    def _drop(self, slot: int, actor: Any) -> None:
+        """Give up the slot's actor (it is gone, or cannot be trusted to have stopped): killed so that it frees
+        its GPU, never running a job beside its replacement; the slot starts a new one."""
+        try:
+            self._ray.kill(actor)
+        except Exception:  # already gone
+            pass
+        self._actors[slot], self._loaded[slot] = None, None
+        self._states[slot] = "lost: a new worker starts"
+
+    def _drained(self, stream: Any, seconds: float) -> bool:
+        """Whether an actor's job stream ended within seconds (its events discarded)."""
+        if stream is None:  # the job never started there
+            return True
+        deadline = time.monotonic() + seconds
+        try:
+            for ref in stream:
+                self._ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+                if time.monotonic() > deadline:
+                    return False
+        except Exception:
+            return False
+        return True
+
     # ------------------------------------------------------------ data
 
     def _put(self, path: Path) -> tuple[str, Any]:
@@ -403,12 +462,14 @@ class RayExecutor:
         key = (str(path), st.st_mtime_ns, st.st_size)
         with self._lock:
             sha = self._hashes.get(key)
-        if sha is None:
-            sha = _sha256(path)
+            if sha is not None and sha in self._shipped:
+                return sha, self._shipped[sha]
+        data = path.read_bytes()  # hashed and shipped from one read: a file replaced meanwhile cannot mix
+        sha = hashlib.sha256(data).hexdigest()
         with self._lock:
             self._hashes[key] = sha
             if sha not in self._shipped:
-                self._shipped[sha] = self._ray.put(path.read_bytes())
+                self._shipped[sha] = self._ray.put(data)
                 self.puts[sha] += 1
             return sha, self._shipped[sha]
 
@@ -438,19 +499,10 @@ class RayExecutor:
         return config
 
     def _write(self, ev: dict[str, Any]) -> Path:
-        """Write an image's files into the app's output folder (atomically, never over an existing file);
-        the image's path."""
-        folder = Path(self.service.config.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        image = None
-        for name, data in ev["files"]:
-            target = unique_path(folder / Path(name).name)  # a plain name: nothing outside the folder
-            with atomic_path(target) as tmp:
-                tmp.write_bytes(data)
-            if name == ev["name"]:
-                image = target
-        assert image is not None
-        return image
+        """Write an image's files into the app's output folder; slots write one at a time, so two jobs finishing
+        together cannot claim the same name."""
+        with self._write_lock:
+            return write_result(Path(self.service.config.output_dir), ev["files"], ev["name"])
 
     # ------------------------------------------------------------ running
 
@@ -480,6 +532,7 @@ class RayExecutor:
         cancel.on_cancel(forward_cancel)
         paths: dict[int, Path] = dict(existing_images)
         result: dict[str, Any] | None = None
+        stream = None
         try:
             stream = actor.run.options(num_returns="streaming").remote(
                 job_id, spec.to_dict(), self.service.definition(spec.model_type), self._config(), files,
@@ -506,10 +559,18 @@ class RayExecutor:
         except ray.exceptions.RayTaskError as e:  # our actor code raised outside its own handler: a failure
             raise RuntimeError(str(e).strip().splitlines()[0][:300]) from None
         except ray.exceptions.RayError as e:  # the actor, its node or the cluster went away
-            self._actors[slot], self._loaded[slot] = None, None
-            self._states[slot] = "lost: a new worker starts"
+            self._drop(slot, actor)
             why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise WorkerLost(f"worker {self._names[slot]} lost ({type(e).__name__}: {why})") from None
+        except (GenerationInterrupted, RemoteJobError):
+            raise  # the actor's own end of the job: nothing runs there any more
+        except BaseException:
+            # the app failed on its side (a write, an event): the actor must not go on rendering beside the
+            # slot's next job, so it stops (within a step) and is waited for, or replaced
+            forward_cancel()
+            if not self._drained(stream, DRAIN_SECONDS):
+                self._drop(slot, actor)
+            raise
         finally:
             sent.set()  # a later cancel of this token has nothing to stop there
             if self._actors[slot] is not None:

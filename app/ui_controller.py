@@ -379,6 +379,9 @@ class PageController:
             a = generate_arguments({k: v for k, v in self.file_values(values).items() if k != "loras"})
             selection = parse_selection(values.get("loras"))
             model_type, prompt, one_per_line = a.pop("model_type"), a.pop("prompt"), a.pop("one_per_line")
+            for p in self.params:  # a picture left in a section the chosen model hides is not part of its job
+                if p.is_file and a.get(p.name) and model_type in self.layouts and not self.shown(model_type, p.name):
+                    a[p.name] = p.default
             if selection:  # unknown names are refused here, not when the job runs
                 check_available(selection, self.lora_library(model_type))
             specs = [JobSpec(model_type=model_type, prompt=p, loras=[dict(x) for x in selection], **a)

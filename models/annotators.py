@@ -191,7 +191,8 @@ def draw_openpose(people: Sequence[Sequence[tuple[float, float] | None]], width:
 
 def _person_boxes(picture: Image.Image, folder: Path | None) -> np.ndarray:
     """Person boxes (x, y, w, h: COCO's, as ViTPose takes them) by the detector in folder; the whole picture
-    when there is no detector or it finds nobody (a single person filling the frame is the common case)."""
+    when there is no detector (a single person filling the frame is the common case); none when the detector
+    finds nobody (ViTPose would still place 17 points in a landscape: OpenPose and DWPose draw nothing)."""
     import torch
 
     whole = np.array([[0.0, 0.0, picture.width, picture.height]])
@@ -209,8 +210,8 @@ def _person_boxes(picture: Image.Image, folder: Path | None) -> np.ndarray:
         del processor, model
         _release()
     if not len(boxes):
-        log.info("pose: the detector found no person; the whole picture is taken as one")
-        return whole
+        log.warning("pose: the detector found no person in the control image: the pose map is empty")
+        return boxes.reshape(0, 4)
     boxes[:, 2:] -= boxes[:, :2]  # corners -> width, height
     return boxes
 
@@ -225,6 +226,9 @@ def pose_map(picture: Image.Image, folder: Path, detector: Path | None = None, p
     picture = picture.convert("RGB")
     step(0, 3, "finding people")
     boxes = _person_boxes(picture, detector)
+    if not len(boxes):
+        step(3, 3, "pose map done: nobody found")
+        return draw_openpose([], picture.width, picture.height)
     step(1, 3, f"estimating the pose of {len(boxes)} {'person' if len(boxes) == 1 else 'people'}")
     processor, model = _load(folder, "VitPoseForPoseEstimation")
     try:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import httpx2
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
@@ -44,6 +44,7 @@ from huggingface_hub.utils import WeakFileLock, build_hf_headers
 from tqdm import tqdm
 
 from models.errors import UserError
+from models.hub_urls import hub_file
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PARTIAL_DIR = Path(".cache") / "partial"  # relative to each file's folder: same disk, so the final move is atomic
@@ -86,22 +87,9 @@ def spec_from_url(url: str, checkpoints_dir: Path) -> FileSpec:
 
     The host is not kept: which endpoint to download from is chosen at download time.
     """
-    parsed = urlparse(url)
-    parts = [unquote(p) for p in parsed.path.split("/") if p]
-    if len(parts) < 5 or parts[2] not in ("resolve", "blob") or parts[0] in ("datasets", "spaces"):
-        raise UserError(
-            f"not a Hugging Face model file URL: {url!r} (expected https://huggingface.co/<owner>/<repo>/resolve/main/<file>)"
-        )
-    repo_path = "/".join(parts[4:])
-    if any(p in ("..", ".") for p in parts[4:]) or "\\" in repo_path:
-        # The path becomes a local path: refuse anything that could escape checkpoints_dir.
-        raise UserError(f"unsafe file path in URL: {url!r}")
-    return FileSpec(
-        repo_id=f"{parts[0]}/{parts[1]}",
-        repo_path=repo_path,
-        local_path=Path(checkpoints_dir).joinpath(*parts[4:]),
-        revision=parts[3],
-    )
+    repo_id, revision, path = hub_file(url)
+    return FileSpec(repo_id=repo_id, repo_path="/".join(path), local_path=Path(checkpoints_dir).joinpath(*path),
+                    revision=revision)
 
 
 def _is_present(spec: FileSpec) -> bool:

@@ -337,3 +337,17 @@ def test_annotators_are_freed_once_the_map_is_made(ckpts, photo, monkeypatch):
     assert picture.size == (W, H) and len(loaded) == 1 and loaded[0]() is None  # nothing kept after the job
     assert [e["step"] for e in events if e["kind"] == "preprocess"] == [0, 1, 2]
     assert not [e for e in events if e["kind"] == "download"]  # present: nothing fetched
+
+
+def test_a_picture_without_people_gives_an_empty_pose_map(photo, pose_ckpts, monkeypatch):
+    """The detector finds nobody: no skeleton is made up (OpenPose and DWPose draw nothing then), and the pose
+    model is not even run."""
+    from models.z_image.control_map import control_map
+
+    monkeypatch.setattr(an, "PERSON_SCORE", 1.01)  # no detection passes
+    loaded = []
+    real = an._load
+    monkeypatch.setattr(an, "_load", lambda folder, cls: loaded.append(cls) or real(folder, cls))
+    picture = control_map(str(photo), "pose", W, H, checkpoints_dir=pose_ckpts)
+    assert picture.size == (W, H) and not np.asarray(picture).any()
+    assert loaded == ["AutoModelForObjectDetection"]

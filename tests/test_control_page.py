@@ -215,3 +215,22 @@ def test_a_gallery_image_as_the_control_image(ctl, picture):
         assert ctl.use_as_control(str(picture), "z_image_tiny") == {}
     with pytest.warns(UserWarning, match="select an image"):
         assert ctl.use_as_control("", "z_image_tiny_control") == {}
+
+
+def test_a_control_image_left_in_the_hidden_section_is_not_sent(ctl, picture):
+    """Upload under a ControlNet type, switch to a type without one, Generate: the job is plain text-to-image
+    (the section and its picture are hidden), not a job that fails once its model has loaded."""
+    values = {"model_type": "z_image_tiny", "prompt": "x", "one_per_line": False, "memory_profile": "default",
+              "control_image": upload(picture), "control_type": "canny", "width": 64, "height": 64}
+    (job_id,) = ctl.generate(values).split(",")
+    assert ctl.queue.get(job_id)["spec"]["control_image"] == ""
+    (job_id,) = ctl.generate({**values, "model_type": "z_image_tiny_control",
+                              "control_image": upload(picture)}).split(",")
+    assert ctl.queue.get(job_id)["spec"]["control_image"]  # shown there: kept
+
+
+def test_nag_with_a_controlnet_is_refused_before_any_work(model_dir, picture, tmp_path, capsys):
+    rc, _, err = cli(capsys, "generate", "--model", "z_image_tiny_control", "--model-dir", str(model_dir),
+                     "--prompt", "x", "--control-image", str(picture), "--nag-scale", "3", "--output",
+                     str(tmp_path / "x.png"))
+    assert rc == 2 and "NAG" in err and "ControlNet" in err and "loading" not in err

@@ -124,3 +124,21 @@ def test_the_controlnet_types_take_the_int8_file_beside_an_int8_transformer(tmp_
     int8.write_bytes(b"x")
     assert HANDLER.controlnet_file(d, tmp_path, "int8") == int8
     assert HANDLER.controlnet_file(d, tmp_path, "bf16") == bf16
+
+
+def test_a_bf16_controlnet_beside_int8_weights_is_quantized_too(tiny_dir, tmp_path):
+    """A ControlNet type without an int8 file (Tile 2.1) or a bf16 --controlnet: with int8 transformer weights
+    the ControlNet's blocks are quantized as they load, not kept at full size beside them."""
+    from optimum.quanto import QTensor
+
+    model_dir = shutil.copytree(tiny_dir, tmp_path / "m")
+    pipe, _ = HANDLER.load_model(base_model_type="z_image_tiny_control", dtype=torch.bfloat16,
+                                 VAE_dtype=torch.float32, model_dir=model_dir, transformer_quantization="int8")
+    weights = dict(pipe.controlnet.named_parameters())
+    assert isinstance(weights["control_layers.0.attention.to_q.weight"], QTensor)
+    assert not isinstance(weights[f"control_all_x_embedder.{pipe.controlnet._key}.weight"], QTensor)
+    assert not any(p.requires_grad for p in pipe.controlnet.parameters())
+    pipe, _ = HANDLER.load_model(base_model_type="z_image_tiny_control", dtype=torch.bfloat16,
+                                 VAE_dtype=torch.float32, model_dir=model_dir)
+    assert not any(isinstance(p, QTensor) for p in pipe.controlnet.parameters())  # bf16 stays bf16
+    assert not any(p.requires_grad for p in pipe.controlnet.parameters())

@@ -458,3 +458,16 @@ def test_worker_and_attempts_are_kept_across_a_restart(make_queue, tmp_path):
         q._changed()
     again = make_queue(state_file=q.state_file)
     assert (again.get(job_id)["worker"], again.get(job_id)["attempts"]) == ("ray-2", 1)
+
+
+def test_abort_waiting_ends_the_queued_jobs_and_a_retry_resets_the_lost_worker_count(make_queue):
+    from app.jobs import JobSpec
+
+    q = make_queue()  # not started: the jobs wait
+    ids = q.submit_many([JobSpec(model_type="z_image_tiny", prompt=f"p{i}") for i in range(3)])
+    assert q.abort_waiting() == 3 and q.abort_waiting() == 0
+    jobs = [q.get(i) for i in ids]
+    assert {j["status"] for j in jobs} == {"aborted"} and jobs[0]["error"] == "stopped before it ran"
+    q._find(ids[0]).attempts = 3  # a job that lost its worker three times
+    q.retry(ids[0])
+    assert q.get(ids[0])["status"] == "queued" and q._find(ids[0]).attempts == 0

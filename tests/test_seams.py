@@ -247,3 +247,28 @@ def test_config_changes_apply_between_jobs(service):
         assert service.update_config({"output_format": "png", "output_quality": 95}) == ["output_format",
                                                                                        "output_quality"]
         assert service.config.output_format == "png"  # idle: at once
+
+
+def test_a_worker_s_files_land_in_the_output_folder_under_safe_names(tmp_path):
+    """What a Ray worker sends back (app/ray_executor.write_result; no Ray needed): plain image names only,
+    and a taken name moves the image and its companions to the next stem together, overwriting nothing."""
+    import pytest
+
+    from app.ray_executor import write_result
+
+    files = [("a_seed1_input.png", b"in"), ("a_seed1_control.png", b"map"), ("a_seed1.png", b"image")]
+    first = write_result(tmp_path / "out", files, "a_seed1.png")
+    assert first == tmp_path / "out" / "a_seed1.png" and first.read_bytes() == b"image"
+    second = write_result(tmp_path / "out", [(n, d + b"2") for n, d in files], "a_seed1.png")
+    assert second.name == "a_seed1-2.png" and second.read_bytes() == b"image2"
+    assert (tmp_path / "out" / "a_seed1-2_input.png").read_bytes() == b"in2"
+    assert (tmp_path / "out" / "a_seed1-2_control.png").read_bytes() == b"map2"
+    assert (tmp_path / "out" / "a_seed1_input.png").read_bytes() == b"in"  # the first job's files untouched
+    for bad in ("../x.png", "sub/x.png", "", ".", ".x.png", "x.part", "x.json"):
+        with pytest.raises(RuntimeError, match="file name"):
+            write_result(tmp_path / "out", [(bad, b"x"), ("ok.png", b"x")], "ok.png")
+    with pytest.raises(RuntimeError, match="without its image"):
+        write_result(tmp_path / "out", [("ok.png", b"x")], "other.png")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_seed1-2.png", "a_seed1-2_control.png", "a_seed1-2_input.png", "a_seed1.png", "a_seed1_control.png",
+        "a_seed1_input.png"]

@@ -317,7 +317,7 @@ def load_controlnet(path: str | Path, transformer: ZImageConfig, dtype: torch.dt
         net.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     except RuntimeError as e:
         raise UserError(f"ControlNet {path} has wrong tensor shapes: {str(e).strip().splitlines()[-1]}") from None
-    return net.to(device).eval()
+    return net.to(device).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------- control latents

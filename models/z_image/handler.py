@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from models.errors import UserError
+from models.hub_urls import hub_file
 from models.registry import FamilyHandler, PreviewFactors, register_handler
 from models.z_image import checkpoints as ck
 from models.z_image.params import CONDITIONS, LAYOUT, LORA_SUBDIR, PARAMS
@@ -225,8 +225,8 @@ class ZImageHandler(FamilyHandler):
             return None
 
         def local(location: str) -> Path:
-            if is_url(location):
-                return Path(model_dir) / Path(urlparse(location).path).name
+            if is_url(location):  # where the downloader puts it (models.downloads.spec_from_url)
+                return Path(model_dir).joinpath(*hub_file(location)[2])
             path = Path(location).expanduser()  # a finetune may name a local file
             return path if path.is_absolute() else definition.source.parent.parent / path
 
@@ -427,8 +427,13 @@ class ZImageHandler(FamilyHandler):
             from models.z_image.controlnet import load_controlnet
 
             # its blocks match the transformer's dtype: the hints are added to the transformer's stream
-            steps.append(("ControlNet", lambda: load_controlnet(control_path, parts["transformer"].config, dtype,
-                                                                device)))
+            def load_control():
+                net = load_controlnet(control_path, parts["transformer"].config, dtype, device)
+                if want_int8["transformer"] and not q.is_quantized(net):  # a bf16 file beside int8 weights
+                    q.quantize_on_the_fly(net)
+                return net
+
+            steps.append(("ControlNet", load_control))
         parts = {}
         for i, (name, load) in enumerate(steps):
             if progress is not None:

@@ -61,7 +61,7 @@ def _control(pipe: Any, path: str, control_type: str, strength: float, width: in
     net = getattr(pipe, "controlnet", None)
     if net is None:
         raise UserError("a control image (--control-image) needs a ControlNet: a ControlNet model type "
-                        "(z_image_control, z_image_control2, z_image_control2_1) or --controlnet FILE")
+                        "(`python wgp_zimage.py models` lists them: z_image_control*) or --controlnet FILE")
     if mask_img is not None and net.in_dim != INPAINT_IN_DIM:
         raise UserError(f"this ControlNet (version {net.config.version}) cannot inpaint: a mask (--mask) with a "
                         "control image needs a 2.x ControlNet (or leave the mask out)")

@@ -137,6 +137,8 @@ def check_values(values: dict[str, Any]) -> None:
         raise UserError("outpainting (--outpaint) needs an input image (--image)")
     if values.get("control_image") and outpaint:  # the control map has the render size, not the grown canvas's
         raise UserError("a control image (--control-image) cannot go with outpainting (--outpaint)")
+    if values.get("control_image") and (values.get("nag_scale") or 1.0) != 1.0:  # said before any work
+        raise UserError("NAG (--nag-scale) does not run with a ControlNet: leave one of them out")
     width, height = values.get("width"), values.get("height")
     if not isinstance(width, int) or not isinstance(height, int):
         return
