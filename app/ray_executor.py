@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import fields
 from pathlib import Path
@@ -94,14 +95,6 @@ def shutdown() -> None:
     import ray
 
     ray.shutdown()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_result(folder: Path, files: list, image_name: str) -> Path:
@@ -331,7 +324,7 @@ class RayExecutor:
         self._pending: list[Any] = [self._create(slot) for slot in range(count)]
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()  # slots write results into the output folder one at a time
-        self._shipped: dict[str, Any] = {}  # sha256 -> ObjectRef (kept: a later job sends the same ref)
+        self._shipped: dict[str, Any] = {}  # LoRAs: sha256 -> ObjectRef (kept: a later job sends the same ref)
         self._hashes: dict[tuple[str, int, int], str] = {}
         self.puts: Counter[str] = Counter()  # sha256 -> times put in the object store (once each)
 
@@ -456,8 +449,10 @@ class RayExecutor:
 
     # ------------------------------------------------------------ data
 
-    def _put(self, path: Path) -> tuple[str, Any]:
-        """(sha256, object ref) of a file, put in the object store once."""
+    def _put(self, path: Path, keep: bool = True) -> tuple[str, Any]:
+        """(sha256, object ref) of a file, put in the object store once. keep=False (a job's input image): the
+        reference is not kept for later jobs, so the object store lets it go once the job's run is over (the
+        actors keep their copy by sha256 either way)."""
         st = path.stat()
         key = (str(path), st.st_mtime_ns, st.st_size)
         with self._lock:
@@ -467,11 +462,14 @@ class RayExecutor:
         data = path.read_bytes()  # hashed and shipped from one read: a file replaced meanwhile cannot mix
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
-            self._hashes[key] = sha
-            if sha not in self._shipped:
-                self._shipped[sha] = self._ray.put(data)
-                self.puts[sha] += 1
-            return sha, self._shipped[sha]
+            if sha in self._shipped:
+                return sha, self._shipped[sha]
+            ref = self._ray.put(data)
+            self.puts[sha] += 1
+            if keep:
+                self._hashes[key] = sha
+                self._shipped[sha] = ref
+            return sha, ref
 
     def _files(self, spec: JobSpec) -> dict[str, Any]:
         """What the actor needs besides the settings: the job's LoRAs and input files, by reference."""
@@ -487,7 +485,7 @@ class RayExecutor:
         for p in all_params():
             value = getattr(spec, p.name, None)
             if p.is_file and value:
-                out["inputs"][p.name] = (*self._put(Path(value)), Path(value).suffix.lower())
+                out["inputs"][p.name] = (*self._put(Path(value), keep=False), Path(value).suffix.lower())
         return out
 
     def _config(self) -> dict[str, Any]:
@@ -520,12 +518,15 @@ class RayExecutor:
         self._loaded[slot] = self.affinity(spec)
         self._states[slot] = "running"
         sent = threading.Event()
+        # this run's name on the actor: a stop that arrives there after the run ended leaves a cancelled token
+        # under a name no later run (a retry of the job) uses
+        run_key = f"{job_id}-{uuid.uuid4().hex[:12]}"
 
         def forward_cancel() -> None:  # the stop reaches the actor's token at once; it stops within a step
             if not sent.is_set():
                 sent.set()
                 try:
-                    actor.cancel.remote(job_id)
+                    actor.cancel.remote(run_key)
                 except Exception:  # the actor is gone: nothing runs there to stop
                     pass
 
@@ -535,7 +536,7 @@ class RayExecutor:
         stream = None
         try:
             stream = actor.run.options(num_returns="streaming").remote(
-                job_id, spec.to_dict(), self.service.definition(spec.model_type), self._config(), files,
+                run_key, spec.to_dict(), self.service.definition(spec.model_type), self._config(), files,
                 sorted(existing_images), batch_seed, self.preview_every)
             for ref in stream:
                 ev = ray.get(ref)

@@ -243,6 +243,8 @@ def test_lora_and_input_image_are_shipped_once_and_cached(make_queue, executor, 
     assert np.array_equal(pixels(ref.paths[0]), pixels(img2img["paths"][0]))
     meta = read_settings(img2img["paths"][0])
     assert (tmp_path / "out" / meta["image"]).is_file()  # its input copy came back beside it
+    picture_sha = hashlib.sha256(picture.read_bytes()).hexdigest()
+    assert executor.puts[picture_sha] == 1 and picture_sha not in executor._shipped  # a job's input: not kept
 
 
 def test_the_page_shows_the_worker_of_each_job_and_the_workers(make_queue):
