@@ -382,3 +382,38 @@ def test_bf16_runs_close_to_fp32(transformers, tmp_path, version):
         got = model16(x.bfloat16(), t, [cap], control=zc.ControlInput(net16, ctrl, torch.tensor(0.9)))
     assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_a_2x_controlnet_s_refiner_pass_replaces_the_model_s(transformers):
+    """With its refiner hints on the main stream (the default), a 2.x ControlNet's hinted noise-refiner pass is
+    the one the main layers start from: the model's own pass, whose result would be dropped, is not run. The
+    output is exactly the one of the forward that runs both."""
+    ours_t, _ = transformers
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 16, 8, 8, generator=g), torch.rand(1, generator=g)
+    cap, ctrl = torch.randn(9, 32, generator=g), torch.randn(1, 33, 8, 8, generator=g)
+
+    class BothPasses(zc.ControlInput):  # the forward before the skip: the model refines, then the ControlNet
+        @property
+        def refines_image(self) -> bool:
+            return False
+
+    calls = []
+    hook = ours_t.noise_refiner[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for version in ("2.0", "2.1"):
+            net = random_net(net_config(version, [0, 3], [1], 2), seed=4)
+            with torch.no_grad():
+                calls.clear()
+                skipped = ours_t(x, t, [cap], control=zc.ControlInput(net, ctrl, torch.tensor(0.7)))
+                assert len(calls) == 1  # the ControlNet's pass only
+                calls.clear()
+                both = ours_t(x, t, [cap], control=BothPasses(net, ctrl, torch.tensor(0.7)))
+                assert len(calls) == 2
+                assert torch.equal(skipped, both)
+                plain_hints = zc.ControlInput(net, ctrl, torch.tensor(0.7), main_refiner_hints=False)
+                assert not plain_hints.refines_image  # diffusers' way: the model's own pass is the main stream
+        net1 = random_net(net_config("1.0", [0, 3], None, 2), seed=4)
+        assert not zc.ControlInput(net1, torch.randn(1, 16, 8, 8), torch.tensor(0.7)).refines_image
+    finally:
+        hook.remove()

@@ -215,6 +215,12 @@ class ControlInput:
     strength: torch.Tensor
     main_refiner_hints: bool = True
 
+    @property
+    def refines_image(self) -> bool:
+        """Whether the main stream starts from this ControlNet's hinted refiner pass (2.x with main_refiner_hints):
+        the transformer then skips its own noise refiner pass, whose result would be replaced."""
+        return self.main_refiner_hints and self.net.config.add_control_noise_refiner is not None
+
     def apply(self, model: ZImageTransformer, img_embedded: torch.Tensor, cap: torch.Tensor, seq: torch.Tensor,
               adaln: torch.Tensor, rope: dict[str, tuple]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         strength = self.strength.to(device=seq.device, dtype=seq.dtype)

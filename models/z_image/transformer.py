@@ -257,6 +257,10 @@ class ControlHook(Protocol):
     """What the forward pass asks of a ControlNet: the sequence the main layers start from (the refined one,
     or one whose noise refiner took hints too) and the hints to add after main layers, by layer index."""
 
+    # True: apply() runs the noise refiner itself and its result replaces the model's, so the model skips its own
+    # pass (2.x ControlNets whose refiner hints reach the main stream)
+    refines_image: bool
+
     def apply(self, model: ZImageTransformer, img_embedded: torch.Tensor, cap: torch.Tensor, seq: torch.Tensor,
               adaln: torch.Tensor, rope: dict[str, tuple]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]: ...
 
@@ -390,8 +394,9 @@ class ZImageTransformer(nn.Module):
         rope = self.rope.for_shape(cap.shape[1], ht, wt, x.device)
 
         img_embedded = img  # the ControlNet's refiner pass (v2.x) starts from the embedded tokens
-        for block in self.noise_refiner:
-            img = block(img, rope["img"], adaln)
+        if control is None or not control.refines_image:  # else its hinted pass replaces this one
+            for block in self.noise_refiner:
+                img = block(img, rope["img"], adaln)
         for block in self.context_refiner:
             cap = block(cap, rope["cap"])
 
