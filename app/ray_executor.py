@@ -126,13 +126,37 @@ def write_result(folder: Path, files: list, image_name: str) -> Path:
     return image
 
 
+CACHE_PREFIX = "wgp-zimage-ray-"  # a worker's temporary folder: <prefix><its pid>-<random>
+
+
+def clean_stale_caches(folder: Path) -> int:
+    """Remove the temporary folders of workers whose process is gone (a killed actor cleans nothing up), as a
+    new worker starts on the node; returns how many."""
+    removed = 0
+    for path in folder.glob(f"{CACHE_PREFIX}*"):
+        pid = path.name[len(CACHE_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):  # another user's process, or not a pid: not ours to judge
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 class RayWorker:
     """The actor (one per GPU / CPU worker): a GenerationService of its own, a cache of shipped files.
     Threaded (max_concurrency > 1): cancel() and stats() answer while run() renders."""
 
     def __init__(self, name: str):
         self.name = name
-        self.cache = Path(tempfile.mkdtemp(prefix="wgp-zimage-ray-"))
+        clean_stale_caches(Path(tempfile.gettempdir()))  # those of killed workers on this node
+        self.cache = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-"))
         self.service: Any = None
         self.loads = 0  # pipeline loads (model affinity is measured by this)
         self.fetched: Counter[str] = Counter()  # sha256 -> times fetched from the object store

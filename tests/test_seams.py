@@ -272,3 +272,21 @@ def test_a_worker_s_files_land_in_the_output_folder_under_safe_names(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "a_seed1-2.png", "a_seed1-2_control.png", "a_seed1-2_input.png", "a_seed1.png", "a_seed1_control.png",
         "a_seed1_input.png"]
+
+
+def test_a_new_worker_removes_the_folders_of_workers_that_are_gone(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from app.ray_executor import CACHE_PREFIX, clean_stale_caches
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has just ended
+    (tmp_path / f"{CACHE_PREFIX}{gone}-abc" / "blobs").mkdir(parents=True)
+    (tmp_path / f"{CACHE_PREFIX}{os.getpid()}-def").mkdir()  # a live worker's
+    (tmp_path / f"{CACHE_PREFIX}notapid").mkdir()
+    (tmp_path / "other-folder").mkdir()
+    assert clean_stale_caches(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{CACHE_PREFIX}{os.getpid()}-def", f"{CACHE_PREFIX}notapid", "other-folder"])
