@@ -26,7 +26,14 @@ from app.outputs import clean_stale_parts, input_copy_path, output_name, save_im
 from app.params import DEFAULT_MODEL_TYPE, params_of
 from models.attention import choose_backend
 from models.errors import GenerationInterrupted, UserError
-from models.registry import ModelDefinition, PreviewFactors, handler_for, load_definitions, resolve_model_type
+from models.registry import (
+    LOWBIT_FORMATS,
+    ModelDefinition,
+    PreviewFactors,
+    handler_for,
+    load_definitions,
+    resolve_model_type,
+)
 
 log = logging.getLogger("wgp_zimage")
 
@@ -288,6 +295,9 @@ class GenerationService:
                  handler.choose_quantization(self.config.text_encoder_quantization, self.device))
         if model_dir is None:
             transformer_file = transformer_file or self.fetch_weights(d, quant, on_event)
+        elif transformer_file is None and quant[0] in LOWBIT_FORMATS:
+            log.warning("transformer %s with --model-dir: the folder's own transformer loads (give the %s file "
+                        "with --transformer FILE)", quant[0], quant[0])
         folder = self.model_dir(model_type, model_dir)
         if controlnet_file is None and model_type:  # a ControlNet type's own (its definition names it)
             controlnet_file = handler.controlnet_file(d, folder, quant[0])
@@ -359,8 +369,9 @@ class GenerationService:
         return problem is None
 
     def fetch_weights(self, d: ModelDefinition, quant: tuple[str, str], on_event: EventFn | None = None) -> Path | None:
-        """Download what a type needs (quant: the transformer's and text encoder's bf16/int8 choice) into
-        the checkpoints folder; returns a finetune's local transformer."""
+        """Download what a type needs (quant: the transformer's format, bf16 / int8 / a low-bit one, and the text
+        encoder's bf16 / int8) into the checkpoints folder; returns the transformer file to load instead of the
+        folder's own (a finetune's, a low-bit download), if any."""
         handler = handler_for(d.architecture)
         tq, teq = quant
         self._download(handler.files_to_download(d, self.config.checkpoints_dir, tq, teq), on_event)

@@ -192,6 +192,11 @@ def test_model_types_download_turbo_and_their_controlnet(tmp_path):
         assert 0.65 <= values["control_strength"] <= 0.75
         int8 = d.model["controlnet_URLs"][1]
         assert int8.endswith(name.replace("_bf16", "_quanto_bf16_int8"))
+    # Turbo's low-bit transformers go with a ControlNet type too (with its bf16 ControlNet)
+    d = defs["z_image_control2_1"]
+    names = [s.local_path.name for s in handler_for(d.architecture).files_to_download(d, tmp_path, "fp8", "bf16")]
+    turbo_fp8 = Path(defs["z_image"].model["lowbit_URLs"]["fp8"]).name
+    assert turbo_fp8 in names and "Z-Image-Turbo-Fun-Controlnet-Union2.1_bf16.safetensors" in names
     # the Tile ControlNet (Wan2GP's z_image_control2_1_8s file; no int8 file known): bf16 whatever the choice
     tile = defs["z_image_control_tile"]
     for quant in ("bf16", "int8"):

@@ -234,8 +234,8 @@ class ZImageHandler(FamilyHandler):
             return local(urls[1])
         path = local(urls[0])
         if not path.is_file():
-            raise UserError(f"ControlNet file not found: {path} (run without --model-dir to download it, or give "
-                            "--controlnet FILE)")
+            raise UserError(f"ControlNet file not found: {path} (it downloads with its model type when no "
+                            "--model-dir or --transformer is given; or give --controlnet FILE)")
         return path
 
     def _controlnet_path(self, model_dir: Path, architecture: str | None, given: str | Path | None) -> Path | None:
