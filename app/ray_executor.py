@@ -32,6 +32,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from app.cancel import CancelToken
 from app.executors import EventFn, WorkerLost
 from app.jobs import JobSpec
@@ -97,12 +99,16 @@ def shutdown() -> None:
     ray.shutdown()
 
 
-def write_result(folder: Path, files: list, image_name: str) -> Path:
+def write_result(folder: Path, files: list, image_name: str, quality: int = 95) -> Path:
     """Write one image's files (name, bytes) from a worker into folder, each atomically and never over an
     existing file; the image's path. Only plain file names of image files are taken (RuntimeError otherwise).
     When the image's name is taken already, its files move to the next free stem together (<stem>-2.png,
-    <stem>-2_input.png: the local service's unique_path rule); the image's settings still name its input
-    copies by the first name then (said in the log)."""
+    <stem>-2_input.png: the local service's unique_path rule), and the image's settings are rewritten to name
+    its input copies so (quality: a JPEG / WebP image's, which that re-encodes)."""
+    from app.metadata import read_settings
+    from app.outputs import save_image_atomic
+    from app.params import all_params
+
     files = [(str(name), data) for name, data in files]
     for name, _ in files:
         if not SAFE_NAME.fullmatch(name):
@@ -113,16 +119,27 @@ def write_result(folder: Path, files: list, image_name: str) -> Path:
     stem = Path(image_name).stem
     folder.mkdir(parents=True, exist_ok=True)
     image = unique_path(folder / image_name)
-    if image.name != image_name:
-        log.warning("%s exists already: the image is written as %s (its settings still name its input copies "
-                    "by the first name)", image_name, image.name)
+    renamed: dict[str, str] = {}  # a companion's name in the image's settings -> the name it got here
     for name, data in files:
         own = name == image_name or name.startswith(stem + "_")  # <stem>_input.png...: renamed with the image
         target = folder / (image.stem + name[len(stem):] if own else name)
         if target != image:
             target = unique_path(target)
+            if target.name != name:
+                renamed[name] = target.name
         with atomic_path(target) as tmp:
             tmp.write_bytes(data)
+    if renamed:
+        settings = read_settings(image)
+        if settings is not None:  # saved with settings: they name the companions by their first names
+            for p in all_params():
+                if p.is_file and settings.get(p.name):
+                    first = Path(settings[p.name]).name
+                    settings[p.name] = renamed.get(first, first)
+            with Image.open(image) as im:
+                im.load()
+                save_image_atomic(im, image, settings, quality=quality)
+        log.info("%s exists already: the image and its files are written as %s", image_name, image.name)
     return image
 
 
@@ -524,14 +541,13 @@ class RayExecutor:
         """Write an image's files into the app's output folder; slots write one at a time, so two jobs finishing
         together cannot claim the same name."""
         with self._write_lock:
-            return write_result(Path(self.service.config.output_dir), ev["files"], ev["name"])
+            return write_result(Path(self.service.config.output_dir), ev["files"], ev["name"],
+                                quality=self.service.config.output_quality)
 
     # ------------------------------------------------------------ running
 
     def run(self, slot: int, spec: JobSpec, *, on_event: EventFn, existing_images: dict[int, Path],
             batch_seed: int | None, cancel: CancelToken, job_id: str) -> Any:
-        from PIL import Image
-
         from app.service import JobResult
 
         ray = self._ray

@@ -250,28 +250,51 @@ def test_config_changes_apply_between_jobs(service):
 
 
 def test_a_worker_s_files_land_in_the_output_folder_under_safe_names(tmp_path):
-    """What a Ray worker sends back (app/ray_executor.write_result; no Ray needed): plain image names only,
-    and a taken name moves the image and its companions to the next stem together, overwriting nothing."""
-    import pytest
+    """What a Ray worker sends back (app/ray_executor.write_result; no Ray needed): plain image names only; a
+    taken name moves the image and its companions to the next stem together, overwriting nothing, and the
+    image's settings then name its own input copy."""
+    import io
 
+    import pytest
+    from PIL import Image
+
+    from app.metadata import read_settings
+    from app.outputs import save_image_atomic
     from app.ray_executor import write_result
 
-    files = [("a_seed1_input.png", b"in"), ("a_seed1_control.png", b"map"), ("a_seed1.png", b"image")]
-    first = write_result(tmp_path / "out", files, "a_seed1.png")
-    assert first == tmp_path / "out" / "a_seed1.png" and first.read_bytes() == b"image"
-    second = write_result(tmp_path / "out", [(n, d + b"2") for n, d in files], "a_seed1.png")
-    assert second.name == "a_seed1-2.png" and second.read_bytes() == b"image2"
-    assert (tmp_path / "out" / "a_seed1-2_input.png").read_bytes() == b"in2"
-    assert (tmp_path / "out" / "a_seed1-2_control.png").read_bytes() == b"map2"
-    assert (tmp_path / "out" / "a_seed1_input.png").read_bytes() == b"in"  # the first job's files untouched
+    def png(color, settings=None) -> bytes:
+        path = tmp_path / "made.png"
+        save_image_atomic(Image.new("RGB", (8, 8), color), path, settings)
+        return path.read_bytes()
+
+    def job(n: int) -> list:
+        settings = {"app": "wgp-zimage", "prompt": f"job {n}", "model_type": "z_image_tiny",
+                    "image": "a_seed1_input.png", "control_image": "a_seed1_control_input.png"}
+        return [("a_seed1_input.png", png((n, 0, 0))), ("a_seed1_control_input.png", png((0, n, 0))),
+                ("a_seed1_control.png", png((0, 0, n))), ("a_seed1.png", png((n, n, n), settings))]
+
+    out = tmp_path / "out"
+    first = write_result(out, job(1), "a_seed1.png")
+    assert first == out / "a_seed1.png"
+    second = write_result(out, job(2), "a_seed1.png")
+    assert second.name == "a_seed1-2.png"
+    settings = read_settings(second)
+    assert settings["prompt"] == "job 2" and settings["image"] == str(out.resolve() / "a_seed1-2_input.png")
+    assert settings["control_image"] == str(out.resolve() / "a_seed1-2_control_input.png")
+    with Image.open(second) as im:
+        assert im.getpixel((0, 0)) == (2, 2, 2)  # the pixels as sent (PNG: rewritten without loss)
+    with Image.open(io.BytesIO((out / "a_seed1-2_input.png").read_bytes())) as im:
+        assert im.getpixel((0, 0)) == (2, 0, 0)
+    assert read_settings(first)["image"] == str(out.resolve() / "a_seed1_input.png")  # the first job's untouched
+    with Image.open(out / "a_seed1_input.png") as im:
+        assert im.getpixel((0, 0)) == (1, 0, 0)
     for bad in ("../x.png", "sub/x.png", "", ".", ".x.png", "x.part", "x.json"):
         with pytest.raises(RuntimeError, match="file name"):
-            write_result(tmp_path / "out", [(bad, b"x"), ("ok.png", b"x")], "ok.png")
+            write_result(out, [(bad, b"x"), ("ok.png", b"x")], "ok.png")
     with pytest.raises(RuntimeError, match="without its image"):
-        write_result(tmp_path / "out", [("ok.png", b"x")], "other.png")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "a_seed1-2.png", "a_seed1-2_control.png", "a_seed1-2_input.png", "a_seed1.png", "a_seed1_control.png",
-        "a_seed1_input.png"]
+        write_result(out, [("ok.png", b"x")], "other.png")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        f"a_seed1{tag}{kind}.png" for tag in ("", "-2") for kind in ("", "_input", "_control", "_control_input"))
 
 
 def test_a_new_worker_removes_the_folders_of_workers_that_are_gone(tmp_path):
