@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # the service module imports torch; the page itself does not 
     from app.service import GenerationService
 
 NOT_INSTALLED = " · not downloaded"  # after a model's name in the model list
+UNUSABLE = " · not with these settings"  # ...when its definition lacks the Config's chosen weights (a format)
 log = logging.getLogger(__name__)
 Updates = dict[str, Any]
 
@@ -150,10 +151,17 @@ class PageController:
         except UserError:  # a definition without the chosen weights: model_files_report says why
             return False
 
+    def _label(self, model_type: str) -> str:
+        name = self.defs[model_type].name
+        try:
+            return name if self.install(model_type).installed else f"{name}{NOT_INSTALLED}"
+        except UserError:  # installed or not, it lacks the Config's chosen weights: the report box says which
+            return f"{name}{UNUSABLE}"
+
     def model_choices(self) -> list[tuple[str, str]]:
-        """(label, model type): labels mark the models whose files are missing."""
-        return [(self.defs[t].name if self.installed(t) else f"{self.defs[t].name}{NOT_INSTALLED}", t)
-                for t in self.model_types]
+        """(label, model type): labels mark the models whose files are missing, and those that cannot run with
+        the Config's weight choice (a low-bit format their definition does not list)."""
+        return [(self._label(t), t) for t in self.model_types]
 
     def model_files_report(self, model_type: str | None) -> tuple[Any, Any]:
         """(report box, model list): what the chosen model lacks, the same list the CLI prints offline, with the

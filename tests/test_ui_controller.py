@@ -84,3 +84,19 @@ def test_a_saved_form_wins_and_a_broken_one_is_ignored(ctl):
     assert (out["prompt"], out["width"], out["lora_strengths"]) == ("typed", 96, "x=0.5")
     assert out["guidance_scale"] == 4.0  # the wrong type left out: the model's value
     assert ctl.startup({"version": 99}) == {}
+
+
+def test_the_model_list_tells_missing_files_from_a_format_the_model_lacks(ctl):
+    """With a low-bit format chosen in Config, a type whose definition lists no such file is not "not downloaded"
+    (downloading would not help) but unusable with these settings; the report box says why."""
+    from app.ui_controller import NOT_INSTALLED, UNUSABLE
+
+    ctl.service.config.transformer_quantization = "fp8"
+    labels = dict((t, label) for label, t in ctl.model_choices())
+    assert labels["z_image"].endswith(NOT_INSTALLED)  # Turbo lists an fp8 file: not downloaded yet
+    assert labels["z_image_base"].endswith(UNUSABLE)  # Base lists none
+    report, _ = ctl.model_files_report("z_image_base")
+    assert "cannot be used" in report["value"] and "fp8" in report["value"]
+    ctl.service.config.transformer_quantization = "bf16"
+    labels = dict((t, label) for label, t in ctl.model_choices())
+    assert labels["z_image_base"].endswith(NOT_INSTALLED)
