@@ -362,15 +362,10 @@ def run_ours(folder: Path, weights: str, profile: int, prompt: str, neg: str) ->
         res["convert_s"] = round(time.perf_counter() - t1, 2)
         res["transformer_GiB"] = gib(sum(t.numel() * t.element_size()
                                          for t in [*tr.parameters(), *tr.buffers()]))
-        te = q.load_text_encoder_int8([q.find_int8(files.text_encoder[0])], files.text_encoder_config,
-                                      files.tokenizer_dir, BF16, torch.device("cpu"))
-        vae = ck.load_vae(files.vae, files.vae_config, torch.float32, torch.device("cpu"))
-        pipe = ZImagePipeline(tr, te, vae, default_shift=6.0)
-        parts = {"transformer": tr, "text_encoder": te.model, "vae": vae}
-        del tr, te, vae
     else:
         tr = q.load_transformer_int8([q.find_int8(files.transformer[0])], files.transformer_config, BF16,
                                      torch.device("cpu"))
+    if not weights.startswith("bf16"):  # the int8 text encoder and the VAE beside the transformer read above
         te = q.load_text_encoder_int8([q.find_int8(files.text_encoder[0])], files.text_encoder_config,
                                       files.tokenizer_dir, BF16, torch.device("cpu"))
         vae = ck.load_vae(files.vae, files.vae_config, torch.float32, torch.device("cpu"))

@@ -343,9 +343,15 @@ if want("levers_sdpa_kernels"):
             except Exception as e:
                 res[f"lever_sdpa_{name.lower()}_per_layer_ms"] = f"unavailable: {type(e).__name__}: {str(e)[:120]}"
 
-if want("int8"):
-    with section("int8"):
-        # quanto int8 weights (the default below 24 GB): eager, then compiled, against the bf16 steps above
+# int8 weights: quanto's layers (the default below 24 GB), then the same weights as plain tensors
+# (models.lowbit.Int8Linear, --int8-layers plain), whose dequantization (scale * int8) compile traces with the
+# matmul instead of calling quanto's opaque op through its tensor subclass (issue 19: int8 compiled <= 1.05x
+# bf16 compiled); eager, then compiled, against the bf16 steps above
+for kind in ("int8", "int8_plain"):
+    if not want(kind):
+        continue
+    with section(kind):
+        from models.lowbit import plain_int8_layers
         from models.z_image.quantize import quantize_on_the_fly
 
         torch._dynamo.reset()
@@ -353,40 +359,19 @@ if want("int8"):
         with torch.device("meta"):
             q8 = ZImageTransformer(cfg)
         q8 = quantize_on_the_fly(rand_(q8, bf16))
-        res["int8_step_cfg_1024_eager_s"] = timeit(lambda: q8(x2, t2, [cap, neg]))
+        if kind == "int8_plain":
+            res["int8_plain_layers"] = plain_int8_layers(q8)
+        res[f"{kind}_step_cfg_1024_eager_s"] = timeit(lambda m=q8: m(x2, t2, [cap, neg]))
         compile_blocks(q8)
         t0 = time.perf_counter()
         q8(x2, t2, [cap, neg])
         sync()
-        res["int8_compile_first_call_s"] = time.perf_counter() - t0
-        res["int8_step_cfg_1024_compiled_s"] = timeit(lambda: q8(x2, t2, [cap, neg]))
-        q8 = None
-
-if want("int8_plain"):
-    with section("int8_plain"):
-        # the same int8 weights as plain tensors (models.lowbit.Int8Linear, --int8-layers plain): compile traces
-        # the dequantization (scale * int8) with the matmul instead of calling quanto's opaque op through its
-        # tensor subclass (issue 19: int8 compiled <= 1.05x bf16 compiled)
-        from models.lowbit import plain_int8_layers
-        from models.z_image.quantize import quantize_on_the_fly
-
-        torch._dynamo.reset()
-        ours = None
-        with torch.device("meta"):
-            p8 = ZImageTransformer(cfg)
-        p8 = quantize_on_the_fly(rand_(p8, bf16))
-        res["int8_plain_layers"] = plain_int8_layers(p8)
-        res["int8_plain_step_cfg_1024_eager_s"] = timeit(lambda: p8(x2, t2, [cap, neg]))
-        compile_blocks(p8)
-        t0 = time.perf_counter()
-        p8(x2, t2, [cap, neg])
-        sync()
-        res["int8_plain_compile_first_call_s"] = time.perf_counter() - t0
-        res["int8_plain_step_cfg_1024_compiled_s"] = timeit(lambda: p8(x2, t2, [cap, neg]))
+        res[f"{kind}_compile_first_call_s"] = time.perf_counter() - t0
+        res[f"{kind}_step_cfg_1024_compiled_s"] = timeit(lambda m=q8: m(x2, t2, [cap, neg]))
         if res.get("ours_step_cfg_1024_compiled_s"):
-            res["ratio_int8_plain_compiled_over_bf16"] = (res["int8_plain_step_cfg_1024_compiled_s"]
-                                                         / res["ours_step_cfg_1024_compiled_s"])
-        p8 = None
+            res[f"ratio_{kind}_compiled_over_bf16"] = (res[f"{kind}_step_cfg_1024_compiled_s"]
+                                                      / res["ours_step_cfg_1024_compiled_s"])
+        q8 = None
 
 
 def rope_variants(heads: int, head_dim: int) -> dict:

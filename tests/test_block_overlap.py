@@ -113,6 +113,23 @@ class Recorder(CudaStreams):
         self.log.append(("record_stream", id(tensor), str(stream)))
 
 
+def recorded_overlap(manager) -> tuple:
+    """The overlap installed on mmgp's manager with a Recorder for its streams: (its state, the recorder);
+    each block's copy is logged first as ("copying", block, ahead?)."""
+    manager.transfer_stream = Stream("transfer", [])
+    rec = Recorder()
+    manager.transfer_stream.log = rec.log
+    state = overlap_block_transfers(manager, rec)
+    real_copy = state._copy
+
+    def logged_copy(entry, compute_stream, ahead):
+        rec.log.append(("copying", entry, ahead))
+        return real_copy(entry, compute_stream, ahead)
+
+    state._copy = logged_copy
+    return state, rec
+
+
 @pytest.fixture
 def overlapped(tiny_dir):
     """A profile-4 pipeline streaming every block, with the overlap installed on its manager."""
@@ -120,10 +137,7 @@ def overlapped(tiny_dir):
         pipe, parts = load(tiny_dir)
         session = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL)
         manager = session.manager
-        manager.transfer_stream = Stream("transfer", [])
-        rec = Recorder()
-        manager.transfer_stream.log = rec.log
-        state = overlap_block_transfers(manager, rec)
+        state, rec = recorded_overlap(manager)
         # ("run", block): a layer inside a streamed block starts, so after mmgp's check on the block
         # itself has loaded it (logged once per block call)
         inner = {}
@@ -144,13 +158,6 @@ def overlapped(tiny_dir):
                 model, name = entry.split("/", 1)
                 parts[model].get_submodule(name).register_forward_hook(
                     lambda m, *_, e=entry: rec.log.append(("ran", e)))
-        real_copy = state._copy
-
-        def logged_copy(entry, compute_stream, ahead):  # ("copying", block, ahead?) before its copies
-            rec.log.append(("copying", entry, ahead))
-            return real_copy(entry, compute_stream, ahead)
-
-        state._copy = logged_copy
         yield pipe, parts, manager, state, rec, transfers
         ofl.release(session)
 
@@ -404,18 +411,7 @@ def test_overlapped_streaming_with_a_controlnet(control_case):  # noqa: F811
     with cpu_cuda_standins():
         pipe, parts = load_control(model_dir)
         session = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL)
-        manager = session.manager
-        manager.transfer_stream = Stream("transfer", [])
-        rec = Recorder()
-        manager.transfer_stream.log = rec.log
-        state = overlap_block_transfers(manager, rec)
-        real_copy = state._copy
-
-        def logged_copy(entry, compute_stream, ahead):
-            rec.log.append(("copying", entry, ahead))
-            return real_copy(entry, compute_stream, ahead)
-
-        state._copy = logged_copy
+        _, rec = recorded_overlap(session.manager)
         try:
             assert np.array_equal(control_render(pipe, picture), controlled)
         finally:

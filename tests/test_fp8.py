@@ -138,28 +138,14 @@ def test_report_measured_psnrs():
 def test_under_a_memory_profile_the_fp8_bytes_are_what_streams(tiny_dir, tiny_comfy_file, tmp_path, per_row):
     """mmgp (its real code on the CPU stand-ins) streams an fp8 transformer's blocks as they are held: uint8
     bytes and float32 scales; the image equals the unprofiled fp8 one."""
-    from app import offload as ofl
     from models.z_image.handler import HANDLER
-    from tests.test_offload import cpu_cuda_standins
-    from tests.test_offload import render as render_pipe
+    from tests.test_offload import profiled_and_plain
 
     path = fp8_file(tiny_comfy_file, tmp_path / "fp8.safetensors", per_row=per_row)
-
-    def load():
-        return HANDLER.load_model(base_model_type="z_image_tiny", model_filename=path, dtype=torch.bfloat16,
-                                  VAE_dtype=torch.float32, model_dir=tiny_dir)
-
-    want = render_pipe(load()[0], under_cuda_default=False)
-    with cpu_cuda_standins() as transfers:
-        pipe, parts = load()
-        session = ofl.apply_profile(parts, 4, device="cuda", budgets={"transformer": 0.001, "text_encoder": 0.001})
-        try:
-            got = render_pipe(pipe)
-            streamed = session.manager.blocks_of_modules["transformer/layers.0"]
-        finally:
-            ofl.release(session)
+    want, got, streamed = profiled_and_plain(lambda: HANDLER.load_model(
+        base_model_type="z_image_tiny", model_filename=path, dtype=torch.bfloat16, VAE_dtype=torch.float32,
+        model_dir=tiny_dir))
     assert np.array_equal(got, want)
-    assert ("transformer", "layers.0", False) in transfers
     kinds = {(k, p.dtype) for m, k, p, _, _ in streamed if isinstance(m, Fp8Linear)}
     assert ("weight_fp8", torch.uint8) in kinds and ("weight_scale", torch.float32) in kinds
     assert not any(k == "weight" for k, _ in kinds)

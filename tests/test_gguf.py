@@ -321,29 +321,15 @@ def test_under_a_memory_profile_the_quantized_blocks_are_what_streams(tiny_dir, 
     GGML blocks, not a dequantized copy; the image equals the unprofiled GGUF one."""
     import numpy as np
 
-    from app import offload as ofl
     from models.lowbit import GGUFLinear
     from models.z_image.handler import HANDLER
-    from tests.test_offload import cpu_cuda_standins, render
+    from tests.test_offload import profiled_and_plain
 
     path = write_gguf(tmp_path / "q8.gguf", comfy_sd(tiny_comfy_file), T.Q8_0)
-
-    def load():
-        return HANDLER.load_model(base_model_type="z_image_tiny", model_filename=path, dtype=torch.bfloat16,
-                                  VAE_dtype=torch.float32, model_dir=tiny_dir)
-
-    want = render(load()[0], under_cuda_default=False)
-    with cpu_cuda_standins() as transfers:
-        pipe, parts = load()
-        session = ofl.apply_profile(parts, profile_no, device="cuda",
-                                    budgets={"transformer": 0.001, "text_encoder": 0.001})
-        try:
-            got = render(pipe)
-            streamed = session.manager.blocks_of_modules["transformer/layers.0"]
-        finally:
-            ofl.release(session)
+    want, got, streamed = profiled_and_plain(lambda: HANDLER.load_model(
+        base_model_type="z_image_tiny", model_filename=path, dtype=torch.bfloat16, VAE_dtype=torch.float32,
+        model_dir=tiny_dir), profile_no)
     assert np.array_equal(got, want)
-    assert ("transformer", "layers.0", False) in transfers  # streamed as a block
     gguf_tensors = [(k, p) for module, k, p, _, _ in streamed if isinstance(module, GGUFLinear)]
     assert gguf_tensors and {p.dtype for k, p in gguf_tensors if k == "weight_raw"} == {torch.uint8}
     assert not any(k == "weight" for k, _ in gguf_tensors)  # no dequantized weight travels

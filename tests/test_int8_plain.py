@@ -98,26 +98,12 @@ def test_a_bad_choice_is_refused(tiny_dir, tmp_path, capsys):
 
 
 def test_under_a_memory_profile_the_int8_blocks_stream(tiny_dir):
-    from app import offload as ofl
-    from tests.test_offload import cpu_cuda_standins, render
+    from tests.test_offload import profiled_and_plain
 
-    def load():
-        pipe, parts = HANDLER.load_model(base_model_type="z_image_tiny", dtype=torch.bfloat16,
-                                         VAE_dtype=torch.float32, model_dir=tiny_dir,
-                                         transformer_quantization="int8", int8_layers="plain")
-        return pipe, parts
-
-    want = render(load()[0], under_cuda_default=False)
-    with cpu_cuda_standins() as transfers:
-        pipe, parts = load()
-        session = ofl.apply_profile(parts, 4, device="cuda", budgets={"transformer": 0.001, "text_encoder": 0.001})
-        try:
-            got = render(pipe)
-            streamed = session.manager.blocks_of_modules["transformer/layers.0"]
-        finally:
-            ofl.release(session)
+    want, got, streamed = profiled_and_plain(lambda: HANDLER.load_model(
+        base_model_type="z_image_tiny", dtype=torch.bfloat16, VAE_dtype=torch.float32, model_dir=tiny_dir,
+        transformer_quantization="int8", int8_layers="plain"))
     assert np.array_equal(got, want)
-    assert ("transformer", "layers.0", False) in transfers
     kinds = {(k, p.dtype) for m, k, p, _, _ in streamed if isinstance(m, Int8Linear)}
     assert ("weight_int8", torch.int8) in kinds and not any(k == "weight" for k, _ in kinds)
 

@@ -123,6 +123,25 @@ def render(pipe, under_cuda_default: bool = True, **kw) -> np.ndarray:
         torch.set_default_device("cpu")
 
 
+SMALL_BUDGETS = {"transformer": 0.001, "text_encoder": 0.001}  # below a block's size: every block streams
+
+
+def profiled_and_plain(load, profile_no: int = 4, block: str = "layers.0") -> tuple:
+    """(image without a profile, image under profile_no with every block streaming, the (module, name, tensor,
+    ...) entries mmgp streams as the transformer's `block`); load() makes a fresh (pipe, parts)."""
+    want = render(load()[0], under_cuda_default=False)
+    with cpu_cuda_standins() as transfers:
+        pipe, parts = load()
+        session = ofl.apply_profile(parts, profile_no, device="cuda", budgets=SMALL_BUDGETS)
+        try:
+            got = render(pipe)
+            streamed = session.manager.blocks_of_modules[f"transformer/{block}"]
+        finally:
+            ofl.release(session)
+    assert ("transformer", block, False) in transfers  # loaded as a block of its own
+    return want, got, streamed
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_dir) -> np.ndarray:
     """The unprofiled image (bf16 transformer and text encoder, fp32 VAE)."""
@@ -517,7 +536,7 @@ def test_the_control_blocks_stream_with_the_transformer(control_case, fake_cuda)
     layers, instead of the whole ControlNet sitting on the device."""
     model_dir, picture, controlled = control_case
     pipe, parts = load_control(model_dir)
-    session = ofl.apply_profile(parts, 4, device="cuda", budgets={"transformer": 0.001, "text_encoder": 0.001})
+    session = ofl.apply_profile(parts, 4, device="cuda", budgets=SMALL_BUDGETS)
     assert np.array_equal(control_render(pipe, picture), controlled)
     blocks = {b for m, b, pre in fake_cuda if m == "transformer" and not pre}
     assert {"controlnet.control_layers.0", "controlnet.control_layers.1", "controlnet.control_noise_refiner.0",

@@ -55,6 +55,15 @@ def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+def definition_file(definition, location: str, folder: Path | None) -> Path:
+    """Where a file a definition names is: a Hub URL's download in folder (the downloader's path rule,
+    models.hub_urls), a local path as given, relative ones from the app's folder (finetunes)."""
+    if is_url(location):
+        return Path(folder).joinpath(*hub_file(location)[2])
+    path = Path(location).expanduser()
+    return path if path.is_absolute() else definition.source.parent.parent / path
+
+
 class ZImageHandler(FamilyHandler):
     family = "z_image"
     family_label = "Z-Image"
@@ -203,18 +212,16 @@ class ZImageHandler(FamilyHandler):
         """The transformer file to load instead of the model folder's own: one a definition names by local path
         (finetunes), or the download of a low-bit format (lowbit_URLs) or of a .gguf URL in checkpoints_dir (the
         folder lookup finds only the type's bf16 / int8 names)."""
-        from models.downloads import spec_from_url
         from models.registry import LOWBIT_FORMATS
 
         if transformer_quantization not in definition.transformer_formats:
             return None  # the tiny model (no files), or a format files_to_download refuses
         location = definition.transformer_url(transformer_quantization)
         if not is_url(location):
-            path = Path(location).expanduser()
-            return path if path.is_absolute() else definition.source.parent.parent / path
+            return definition_file(definition, location, checkpoints_dir)
         if checkpoints_dir is not None and (transformer_quantization in LOWBIT_FORMATS
                                             or location.split("?")[0].endswith(".gguf")):
-            return spec_from_url(location, checkpoints_dir).local_path
+            return definition_file(definition, location, checkpoints_dir)
         return None
 
     def controlnet_file(self, definition, model_dir: Path, transformer_quantization: str = "bf16") -> Path | None:
@@ -223,16 +230,10 @@ class ZImageHandler(FamilyHandler):
         urls = definition.model.get("controlnet_URLs") or []
         if definition.architecture == TINY_CONTROL or not urls:
             return None
-
-        def local(location: str) -> Path:
-            if is_url(location):  # where the downloader puts it (models.downloads.spec_from_url)
-                return Path(model_dir).joinpath(*hub_file(location)[2])
-            path = Path(location).expanduser()  # a finetune may name a local file
-            return path if path.is_absolute() else definition.source.parent.parent / path
-
-        if transformer_quantization == "int8" and len(urls) > 1 and local(urls[1]).is_file():
-            return local(urls[1])
-        path = local(urls[0])
+        int8 = definition_file(definition, urls[1], model_dir) if len(urls) > 1 else None
+        if transformer_quantization == "int8" and int8 is not None and int8.is_file():
+            return int8
+        path = definition_file(definition, urls[0], model_dir)
         if not path.is_file():
             raise UserError(f"ControlNet file not found: {path} (it downloads with its model type when no "
                             "--model-dir or --transformer is given; or give --controlnet FILE)")
