@@ -597,10 +597,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         saved, warnings = load_config(config_file)
         for w in warnings:
             sys.stderr.write(f"warning: {w}\n")
+        state_dir = args.state_dir or args.output_dir
         if saved:
             parser.set_defaults(**parser_defaults(saved))
             args = parser.parse_args(argv)
         args.config_file = config_file
+        # the queue lives beside the config: a saved output folder moves the images, not the jobs
+        args.state_dir = args.state_dir or state_dir
     return args
 
 

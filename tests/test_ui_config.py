@@ -118,6 +118,24 @@ def test_saved_config_becomes_launch_defaults(tmp_path):
     assert wgp_zimage.parse_args(["--output-dir", str(out), "models"]).memory_profile == 4
 
 
+
+def test_saved_output_folder_moves_images_not_the_queue(tmp_path, monkeypatch):
+    """Config's Save of another output folder: the next start writes images there but keeps reading the queue
+    (and the config) where they were, so no queued job is forgotten."""
+    from app.launch import queue_file
+
+    monkeypatch.chdir(tmp_path)
+    first = tmp_path / "outputs"
+    first.mkdir()
+    (first / "wgp_zimage_config.json").write_text(json.dumps({"output_dir": str(tmp_path / "elsewhere")}))
+    args = wgp_zimage.parse_args([])  # the default output folder, ./outputs
+    assert Path(args.output_dir) == tmp_path / "elsewhere"
+    assert queue_file(args).resolve() == first / "wgp_zimage_queue.json"
+    assert args.config_file.resolve() == first / "wgp_zimage_config.json"
+    # an explicit --state-dir still holds both
+    args = wgp_zimage.parse_args(["--state-dir", str(tmp_path / "st")])
+    assert queue_file(args) == tmp_path / "st" / "wgp_zimage_queue.json"
+
 def test_vram_readout_on_cuda(tmp_path, monkeypatch):
     """On a CUDA device the page shows VRAM used of total, read from torch.cuda.mem_get_info."""
     import torch
