@@ -7,6 +7,7 @@ import os
 import re
 import time
 import unicodedata
+from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 
@@ -47,9 +48,11 @@ def input_copy_path(output: Path, param: str) -> Path:
     return unique_path(output.with_name(f"{output.stem}_{INPUT_COPY_NAMES.get(param, param)}.png"))
 
 
-def is_input_copy(name: str) -> bool:
-    """Whether a file name is an input's copy (the gallery lists results only)."""
-    return bool(_INPUT_COPY.search(name))
+def is_input_copy(name: str, names: Collection[str]) -> bool:
+    """Whether a file name is an input's copy (the gallery lists results only): it ends like one and the
+    output it was copied for is among names (the folder's): a prompt ending in "mask" is no copy."""
+    m = _INPUT_COPY.search(name)
+    return bool(m) and any(name[:m.start()] + ext in names for ext in (".png", ".jpg", ".jpeg", ".webp"))
 
 
 def unique_path(path: Path) -> Path:

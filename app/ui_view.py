@@ -242,8 +242,10 @@ def recent_images(folder: Path, limit: int = GALLERY_SIZE, cache: dict[str, str]
     """(path, caption) of the newest images of the output folder, newest first."""
     try:
         files = []
-        for p in Path(folder).iterdir():
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not is_input_copy(p.name):
+        entries = list(Path(folder).iterdir())
+        names = {p.name for p in entries}
+        for p in entries:
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not is_input_copy(p.name, names):
                 try:
                     st = p.lstat()  # plain files only: a link could point the server at any file
                 except OSError:  # deleted meanwhile

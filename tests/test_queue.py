@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import time
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -471,3 +473,19 @@ def test_abort_waiting_ends_the_queued_jobs_and_a_retry_resets_the_lost_worker_c
     q._find(ids[0]).attempts = 3  # a job that lost its worker three times
     q.retry(ids[0])
     assert q.get(ids[0])["status"] == "queued" and q._find(ids[0]).attempts == 0
+
+
+def test_gallery_lists_results_not_their_input_copies(tmp_path):
+    """Copies of a job's inputs beside its image stay out of the gallery; an image whose prompt merely ends in
+    "mask", "input" or "control" is a result like any other."""
+    from app.outputs import output_name
+    from app.ui_view import recent_images
+
+    when = datetime(2026, 12, 1, 5, 0, 0)
+    names = [output_name(when, 1, 1, "a venetian mask"), output_name(when, 2, 1, "user input"),
+             output_name(when, 3, 1, "full control"), output_name(when, 4, 1, "a red fox", "jpg")]
+    fox = Path(names[3]).stem
+    copies = [f"{fox}_input.png", f"{fox}_mask.png", f"{fox}_control.png", f"{fox}_control_input-2.png"]
+    for name in names + copies:
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    assert sorted(Path(p).name for p, _ in recent_images(tmp_path)) == sorted(names)
