@@ -417,16 +417,17 @@ class JobQueue:
             cap_texts(spec, names)
             validate(spec, names)
             self.service.definition(spec.model_type)  # unknown model type -> UserError now, not later
-        for spec in specs:
-            try:
-                self._keep_inputs(spec)
-            except OSError as e:
-                raise UserError(f"cannot keep a copy of the job's input file: {e.strerror or e}") from None
         with self._cond:
             waiting = sum(j.status in WAITING for j in self._jobs)
             if waiting + len(specs) > MAX_WAITING:
                 raise UserError(f"the queue is full: {waiting} jobs wait to run and it takes at most {MAX_WAITING}; "
                                 f"{len(specs)} more do not fit (wait for some to finish, or remove some)")
+            # under the lock: a save between the copy and the append would prune the copy as unused
+            for spec in specs:
+                try:
+                    self._keep_inputs(spec)
+                except OSError as e:
+                    raise UserError(f"cannot keep a copy of the job's input file: {e.strerror or e}") from None
             taken = {j.id for j in self._jobs}
             jobs = []
             for spec in specs:

@@ -489,3 +489,30 @@ def test_gallery_lists_results_not_their_input_copies(tmp_path):
     for name in names + copies:
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     assert sorted(Path(p).name for p, _ in recent_images(tmp_path)) == sorted(names)
+
+
+def test_a_job_leaving_the_queue_while_another_is_submitted_keeps_its_input_copy(make_queue, tmp_path, monkeypatch):
+    """Any change to the queue prunes the input copies no job names; a submit's fresh copy must be named by its
+    job before such a change can run (here: another tab removes a finished job meanwhile)."""
+    import threading
+
+    q = make_queue().start()
+    old = q.submit(spec("old"))
+    q.wait(old, timeout=120)
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(picture)
+    copy_inputs, others = q._keep_inputs, []
+
+    def copy_then_let_another_tab_in(s):
+        copy_inputs(s)
+        others.append(threading.Thread(target=q.remove, args=(old,)))
+        others[0].start()
+        others[0].join(0.5)  # with the lock held, the removal waits for the submit
+
+    monkeypatch.setattr(q, "_keep_inputs", copy_then_let_another_tab_in)
+    new = q.submit(spec("new", image=str(picture), strength=0.5))
+    others[0].join(30)
+    assert [j["id"] for j in q.snapshot()] == [new]  # the removal did happen
+    assert Path(q.get(new)["spec"]["image"]).is_file()
+    q.wait(new, timeout=120)
+    assert q.get(new)["status"] == "done", q.get(new)
