@@ -10,10 +10,9 @@ from models.errors import UserError
 from models.registry import check_declared_values
 
 MAX_SEED = _params.MAX_SEED
-# The text encoder reads only the first 512 tokens (chat template included); a token is rarely more than a
-# few characters, so 20,000 characters hold far more than it reads. Longer prompts are cut to this: the
+# Text encoders read a few hundred tokens (Z-Image's: 512, chat template included); a token is rarely more than
+# a few characters, so 20,000 characters hold far more than they read. Longer prompts are cut to this: the
 # queue file, the image metadata and the token counter never carry megabytes.
-PROMPT_TOKEN_LIMIT = 512
 MAX_PROMPT_CHARS = 20_000
 TEXT_FIELDS = ("prompt", "negative_prompt")
 MEMORY_PROFILES = _params.MEMORY_PROFILES
@@ -92,7 +91,7 @@ def cap_texts(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
         if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
             setattr(spec, key, text[:MAX_PROMPT_CHARS])
             warnings.append(f"{names.get(key, key.replace('_', ' '))} is {len(text):,} characters: cut to the first "
-                            f"{MAX_PROMPT_CHARS:,} (the text encoder reads only its first {PROMPT_TOKEN_LIMIT} tokens)")
+                            f"{MAX_PROMPT_CHARS:,} (far more than the text encoder reads)")
     return warnings
 
 

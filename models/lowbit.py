@@ -97,10 +97,6 @@ class _LowBitLinear(nn.Linear):
         self.compute_dtype = fn(torch.zeros((), dtype=self.compute_dtype)).dtype
         return super()._apply(fn, recurse)
 
-    def quantized_bytes(self) -> int:
-        """Bytes of the low-bit weight data (and scale) this layer holds."""
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
-
 
 class GGUFLinear(_LowBitLinear):
     """A Linear holding a GGUF weight as its raw blocks (`weight_raw`, flat uint8) plus type and shape."""

@@ -12,8 +12,9 @@ from models.errors import UserError
 from models.hub_urls import hub_file
 from models.registry import FamilyHandler, PreviewFactors, register_handler
 from models.z_image import checkpoints as ck
-from models.z_image.params import CONDITIONS, LAYOUT, LORA_SUBDIR, PARAMS
+from models.z_image.params import CONDITIONS, DEFAULT_CONTROL_STRENGTH, LAYOUT, LORA_SUBDIR, PARAMS
 from models.z_image.pipeline import ZImagePipeline
+from models.z_image.text_encoder import MAX_SEQUENCE_LENGTH
 
 log = logging.getLogger("wgp_zimage")
 
@@ -84,7 +85,7 @@ class ZImageHandler(FamilyHandler):
         return dict(CONDITIONS.get(architecture, {}))
 
     def ui_defaults(self, architecture: str) -> dict[str, Any]:
-        return {"max_prompt_tokens": 512, **self._defaults(architecture)}
+        return {"max_prompt_tokens": MAX_SEQUENCE_LENGTH, **self._defaults(architecture)}
 
     def job_files(self, values: dict[str, Any], checkpoints_dir: Path) -> list:
         """The depth and pose control types' annotator weights (models/annotators.py)."""
@@ -136,10 +137,11 @@ class ZImageHandler(FamilyHandler):
             return {"width": 1024, "height": 1024, "num_inference_steps": 2, "guidance_scale": 0.0,
                     "flow_shift": 3.0, "negative_prompt": "", "min_recommended_size": 512}
         if architecture == TINY_CONTROL:
-            return {**self._defaults("z_image_tiny"), "control_strength": 0.75}
+            return {**self._defaults("z_image_tiny"), "control_strength": DEFAULT_CONTROL_STRENGTH}
         if architecture in CONTROLNET_TYPES:  # the publishers' (as Wan2GP has them): Turbo without CFG, 9 steps
             return {"width": 1024, "height": 1024, "num_inference_steps": 9, "guidance_scale": 0.0,
-                    "flow_shift": 3.0, "negative_prompt": "", "control_strength": 0.75, "min_recommended_size": 512}
+                    "flow_shift": 3.0, "negative_prompt": "", "control_strength": DEFAULT_CONTROL_STRENGTH,
+                    "min_recommended_size": 512}
         if architecture == "z_image_tiny":
             return {"width": 256, "height": 256, "num_inference_steps": 8, "guidance_scale": 4.0,
                     "flow_shift": 6.0, "negative_prompt": "blurry", "min_recommended_size": 0}

@@ -17,9 +17,8 @@ from PIL import Image
 
 from models import image_inputs as ii
 from models.errors import UserError
-from models.z_image.params import DEFAULT_CONTROL_STRENGTH
+from models.z_image.params import DEFAULT_CONTROL_STRENGTH, DEFAULT_STRENGTH
 
-DEFAULT_STRENGTH = 0.6  # img2img; inpainting and outpainting default to 1.0
 LARGE_PIXELS = 1024 * 1024  # an upscale pass above this encodes and decodes in tiles
 
 

@@ -49,6 +49,7 @@ def _margins(text: str) -> str:
 
 
 # image inputs (img2img, inpainting, outpainting, upscale): models/z_image/image_job.py runs them
+DEFAULT_STRENGTH = 0.6  # img2img; inpainting and outpainting default to 1.0
 IMAGE_PARAMS = (
     Param("image", str, "", "Input image", cli="--image", metavar="FILE", widget="image", group="image",
           in_profile=False, check=_image_file,
@@ -60,7 +61,8 @@ IMAGE_PARAMS = (
     Param("strength", float, None, "Strength", minimum=0.01, maximum=1.0, step=0.01, cli="--strength",
           group="image", widget="number", optional=True, a1111="Denoising strength",
           needs="image",
-          help="how much of the input is repainted (0.01-1; empty: 0.6, or 1.0 with a mask or outpainting)"),
+          help=f"how much of the input is repainted (0.01-1; empty: {DEFAULT_STRENGTH}, or 1.0 with a mask or "
+               "outpainting)"),
     Param("paste_back", bool, True, "Paste back", cli="--paste-back", widget="checkbox", group="image",
           row="paste", needs="image",
           help="put the input's own pixels back outside the mask (feathered over the mask blur)"),
