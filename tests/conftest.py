@@ -135,3 +135,22 @@ def tiny_comfy_file(tiny_dir, tmp_path_factory) -> Path:
     sd = load_file(tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     save_file(to_comfy(sd), path, metadata={"config": (tiny_dir / "transformer" / "config.json").read_text()})
     return path
+
+
+# -- the low-bit PSNR table
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The PSNRs the low-bit rendering tests measured, each with its test bound: the README's table comes from
+    `pytest -p no:cacheprovider tests/test_gguf.py tests/test_fp8.py tests/test_fp8_compute.py` (printed at the
+    end of the run; nothing when none of those tests ran)."""
+    lines = []
+    for name, label in (("test_gguf", "GGUF"), ("test_fp8", "fp8"), ("test_fp8_compute", "fp8 compute")):
+        mod = sys.modules.get(f"tests.{name}") or sys.modules.get(name)
+        bounds = getattr(mod, "PSNR_BOUNDS", {})
+        for case, value in getattr(mod, "MEASURED", {}).items():
+            bound = f" (bound {bounds[case]})" if case in bounds else ""
+            lines.append(f"{label} {case}: {value:.1f} dB{bound}")
+    if lines:
+        terminalreporter.write_sep("-", "measured PSNRs (README's low-bit table)")
+        for line in lines:
+            terminalreporter.write_line(line)
