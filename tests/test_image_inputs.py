@@ -12,6 +12,7 @@ from PIL import Image
 from models import image_inputs as ii
 from models.errors import UserError
 from models.z_image.handler import HANDLER
+from tests.conftest import DiffusersLatents, assert_latents_match, assert_pixels_match
 
 W, H = 128, 96
 SEED = 1234
@@ -60,20 +61,22 @@ def source_mask(width=64, height=48) -> Image.Image:
     return Image.fromarray(m)
 
 
-def diffusers_run(components, cls, case, **kw):
+def diffusers_run(components, cls, case, latents: DiffusersLatents | None = None, **kw):
     sched = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config, shift=case["shift"])
     ref = cls(**{**components, "scheduler": sched})
     ref.set_progress_bar_config(disable=True)
     out = ref(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=H, width=W,
               num_inference_steps=case["steps"], guidance_scale=case["guidance"],
-              generator=torch.Generator("cpu").manual_seed(SEED), **kw)
+              generator=torch.Generator("cpu").manual_seed(SEED), callback_on_step_end=latents, **kw)
     return np.asarray(out.images[0]).astype(np.int16)
 
 
-def ours(pipe, case, **kw):
+def ours(pipe, case, latents: list | None = None, **kw):
+    """Our image; latents (a list), when given, receives the final latents (the last step's, which are decoded)."""
+    keep = None if latents is None else (lambda k, n, lat: latents.append(lat.clone()))
     out = pipe(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=H, width=W,
                num_inference_steps=case["steps"], guidance_scale=case["guidance"], flow_shift=case["shift"],
-               seed=SEED, **kw)
+               seed=SEED, callback=keep, **kw)
     return np.asarray(out.images[0]).astype(np.int16)
 
 
@@ -82,12 +85,15 @@ def ours(pipe, case, **kw):
 def test_img2img_matches_diffusers(pipe, components, posterior_mean, name, strength):
     case = CASES[name]
     src = source_image()
-    mine = ours(pipe, case, image=src, strength=strength)
+    lat, ref_lat = [], DiffusersLatents()
+    mine = ours(pipe, case, latents=lat, image=src, strength=strength)
     # diffusers resizes with its own processor: give it the image at the render size (our Lanczos resize)
-    ref = diffusers_run(components, ZImageImg2ImgPipeline, case, image=ii.fit_image(src, W, H), strength=strength)
+    ref = diffusers_run(components, ZImageImg2ImgPipeline, case, latents=ref_lat, image=ii.fit_image(src, W, H),
+                        strength=strength)
     assert mine.shape == ref.shape == (H, W, 3)
     assert mine.std() > 10
-    assert np.abs(mine - ref).max() <= 2
+    assert_latents_match(lat[-1], ref_lat.latents)
+    assert_pixels_match(mine, ref)
     t2i = ours(pipe, case)
     assert np.abs(mine - t2i).max() > 10, "the image changed nothing"
 
@@ -97,11 +103,13 @@ def test_img2img_matches_diffusers(pipe, components, posterior_mean, name, stren
 def test_inpaint_matches_diffusers(pipe, components, posterior_mean, name, strength):
     case = CASES[name]
     src, mask = source_image(), source_mask()
-    mine = ours(pipe, case, image=src, mask_image=mask, strength=strength)
+    lat, ref_lat = [], DiffusersLatents()
+    mine = ours(pipe, case, latents=lat, image=src, mask_image=mask, strength=strength)
     binary = Image.fromarray(ii.mask_to_array(mask, W, H).astype(np.uint8) * 255)
-    ref = diffusers_run(components, ZImageInpaintPipeline, case, image=ii.fit_image(src, W, H), mask_image=binary,
-                        strength=strength)
-    assert np.abs(mine - ref).max() <= 2
+    ref = diffusers_run(components, ZImageInpaintPipeline, case, latents=ref_lat, image=ii.fit_image(src, W, H),
+                        mask_image=binary, strength=strength)
+    assert_latents_match(lat[-1], ref_lat.latents)
+    assert_pixels_match(mine, ref)
     t2i = ours(pipe, case)
     assert np.abs(mine - t2i).max() > 10
     # in latent space the kept area is exactly the image's latents (the last step blends with them clean)
