@@ -272,6 +272,8 @@ def test_vae_tiling_decision_and_tiled_encode(pipe, monkeypatch):
         assert (tiled - full).abs().mean() < 0.3 * full.std()
         a, b = (np.asarray(pipe.decode(z)[0]).astype(int) for z in (full, tiled))
         assert np.abs(a - b).mean() < 20  # the bound test_pipeline uses for the tiled decode
+        c = np.asarray(pipe.decode(full, tiled=True)[0]).astype(int)
+        assert not np.array_equal(c, a) and np.abs(c - a).mean() < 20  # the decode tiled too
         # the pipeline asks the pixel-count rule for the encode and the decode
         used = []
         monkeypatch.setattr(ii, "vae_tiling_needed", lambda w, h, **_: used.append((w, h)) or True)

@@ -76,17 +76,23 @@ def test_bad_size_refused(pipe):
         pipe(prompt="x", height=72, width=64, num_inference_steps=1)
 
 
-def test_vae_bf16_and_tiled_decode(tiny_dir, pipe):
+def test_vae_bf16_and_tiled_decode(tiny_dir, pipe, monkeypatch):
     lat = pipe(prompt="x", guidance_scale=0.0, seed=3, output_type="latent",
                **dict(KW, height=256, width=256)).images
+    tiles = []
+    tiled_decode = pipe.vae.tiled_decode
+    monkeypatch.setattr(pipe.vae, "tiled_decode", lambda z, **k: tiles.append(z.shape) or tiled_decode(z, **k))
     full = np.asarray(pipe.decode(lat)[0]).astype(int)
+    assert tiles == []
     saved = pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size
     pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 128, 16  # force several tiles
     try:
         tiled = np.asarray(pipe.decode(lat, tiled=True)[0]).astype(int)
     finally:
         pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = saved
+    assert tiles == [lat.shape]  # the VAE's tiled decode ran
     assert tiled.shape == full.shape == (256, 256, 3)
+    assert not np.array_equal(tiled, full)  # it did tile: the tiny VAE's group norms see per-tile statistics
     assert np.abs(tiled - full).mean() < 20  # blended tiles approximate the full decode
     assert not pipe.vae.use_tiling
     bf16 = HANDLER.load_model(base_model_type="z_image_tiny", dtype=torch.float32, VAE_dtype=torch.bfloat16,
