@@ -7,7 +7,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImageImg2ImgPipeline, ZImageInpaintPipeline
 from diffusers import ZImagePipeline as DiffusersPipeline
 from diffusers.pipelines.z_image import pipeline_z_image_img2img, pipeline_z_image_inpaint
-from PIL import Image
+from PIL import Image, ImageFilter
+from scipy import ndimage
 
 from models import image_inputs as ii
 from models.errors import UserError
@@ -195,6 +196,37 @@ def test_paste_back_exact_outside_the_fade():
     assert np.array_equal(hard, np.where(mask[..., None], gen, orig))
 
 
+def feather_reference(mask: np.ndarray, r: int) -> np.ndarray:
+    """feather_mask as its docstring defines it, in float64 with scipy: square dilation by r px, then a
+    Gaussian of sigma r / 2 cut at r px (edges replicated), never below the mask itself."""
+    m = mask.astype(np.float64)
+    grown = ndimage.maximum_filter(m, size=2 * r + 1, mode="constant", cval=0.0)
+    blurred = ndimage.gaussian_filter(grown, sigma=r / 2, mode="nearest", truncate=2.0)  # radius 2 sigma = r
+    return np.clip(np.maximum(blurred, m), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("r", [1, 2, 4, 7])
+def test_feather_and_paste_back_match_a_reference(r):
+    rng = np.random.default_rng(r)
+    mask = np.zeros((70, 90), bool)
+    mask[20:45, 30:60] = True
+    mask[0:6, 70:90] = True  # touching the border: its weight stays there
+    mask[55, 12] = True  # a lone pixel
+    want = feather_reference(mask, r)
+    alpha = ii.feather_mask(mask, r)
+    assert alpha.dtype == np.float32 and np.abs(alpha - want).max() < 1e-5
+    orig = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    gen = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    out = np.asarray(ii.paste_back(Image.fromarray(orig), Image.fromarray(gen), mask, mask_blur=r)).astype(int)
+    a = want[..., None]
+    mixed = np.rint(orig + (gen.astype(np.float64) - orig) * a)  # rounded to the nearest level
+    diff = np.abs(out - np.where(a > 0, mixed, orig))
+    fade = np.broadcast_to((a > 0) & (a < 1), diff.shape)
+    assert fade.sum() > 100
+    # float32 against float64: a value exactly between two levels may round either way, no more
+    assert diff.max() <= 1 and (diff[fade] > 0).mean() < 0.01
+
+
 def test_paste_back_resizes_original_and_mask():
     """original and mask at other sizes are brought to the output's as the pipeline did (Lanczos, nearest)."""
     src = source_image()
@@ -240,6 +272,26 @@ def test_outpaint_canvas():
         ii.outpaint_canvas(src, (4096, 0, 0, 0))
 
 
+@pytest.mark.parametrize("margins", [(32, 16, 0, 48), (0, 0, 16, 0), (0, 288, 16, 0)])
+def test_outpaint_fill_is_a_blurred_stretch_of_the_border(margins):
+    """The new area per outpaint_canvas' docstring: edge pixels replicated outward (here by index clamping), a
+    Gaussian blur of radius max margin / 4 within 4..64 (here 12, 4 and 64) over the whole stretched picture."""
+    src = source_image(96, 64)
+    left, top, right, bottom = margins
+    a = np.asarray(src)
+    rows = np.clip(np.arange(-top, 64 + bottom), 0, 63)
+    cols = np.clip(np.arange(-left, 96 + right), 0, 95)
+    stretched = a[rows][:, cols]
+    radius = min(max(max(margins) // 4, 4), 64)
+    blurred = np.asarray(Image.fromarray(stretched).filter(ImageFilter.GaussianBlur(radius)))
+    canvas, mask = ii.outpaint_canvas(src, margins)
+    new = np.asarray(mask) == 255
+    c = np.asarray(canvas)
+    assert np.array_equal(c[new], blurred[new])
+    assert np.array_equal(c[~new], a.reshape(-1, 3))
+    assert not np.array_equal(blurred[new], stretched[new])  # the blur matters here (the stripes)
+
+
 def test_upscale_size():
     assert ii.upscale_size(1000, 750, 1.5) == (1488, 1120)  # rounded down to multiples of 16
     assert ii.upscale_size(1024, 1024, 4) == (4096, 4096)
@@ -249,7 +301,11 @@ def test_upscale_size():
             ii.upscale_size(512, 512, factor)
     with pytest.raises(UserError, match="exceeds 4096"):
         ii.upscale_size(1100, 1000, 4)
-    assert ii.upscale_image(source_image(150, 110), 2).size == (288, 208)
+    src = source_image(150, 110)
+    up = ii.upscale_image(src, 2)
+    assert up.size == (288, 208)
+    assert np.array_equal(np.asarray(up), np.asarray(src.resize((288, 208), Image.Resampling.LANCZOS)))
+    assert not np.array_equal(np.asarray(up), np.asarray(src.resize((288, 208), Image.Resampling.BICUBIC)))
 
 
 def test_vae_tiling_decision_and_tiled_encode(pipe, monkeypatch):
