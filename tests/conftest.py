@@ -147,7 +147,7 @@ LATENT_ATOL = 1e-4
 def assert_latents_match(ours: torch.Tensor, ref: torch.Tensor, atol: float = LATENT_ATOL) -> None:
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     diff = (ours.float().cpu() - ref.float().cpu()).abs().max().item()
-    assert diff <= atol, f"final latents differ from diffusers' by {diff:.2e} (> {atol:g})"
+    assert diff <= atol, f"latents differ from diffusers' by {diff:.2e} (> {atol:g})"
 
 
 def assert_pixels_match(ours, ref) -> None:
