@@ -135,3 +135,58 @@ def tiny_comfy_file(tiny_dir, tmp_path_factory) -> Path:
     sd = load_file(tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors")
     save_file(to_comfy(sd), path, metadata={"config": (tiny_dir / "transformer" / "config.json").read_text()})
     return path
+
+
+# -- comparisons with diffusers (tiny fp32 models)
+
+# Measured: our final latents within 1.1e-6 (turbo) / 7.6e-6 (base) of diffusers'. 1e-4 leaves room for other
+# CPUs' kernels (AMX or not); a real bug moves them far more (an image read as x / 256: ~1e-3 and up).
+LATENT_ATOL = 1e-4
+
+
+def assert_latents_match(ours: torch.Tensor, ref: torch.Tensor, atol: float = LATENT_ATOL) -> None:
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    diff = (ours.float().cpu() - ref.float().cpu()).abs().max().item()
+    assert diff <= atol, f"latents differ from diffusers' by {diff:.2e} (> {atol:g})"
+
+
+def assert_pixels_match(ours, ref) -> None:
+    """8-bit images decoded from matching latents: now and then a value lands on the other side of a rounding
+    step (measured: by 1, on 0.003-0.008 % of the values), never systematically (truncating instead of rounding
+    moves about half of them)."""
+    import numpy as np
+
+    diff = np.abs(np.asarray(ours).astype(np.int16) - np.asarray(ref).astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3 and diff.mean() < 0.01, (
+        f"pixels: max {diff.max()}, mean {diff.mean():.2e}, {100 * (diff > 0).mean():.3f} % differ")
+
+
+class DiffusersLatents:
+    """callback_on_step_end for a diffusers pipeline: keeps the latents after each step (the last: the final
+    latents, which its output decodes)."""
+
+    def __init__(self) -> None:
+        self.latents: torch.Tensor | None = None
+
+    def __call__(self, pipe, step, timestep, kwargs: dict) -> dict:
+        self.latents = kwargs["latents"].detach().clone()
+        return {}
+
+
+# -- the low-bit PSNR table
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The PSNRs the low-bit rendering tests measured, each with its test bound: the README's table comes from
+    `pytest -p no:cacheprovider tests/test_gguf.py tests/test_fp8.py tests/test_fp8_compute.py` (printed at the
+    end of the run; nothing when none of those tests ran)."""
+    lines = []
+    for name, label in (("test_gguf", "GGUF"), ("test_fp8", "fp8"), ("test_fp8_compute", "fp8 compute")):
+        mod = sys.modules.get(f"tests.{name}") or sys.modules.get(name)
+        bounds = getattr(mod, "PSNR_BOUNDS", {})
+        for case, value in getattr(mod, "MEASURED", {}).items():
+            bound = f" (bound {bounds[case]})" if case in bounds else ""
+            lines.append(f"{label} {case}: {value:.1f} dB{bound}")
+    if lines:
+        terminalreporter.write_sep("-", "measured PSNRs (README's low-bit table)")
+        for line in lines:
+            terminalreporter.write_line(line)

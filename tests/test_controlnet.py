@@ -23,6 +23,7 @@ from models.z_image import controlnet as zc
 from models.z_image.handler import HANDLER
 from models.z_image.tiny import TINY_TRANSFORMER, _randomize
 from models.z_image.transformer import ZImageConfig, ZImageTransformer
+from tests.conftest import DiffusersLatents, assert_latents_match, assert_pixels_match
 
 W, H = 128, 96
 SEED = 1234
@@ -209,14 +210,16 @@ def source_mask(width=64, height=48) -> Image.Image:
     return Image.fromarray(m)
 
 
-def ours(pipe, case, control=None):
+def ours(pipe, case, control=None, latents: list | None = None):
+    """Our image; latents (a list), when given, receives the final latents (the last step's, which are decoded)."""
+    keep = None if latents is None else (lambda k, n, lat: latents.append(lat.clone()))
     out = pipe(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=H, width=W,
                num_inference_steps=case["steps"], guidance_scale=case["guidance"], flow_shift=case["shift"],
-               seed=SEED, control=control)
+               seed=SEED, control=control, callback=keep)
     return np.asarray(out.images[0]).astype(np.int16)
 
 
-def diffusers_run(components, folders, version, cls, case, **kw):
+def diffusers_run(components, folders, version, cls, case, latents: DiffusersLatents | None = None, **kw):
     folder, cfg, sd = folders[version]
     net = diffusers_net(cfg, sd, components["transformer"])
     sched = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config, shift=case["shift"])
@@ -224,7 +227,7 @@ def diffusers_run(components, folders, version, cls, case, **kw):
     ref.set_progress_bar_config(disable=True)
     out = ref(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=H, width=W,
               num_inference_steps=case["steps"], guidance_scale=case["guidance"],
-              generator=torch.Generator("cpu").manual_seed(SEED), **kw)
+              generator=torch.Generator("cpu").manual_seed(SEED), callback_on_step_end=latents, **kw)
     return np.asarray(out.images[0]).astype(np.int16)
 
 
@@ -234,12 +237,14 @@ def test_sampling_matches_diffusers(pipe, components, folders, version, name):
     case = CASES[name]
     net = zc.load_controlnet(folders[version][0], pipe.transformer.config, dtype=torch.float32)
     ctrl = control_picture()
-    mine = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.75, W, H, main_refiner_hints=False))
-    ref = diffusers_run(components, folders, version, ZImageControlNetPipeline, case,
+    lat, ref_lat = [], DiffusersLatents()
+    mine = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.75, W, H, main_refiner_hints=False), latents=lat)
+    ref = diffusers_run(components, folders, version, ZImageControlNetPipeline, case, latents=ref_lat,
                         control_image=ii.fit_image(ctrl, W, H), controlnet_conditioning_scale=0.75)
     assert mine.shape == ref.shape == (H, W, 3)
     assert mine.std() > 10
-    assert np.abs(mine - ref).max() <= 1  # within 1/255
+    assert_latents_match(lat[-1], ref_lat.latents)
+    assert_pixels_match(mine, ref)
     assert np.abs(mine - ours(pipe, case)).max() > 10, "the control changed nothing"
 
 
@@ -248,13 +253,15 @@ def test_inpaint_matches_diffusers(pipe, components, folders, version):
     case = CASES["turbo"]
     net = zc.load_controlnet(folders[version][0], pipe.transformer.config, dtype=torch.float32)
     ctrl, src, mask = control_picture(), source_image(), source_mask()
+    lat, ref_lat = [], DiffusersLatents()
     mine = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.8, W, H, image=src, mask_image=mask,
-                                             main_refiner_hints=False))
+                                             main_refiner_hints=False), latents=lat)
     binary = Image.fromarray(ii.mask_to_array(mask, W, H).astype(np.uint8) * 255)
-    ref = diffusers_run(components, folders, version, ZImageControlNetInpaintPipeline, case,
+    ref = diffusers_run(components, folders, version, ZImageControlNetInpaintPipeline, case, latents=ref_lat,
                         control_image=ii.fit_image(ctrl, W, H), image=ii.fit_image(src, W, H), mask_image=binary,
                         controlnet_conditioning_scale=0.8)
-    assert np.abs(mine - ref).max() <= 1
+    assert_latents_match(lat[-1], ref_lat.latents)
+    assert_pixels_match(mine, ref)
     plain = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.8, W, H, main_refiner_hints=False))
     assert np.abs(mine - plain).max() > 10, "the inpaint channels changed nothing"
     publisher = ours(pipe, case, zc.control_input(pipe, net, ctrl, 0.8, W, H, image=src, mask_image=mask))

@@ -19,7 +19,7 @@ from tests.lowbit_helpers import psnr, reference, render  # noqa: F401 (referenc
 # PSNR bounds (dB) against the fp32 image (tiny model, 3 steps at 64x64, fp32 compute), measured minus about
 # 3 dB: scaled e4m3fn 40.5 / e5m2 35.0 (per-tensor scales), plain e4m3fn 41.1 (no scales), per-row scales 40.7
 PSNR_BOUNDS = {"e4m3fn_scaled": 37, "e5m2_scaled": 32, "e4m3fn_plain": 38, "e4m3fn_rows": 37}
-MEASURED: dict[str, float] = {}
+MEASURED: dict[str, float] = {}  # printed at the end of the run by conftest.pytest_terminal_summary
 FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 KEPT = ("x_embedder", "final_layer", "t_embedder", "cap_embedder")  # kept in the compute dtype
 
@@ -126,12 +126,6 @@ def test_fp8_file_with_a_stray_scale_is_refused(tiny_comfy_file, tmp_path):
     save_file(sd, path)
     with pytest.raises(UserError, match=r"1 unexpected keys \(first: layers\.0\.attention\.extra\.scale_weight\)"):
         load_transformer_fp8([path], None, torch.float32, torch.device("cpu"))
-
-
-def test_report_measured_psnrs():
-    """Prints what the rendering tests measured (pytest -s shows it)."""
-    for name, value in MEASURED.items():
-        print(f"fp8 {name}: {value:.1f} dB")
 
 
 @pytest.mark.parametrize("per_row", [False, True])

@@ -23,7 +23,7 @@ QK_K = 256
 # 51.6, Q5_0 33.1, Q4_0 28.9), the 256-wide one for the K-quants, encoded by the plain encoder below, not
 # llama.cpp's searching one (Q6_K 41.4, Q5_K 38.2, Q4_K 32.3)
 PSNR_BOUNDS = {"F16": 62, "BF16": 54, "Q8_0": 48, "Q5_0": 30, "Q4_0": 26, "Q6_K": 38, "Q5_K": 35, "Q4_K": 29}
-MEASURED: dict[str, float] = {}
+MEASURED: dict[str, float] = {}  # printed at the end of the run by conftest.pytest_terminal_summary
 
 
 # ------------------------------------------------------------------ writing GGUF files
@@ -306,12 +306,6 @@ def test_an_unsupported_quant_type_is_named(tiny_comfy_file, tmp_path):
     writer.close()
     with pytest.raises(UserError, match=r"unsupported GGUF tensor type IQ4_NL \(e\.g\. 'layers\.9\.extra\.weight'\)"):
         read_gguf(tmp_path / "iq.gguf")
-
-
-def test_report_measured_psnrs():
-    """Prints what the rendering tests measured (pytest -s shows it; the README's table comes from here)."""
-    for name, value in MEASURED.items():
-        print(f"GGUF {name}: {value:.1f} dB (bound {PSNR_BOUNDS[name]})")
 
 
 @pytest.mark.parametrize("profile_no", [2, 4])

@@ -7,11 +7,13 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImageImg2ImgPipeline, ZImageInpaintPipeline
 from diffusers import ZImagePipeline as DiffusersPipeline
 from diffusers.pipelines.z_image import pipeline_z_image_img2img, pipeline_z_image_inpaint
-from PIL import Image
+from PIL import Image, ImageFilter
+from scipy import ndimage
 
 from models import image_inputs as ii
 from models.errors import UserError
 from models.z_image.handler import HANDLER
+from tests.conftest import DiffusersLatents, assert_latents_match, assert_pixels_match
 
 W, H = 128, 96
 SEED = 1234
@@ -60,21 +62,36 @@ def source_mask(width=64, height=48) -> Image.Image:
     return Image.fromarray(m)
 
 
-def diffusers_run(components, cls, case, **kw):
+def diffusers_run(components, cls, case, latents: DiffusersLatents | None = None, **kw):
     sched = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config, shift=case["shift"])
     ref = cls(**{**components, "scheduler": sched})
     ref.set_progress_bar_config(disable=True)
     out = ref(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=H, width=W,
               num_inference_steps=case["steps"], guidance_scale=case["guidance"],
-              generator=torch.Generator("cpu").manual_seed(SEED), **kw)
+              generator=torch.Generator("cpu").manual_seed(SEED), callback_on_step_end=latents, **kw)
     return np.asarray(out.images[0]).astype(np.int16)
 
 
-def ours(pipe, case, **kw):
+def ours(pipe, case, latents: list | None = None, **kw):
+    """Our image; latents (a list), when given, receives the final latents (the last step's, which are decoded)."""
+    keep = None if latents is None else (lambda k, n, lat: latents.append(lat.clone()))
     out = pipe(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=H, width=W,
                num_inference_steps=case["steps"], guidance_scale=case["guidance"], flow_shift=case["shift"],
-               seed=SEED, **kw)
+               seed=SEED, callback=keep, **kw)
     return np.asarray(out.images[0]).astype(np.int16)
+
+
+def test_encode_matches_diffusers(pipe, components):
+    """An image's latents against diffusers' own preprocessing (VaeImageProcessor) and VAE: measured 6e-7 apart;
+    an image read as x / 256 instead of x / 255 is 8e-4 off, which sampling with noise partly hides."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    img = ii.fit_image(source_image(), W, H)
+    vae = components["vae"]
+    x = VaeImageProcessor(vae_scale_factor=16).preprocess(img, height=H, width=W)
+    with torch.no_grad():
+        want = (vae.encode(x).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+    assert_latents_match(pipe.encode_image(img), want, atol=2e-5)
 
 
 @pytest.mark.parametrize("strength", [0.5, 0.8])
@@ -82,12 +99,15 @@ def ours(pipe, case, **kw):
 def test_img2img_matches_diffusers(pipe, components, posterior_mean, name, strength):
     case = CASES[name]
     src = source_image()
-    mine = ours(pipe, case, image=src, strength=strength)
+    lat, ref_lat = [], DiffusersLatents()
+    mine = ours(pipe, case, latents=lat, image=src, strength=strength)
     # diffusers resizes with its own processor: give it the image at the render size (our Lanczos resize)
-    ref = diffusers_run(components, ZImageImg2ImgPipeline, case, image=ii.fit_image(src, W, H), strength=strength)
+    ref = diffusers_run(components, ZImageImg2ImgPipeline, case, latents=ref_lat, image=ii.fit_image(src, W, H),
+                        strength=strength)
     assert mine.shape == ref.shape == (H, W, 3)
     assert mine.std() > 10
-    assert np.abs(mine - ref).max() <= 2
+    assert_latents_match(lat[-1], ref_lat.latents)
+    assert_pixels_match(mine, ref)
     t2i = ours(pipe, case)
     assert np.abs(mine - t2i).max() > 10, "the image changed nothing"
 
@@ -97,11 +117,13 @@ def test_img2img_matches_diffusers(pipe, components, posterior_mean, name, stren
 def test_inpaint_matches_diffusers(pipe, components, posterior_mean, name, strength):
     case = CASES[name]
     src, mask = source_image(), source_mask()
-    mine = ours(pipe, case, image=src, mask_image=mask, strength=strength)
+    lat, ref_lat = [], DiffusersLatents()
+    mine = ours(pipe, case, latents=lat, image=src, mask_image=mask, strength=strength)
     binary = Image.fromarray(ii.mask_to_array(mask, W, H).astype(np.uint8) * 255)
-    ref = diffusers_run(components, ZImageInpaintPipeline, case, image=ii.fit_image(src, W, H), mask_image=binary,
-                        strength=strength)
-    assert np.abs(mine - ref).max() <= 2
+    ref = diffusers_run(components, ZImageInpaintPipeline, case, latents=ref_lat, image=ii.fit_image(src, W, H),
+                        mask_image=binary, strength=strength)
+    assert_latents_match(lat[-1], ref_lat.latents)
+    assert_pixels_match(mine, ref)
     t2i = ours(pipe, case)
     assert np.abs(mine - t2i).max() > 10
     # in latent space the kept area is exactly the image's latents (the last step blends with them clean)
@@ -187,6 +209,37 @@ def test_paste_back_exact_outside_the_fade():
     assert np.array_equal(hard, np.where(mask[..., None], gen, orig))
 
 
+def feather_reference(mask: np.ndarray, r: int) -> np.ndarray:
+    """feather_mask as its docstring defines it, in float64 with scipy: square dilation by r px, then a
+    Gaussian of sigma r / 2 cut at r px (edges replicated), never below the mask itself."""
+    m = mask.astype(np.float64)
+    grown = ndimage.maximum_filter(m, size=2 * r + 1, mode="constant", cval=0.0)
+    blurred = ndimage.gaussian_filter(grown, sigma=r / 2, mode="nearest", truncate=2.0)  # radius 2 sigma = r
+    return np.clip(np.maximum(blurred, m), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("r", [1, 2, 4, 7])
+def test_feather_and_paste_back_match_a_reference(r):
+    rng = np.random.default_rng(r)
+    mask = np.zeros((70, 90), bool)
+    mask[20:45, 30:60] = True
+    mask[0:6, 70:90] = True  # touching the border: its weight stays there
+    mask[55, 12] = True  # a lone pixel
+    want = feather_reference(mask, r)
+    alpha = ii.feather_mask(mask, r)
+    assert alpha.dtype == np.float32 and np.abs(alpha - want).max() < 1e-5
+    orig = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    gen = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    out = np.asarray(ii.paste_back(Image.fromarray(orig), Image.fromarray(gen), mask, mask_blur=r)).astype(int)
+    a = want[..., None]
+    mixed = np.rint(orig + (gen.astype(np.float64) - orig) * a)  # rounded to the nearest level
+    diff = np.abs(out - np.where(a > 0, mixed, orig))
+    fade = np.broadcast_to((a > 0) & (a < 1), diff.shape)
+    assert fade.sum() > 100
+    # float32 against float64: a value exactly between two levels may round either way, no more
+    assert diff.max() <= 1 and (diff[fade] > 0).mean() < 0.01
+
+
 def test_paste_back_resizes_original_and_mask():
     """original and mask at other sizes are brought to the output's as the pipeline did (Lanczos, nearest)."""
     src = source_image()
@@ -232,6 +285,26 @@ def test_outpaint_canvas():
         ii.outpaint_canvas(src, (4096, 0, 0, 0))
 
 
+@pytest.mark.parametrize("margins", [(32, 16, 0, 48), (0, 0, 16, 0), (0, 288, 16, 0)])
+def test_outpaint_fill_is_a_blurred_stretch_of_the_border(margins):
+    """The new area per outpaint_canvas' docstring: edge pixels replicated outward (here by index clamping), a
+    Gaussian blur of radius max margin / 4 within 4..64 (here 12, 4 and 64) over the whole stretched picture."""
+    src = source_image(96, 64)
+    left, top, right, bottom = margins
+    a = np.asarray(src)
+    rows = np.clip(np.arange(-top, 64 + bottom), 0, 63)
+    cols = np.clip(np.arange(-left, 96 + right), 0, 95)
+    stretched = a[rows][:, cols]
+    radius = min(max(max(margins) // 4, 4), 64)
+    blurred = np.asarray(Image.fromarray(stretched).filter(ImageFilter.GaussianBlur(radius)))
+    canvas, mask = ii.outpaint_canvas(src, margins)
+    new = np.asarray(mask) == 255
+    c = np.asarray(canvas)
+    assert np.array_equal(c[new], blurred[new])
+    assert np.array_equal(c[~new], a.reshape(-1, 3))
+    assert not np.array_equal(blurred[new], stretched[new])  # the blur matters here (the stripes)
+
+
 def test_upscale_size():
     assert ii.upscale_size(1000, 750, 1.5) == (1488, 1120)  # rounded down to multiples of 16
     assert ii.upscale_size(1024, 1024, 4) == (4096, 4096)
@@ -241,7 +314,11 @@ def test_upscale_size():
             ii.upscale_size(512, 512, factor)
     with pytest.raises(UserError, match="exceeds 4096"):
         ii.upscale_size(1100, 1000, 4)
-    assert ii.upscale_image(source_image(150, 110), 2).size == (288, 208)
+    src = source_image(150, 110)
+    up = ii.upscale_image(src, 2)
+    assert up.size == (288, 208)
+    assert np.array_equal(np.asarray(up), np.asarray(src.resize((288, 208), Image.Resampling.LANCZOS)))
+    assert not np.array_equal(np.asarray(up), np.asarray(src.resize((288, 208), Image.Resampling.BICUBIC)))
 
 
 def test_vae_tiling_decision_and_tiled_encode(pipe, monkeypatch):
@@ -264,6 +341,8 @@ def test_vae_tiling_decision_and_tiled_encode(pipe, monkeypatch):
         assert (tiled - full).abs().mean() < 0.3 * full.std()
         a, b = (np.asarray(pipe.decode(z)[0]).astype(int) for z in (full, tiled))
         assert np.abs(a - b).mean() < 20  # the bound test_pipeline uses for the tiled decode
+        c = np.asarray(pipe.decode(full, tiled=True)[0]).astype(int)
+        assert not np.array_equal(c, a) and np.abs(c - a).mean() < 20  # the decode tiled too
         # the pipeline asks the pixel-count rule for the encode and the decode
         used = []
         monkeypatch.setattr(ii, "vae_tiling_needed", lambda w, h, **_: used.append((w, h)) or True)
