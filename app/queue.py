@@ -229,6 +229,8 @@ class JobQueue:
         self._threads: list[threading.Thread] = []
         self._texts_saved: set[str] = set()  # jobs whose prompt file is written (it never changes after)
         self._ready: set[int] = set()  # slots whose worker was there at their last look
+        self._held = False  # when_idle's call runs: no job may start
+        self._idle_lock = threading.Lock()
         self.notices: list[str] = []  # restore problems, for the page (one line each)
         self._restore()
 
@@ -502,11 +504,21 @@ class JobQueue:
             return before - len(self._jobs)
 
     def when_idle(self, fn: Callable[[], Any]) -> bool:
-        """Call fn while no job runs (none can start meanwhile); False, without calling it, when one runs."""
-        with self._cond:
-            if self._running:
-                return False
-            fn()
+        """Call fn while no job runs (none can start meanwhile); False, without calling it, when one runs.
+
+        fn runs without the queue's lock (an unload takes seconds: every tab's poll reads the queue under it);
+        the workers are held back meanwhile instead, so no job starts mid-call."""
+        with self._idle_lock:  # one such call at a time
+            with self._cond:
+                if self._running:
+                    return False
+                self._held = True
+            try:
+                fn()
+            finally:
+                with self._cond:
+                    self._held = False
+                    self._cond.notify_all()
             return True
 
     def abort(self, job_id: str | None = None) -> str | None:
@@ -648,7 +660,7 @@ class JobQueue:
                     self._version += 1
                 if ready:
                     self._ready.add(slot)
-                    job = self._pick(slot)
+                    job = self._pick(slot) if not self._held else None
                     if job is not None:
                         job.status, job.started, job.phase, job.error = "running", time.time(), "starting", ""
                         # the in-process executor runs everything: no worker to name

@@ -432,3 +432,21 @@ def test_discovery_refresh_and_names(tmp_path, transformer):
     assert "late" not in [i.name for i in lib.items]
     assert "late" in [i.name for i in lib.refresh()]
     assert LoraLibrary(tmp_path / "missing").names() == []
+
+
+def test_refresh_skips_a_file_deleted_mid_scan(tmp_path, transformer, monkeypatch):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write_lora(folder, "ai_toolkit", transformer, name="kept")
+    write_lora(folder, "ai_toolkit", transformer, name="gone")
+    gone = folder / "gone.safetensors"
+    real_is_file = Path.is_file
+
+    def is_file_then_deleted(path):  # the file is there when looked at, deleted just after
+        result = real_is_file(path)
+        if path == gone:
+            path.unlink()
+        return result
+
+    monkeypatch.setattr(Path, "is_file", is_file_then_deleted)
+    assert [i.name for i in LoraLibrary(folder).refresh()] == ["kept"]

@@ -516,3 +516,33 @@ def test_a_job_leaving_the_queue_while_another_is_submitted_keeps_its_input_copy
     assert Path(q.get(new)["spec"]["image"]).is_file()
     q.wait(new, timeout=120)
     assert q.get(new)["status"] == "done", q.get(new)
+
+
+def test_when_idle_runs_without_the_lock_and_no_job_starts_meanwhile(make_queue):
+    """An unload (seconds) must not block every tab's poll, nor let a job start in the middle of it."""
+    import threading
+
+    q = make_queue().start()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def slow_unload():
+        inside.set()
+        release.wait(10)
+        seen["status"] = q.get(job_id)["status"]
+
+    job_id = q.submit(spec("after the unload"))
+    q.wait(job_id, 60)
+    job_id = None
+    caller = threading.Thread(target=lambda: seen.setdefault("ran", q.when_idle(slow_unload)))
+    caller.start()
+    assert inside.wait(10)
+    started = time.monotonic()
+    job_id = q.submit(spec("submitted mid-unload"))  # takes the lock: must not wait for the unload
+    q.snapshot()
+    assert time.monotonic() - started < 2
+    time.sleep(0.5)
+    assert q.get(job_id)["status"] == "queued"  # held back while the unload runs
+    release.set()
+    caller.join(10)
+    assert seen == {"status": "queued", "ran": True}
+    assert q.wait(job_id, 60)["status"] == "done"
