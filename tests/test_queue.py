@@ -76,7 +76,11 @@ def test_submit_rejects_bad_settings(make_queue):
         q.submit(spec("x", width=100))
     with pytest.raises(UserError, match="unknown model type"):
         q.submit(spec("x", model_type="nope"))
+    for blank in ("", "  \n", "\x00", "\x00\x01\x1b\t", "\u200b\x7f"):  # nothing the text encoder could read
+        with pytest.raises(UserError, match="the prompt is empty"):
+            q.submit(spec(blank))
     assert q.snapshot() == []
+    q.submit(spec("a fox\x00"))  # text with a stray control character is still a prompt
 
 
 def test_abort_stops_within_a_step_and_next_job_runs(make_queue):
