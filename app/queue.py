@@ -39,8 +39,9 @@ from PIL import Image
 from app.cancel import CancelToken
 from app.executors import Executor, LocalExecutor, WorkerLost
 from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
-from app.outputs import clean_stale_parts
+from app.outputs import clean_stale_parts, unique_path
 from app.params import all_params
+from app.untrusted import MAX_JSON_DEPTH, check_structure
 from models.errors import GenerationInterrupted, UserError
 from models.files import atomic_path
 from models.registry import PreviewFactors
@@ -58,6 +59,7 @@ MAX_JOBS_PER_REQUEST = 100
 MAX_WAITING = 200
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ids name the per-job prompt files
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # kept on an input's copy
+RAW_TEXTS_CHARS = 100_000  # of an unusable prompt file, kept in the .rejected record
 INTERRUPTED_ERROR = "the app stopped while this job was running; retry it to run it again"
 
 PREVIEW_MAX_SIDE = 256
@@ -147,6 +149,17 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # name -> (types, No
     "attempts": ((int,), False),
 }
 _LIST_TYPES: dict[str, type] = {"paths": str, "seeds": int, "lora_reports": str, "image_indexes": int}
+
+
+def read_json_file(path: Path) -> Any:
+    """A queue file's content; OSError, or ValueError saying why it cannot be used (not JSON, nested deeper
+    than MAX_JSON_DEPTH: a file nested thousands deep overflowed the parser's stack and stopped the app).
+    Lone surrogates pass: each saved job is checked for them on its own (job_from_record)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    return check_structure(data, texts=False)
 
 
 def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
@@ -278,14 +291,19 @@ class JobQueue:
         return self.texts_dir / f"{job_id}.json"
 
     def _read_texts(self, record: Any) -> dict[str, Any] | None:
+        """The job's prompt file; None when there is none; ValueError when it cannot be used."""
         job_id = record.get("id") if isinstance(record, dict) else None
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             return None
         try:
-            texts = json.loads(self._texts_path(job_id).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            texts = read_json_file(self._texts_path(job_id))
+        except FileNotFoundError:
             return None
-        return texts if isinstance(texts, dict) else None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"its prompt file cannot be read ({clean_text(str(e))[:200]})") from None
+        if not isinstance(texts, dict):
+            raise ValueError(f"its prompt file holds no prompts ({type(texts).__name__})")
+        return texts
 
     def _restore(self) -> None:
         if self.state_file is None:
@@ -297,19 +315,20 @@ class JobQueue:
                 self._save(sweep=True)  # prompt files no state file refers to: removed
             return
         try:
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            data = read_json_file(self.state_file)
             records = data.get("jobs", [])
             if not isinstance(records, list):
                 raise TypeError("'jobs' is not a list")
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # a broken state file must not keep the UI from starting; keep it aside for inspection
-            aside = self.state_file.with_name(self.state_file.name + ".broken")
+            assert self.texts_dir is not None
+            aside, texts_aside = self._aside_names(".broken")
             log.warning("could not read the saved queue %s (%s); moved it to %s, starting with an empty queue",
                         self.state_file, e, aside)
             self.notices.append(f"the saved queue could not be read ({clean_text(str(e))[:200]}); "
                                 f"it was moved to {aside.name}")
             for src, dst in ((self.state_file, aside),  # the prompt files go with it (they help recover it)
-                             (self.texts_dir, self.texts_dir.with_name(self.texts_dir.name + ".broken"))):
+                             (self.texts_dir, texts_aside)):
                 try:
                     os.replace(src, dst)
                 except OSError:
@@ -318,13 +337,16 @@ class JobQueue:
         jobs, rejected, seen = [], [], set()
         for record in records:
             spec = record.get("spec") if isinstance(record, dict) else None
-            texts = self._read_texts(record) if isinstance(spec, dict) and spec and "prompt" not in spec else None
+            texts = None
             try:
+                if isinstance(spec, dict) and spec and "prompt" not in spec:
+                    texts = self._read_texts(record)
                 job = job_from_record(record, texts)
                 if job.id in seen:
                     raise ValueError("duplicate id")
             except ValueError as e:
-                rejected.append({"reason": str(e), "job": record, "texts": texts})
+                rejected.append({"reason": str(e), "job": record, "texts": texts,
+                                 **(self._raw_texts(record) if texts is None else {})})
                 continue
             seen.add(job.id)
             if texts is not None:
@@ -337,15 +359,48 @@ class JobQueue:
             self._move_aside(rejected)
         self._save(sweep=True)
 
+    def _aside_names(self, tag: str) -> tuple[Path, Path]:
+        """Free names for the state file and its prompt folder set aside: <name><tag>, else <name><tag>-2, ...
+        (an earlier broken file is kept, not overwritten)."""
+        assert self.state_file is not None and self.texts_dir is not None
+        n = 1
+        while True:
+            suffix = tag if n == 1 else f"{tag}-{n}"
+            pair = (self.state_file.with_name(self.state_file.name + suffix),
+                    self.texts_dir.with_name(self.texts_dir.name + suffix))
+            if not any(os.path.lexists(p) for p in pair):
+                return pair
+            n += 1
+
+    def _raw_texts(self, record: Any) -> dict[str, str]:
+        """A rejected job's prompt file as text, when it is there but unusable: the sweep removes the file, the
+        .rejected record keeps what it held."""
+        job_id = record.get("id") if isinstance(record, dict) else None
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            return {}
+        try:
+            with open(self._texts_path(job_id), encoding="utf-8", errors="replace") as f:
+                return {"texts_file": f.read(RAW_TEXTS_CHARS)}
+        except OSError:
+            return {}
+
     def _move_aside(self, rejected: list[dict[str, Any]]) -> None:
         """Keep saved jobs that cannot be restored in <state file>.rejected (added to what it holds)."""
         assert self.state_file is not None
         aside = self.state_file.with_name(self.state_file.name + ".rejected")
         try:
-            earlier = json.loads(aside.read_text(encoding="utf-8")).get("jobs", [])
+            earlier = read_json_file(aside).get("jobs", [])
             earlier = earlier if isinstance(earlier, list) else []
-        except (OSError, ValueError, AttributeError):
+        except FileNotFoundError:
             earlier = []
+        except (OSError, ValueError, AttributeError) as e:  # kept beside, under a name of its own
+            earlier = []
+            broken = unique_path(aside.with_name(aside.name + ".broken"))
+            log.warning("could not read %s (%s); moved it to %s", aside, e, broken)
+            try:
+                os.replace(aside, broken)
+            except OSError:
+                pass
         try:
             with atomic_path(aside) as tmp:  # ensure_ascii: a lone surrogate is written as \ud800, readable
                 tmp.write_text(json.dumps({"jobs": earlier + rejected}, indent=1), encoding="utf-8")

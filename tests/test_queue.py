@@ -550,3 +550,32 @@ def test_when_idle_runs_without_the_lock_and_no_job_starts_meanwhile(make_queue)
     caller.join(10)
     assert seen == {"status": "queued", "ran": True}
     assert q.wait(job_id, 60)["status"] == "done"
+
+
+def test_deeply_nested_queue_files_are_set_aside_not_fatal(make_queue, tmp_path):
+    """'[' * 200000 overflowed the JSON parser's stack: RecursionError stopped the app at start."""
+    deep = "[" * 200_000 + "]" * 200_000
+    state = tmp_path / "queue.json"
+    state.write_text(deep)
+    assert make_queue(state).snapshot() == []
+    assert (tmp_path / "queue.json.broken").read_text() == deep
+    state.write_text("{truncated")  # a second broken file: the first one is kept
+    q = make_queue(state)
+    assert q.snapshot() == [] and "queue.json.broken-2" in q.notices[0]
+    assert (tmp_path / "queue.json.broken").read_text() == deep
+    assert (tmp_path / "queue.json.broken-2").read_text() == "{truncated"
+    # a job's prompt file nested so: that job is moved aside, the others run
+    q = make_queue(state)
+    kept, bad = q.submit(spec("kept")), q.submit(spec("deep prompts"))
+    (tmp_path / "queue.prompts" / f"{bad}.json").write_text(deep)
+    again = make_queue(state)
+    assert [j["id"] for j in again.snapshot()] == [kept]
+    assert f"'{bad}' could not be restored (its prompt file cannot be read (nested more than" in again.notices[0]
+    (record,) = json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"]
+    assert record["job"]["id"] == bad and record["texts_file"] == deep[:100_000]  # what the file held
+    # a .rejected file nested so is set aside too, not fatal
+    (tmp_path / "queue.json.rejected").write_text(deep)
+    (tmp_path / "queue.prompts" / f"{kept}.json").write_text("[1")
+    assert make_queue(state).snapshot() == []
+    assert (tmp_path / "queue.json.rejected.broken").read_text() == deep
+    assert json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"][0]["job"]["id"] == kept
