@@ -277,6 +277,28 @@ class JobQueue:
                     tmp.write_bytes(data)
             setattr(spec, p.name, str(target))
 
+    def _checked_inputs(self, record: Any) -> Any:
+        """record, once each input file of the saved job is one of the queue's own copies (in inputs_dir): a
+        queue file naming /etc/hostname must not have it opened; ValueError otherwise. A copy named under the
+        folder's former place (the state folder moved) is found in the current one (a changed copy returned)."""
+        spec = record.get("spec") if isinstance(record, dict) else None
+        if not isinstance(spec, dict) or self.inputs_dir is None:
+            return record  # job_from_record says what is wrong
+        folder, spec = self.inputs_dir.resolve(), dict(spec)
+        for p in all_params():
+            value = spec.get(p.name)
+            if not p.is_file or not value or not isinstance(value, str):
+                continue
+            given = Path(value)
+            here = self.inputs_dir / given.name
+            if given.parent.name == self.inputs_dir.name and given.name not in ("", ".", "..") and here.is_file():
+                given = here
+            if given.resolve().parent != folder:
+                raise ValueError(f"its {p.name} file {clean_text(value)[:200]!r} is not one of the queue's "
+                                 f"input copies (in {self.inputs_dir.name}/)")
+            spec[p.name] = str(given)
+        return {**record, "spec": spec}
+
     def _prune_inputs(self) -> None:
         """Remove the input copies no job in the queue refers to any more."""
         if self.inputs_dir is None or not self.inputs_dir.is_dir():
@@ -341,7 +363,7 @@ class JobQueue:
             try:
                 if isinstance(spec, dict) and spec and "prompt" not in spec:
                     texts = self._read_texts(record)
-                job = job_from_record(record, texts)
+                job = job_from_record(self._checked_inputs(record), texts)  # no file is opened before
                 if job.id in seen:
                     raise ValueError("duplicate id")
             except ValueError as e:

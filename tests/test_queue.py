@@ -579,3 +579,32 @@ def test_deeply_nested_queue_files_are_set_aside_not_fatal(make_queue, tmp_path)
     assert make_queue(state).snapshot() == []
     assert (tmp_path / "queue.json.rejected.broken").read_text() == deep
     assert json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"][0]["job"]["id"] == kept
+
+
+def test_saved_jobs_open_input_files_only_from_the_queues_inputs_folder(make_queue, tmp_path):
+    """A queue file is data: a job naming /etc/hostname as its image must not have it opened."""
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(picture)
+    outside = tmp_path / "private.png"
+    Image.new("RGB", (64, 64), "blue").save(outside)
+    first = make_queue(tmp_path / "a" / "queue.json")
+    ids = [first.submit(spec(f"job {i}", image=str(picture), strength=0.5)) for i in range(5)]
+    copy = Path(first.get(ids[0])["spec"]["image"])
+    assert copy.parent == first.inputs_dir
+    (first.inputs_dir / "link.png").symlink_to(outside)
+    state = json.loads(first.state_file.read_text())
+    images = [str(outside), str(first.inputs_dir / ".." / ".." / "private.png"), str(first.inputs_dir / "link.png")]
+    for record, image in zip(state["jobs"][1:], images):
+        record["spec"]["image"] = image
+    first.state_file.write_text(json.dumps(state))
+    again = make_queue(first.state_file)
+    assert [j["id"] for j in again.snapshot()] == [ids[0], ids[4]]  # the copy, as the current code writes it
+    assert again.get(ids[0])["spec"]["image"] == str(copy)
+    assert len(again.notices) == 3 and all("is not one of the queue's input copies" in n for n in again.notices)
+    rejected = json.loads((first.state_file.with_name("queue.json.rejected")).read_text())["jobs"]
+    assert [r["job"]["spec"]["image"] for r in rejected] == images
+    # the state folder moved (another path to it): its copies are found in their new place
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = make_queue(tmp_path / "b" / "queue.json")
+    assert [j["spec"]["image"] for j in moved.snapshot()] == [str(tmp_path / "b" / "queue.inputs" / copy.name)] * 2
+    assert not moved.notices
