@@ -39,7 +39,7 @@ from PIL import Image
 from app.cancel import CancelToken
 from app.executors import Executor, LocalExecutor, WorkerLost
 from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
-from app.outputs import clean_stale_parts, unique_path
+from app.outputs import PART_PATTERN, SaveError, clean_stale_parts, output_folder_problem, unique_path
 from app.params import all_params
 from app.untrusted import MAX_JSON_DEPTH, check_structure
 from models.errors import GenerationInterrupted, UserError
@@ -99,6 +99,12 @@ def user_message(exc: BaseException) -> str:
     text = clean_text(text)  # an exception may quote the input: the message must stay serializable
     if isinstance(exc, UserError):
         return text
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 1] ...: '/x/.name.abcd1234.part'": said plainly
+        where = ""
+        if exc.filename:
+            name = Path(os.fsdecode(exc.filename))
+            where = f" (in {name.parent})" if PART_PATTERN.match(name.name) else f" ({name})"
+        return clean_text(f"{exc.strerror}{where}")[:400]
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return ("out of memory: try a smaller size, fewer images per job, or a lower-memory setting "
                 f"({text[:200]})")
@@ -214,6 +220,7 @@ def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
     return job
 
 
+BLOCKED_RETRY_SECONDS = 5.0  # a slot without a worker, or an output folder that cannot be written, is looked at again
 MAX_RETRIES = 2  # a job whose worker was lost runs again at most this many times, then fails with the reason
 
 
@@ -243,6 +250,7 @@ class JobQueue:
         self._texts_saved: set[str] = set()  # jobs whose prompt file is written (it never changes after)
         self._ready: set[int] = set()  # slots whose worker was there at their last look
         self._held = False  # when_idle's call runs: no job may start
+        self._blocked = ""  # why queued jobs cannot start now (the output folder cannot be written)
         self._idle_lock = threading.Lock()
         self.notices: list[str] = []  # restore problems, for the page (one line each)
         self._restore()
@@ -727,15 +735,38 @@ class JobQueue:
                 return job
         return None
 
+    @property
+    def waiting_reason(self) -> str:
+        """Why the queued jobs wait (empty when nothing holds them back), for the page."""
+        return self._blocked
+
+    def output_problem(self) -> str:
+        """Why images cannot be written in the output folder now (empty when they can)."""
+        folder = getattr(getattr(self.service, "config", None), "output_dir", None)
+        problem = output_folder_problem(folder) if folder is not None else None
+        return f"cannot write in the output folder {folder}: {problem}" if problem else ""
+
     def _next(self, slot: int) -> Job | None:
         while True:
             ready = self.executor.ensure(slot)  # may block (a Ray worker starting): outside the lock
+            with self._cond:
+                queued = any(j.status == "queued" for j in self._jobs)
+            # checked before each job (outside the lock: it touches the disk), not found after its whole render:
+            # an unwritable folder drained the queue, every job failing once rendered
+            blocked = self.output_problem() if ready and queued else ""
             with self._cond:
                 if self._stopping:
                     return None
                 if ready != (slot in self._ready):  # a worker came or went: the page's worker list changes
                     self._version += 1
-                if ready:
+                if queued and blocked != self._blocked:
+                    if blocked:
+                        log.warning("queued jobs wait: %s (checked again every %g s)", blocked, BLOCKED_RETRY_SECONDS)
+                    else:
+                        log.info("the output folder can be written again: queued jobs run")
+                    self._blocked = blocked
+                    self._version += 1
+                if ready and not blocked:
                     self._ready.add(slot)
                     job = self._pick(slot) if not self._held else None
                     if job is not None:
@@ -746,10 +777,11 @@ class JobQueue:
                         self._running[slot] = (job, CancelToken())
                         self._changed()
                         return job
-                else:
+                elif not ready:
                     self._ready.discard(slot)
-                # woken by any change; a slot without a worker looks again every few seconds
-                self._cond.wait(None if ready else 5.0)
+                # woken by any change; a slot without a worker, or held back by the output folder, looks again
+                # every few seconds
+                self._cond.wait(None if ready and not blocked else BLOCKED_RETRY_SECONDS)
 
     def _run(self, slot: int) -> None:
         while (job := self._next(slot)) is not None:
@@ -785,6 +817,20 @@ class JobQueue:
             else:
                 status, error = "failed", f"worker lost {job.attempts} times, last: {clean_text(str(e))[:300]}"
                 log.error("job %s failed: %s", job.id, error)
+        except OSError as e:  # a write failed (the folder made read-only, a full disk) or another system error
+            why = self.output_problem()
+            if why and not self._stopping and not cancel.is_cancelled():
+                # the folder cannot be written now: the job waits for it like the others (its saved images are
+                # recorded, so it renders only the missing ones) instead of failing
+                status = "queued"
+                log.warning("job %s: %s; %s: queued again", job.id, user_message(e), why)
+            elif isinstance(e, SaveError):  # the folder takes files (a full disk?): retried, it would fail again
+                error = clean_text(f"could not save {e.filename}: {e.strerror}")[:400]
+                status, error = "failed", f"{error}; retry the job once fixed (the images it saved are kept)"
+                log.error("job %s failed: %s", job.id, error, exc_info=True)
+            else:
+                status, error = "failed", user_message(e)
+                log.error("job %s failed: %s", job.id, error, exc_info=True)
         except BaseException as e:  # anything: record it, log the traceback, go on with the next job
             status, error = "failed", user_message(e)
             log.error("job %s failed: %s", job.id, error, exc_info=not isinstance(e, UserError))

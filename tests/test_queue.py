@@ -608,3 +608,70 @@ def test_saved_jobs_open_input_files_only_from_the_queues_inputs_folder(make_que
     moved = make_queue(tmp_path / "b" / "queue.json")
     assert [j["spec"]["image"] for j in moved.snapshot()] == [str(tmp_path / "b" / "queue.inputs" / copy.name)] * 2
     assert not moved.notices
+
+
+def test_jobs_wait_while_the_output_folder_cannot_be_written(make_queue, service, tmp_path, monkeypatch):
+    """An output folder that could not be written drained the queue: each job rendered in full, then failed with
+    a raw PermissionError naming a temporary file. The jobs now wait, the page says why, and they run once the
+    folder can be written."""
+    from app.ui_view import progress_html
+
+    blocker = tmp_path / "file.txt"  # a folder under a regular file cannot be made (portable; root too)
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(service.config, "output_dir", blocker / "outputs")
+    q = make_queue().start()
+    ids = q.submit_many([spec(f"waits {i}") for i in range(3)])
+    q.wait_until(lambda q: q.waiting_reason != "", timeout=30)
+    time.sleep(0.5)
+    assert [j["status"] for j in q.snapshot()] == ["queued"] * 3  # nothing rendered, nothing failed
+    why = f"cannot write in the output folder {blocker / 'outputs'}: {blocker} is not a folder"
+    assert q.waiting_reason == why
+    assert f"Queued jobs wait: {why}" in progress_html(q.snapshot(), q.notices, q.workers(), q.waiting_reason)
+    blocker.unlink()
+    blocker.mkdir()  # writable again: the jobs start by themselves (looked at every 5 s)
+    for job_id in ids:
+        assert q.wait(job_id, 120)["status"] == "done"
+    assert q.waiting_reason == ""
+    assert "wait" not in progress_html(q.snapshot(), q.notices, q.workers(), q.waiting_reason)
+
+
+def test_a_save_that_fails_after_the_render_keeps_the_job(make_queue, service, tmp_path, monkeypatch):
+    import app.service as service_module
+    from app.outputs import SaveError, save_image_atomic
+    from app.queue import user_message
+
+    good = tmp_path / "out"
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(service.config, "output_dir", good)
+    calls = []
+
+    def folder_gone_during_the_render(image, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:  # the folder became unusable while the job rendered: a real failed write
+            monkeypatch.setattr(service.config, "output_dir", blocker / "outputs")
+            return save_image_atomic(image, blocker / "outputs" / Path(path).name, *args, **kwargs)
+        return save_image_atomic(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "save_image_atomic", folder_gone_during_the_render)
+    q = make_queue().start()
+    job_id = q.submit(spec("kept"))
+    q.wait_until(lambda q: q.waiting_reason != "", timeout=60)
+    assert q.get(job_id)["status"] == "queued" and q.get(job_id)["error"] == ""  # back in line, waiting
+    monkeypatch.setattr(service.config, "output_dir", good)
+    assert q.wait(job_id, 120)["status"] == "done" and Path(q.get(job_id)["paths"][0]).parent == good
+
+    def disk_full(image, path, *args, **kwargs):  # the folder takes files, the image does not fit
+        raise SaveError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(service_module, "save_image_atomic", disk_full)
+    job_id = q.submit(spec("full"))
+    job = q.wait(job_id, 120)
+    assert job["status"] == "failed" and job["error"].startswith(f"could not save {good}")
+    assert job["error"].endswith(": No space left on device; retry the job once fixed (the images it saved are kept)")
+    # a raw write error names the folder, not the temporary file
+    raw = PermissionError(1, "Operation not permitted", str(good / ".2026-x.png.xwuqvk1e.part"))
+    assert user_message(raw) == f"Operation not permitted (in {good})"
+    with pytest.raises(SaveError) as e:  # the real save names the image it meant
+        save_image_atomic(Image.new("RGB", (8, 8)), blocker / "x.png")
+    assert e.value.filename == str(blocker / "x.png")
