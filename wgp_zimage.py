@@ -276,15 +276,12 @@ def cli_loras(args: argparse.Namespace) -> list[dict]:
 def check_output_folder(folder: Path, flag: str) -> None:
     """UserError unless images can be written in folder (made when the first image is saved), checked
     before any model loads rather than after the whole job has run."""
+    from app.outputs import output_folder_problem
     from models.errors import UserError
 
-    probe = folder
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"{flag} {folder}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: no permission to write in {probe}")
+    problem = output_folder_problem(folder)
+    if problem:
+        raise UserError(f"{flag} {folder}: {problem}")
 
 
 def check_loras(service: GenerationService, specs: list[JobSpec], allow_paths: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import unicodedata
 from typing import Any
 
 from app import params as _params
@@ -75,6 +76,11 @@ def text_problem(value: Any) -> str | None:
     return None
 
 
+def is_blank(text: str) -> bool:
+    """Whether text holds nothing to read: only spaces and control or format characters ("\\x00", U+200B)."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+
+
 def check_text(value: Any, label: str) -> None:
     """UserError when value is not storable text; the message never repeats the text itself."""
     problem = text_problem(value)
@@ -103,8 +109,8 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
     for name, p in declared.items():
         setattr(spec, name, p.parse(getattr(spec, name)))
     check_declared_values({name: getattr(spec, name) for name in declared})
-    if not spec.prompt.strip():
-        raise UserError("the prompt is empty")
+    if is_blank(spec.prompt):
+        raise UserError("the prompt is empty" + (" (only control characters)" if spec.prompt.strip() else ""))
     if not isinstance(spec.loras, list):
         raise UserError(f"loras must be a list (got {type(spec.loras).__name__})")
     for item in spec.loras:

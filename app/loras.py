@@ -117,7 +117,10 @@ class LoraLibrary:
                 name = rel.rsplit(".", 1)[0]
                 if name in items:  # x.safetensors next to x.sft: the second keeps its extension
                     name = rel
-                st = path.stat()
+                try:
+                    st = path.stat()
+                except OSError:  # deleted (or moved) since the folder was listed
+                    continue
                 words, error = self._trigger_words(path, st)
                 items[name] = LoraInfo(name, path, st.st_size, st.st_mtime_ns, words, error)
         self._items, self._scanned = items, True

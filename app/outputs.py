@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 import time
 import unicodedata
 from collections.abc import Collection
@@ -67,6 +68,30 @@ def unique_path(path: Path) -> Path:
         n += 1
 
 
+class SaveError(OSError):
+    """An image (or a copy beside it) could not be written; filename is the file meant, not its temporary one."""
+
+
+def output_folder_problem(folder: str | Path) -> str | None:
+    """Why images cannot be written in folder (made when the first one is saved), or None. Checked before a job
+    renders (the CLI's run, each queued job), not found after the whole render. A file is really created (and
+    removed at once): a read-only or immutable folder lets root's permission check pass."""
+    folder = Path(os.path.abspath(folder))
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"no permission to write in {probe}"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        return f"cannot write in {probe} ({(e.strerror or type(e).__name__).lower()})"
+    return None
+
+
 def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = None, quality: int = 95) -> Path:
     """Write to a temporary file beside path, then rename: no half-written file under its name.
 
@@ -77,8 +102,13 @@ def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = No
     fmt = format_for_suffix(path.suffix)
     if fmt == "jpeg" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        image.save(f, format=fmt.upper(), **save_kwargs(fmt, settings, quality))
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            image.save(f, format=fmt.upper(), **save_kwargs(fmt, settings, quality))
+    except SaveError:
+        raise
+    except OSError as e:  # named by the image, not by its temporary file (".<name>.<random>.part")
+        raise SaveError(e.errno, e.strerror or str(e), str(path)) from e
     return path
 
 

@@ -39,8 +39,9 @@ from PIL import Image
 from app.cancel import CancelToken
 from app.executors import Executor, LocalExecutor, WorkerLost
 from app.jobs import TEXT_FIELDS, JobSpec, cap_texts, text_problem, validate
-from app.outputs import clean_stale_parts
+from app.outputs import PART_PATTERN, SaveError, clean_stale_parts, output_folder_problem, unique_path
 from app.params import all_params
+from app.untrusted import MAX_JSON_DEPTH, check_structure
 from models.errors import GenerationInterrupted, UserError
 from models.files import atomic_path
 from models.registry import PreviewFactors
@@ -58,6 +59,7 @@ MAX_JOBS_PER_REQUEST = 100
 MAX_WAITING = 200
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # ids name the per-job prompt files
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # kept on an input's copy
+RAW_TEXTS_CHARS = 100_000  # of an unusable prompt file, kept in the .rejected record
 INTERRUPTED_ERROR = "the app stopped while this job was running; retry it to run it again"
 
 PREVIEW_MAX_SIDE = 256
@@ -97,6 +99,12 @@ def user_message(exc: BaseException) -> str:
     text = clean_text(text)  # an exception may quote the input: the message must stay serializable
     if isinstance(exc, UserError):
         return text
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 1] ...: '/x/.name.abcd1234.part'": said plainly
+        where = ""
+        if exc.filename:
+            name = Path(os.fsdecode(exc.filename))
+            where = f" (in {name.parent})" if PART_PATTERN.match(name.name) else f" ({name})"
+        return clean_text(f"{exc.strerror}{where}")[:400]
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return ("out of memory: try a smaller size, fewer images per job, or a lower-memory setting "
                 f"({text[:200]})")
@@ -147,6 +155,17 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # name -> (types, No
     "attempts": ((int,), False),
 }
 _LIST_TYPES: dict[str, type] = {"paths": str, "seeds": int, "lora_reports": str, "image_indexes": int}
+
+
+def read_json_file(path: Path) -> Any:
+    """A queue file's content; OSError, or ValueError saying why it cannot be used (not JSON, nested deeper
+    than MAX_JSON_DEPTH: a file nested thousands deep overflowed the parser's stack and stopped the app).
+    Lone surrogates pass: each saved job is checked for them on its own (job_from_record)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    return check_structure(data, texts=False)
 
 
 def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
@@ -201,6 +220,7 @@ def job_from_record(record: Any, texts: dict[str, Any] | None = None) -> Job:
     return job
 
 
+BLOCKED_RETRY_SECONDS = 5.0  # a slot without a worker, or an output folder that cannot be written, is looked at again
 MAX_RETRIES = 2  # a job whose worker was lost runs again at most this many times, then fails with the reason
 
 
@@ -229,6 +249,9 @@ class JobQueue:
         self._threads: list[threading.Thread] = []
         self._texts_saved: set[str] = set()  # jobs whose prompt file is written (it never changes after)
         self._ready: set[int] = set()  # slots whose worker was there at their last look
+        self._held = False  # when_idle's call runs: no job may start
+        self._blocked = ""  # why queued jobs cannot start now (the output folder cannot be written)
+        self._idle_lock = threading.Lock()
         self.notices: list[str] = []  # restore problems, for the page (one line each)
         self._restore()
 
@@ -262,6 +285,28 @@ class JobQueue:
                     tmp.write_bytes(data)
             setattr(spec, p.name, str(target))
 
+    def _checked_inputs(self, record: Any) -> Any:
+        """record, once each input file of the saved job is one of the queue's own copies (in inputs_dir): a
+        queue file naming /etc/hostname must not have it opened; ValueError otherwise. A copy named under the
+        folder's former place (the state folder moved) is found in the current one (a changed copy returned)."""
+        spec = record.get("spec") if isinstance(record, dict) else None
+        if not isinstance(spec, dict) or self.inputs_dir is None:
+            return record  # job_from_record says what is wrong
+        folder, spec = self.inputs_dir.resolve(), dict(spec)
+        for p in all_params():
+            value = spec.get(p.name)
+            if not p.is_file or not value or not isinstance(value, str):
+                continue
+            given = Path(value)
+            here = self.inputs_dir / given.name
+            if given.parent.name == self.inputs_dir.name and given.name not in ("", ".", "..") and here.is_file():
+                given = here
+            if given.resolve().parent != folder:
+                raise ValueError(f"its {p.name} file {clean_text(value)[:200]!r} is not one of the queue's "
+                                 f"input copies (in {self.inputs_dir.name}/)")
+            spec[p.name] = str(given)
+        return {**record, "spec": spec}
+
     def _prune_inputs(self) -> None:
         """Remove the input copies no job in the queue refers to any more."""
         if self.inputs_dir is None or not self.inputs_dir.is_dir():
@@ -276,14 +321,19 @@ class JobQueue:
         return self.texts_dir / f"{job_id}.json"
 
     def _read_texts(self, record: Any) -> dict[str, Any] | None:
+        """The job's prompt file; None when there is none; ValueError when it cannot be used."""
         job_id = record.get("id") if isinstance(record, dict) else None
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
             return None
         try:
-            texts = json.loads(self._texts_path(job_id).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            texts = read_json_file(self._texts_path(job_id))
+        except FileNotFoundError:
             return None
-        return texts if isinstance(texts, dict) else None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"its prompt file cannot be read ({clean_text(str(e))[:200]})") from None
+        if not isinstance(texts, dict):
+            raise ValueError(f"its prompt file holds no prompts ({type(texts).__name__})")
+        return texts
 
     def _restore(self) -> None:
         if self.state_file is None:
@@ -295,19 +345,20 @@ class JobQueue:
                 self._save(sweep=True)  # prompt files no state file refers to: removed
             return
         try:
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            data = read_json_file(self.state_file)
             records = data.get("jobs", [])
             if not isinstance(records, list):
                 raise TypeError("'jobs' is not a list")
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # a broken state file must not keep the UI from starting; keep it aside for inspection
-            aside = self.state_file.with_name(self.state_file.name + ".broken")
+            assert self.texts_dir is not None
+            aside, texts_aside = self._aside_names(".broken")
             log.warning("could not read the saved queue %s (%s); moved it to %s, starting with an empty queue",
                         self.state_file, e, aside)
             self.notices.append(f"the saved queue could not be read ({clean_text(str(e))[:200]}); "
                                 f"it was moved to {aside.name}")
             for src, dst in ((self.state_file, aside),  # the prompt files go with it (they help recover it)
-                             (self.texts_dir, self.texts_dir.with_name(self.texts_dir.name + ".broken"))):
+                             (self.texts_dir, texts_aside)):
                 try:
                     os.replace(src, dst)
                 except OSError:
@@ -316,13 +367,16 @@ class JobQueue:
         jobs, rejected, seen = [], [], set()
         for record in records:
             spec = record.get("spec") if isinstance(record, dict) else None
-            texts = self._read_texts(record) if isinstance(spec, dict) and spec and "prompt" not in spec else None
+            texts = None
             try:
-                job = job_from_record(record, texts)
+                if isinstance(spec, dict) and spec and "prompt" not in spec:
+                    texts = self._read_texts(record)
+                job = job_from_record(self._checked_inputs(record), texts)  # no file is opened before
                 if job.id in seen:
                     raise ValueError("duplicate id")
             except ValueError as e:
-                rejected.append({"reason": str(e), "job": record, "texts": texts})
+                rejected.append({"reason": str(e), "job": record, "texts": texts,
+                                 **(self._raw_texts(record) if texts is None else {})})
                 continue
             seen.add(job.id)
             if texts is not None:
@@ -335,15 +389,48 @@ class JobQueue:
             self._move_aside(rejected)
         self._save(sweep=True)
 
+    def _aside_names(self, tag: str) -> tuple[Path, Path]:
+        """Free names for the state file and its prompt folder set aside: <name><tag>, else <name><tag>-2, ...
+        (an earlier broken file is kept, not overwritten)."""
+        assert self.state_file is not None and self.texts_dir is not None
+        n = 1
+        while True:
+            suffix = tag if n == 1 else f"{tag}-{n}"
+            pair = (self.state_file.with_name(self.state_file.name + suffix),
+                    self.texts_dir.with_name(self.texts_dir.name + suffix))
+            if not any(os.path.lexists(p) for p in pair):
+                return pair
+            n += 1
+
+    def _raw_texts(self, record: Any) -> dict[str, str]:
+        """A rejected job's prompt file as text, when it is there but unusable: the sweep removes the file, the
+        .rejected record keeps what it held."""
+        job_id = record.get("id") if isinstance(record, dict) else None
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            return {}
+        try:
+            with open(self._texts_path(job_id), encoding="utf-8", errors="replace") as f:
+                return {"texts_file": f.read(RAW_TEXTS_CHARS)}
+        except OSError:
+            return {}
+
     def _move_aside(self, rejected: list[dict[str, Any]]) -> None:
         """Keep saved jobs that cannot be restored in <state file>.rejected (added to what it holds)."""
         assert self.state_file is not None
         aside = self.state_file.with_name(self.state_file.name + ".rejected")
         try:
-            earlier = json.loads(aside.read_text(encoding="utf-8")).get("jobs", [])
+            earlier = read_json_file(aside).get("jobs", [])
             earlier = earlier if isinstance(earlier, list) else []
-        except (OSError, ValueError, AttributeError):
+        except FileNotFoundError:
             earlier = []
+        except (OSError, ValueError, AttributeError) as e:  # kept beside, under a name of its own
+            earlier = []
+            broken = unique_path(aside.with_name(aside.name + ".broken"))
+            log.warning("could not read %s (%s); moved it to %s", aside, e, broken)
+            try:
+                os.replace(aside, broken)
+            except OSError:
+                pass
         try:
             with atomic_path(aside) as tmp:  # ensure_ascii: a lone surrogate is written as \ud800, readable
                 tmp.write_text(json.dumps({"jobs": earlier + rejected}, indent=1), encoding="utf-8")
@@ -502,11 +589,21 @@ class JobQueue:
             return before - len(self._jobs)
 
     def when_idle(self, fn: Callable[[], Any]) -> bool:
-        """Call fn while no job runs (none can start meanwhile); False, without calling it, when one runs."""
-        with self._cond:
-            if self._running:
-                return False
-            fn()
+        """Call fn while no job runs (none can start meanwhile); False, without calling it, when one runs.
+
+        fn runs without the queue's lock (an unload takes seconds: every tab's poll reads the queue under it);
+        the workers are held back meanwhile instead, so no job starts mid-call."""
+        with self._idle_lock:  # one such call at a time
+            with self._cond:
+                if self._running:
+                    return False
+                self._held = True
+            try:
+                fn()
+            finally:
+                with self._cond:
+                    self._held = False
+                    self._cond.notify_all()
             return True
 
     def abort(self, job_id: str | None = None) -> str | None:
@@ -638,17 +735,40 @@ class JobQueue:
                 return job
         return None
 
+    @property
+    def waiting_reason(self) -> str:
+        """Why the queued jobs wait (empty when nothing holds them back), for the page."""
+        return self._blocked
+
+    def output_problem(self) -> str:
+        """Why images cannot be written in the output folder now (empty when they can)."""
+        folder = getattr(getattr(self.service, "config", None), "output_dir", None)
+        problem = output_folder_problem(folder) if folder is not None else None
+        return f"cannot write in the output folder {folder}: {problem}" if problem else ""
+
     def _next(self, slot: int) -> Job | None:
         while True:
             ready = self.executor.ensure(slot)  # may block (a Ray worker starting): outside the lock
+            with self._cond:
+                queued = any(j.status == "queued" for j in self._jobs)
+            # checked before each job (outside the lock: it touches the disk), not found after its whole render:
+            # an unwritable folder drained the queue, every job failing once rendered
+            blocked = self.output_problem() if ready and queued else ""
             with self._cond:
                 if self._stopping:
                     return None
                 if ready != (slot in self._ready):  # a worker came or went: the page's worker list changes
                     self._version += 1
-                if ready:
+                if queued and blocked != self._blocked:
+                    if blocked:
+                        log.warning("queued jobs wait: %s (checked again every %g s)", blocked, BLOCKED_RETRY_SECONDS)
+                    else:
+                        log.info("the output folder can be written again: queued jobs run")
+                    self._blocked = blocked
+                    self._version += 1
+                if ready and not blocked:
                     self._ready.add(slot)
-                    job = self._pick(slot)
+                    job = self._pick(slot) if not self._held else None
                     if job is not None:
                         job.status, job.started, job.phase, job.error = "running", time.time(), "starting", ""
                         # the in-process executor runs everything: no worker to name
@@ -657,10 +777,11 @@ class JobQueue:
                         self._running[slot] = (job, CancelToken())
                         self._changed()
                         return job
-                else:
+                elif not ready:
                     self._ready.discard(slot)
-                # woken by any change; a slot without a worker looks again every few seconds
-                self._cond.wait(None if ready else 5.0)
+                # woken by any change; a slot without a worker, or held back by the output folder, looks again
+                # every few seconds
+                self._cond.wait(None if ready and not blocked else BLOCKED_RETRY_SECONDS)
 
     def _run(self, slot: int) -> None:
         while (job := self._next(slot)) is not None:
@@ -696,6 +817,20 @@ class JobQueue:
             else:
                 status, error = "failed", f"worker lost {job.attempts} times, last: {clean_text(str(e))[:300]}"
                 log.error("job %s failed: %s", job.id, error)
+        except OSError as e:  # a write failed (the folder made read-only, a full disk) or another system error
+            why = self.output_problem()
+            if why and not self._stopping and not cancel.is_cancelled():
+                # the folder cannot be written now: the job waits for it like the others (its saved images are
+                # recorded, so it renders only the missing ones) instead of failing
+                status = "queued"
+                log.warning("job %s: %s; %s: queued again", job.id, user_message(e), why)
+            elif isinstance(e, SaveError):  # the folder takes files (a full disk?): retried, it would fail again
+                error = clean_text(f"could not save {e.filename}: {e.strerror}")[:400]
+                status, error = "failed", f"{error}; retry the job once fixed (the images it saved are kept)"
+                log.error("job %s failed: %s", job.id, error, exc_info=True)
+            else:
+                status, error = "failed", user_message(e)
+                log.error("job %s failed: %s", job.id, error, exc_info=True)
         except BaseException as e:  # anything: record it, log the traceback, go on with the next job
             status, error = "failed", user_message(e)
             log.error("job %s failed: %s", job.id, error, exc_info=not isinstance(e, UserError))

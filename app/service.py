@@ -303,8 +303,7 @@ class GenerationService:
             controlnet_file = handler.controlnet_file(d, folder, quant[0])
         key = (d.model_type if model_type else None, str(folder), str(transformer_file), str(controlnet_file),
                str(self.device), self.dtype, self.vae_dtype, self.config.compile, quant, self.config.attention,
-               profile, self.config.preload_mb, self.config.perc_reserved_mem_max, self.config.overlap_transfers,
-               self.config.fp8_compute, self.config.int8_layers)
+               self.config.fp8_compute, self.config.int8_layers) + self._offload_key(profile)
         with self._lock:
             if self._pipe_key == key:
                 return self._pipe
@@ -341,7 +340,8 @@ class GenerationService:
             if offloaded:
                 pipe.device = self.device
                 set_vae_tile_size(parts["vae"])
-            self._pipe, self._pipe_key, self.pipe_memory_profile = pipe, key, profile
+            # on the CPU no profile is applied: none to show as the loaded model's
+            self._pipe, self._pipe_key, self.pipe_memory_profile = pipe, key, profile if offloaded else None
             self.attention_backend = backend
             converter = handler_for(d.architecture).lora_converter()
             if converter is not None:
@@ -352,6 +352,13 @@ class GenerationService:
                 self._lora_manager = LoraManager(pipe.transformer, converter, weights=weights,
                                                  merge_room=merge_room)
             return pipe
+
+    def _offload_key(self, profile: int) -> tuple:
+        """The pipeline key's offload settings: only mmgp (CUDA) uses them; on the CPU they are recorded, not
+        applied, so a job's memory profile there must not reload the model."""
+        if self.device.type != "cuda":
+            return ()
+        return (profile, self.config.preload_mb, self.config.perc_reserved_mem_max, self.config.overlap_transfers)
 
     def _fp8_compute(self) -> bool:
         """Whether fp8 weights multiply in fp8 on this device (ServiceConfig.fp8_compute); a device that cannot

@@ -495,7 +495,7 @@ class PageController:
         if state.get("v") != version:
             jobs = queue.snapshot(prompt_chars=PROMPT_PREVIEW_CHARS)  # the table shows only their start
             table_out = queue_table(jobs, self.short_names)
-            progress_out = progress_html(jobs, queue.notices, queue.workers())
+            progress_out = progress_html(jobs, queue.notices, queue.workers(), queue.waiting_reason)
             state["v"] = version
         if state.get("rv") != queue.results_version:
             # only when a job ended (or on a tab's first poll): the folder is not rescanned every step

@@ -134,12 +134,14 @@ def queue_table(jobs: list[dict[str, Any]], short_names: Mapping[str, str] | Non
 
 
 def progress_html(jobs: list[dict[str, Any]], notices: list[str] | None = None,
-                  workers: list[dict[str, Any]] | None = None) -> str:
-    """The running job's step i/N, s/step and ETA; else the last finished job's outcome; the workers' states
-    (on Ray: JobQueue.workers()) and notices (saved jobs that could not be restored) below. Never raises: it is
-    polled by every tab."""
+                  workers: list[dict[str, Any]] | None = None, waiting: str = "") -> str:
+    """The running job's step i/N, s/step and ETA; else the last finished job's outcome; why queued jobs wait
+    (waiting: JobQueue.waiting_reason), the workers' states (on Ray: JobQueue.workers()) and notices (saved jobs
+    that could not be restored) below. Never raises: it is polled by every tab."""
     try:
         out = _progress_html(jobs)
+        if waiting and any(j["status"] == "queued" for j in jobs):
+            out += f"<div class='error'>⏸ Queued jobs wait: {html.escape(waiting)} (they start once it can)</div>"
     except Exception:
         log.warning("progress: cannot show the queue's state", exc_info=True)
         out = "<div class='error'>The queue's state cannot be shown (see the log).</div>"

@@ -65,9 +65,10 @@ def read_text(path: str | os.PathLike[str], limit: int) -> str:
         raise UntrustedError(f"is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def check_structure(data: Any, max_depth: int = MAX_JSON_DEPTH) -> Any:
+def check_structure(data: Any, max_depth: int = MAX_JSON_DEPTH, texts: bool = True) -> Any:
     """data itself, once every nested value is within max_depth levels and every text (keys too) is valid
-    Unicode; UntrustedError otherwise. Iterative: a deep value cannot exhaust the stack here."""
+    Unicode (texts=False: not checked, the caller sorts such values out itself); UntrustedError otherwise.
+    Iterative: a deep value cannot exhaust the stack here."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
@@ -76,10 +77,10 @@ def check_structure(data: Any, max_depth: int = MAX_JSON_DEPTH) -> Any:
                 raise UntrustedError(f"is nested more than {max_depth} levels deep")
             items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
             for key, item in items:
-                if isinstance(key, str):
+                if isinstance(key, str) and texts:
                     _check_text(key)
                 stack.append((item, depth + 1))
-        elif isinstance(value, str):
+        elif isinstance(value, str) and texts:
             _check_text(value)
         elif isinstance(value, float) and not math.isfinite(value):
             raise UntrustedError(f"holds the non-finite number {value!r}")

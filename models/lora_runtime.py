@@ -343,6 +343,14 @@ def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"LoRA file {path.name} is not a readable safetensors file ({e})") from None
     if not sd:
         raise UserError(f"LoRA file {path.name} holds no tensors")
+    # bool, integer or complex factors are no LoRA weights (a cast would apply them silently, complex ones losing
+    # their imaginary part); an integer scalar is a hyperparameter (alpha, rank) and casts exactly
+    odd = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in sd.items() if not t.is_floating_point()
+           and (t.is_complex() or t.dtype == torch.bool or t.numel() != 1)]
+    if odd:
+        listed = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        raise UserError(f"LoRA file {path.name} holds {len(odd)} tensor(s) of a type a LoRA cannot use: {listed}; "
+                        "refused (LoRA weights are floating point)")
     # a NaN or Inf weight turns every image into NaN pixels that still save as a "done" job: refuse the file
     bad = [k for k, t in sd.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -472,9 +480,11 @@ class LoraManager:
         report = LoraReport(name=name, path=str(path), format=conv.format, applied=len(used), total=conv.total,
                             modules=len(deltas), unmatched=unmatched)
         if not deltas:
+            log.warning("LoRA %s: no tensor applies: %s", path.name,
+                        "; ".join(f"{k} ({r})" for k, r in list(unmatched.items())[:20]))
             sample = ", ".join(list(sd)[:3])
             raise UserError(f"LoRA {path.name}: none of its {conv.total} tensors matches this model "
-                            f"(wrong model family or unknown format; keys like {sample})")
+                            f"({_first_reasons(unmatched)}; keys like {sample})")
         log.info(report.summary)
         if unmatched:
             listed = "; ".join(f"{k} ({r})" for k, r in list(unmatched.items())[:10])
@@ -596,6 +606,18 @@ class LoraManager:
         for pname, original in merged.originals.items():
             for t in self.weights(module, pname):
                 t.copy_(original)
+
+
+def _first_reasons(unmatched: dict[str, str], count: int = 2) -> str:
+    """The first distinct reasons tensors were not used (a shape that does not fit, a lone factor, a layer name
+    of another model family), each with a key it applies to."""
+    first: dict[str, str] = {}
+    for key, reason in unmatched.items():
+        if reason not in first and len(first) < count:
+            first[reason] = key
+    more = len(set(unmatched.values())) - len(first)
+    return ("; ".join(f"{key[:100]}: {reason}" for reason, key in first.items()) + (
+        f"; {more} other reason(s) in the log" if more > 0 else "")) or "wrong model family or unknown format"
 
 
 def _mismatch(module: nn.Module | None, md: ModuleDelta) -> str | None:

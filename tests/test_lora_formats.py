@@ -386,6 +386,52 @@ def test_nan_or_inf_weights_are_refused_at_load_naming_the_tensors(transformer, 
     manager.remove_all()
 
 
+def test_no_match_says_why_when_keys_match_but_tensors_do_not(transformer, tmp_path):
+    """A LoRA for this model's layers whose shapes do not fit, or a lone lora_A, said only "wrong model family or
+    unknown format": the reason found for the tensors is given."""
+    manager = LoraManager(transformer, convert_state_dict)
+    layer = dict(transformer.named_modules())["layers.0.attention.to_q"]
+    rows, cols = layer.out_features, layer.in_features
+    key = "diffusion_model.layers.0.attention.to_q"
+    narrow = tmp_path / "narrow.safetensors"
+    save_file({f"{key}.lora_A.weight": torch.ones(4, cols - 1), f"{key}.lora_B.weight": torch.ones(rows, 4)}, narrow)
+    with pytest.raises(UserError, match="none of its 2 tensors") as e:
+        manager.sync({narrow: 1.0})
+    assert f"lora_A.weight: shape ({rows}, {cols - 1}) does not fit layer ({rows}, {cols})" in str(e.value)
+    lone = tmp_path / "lone.safetensors"
+    save_file({f"{key}.lora_A.weight": torch.ones(4, cols), "other.lora_A.weight": torch.ones(4, cols)}, lone)
+    with pytest.raises(UserError, match="none of its 2 tensors") as e:
+        manager.sync({lone: 1.0})
+    assert "without its up/B partner" in str(e.value)
+    foreign = tmp_path / "sdxl.safetensors"
+    save_file({"lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_down_blocks_0_proj_in.lora_up.weight": torch.zeros(8, 4)}, foreign)
+    with pytest.raises(UserError, match="none of its 2 tensors .*no Z-Image transformer layer of this name"):
+        manager.sync({foreign: 1.0})
+    assert not any(m._forward_hooks for m in transformer.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.complex64])
+def test_non_float_lora_tensors_are_refused_naming_them(transformer, tmp_path, dtype):
+    manager = LoraManager(transformer, convert_state_dict)
+    good, _ = write_lora(tmp_path, "ai_toolkit", transformer)
+    sd = load_file(good)
+    key = sorted(k for k in sd if sd[k].numel() > 1)[0]
+    sd[key] = sd[key].to(dtype)
+    odd = tmp_path / "odd.safetensors"
+    save_file(sd, odd)
+    with pytest.raises(UserError, match=rf"odd\.safetensors holds 1 tensor\(s\) of a type a LoRA cannot use: "
+                                        rf"{key} \({str(dtype).removeprefix('torch.')}\)"):
+        manager.sync({odd: 1.0})
+    assert not any(m._forward_hooks for m in transformer.modules())
+    sd = load_file(good)  # an integer alpha (a hyperparameter) is read as the number it is
+    alphas = [k for k in sd if k.endswith(".alpha")] or [key.replace("lora_A.weight", "alpha")]
+    sd[alphas[0]] = torch.tensor(4, dtype=torch.int64)
+    save_file(sd, odd)
+    manager.sync({odd: 1.0})
+    manager.remove_all()
+
+
 def test_strength_schedules():
     assert parse_schedule(0.8) == (0.8,)
     assert parse_schedule("1.0,0.8, 0.4") == (1.0, 0.8, 0.4)
@@ -432,3 +478,21 @@ def test_discovery_refresh_and_names(tmp_path, transformer):
     assert "late" not in [i.name for i in lib.items]
     assert "late" in [i.name for i in lib.refresh()]
     assert LoraLibrary(tmp_path / "missing").names() == []
+
+
+def test_refresh_skips_a_file_deleted_mid_scan(tmp_path, transformer, monkeypatch):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    write_lora(folder, "ai_toolkit", transformer, name="kept")
+    write_lora(folder, "ai_toolkit", transformer, name="gone")
+    gone = folder / "gone.safetensors"
+    real_is_file = Path.is_file
+
+    def is_file_then_deleted(path):  # the file is there when looked at, deleted just after
+        result = real_is_file(path)
+        if path == gone:
+            path.unlink()
+        return result
+
+    monkeypatch.setattr(Path, "is_file", is_file_then_deleted)
+    assert [i.name for i in LoraLibrary(folder).refresh()] == ["kept"]

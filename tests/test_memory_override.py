@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import torch
 from gradio_client.exceptions import AppError
 
 from app import offload
@@ -47,36 +48,41 @@ def test_parse_and_validate_the_override():
     assert "memory profile" not in table.iloc[0]["Settings"]
 
 
-def test_service_reloads_for_an_override_and_goes_back(tiny_dir, tmp_path, monkeypatch, caplog):
+def test_cpu_override_is_recorded_without_a_reload(tiny_dir, tmp_path, monkeypatch, caplog):
+    """On the CPU the profile is not applied (no mmgp): jobs with profiles None, 2, None load the model once."""
     (tmp_path / "ckpts").mkdir()
     (tmp_path / "ckpts" / "z_image_tiny").symlink_to(tiny_dir, target_is_directory=True)
     service = GenerationService(ServiceConfig(checkpoints_dir=tmp_path / "ckpts", output_dir=tmp_path / "out",
                                               memory_profile=4))
-    unloads = []
-    real_unload = service.unload
-    monkeypatch.setattr(service, "unload", lambda: (unloads.append(service.pipe_memory_profile), real_unload())[1])
     monkeypatch.setattr(offload, "_cpu_notice_given", False)  # the once-per-process notice, for this test
     caplog.set_level(logging.INFO, logger="wgp_zimage")
+    loads = []
 
     def run(profile, seed=1):
-        result = service.generate(JobSpec(prompt="a fox", **SMALL, seed=seed, memory_profile=profile))
+        events = []
+        result = service.generate(JobSpec(prompt="a fox", **SMALL, seed=seed, memory_profile=profile),
+                                  on_event=events.append)
+        loads.append(any(e["kind"] == "load" for e in events))
         return service._pipe, result
 
     first, _ = run(None)
-    assert service.pipe_memory_profile == 4
     assert "memory profile 4 ignored" in caplog.text  # the CPU notice: no mmgp offload here
     override, result = run(2)
-    assert service.pipe_memory_profile == 2 and override is not first and 2 in service._pipe_key
-    assert unloads[-1] == 4  # the profile-4 pipeline was unloaded before the profile-2 load
+    assert override is first
     assert "memory profile 2 for this job (configured: 4); recorded only" in caplog.text
     assert read_settings(result.paths[0])["memory_profile"] == 2  # recorded in the image
     back, result = run(None)
-    assert service.pipe_memory_profile == 4 and back is not override and unloads[-1] == 2
-    assert read_settings(result.paths[0])["memory_profile"] is None
-    same, _ = run(None, seed=2)
-    assert same is back and unloads[-1] == 2  # no override, same profile: no reload
-    again, _ = run(4)  # an override equal to the configured profile keeps the loaded model
-    assert again is back
+    assert back is first and read_settings(result.paths[0])["memory_profile"] is None
+    assert loads == [True, False, False]
+    assert service.pipe_memory_profile is None  # no profile applied: none shown as the loaded model's
+
+
+def test_offload_settings_key_the_pipeline_on_cuda_only(tmp_path):
+    service = GenerationService(ServiceConfig(output_dir=tmp_path / "out", memory_profile=4))
+    assert service._offload_key(2) == service._offload_key(4) == ()
+    service.device = torch.device("cuda")  # only the key is computed: no CUDA needed
+    assert service._offload_key(2) != service._offload_key(4)
+    assert 2 in service._offload_key(2) and service.config.preload_mb in service._offload_key(2)
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +101,11 @@ def test_api_override_travels_with_the_job(app):
     assert {j["id"]: j for j in saved["jobs"]}[job_id]["spec"]["memory_profile"] == 2  # in the queue file
     job = app.wait_done([job_id])[job_id]
     assert job["status"] == "done", job["error"]
-    assert app.service.pipe_memory_profile == 2 and read_settings(job["paths"][0])["memory_profile"] == 2
-    assert "loaded model: 2" in app.client.predict(api_name="/system_info")  # shown beside the configured 4
+    assert read_settings(job["paths"][0])["memory_profile"] == 2
     (plain,) = app.generate("a default fox", **tiny)  # no argument: the Config section's profile
     job = app.wait_done([plain])[plain]
     assert job["status"] == "done" and job["spec"]["memory_profile"] is None
-    assert app.service.pipe_memory_profile == app.config.memory_profile == 4
+    assert app.service.pipe_memory_profile is None  # the CPU applies no profile
     (explicit,) = app.generate("a default fox", **tiny, memory_profile="default")
     assert app.wait_done([explicit])[explicit]["spec"]["memory_profile"] is None
 

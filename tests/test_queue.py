@@ -76,7 +76,11 @@ def test_submit_rejects_bad_settings(make_queue):
         q.submit(spec("x", width=100))
     with pytest.raises(UserError, match="unknown model type"):
         q.submit(spec("x", model_type="nope"))
+    for blank in ("", "  \n", "\x00", "\x00\x01\x1b\t", "\u200b\x7f"):  # nothing the text encoder could read
+        with pytest.raises(UserError, match="the prompt is empty"):
+            q.submit(spec(blank))
     assert q.snapshot() == []
+    q.submit(spec("a fox\x00"))  # text with a stray control character is still a prompt
 
 
 def test_abort_stops_within_a_step_and_next_job_runs(make_queue):
@@ -516,3 +520,158 @@ def test_a_job_leaving_the_queue_while_another_is_submitted_keeps_its_input_copy
     assert Path(q.get(new)["spec"]["image"]).is_file()
     q.wait(new, timeout=120)
     assert q.get(new)["status"] == "done", q.get(new)
+
+
+def test_when_idle_runs_without_the_lock_and_no_job_starts_meanwhile(make_queue):
+    """An unload (seconds) must not block every tab's poll, nor let a job start in the middle of it."""
+    import threading
+
+    q = make_queue().start()
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def slow_unload():
+        inside.set()
+        release.wait(10)
+        seen["status"] = q.get(job_id)["status"]
+
+    job_id = q.submit(spec("after the unload"))
+    q.wait(job_id, 60)
+    job_id = None
+    caller = threading.Thread(target=lambda: seen.setdefault("ran", q.when_idle(slow_unload)))
+    caller.start()
+    assert inside.wait(10)
+    started = time.monotonic()
+    job_id = q.submit(spec("submitted mid-unload"))  # takes the lock: must not wait for the unload
+    q.snapshot()
+    assert time.monotonic() - started < 2
+    time.sleep(0.5)
+    assert q.get(job_id)["status"] == "queued"  # held back while the unload runs
+    release.set()
+    caller.join(10)
+    assert seen == {"status": "queued", "ran": True}
+    assert q.wait(job_id, 60)["status"] == "done"
+
+
+def test_deeply_nested_queue_files_are_set_aside_not_fatal(make_queue, tmp_path):
+    """'[' * 200000 overflowed the JSON parser's stack: RecursionError stopped the app at start."""
+    deep = "[" * 200_000 + "]" * 200_000
+    state = tmp_path / "queue.json"
+    state.write_text(deep)
+    assert make_queue(state).snapshot() == []
+    assert (tmp_path / "queue.json.broken").read_text() == deep
+    state.write_text("{truncated")  # a second broken file: the first one is kept
+    q = make_queue(state)
+    assert q.snapshot() == [] and "queue.json.broken-2" in q.notices[0]
+    assert (tmp_path / "queue.json.broken").read_text() == deep
+    assert (tmp_path / "queue.json.broken-2").read_text() == "{truncated"
+    # a job's prompt file nested so: that job is moved aside, the others run
+    q = make_queue(state)
+    kept, bad = q.submit(spec("kept")), q.submit(spec("deep prompts"))
+    (tmp_path / "queue.prompts" / f"{bad}.json").write_text(deep)
+    again = make_queue(state)
+    assert [j["id"] for j in again.snapshot()] == [kept]
+    assert f"'{bad}' could not be restored (its prompt file cannot be read (nested more than" in again.notices[0]
+    (record,) = json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"]
+    assert record["job"]["id"] == bad and record["texts_file"] == deep[:100_000]  # what the file held
+    # a .rejected file nested so is set aside too, not fatal
+    (tmp_path / "queue.json.rejected").write_text(deep)
+    (tmp_path / "queue.prompts" / f"{kept}.json").write_text("[1")
+    assert make_queue(state).snapshot() == []
+    assert (tmp_path / "queue.json.rejected.broken").read_text() == deep
+    assert json.loads((tmp_path / "queue.json.rejected").read_text())["jobs"][0]["job"]["id"] == kept
+
+
+def test_saved_jobs_open_input_files_only_from_the_queues_inputs_folder(make_queue, tmp_path):
+    """A queue file is data: a job naming /etc/hostname as its image must not have it opened."""
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "red").save(picture)
+    outside = tmp_path / "private.png"
+    Image.new("RGB", (64, 64), "blue").save(outside)
+    first = make_queue(tmp_path / "a" / "queue.json")
+    ids = [first.submit(spec(f"job {i}", image=str(picture), strength=0.5)) for i in range(5)]
+    copy = Path(first.get(ids[0])["spec"]["image"])
+    assert copy.parent == first.inputs_dir
+    (first.inputs_dir / "link.png").symlink_to(outside)
+    state = json.loads(first.state_file.read_text())
+    images = [str(outside), str(first.inputs_dir / ".." / ".." / "private.png"), str(first.inputs_dir / "link.png")]
+    for record, image in zip(state["jobs"][1:], images):
+        record["spec"]["image"] = image
+    first.state_file.write_text(json.dumps(state))
+    again = make_queue(first.state_file)
+    assert [j["id"] for j in again.snapshot()] == [ids[0], ids[4]]  # the copy, as the current code writes it
+    assert again.get(ids[0])["spec"]["image"] == str(copy)
+    assert len(again.notices) == 3 and all("is not one of the queue's input copies" in n for n in again.notices)
+    rejected = json.loads((first.state_file.with_name("queue.json.rejected")).read_text())["jobs"]
+    assert [r["job"]["spec"]["image"] for r in rejected] == images
+    # the state folder moved (another path to it): its copies are found in their new place
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    moved = make_queue(tmp_path / "b" / "queue.json")
+    assert [j["spec"]["image"] for j in moved.snapshot()] == [str(tmp_path / "b" / "queue.inputs" / copy.name)] * 2
+    assert not moved.notices
+
+
+def test_jobs_wait_while_the_output_folder_cannot_be_written(make_queue, service, tmp_path, monkeypatch):
+    """An output folder that could not be written drained the queue: each job rendered in full, then failed with
+    a raw PermissionError naming a temporary file. The jobs now wait, the page says why, and they run once the
+    folder can be written."""
+    from app.ui_view import progress_html
+
+    blocker = tmp_path / "file.txt"  # a folder under a regular file cannot be made (portable; root too)
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(service.config, "output_dir", blocker / "outputs")
+    q = make_queue().start()
+    ids = q.submit_many([spec(f"waits {i}") for i in range(3)])
+    q.wait_until(lambda q: q.waiting_reason != "", timeout=30)
+    time.sleep(0.5)
+    assert [j["status"] for j in q.snapshot()] == ["queued"] * 3  # nothing rendered, nothing failed
+    why = f"cannot write in the output folder {blocker / 'outputs'}: {blocker} is not a folder"
+    assert q.waiting_reason == why
+    assert f"Queued jobs wait: {why}" in progress_html(q.snapshot(), q.notices, q.workers(), q.waiting_reason)
+    blocker.unlink()
+    blocker.mkdir()  # writable again: the jobs start by themselves (looked at every 5 s)
+    for job_id in ids:
+        assert q.wait(job_id, 120)["status"] == "done"
+    assert q.waiting_reason == ""
+    assert "wait" not in progress_html(q.snapshot(), q.notices, q.workers(), q.waiting_reason)
+
+
+def test_a_save_that_fails_after_the_render_keeps_the_job(make_queue, service, tmp_path, monkeypatch):
+    import app.service as service_module
+    from app.outputs import SaveError, save_image_atomic
+    from app.queue import user_message
+
+    good = tmp_path / "out"
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(service.config, "output_dir", good)
+    calls = []
+
+    def folder_gone_during_the_render(image, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 1:  # the folder became unusable while the job rendered: a real failed write
+            monkeypatch.setattr(service.config, "output_dir", blocker / "outputs")
+            return save_image_atomic(image, blocker / "outputs" / Path(path).name, *args, **kwargs)
+        return save_image_atomic(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(service_module, "save_image_atomic", folder_gone_during_the_render)
+    q = make_queue().start()
+    job_id = q.submit(spec("kept"))
+    q.wait_until(lambda q: q.waiting_reason != "", timeout=60)
+    assert q.get(job_id)["status"] == "queued" and q.get(job_id)["error"] == ""  # back in line, waiting
+    monkeypatch.setattr(service.config, "output_dir", good)
+    assert q.wait(job_id, 120)["status"] == "done" and Path(q.get(job_id)["paths"][0]).parent == good
+
+    def disk_full(image, path, *args, **kwargs):  # the folder takes files, the image does not fit
+        raise SaveError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(service_module, "save_image_atomic", disk_full)
+    job_id = q.submit(spec("full"))
+    job = q.wait(job_id, 120)
+    assert job["status"] == "failed" and job["error"].startswith(f"could not save {good}")
+    assert job["error"].endswith(": No space left on device; retry the job once fixed (the images it saved are kept)")
+    # a raw write error names the folder, not the temporary file
+    raw = PermissionError(1, "Operation not permitted", str(good / ".2026-x.png.xwuqvk1e.part"))
+    assert user_message(raw) == f"Operation not permitted (in {good})"
+    with pytest.raises(SaveError) as e:  # the real save names the image it meant
+        save_image_atomic(Image.new("RGB", (8, 8)), blocker / "x.png")
+    assert e.value.filename == str(blocker / "x.png")
