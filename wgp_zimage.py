@@ -174,7 +174,8 @@ def build_parser() -> Parser:
                           "folder) loaded with the model, for --control-image (ControlNet model types have their own)")
     gen.add_argument("--gen-profile", default=None, metavar="NAME",
                      help="start from a saved generation profile (explicit flags still win)")
-    gen.add_argument("--profiles-dir", type=Path, default=Path("profiles"), help="generation profiles folder")
+    gen.add_argument("--profiles-dir", type=Path, default=argparse.SUPPRESS,  # the top level's default
+                     help="generation profiles folder (default: profiles/)")
     gen.add_argument("--from-image", type=Path, default=None, metavar="IMAGE",
                      help="re-run the settings stored in an image made by this app (explicit flags still win)")
     src = gen.add_mutually_exclusive_group()

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from app.launch import PROFILES_DIR
 from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
 from app.settings import (
     OUTPUT_FORMATS,
@@ -28,7 +29,7 @@ from models.parsing import ascii_float, cli_int, parse_schedule
 
 log = logging.getLogger("wgp_zimage")
 
-DEFAULT_DIR = Path("profiles")
+DEFAULT_DIR = PROFILES_DIR
 # save flags that are not generation parameters (those come from their declarations) -> settings key
 FLAG_KEYS = {"seed_policy": "seed_policy", "format": "output_format", "quality": "output_quality"}
 
@@ -39,8 +40,9 @@ def add_profiles_parser(subparsers: argparse._SubParsersAction,
     prof = subparsers.add_parser(
         "profiles", help="saved generation profiles (not MMGP memory profiles)",
         description="Generation profiles: named files of generation settings in --profiles-dir.")
-    # given before or after the action; the action's copy is SUPPRESSed so it never overwrites the parent's
-    prof.add_argument("--profiles-dir", type=Path, default=DEFAULT_DIR,
+    # given before or after the action, or before `profiles`: the default is the top level's (app.launch), the
+    # copies here are SUPPRESSed so they never overwrite a value given earlier
+    prof.add_argument("--profiles-dir", type=Path, default=argparse.SUPPRESS,
                       help="folder of generation profiles (default: profiles/)")
     actions = prof.add_subparsers(dest="profiles_command", metavar="ACTION", parser_class=type(prof))
     actions.required = True
