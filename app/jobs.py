@@ -7,7 +7,7 @@ from typing import Any
 
 from app import params as _params
 from models.errors import UserError
-from models.registry import check_declared_values
+from models.registry import check_declared_values, check_job
 
 MAX_SEED = _params.MAX_SEED
 # Text encoders read a few hundred tokens (Z-Image's: 512, chat template included); a token is rarely more than
@@ -102,7 +102,9 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
     declared = _params.by_name()
     for name, p in declared.items():
         setattr(spec, name, p.parse(getattr(spec, name)))
-    check_declared_values({name: getattr(spec, name) for name in declared})
+    values = {name: getattr(spec, name) for name in declared}
+    check_declared_values(values)
+    check_job(spec.model_type, values)  # the family's rules for this model type (TwinFlow takes no input image)
     if not spec.prompt.strip():
         raise UserError("the prompt is empty")
     if not isinstance(spec.loras, list):

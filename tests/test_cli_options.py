@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 import wgp_zimage
 from app.settings import ProfileStore
 
@@ -26,3 +28,34 @@ def test_top_level_profiles_dir_is_read_by_profiles_and_generate(tmp_path, capsy
         assert parser.parse_args(argv).profiles_dir == pdir, argv
     assert parser.parse_args(["profiles", "list"]).profiles_dir == Path("profiles")
     assert parser.parse_args(["generate"]).profiles_dir == Path("profiles")
+
+
+def small_png(path, size=(100, 84)):
+    from PIL import Image
+
+    Image.new("RGB", size, (200, 40, 40)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--image", "{png}"], "TwinFlow Turbo takes no input image"),
+    (["--upscale", "2"], "TwinFlow Turbo takes no input image and no upscale pass"),
+    (["--control-image", "{png}"], "TwinFlow Turbo takes no control image"),
+])
+def test_twinflow_refuses_image_inputs_before_any_download(tmp_path, capsys, flags, message):
+    png = small_png(tmp_path / "in.png")
+    ckpts = tmp_path / "ckpts"
+    rc, out, err = main(capsys, "generate", "--model", "twinflow", "--checkpoints-dir", str(ckpts), "--prompt", "x",
+                        *[f.format(png=png) for f in flags])
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not ckpts.exists() and "fetching" not in err
+
+
+def test_twinflow_rule_is_checked_where_jobs_come_in():
+    """The page's Generate and the API submit through app.jobs.validate: the family's hook runs there."""
+    from app.jobs import JobSpec, validate
+    from models.errors import UserError
+
+    with pytest.raises(UserError, match="TwinFlow Turbo takes no input image"):
+        validate(JobSpec("twinflow", prompt="x", upscale=1.5))
+    validate(JobSpec("z_image", prompt="x", upscale=1.5))  # Turbo takes it
