@@ -318,7 +318,7 @@ def file_targets(output: Path | None, total: int) -> list[Path] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from app.jobs import JobSpec, cap_texts, validate
+    from app.jobs import JobSpec, cap_texts, input_render_size, validate
     from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
     from models.errors import GenerationInterrupted
 
@@ -341,12 +341,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     given = {**profile, **cli_values(args)}
     values = {**service.defaults(model_name and model_type, args.model_dir), **given}
     declared = by_name()
-    if "width" not in given and "height" not in given:  # an input image gives the size
-        from models.image_inputs import native_size
-
-        image = next((p for p in declared.values() if p.widget == "image" and values.get(p.name)), None)
-        if image is not None:
-            values["width"], values["height"] = native_size(image.parse(values[image.name]))
+    image = next((p for p in declared.values() if p.widget == "image" and values.get(p.name)), None)
+    if image is not None and ("width" not in given or "height" not in given):  # the input image gives the size
+        values["width"], values["height"] = input_render_size(
+            image.parse(values[image.name]), *(declared[k].parse(given[k]) if k in given else None
+                                              for k in ("width", "height")))
     specs = [JobSpec(model_type=model_type, prompt=p, loras=cli_loras(args) if args.lora else values.get("loras", []),
                      **{k: v for k, v in values.items() if k in declared and k != "prompt"}) for p in prompts]
     for spec in specs:  # all jobs checked before any model loads, with the page's messages

@@ -118,6 +118,22 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
     return []
 
 
+def input_render_size(image: Any, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """The render size of a job with an input image and the sides given (None: not given). Neither: the image's
+    own size (models.image_inputs.native_size); one: the other from the image's aspect ratio, rounded down to a
+    multiple of 16 (16 to 4096), so the picture is not stretched to the model's default for the missing side."""
+    from models.image_inputs import MAX_SIDE, MULTIPLE, as_image, native_size
+
+    if width is not None and height is not None:
+        return width, height
+    if width is None and height is None:
+        return native_size(image)
+    w, h = as_image(image).size
+    other = (width * h / w) if height is None else (height * w / h)
+    other = min(MAX_SIDE, max(MULTIPLE, int(other) // MULTIPLE * MULTIPLE))
+    return (width, other) if height is None else (other, height)
+
+
 def size_warnings(spec: JobSpec, min_recommended: int) -> list[str]:
     if min_recommended and min(spec.width, spec.height) < min_recommended:
         return [f"{spec.width}x{spec.height} is below {min_recommended} px: the model was not trained "

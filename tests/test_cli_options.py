@@ -59,3 +59,27 @@ def test_twinflow_rule_is_checked_where_jobs_come_in():
     with pytest.raises(UserError, match="TwinFlow Turbo takes no input image"):
         validate(JobSpec("twinflow", prompt="x", upscale=1.5))
     validate(JobSpec("z_image", prompt="x", upscale=1.5))  # Turbo takes it
+
+
+def test_input_render_size_fills_the_missing_side_from_the_aspect_ratio(tmp_path):
+    from app.jobs import input_render_size
+
+    png = small_png(tmp_path / "in.png", (100, 84))
+    assert input_render_size(png) == (96, 80)  # its own size, rounded down
+    assert input_render_size(png, 64, None) == (64, 48)  # 64 * 84 / 100 = 53.8 -> 48, not the model's 1024
+    assert input_render_size(png, None, 160) == (176, 160)  # 160 * 100 / 84 = 190.5 -> 176
+    assert input_render_size(png, 64, 32) == (64, 32)
+    thin = small_png(tmp_path / "thin.png", (400, 10))
+    assert input_render_size(thin, 64, None) == (64, 16)  # at least 16
+    assert input_render_size(thin, None, 160) == (4096, 160)  # at most 4096
+
+
+def test_cli_image_with_one_side_keeps_its_aspect(tiny_dir, tmp_path, capsys):
+    from PIL import Image
+
+    png = small_png(tmp_path / "in.png", (100, 84))
+    out = tmp_path / "o.png"
+    rc, _, err = main(capsys, "generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "1", "--prompt",
+                      "x", "--image", str(png), "--width", "64", "--output", str(out))
+    assert rc == 0, err
+    assert Image.open(out).size == (64, 48)
