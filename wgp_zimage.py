@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING
 if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
-from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, TRANSFORMER_QUANTIZATION_CHOICES
+from app.app_config import (
+    ATTENTION_CHOICES,
+    DEFAULT_OUTPUT_QUALITY,
+    OUTPUT_QUALITY_RANGE,
+    QUANTIZATION_CHOICES,
+    TRANSFORMER_QUANTIZATION_CHOICES,
+)
 from models.parsing import cli_float, cli_int  # ASCII digits only: int('٣') would be 3
 
 if TYPE_CHECKING:  # torch: imported by the commands that need it
@@ -128,8 +134,9 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
                        help=f"this family's LoRA folder (default loras/{sub})")
     g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png",
                    help="image file format (default png; --output FILE.jpg / .webp picks it by the suffix)")
-    g.add_argument("--output-quality", type=cli_int, choices=range(1, 101), default=95, metavar="Q",
-                   help="JPEG / WebP quality 1-100 (default 95)")
+    g.add_argument("--output-quality", type=cli_quality, default=DEFAULT_OUTPUT_QUALITY, metavar="Q",
+                   help=f"JPEG / WebP quality {'-'.join(map(str, OUTPUT_QUALITY_RANGE))} "
+                        f"(default {DEFAULT_OUTPUT_QUALITY})")
     g.add_argument("--no-metadata", dest="save_metadata", action="store_false", default=True,
                    help="store no generation settings in the images")
     ray = g.add_mutually_exclusive_group()
@@ -144,6 +151,18 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
         for action in p._actions:
             action.default = argparse.SUPPRESS
     return p
+
+
+def cli_quality(text: str) -> int:
+    """argparse type of --output-quality: a range check (choices=range(...) printed all 100 values)."""
+    value = cli_int(text)
+    lo, hi = OUTPUT_QUALITY_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"must be between {lo} and {hi} (got {value})")
+    return value
+
+
+cli_quality.__name__ = "int"  # argparse names the type by __name__ ("invalid int value")
 
 
 def _profile_descriptions() -> dict[int, str]:

@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from app.app_config import DEFAULT_OUTPUT_QUALITY
 from app.untrusted import UntrustedError, load_json, open_regular
 from models.errors import UserError
 from models.parsing import parse_schedule
@@ -89,7 +90,7 @@ def exif_for(settings: dict[str, Any]) -> Image.Exif:
     return exif
 
 
-def save_kwargs(fmt: str, settings: dict[str, Any] | None, quality: int = 95) -> dict[str, Any]:
+def save_kwargs(fmt: str, settings: dict[str, Any] | None, quality: int = DEFAULT_OUTPUT_QUALITY) -> dict[str, Any]:
     """Keyword arguments for Image.save in format fmt ("png", "jpeg", "webp"), settings stored when given."""
     if fmt == "png":
         return {"pnginfo": png_info(settings)} if settings else {}

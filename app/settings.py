@@ -8,7 +8,7 @@ File layout (schema 2, the current one): a flat JSON object
      <every declared generation parameter kept in profiles (app/params.py, the families' params.py)
       under its name, e.g. "width": 1024, "num_inference_steps": 30>,
      "seed_policy": "fixed" | "random" | "increment", "seed": 42, "loras": [{"name": "x", "strength": 0.8}],
-     "output_format": "png" | "jpeg" | "webp", "output_quality": 90}
+     "output_format": "png" | "jpeg" | "webp", "output_quality": 95}
 A null prompt / negative prompt means "not part of this profile": applying it keeps the current text.
 
 Schema 1 (older files; `schema_version` 1 or absent) used flat short keys: "model", "resolution":
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.app_config import DEFAULT_OUTPUT_QUALITY, OUTPUT_QUALITY_RANGE
 from app.params import DEFAULT_MODEL_TYPE, MAX_SEED, all_params, by_name
 from app.untrusted import UntrustedError, load_json, read_text
 from models.errors import UserError
@@ -45,7 +46,7 @@ except ImportError:  # pragma: no cover - Windows
 SCHEMA_VERSION = 2
 SEED_POLICIES = ("fixed", "random", "increment")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-QUALITY_RANGE = (1, 100)
+QUALITY_RANGE = OUTPUT_QUALITY_RANGE
 MAX_FILE_BYTES = 1 << 20  # a profile is a few hundred bytes; refuse to parse something huge
 NAME_MAX = 100
 # letters, digits, space and a few safe marks; no separators, no leading dot or space
@@ -63,7 +64,7 @@ def profile_params() -> tuple:
 def default_settings() -> dict[str, Any]:
     return {"model_type": DEFAULT_MODEL_TYPE, **{p.name: p.default for p in profile_params()},
             "prompt": None, "negative_prompt": None, "seed_policy": "random", "seed": -1, "loras": [],
-            "output_format": "png", "output_quality": 90}
+            "output_format": "png", "output_quality": DEFAULT_OUTPUT_QUALITY}
 
 
 def model_tuned() -> tuple[str, ...]:

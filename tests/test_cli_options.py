@@ -9,7 +9,10 @@ from app.settings import ProfileStore
 
 
 def main(capsys, *args):
-    rc = wgp_zimage.main(list(args))
+    try:
+        rc = wgp_zimage.main(list(args))
+    except SystemExit as e:  # argparse's refusals
+        rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -83,3 +86,21 @@ def test_cli_image_with_one_side_keeps_its_aspect(tiny_dir, tmp_path, capsys):
                       "x", "--image", str(png), "--width", "64", "--output", str(out))
     assert rc == 0, err
     assert Image.open(out).size == (64, 48)
+
+
+def test_one_default_output_quality():
+    """A new profile, the service and the command line had 90 and 95."""
+    from app.app_config import DEFAULT_OUTPUT_QUALITY
+    from app.service import ServiceConfig
+    from app.settings import default_settings
+
+    args = wgp_zimage.build_parser().parse_args(["generate"])
+    assert default_settings()["output_quality"] == ServiceConfig().output_quality == args.output_quality \
+        == DEFAULT_OUTPUT_QUALITY == 95
+
+
+@pytest.mark.parametrize("value", ["0", "101"])
+def test_output_quality_out_of_range_is_one_short_line(capsys, value):
+    rc, _, err = main(capsys, "generate", "--prompt", "x", "--output-quality", value)
+    assert rc == 2 and err.count("\n") == 1 and f"must be between 1 and 100 (got {value})" in err, err
+    assert "choose from" not in err
