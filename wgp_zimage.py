@@ -74,6 +74,19 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+class StoreGiven(argparse.Action):
+    """store, and mark the option as given (args.<dest>_given): a profile's value applies where it was not."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether a StoreGiven option was on the command line (its default may equal the value typed)."""
+    return getattr(args, f"{dest}_given", False)
+
+
 def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
     """Options several commands share; accepted after any sub-command and by the UI launch.
 
@@ -132,9 +145,9 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
     for sub in lora_subdirs():  # one per family: its LoRA folder itself
         g.add_argument(f"--lora-dir-{sub.replace('_', '-')}", type=Path, default=None, metavar="DIR",
                        help=f"this family's LoRA folder (default loras/{sub})")
-    g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png",
+    g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png", action=StoreGiven,
                    help="image file format (default png; --output FILE.jpg / .webp picks it by the suffix)")
-    g.add_argument("--output-quality", type=cli_quality, default=DEFAULT_OUTPUT_QUALITY, metavar="Q",
+    g.add_argument("--output-quality", type=cli_quality, default=DEFAULT_OUTPUT_QUALITY, metavar="Q", action=StoreGiven,
                    help=f"JPEG / WebP quality {'-'.join(map(str, OUTPUT_QUALITY_RANGE))} "
                         f"(default {DEFAULT_OUTPUT_QUALITY})")
     g.add_argument("--no-metadata", dest="save_metadata", action="store_false", default=True,
@@ -336,6 +349,16 @@ def file_targets(output: Path | None, total: int) -> list[Path] | None:
     return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(1, total + 1)]
 
 
+def apply_profile_output(args: argparse.Namespace, profile: dict) -> None:
+    """A generation profile's image format and quality, unless --output-format / --output-quality (or, for the
+    format, an --output file name's suffix) say otherwise."""
+    named_file = args.output is not None and bool(args.output.suffix) and not args.output.is_dir()
+    if profile.get("output_format") and not given(args, "output_format") and not named_file:
+        args.output_format = profile["output_format"]
+    if profile.get("output_quality") and not given(args, "output_quality"):
+        args.output_quality = profile["output_quality"]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from app.jobs import JobSpec, cap_texts, input_render_size, validate
     from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
@@ -346,6 +369,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from app.profiles_cli import profile_to_spec_overrides
 
         profile = profile_to_spec_overrides(args.gen_profile, args.profiles_dir, model_type=args.model)
+        apply_profile_output(args, profile)
     if args.from_image:
         profile.update(image_settings(args.from_image))
     prompts = read_prompts(args, profile.get("prompt"))

@@ -179,7 +179,8 @@ def profile_to_spec_overrides(name: str, profiles_dir: str | Path = DEFAULT_DIR,
 
     Overlay explicit CLI flags on the result. prompt / negative_prompt are present only when the
     profile holds them; seed is -1 for the random policy. Extra keys JobSpec does not take (JobSpec.from_dict
-    drops them): seed_policy, output_format, output_quality. model_type (an explicit --model) moves the
+    drops them): seed_policy, output_format, output_quality (the CLI's generate applies the last two to the
+    images it writes). model_type (an explicit --model) moves the
     profile to that model through the equivalence map. Warnings go to the log.
     """
     settings, warnings = ProfileStore(profiles_dir).load(name, available_loras)

@@ -104,3 +104,30 @@ def test_output_quality_out_of_range_is_one_short_line(capsys, value):
     rc, _, err = main(capsys, "generate", "--prompt", "x", "--output-quality", value)
     assert rc == 2 and err.count("\n") == 1 and f"must be between 1 and 100 (got {value})" in err, err
     assert "choose from" not in err
+
+
+def test_gen_profile_output_format_and_quality(tiny_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    pdir = str(tmp_path / "profiles")
+    rc, _, err = main(capsys, "profiles", "save", "jp", "--profiles-dir", pdir, "--model", "tiny", "--steps", "1",
+                      "--seed", "3", "--width", "64", "--height", "64", "--prompt", "x", "--format", "jpeg",
+                      "--quality", "20")
+    assert rc == 0, err
+
+    def run(folder, *flags):
+        rc, _, err = main(capsys, "generate", "--gen-profile", "jp", "--profiles-dir", pdir, "--model-dir",
+                          str(tiny_dir), "--output", str(tmp_path / folder), *flags)
+        assert rc == 0, err
+        return sorted((tmp_path / folder).iterdir()) if (tmp_path / folder).is_dir() else [tmp_path / folder]
+
+    (by_profile,) = run("a")
+    assert by_profile.suffix == ".jpg", by_profile
+    (same,) = run("b", "--output-format", "jpeg", "--output-quality", "20")
+    (better,) = run("c", "--output-quality", "95")  # an explicit flag wins
+    assert better.suffix == ".jpg"
+    assert np.array_equal(np.asarray(Image.open(by_profile)), np.asarray(Image.open(same)))
+    assert not np.array_equal(np.asarray(Image.open(by_profile)), np.asarray(Image.open(better)))
+    assert run("d", "--output-format", "webp")[0].suffix == ".webp"
+    assert run("e.png")[0].suffix == ".png" and Image.open(tmp_path / "e.png").format == "PNG"  # the file name's
