@@ -60,7 +60,7 @@ def add_profiles_parser(subparsers: argparse._SubParsersAction,
     save.add_argument("--prompt", default=None, help="saved with the profile only when given")
     from app.params import add_generate_options
 
-    add_generate_options(save)  # the declared generation parameters, as for generate
+    add_generate_options(save, profile_only=True)  # the declared parameters a profile keeps, as for generate
     save.add_argument("--seed-policy", choices=SEED_POLICIES, default=None,
                       help="fixed, random, or increment after each job (default: random for seed -1, else fixed)")
     save.add_argument("--lora", action="append", default=None, metavar="NAME[:STRENGTH]",

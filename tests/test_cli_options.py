@@ -131,3 +131,12 @@ def test_gen_profile_output_format_and_quality(tiny_dir, tmp_path, capsys):
     assert not np.array_equal(np.asarray(Image.open(by_profile)), np.asarray(Image.open(better)))
     assert run("d", "--output-format", "webp")[0].suffix == ".webp"
     assert run("e.png")[0].suffix == ".png" and Image.open(tmp_path / "e.png").format == "PNG"  # the file name's
+
+
+@pytest.mark.parametrize("flag", ["--image", "--mask", "--outpaint", "--control-image"])
+def test_profiles_save_offers_no_option_it_would_drop(tmp_path, capsys, flag):
+    rc, _, err = main(capsys, "profiles", "save", "p", "--profiles-dir", str(tmp_path), "--model", "tiny", flag, "x")
+    assert rc == 2 and f"unrecognized arguments: {flag}" in err and not list(tmp_path.iterdir()), err
+    help_text = wgp_zimage.build_parser()._subparsers._group_actions[0].choices["profiles"]  # profiles save --help
+    save = help_text._subparsers._group_actions[0].choices["save"].format_help()
+    assert f"{flag} " not in save and "--strength" in save
