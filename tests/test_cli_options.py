@@ -140,3 +140,20 @@ def test_profiles_save_offers_no_option_it_would_drop(tmp_path, capsys, flag):
     help_text = wgp_zimage.build_parser()._subparsers._group_actions[0].choices["profiles"]  # profiles save --help
     save = help_text._subparsers._group_actions[0].choices["save"].format_help()
     assert f"{flag} " not in save and "--strength" in save
+
+
+@pytest.mark.parametrize("name,value,shown", [
+    ("seed", "4294967296", "got 4294967296"),
+    ("seed", 10**400, "got 1000000000000000000000000000000000000..."),
+    ("num_inference_steps", "1234567", "got 1234567"),
+    ("guidance_scale", "123456.5", "got 123456.5"),
+    ("guidance_scale", "1e300", "got 1e+300"),
+    ("width", "4097", "got 4097"),
+])
+def test_out_of_range_numbers_are_shown_in_full(name, value, shown):
+    from app.params import by_name
+    from models.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        by_name()[name].parse(value)
+    assert shown in str(e.value) and "e+0" not in str(e.value), str(e.value)
