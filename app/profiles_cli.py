@@ -19,6 +19,7 @@ from app.settings import (
     OUTPUT_FORMATS,
     SEED_POLICIES,
     ProfileStore,
+    TargetExists,
     apply_to_model,
     job_seed,
     model_settings,
@@ -73,15 +74,15 @@ def add_profiles_parser(subparsers: argparse._SubParsersAction,
     rename = action("rename", "rename a generation profile")
     rename.add_argument("name")
     rename.add_argument("new_name")
-    rename.add_argument("--overwrite", action="store_true")
+    rename.add_argument("--overwrite", action="store_true", help="replace a profile of the new name")
     export = action("export", "write a generation profile to a file")
     export.add_argument("name")
     export.add_argument("file", type=Path)
-    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--overwrite", action="store_true", help="replace the file")
     imp = action("import", "add a generation profile file (any schema version) to the folder")
     imp.add_argument("file", type=Path)
     imp.add_argument("--name", default=None, help="profile name (default: the file name)")
-    imp.add_argument("--overwrite", action="store_true")
+    imp.add_argument("--overwrite", action="store_true", help="replace a profile of that name")
     return prof
 
 
@@ -135,6 +136,14 @@ def _summary(s: dict[str, Any]) -> str:
 
 def run_profiles(args: argparse.Namespace) -> int:
     """Run a `profiles` action; UserError propagates (the CLI prints it and exits 2)."""
+    try:
+        return _run_profiles(args)
+    except TargetExists as e:  # the store does not know the command line's flags
+        flag = "--overwrite-broken" if e.broken and args.profiles_command == "save" else "--overwrite"
+        raise UserError(f"{e}; use {flag} to replace it") from None
+
+
+def _run_profiles(args: argparse.Namespace) -> int:
     store = ProfileStore(args.profiles_dir)
     cmd = args.profiles_command
     if cmd == "list":
@@ -150,21 +159,19 @@ def run_profiles(args: argparse.Namespace) -> int:
     elif cmd == "save":
         settings, warnings = settings_from_args(args, store)
         _warn(warnings)
-        try:
-            _warn(store.save(args.name, settings, overwrite=args.overwrite, overwrite_broken=args.overwrite_broken))
-        except UserError as e:
-            raise e from None  # the message names the parameter and its flag already
+        _warn(store.save(args.name, settings, overwrite=args.overwrite, overwrite_broken=args.overwrite_broken))
         print(f"saved generation profile {args.name!r} to {store.path(args.name)}")
     elif cmd == "delete":
         store.delete(args.name)
         print(f"deleted generation profile {args.name!r}")
     elif cmd == "rename":
-        store.rename(args.name, args.new_name, overwrite=args.overwrite)
+        store.rename(args.name, args.new_name, overwrite=args.overwrite, overwrite_broken=args.overwrite)
         print(f"renamed generation profile {args.name!r} to {args.new_name!r}")
     elif cmd == "export":
         print(f"exported generation profile {args.name!r} to {store.export_to(args.name, args.file, args.overwrite)}")
     elif cmd == "import":
-        name, warnings = store.import_from(args.file, args.name, overwrite=args.overwrite)
+        name, warnings = store.import_from(args.file, args.name, overwrite=args.overwrite,
+                                           overwrite_broken=args.overwrite)
         _warn(warnings)
         print(f"imported {args.file} as generation profile {name!r}")
     else:  # pragma: no cover - argparse refuses other actions

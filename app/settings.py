@@ -282,6 +282,15 @@ _LOCKS: dict[str, threading.RLock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
+class TargetExists(UserError):
+    """A profile or file of that name is there and replacing it was not asked for. The message says what is
+    there; each caller adds how its users ask for the replacement (the CLI's --overwrite, the page's checkbox)."""
+
+    def __init__(self, subject: str, broken: str | None = None) -> None:
+        self.subject, self.broken = subject, broken  # broken: why the one there cannot be read
+        super().__init__(f"{subject} exists but is broken ({broken})" if broken else f"{subject} already exists")
+
+
 class ProfileStore:
     """Generation profiles in one folder, plus per-model defaults and the last-used settings."""
 
@@ -351,11 +360,10 @@ class ProfileStore:
             parse_document(_read(path, name), label=name)
         except UserError as e:
             if not overwrite_broken:
-                raise UserError(f"generation profile {name!r} exists but is broken ({e}); pass "
-                                "overwrite_broken=True to replace it") from None
+                raise TargetExists(f"generation profile {name!r}", broken=str(e)) from None
             return
         if not overwrite:
-            raise UserError(f"generation profile {name!r} already exists; pass overwrite=True to replace it")
+            raise TargetExists(f"generation profile {name!r}")
 
     def save(self, name: str, settings: Mapping[str, Any], overwrite: bool = False,
              overwrite_broken: bool = False) -> list[str]:
@@ -374,13 +382,13 @@ class ProfileStore:
         except OSError as e:
             raise UserError(f"cannot save {path.name}: {e.strerror or e}") from None
 
-    def rename(self, old: str, new: str, overwrite: bool = False) -> None:
+    def rename(self, old: str, new: str, overwrite: bool = False, overwrite_broken: bool = False) -> None:
         src, dst = self.path(old), self.path(new)
         with self._locked():
             if not src.is_file():
                 raise UserError(f"generation profile {check_name(old)!r} not found in the generation profiles folder")
             if src != dst:
-                self._check_target(check_name(new), dst, overwrite, overwrite_broken=False)
+                self._check_target(check_name(new), dst, overwrite, overwrite_broken)
             try:
                 os.replace(src, dst)
             except OSError as e:
@@ -402,7 +410,7 @@ class ProfileStore:
         settings, _ = self.load(name)
         path = Path(path)
         if path.exists() and not overwrite:
-            raise UserError(f"{path} already exists; pass overwrite=True to replace it")
+            raise TargetExists(str(path))
         self._write(path, settings)
         return path
 

@@ -157,3 +157,32 @@ def test_out_of_range_numbers_are_shown_in_full(name, value, shown):
     with pytest.raises(UserError) as e:
         by_name()[name].parse(value)
     assert shown in str(e.value) and "e+0" not in str(e.value), str(e.value)
+
+
+def test_existing_profile_or_file_names_the_cli_flag(tmp_path, capsys):
+    pdir = str(tmp_path / "p")
+    save = ["profiles", "save", "a", "--profiles-dir", pdir, "--model", "tiny"]
+    assert main(capsys, *save)[0] == 0
+    for argv, flag in ((save, "--overwrite"),
+                       (["profiles", "export", "a", str(tmp_path / "p" / "a.json"), "--profiles-dir", pdir],
+                        "--overwrite")):
+        rc, _, err = main(capsys, *argv)
+        assert rc == 2 and f"already exists; use {flag} to replace it" in err and "overwrite=True" not in err, err
+    (tmp_path / "p" / "b.json").write_text("{not json")
+    rc, _, err = main(capsys, "profiles", "save", "b", "--profiles-dir", pdir, "--model", "tiny")
+    assert rc == 2 and "exists but is broken" in err and "use --overwrite-broken to replace it" in err, err
+    rc, _, err = main(capsys, "profiles", "rename", "a", "b", "--profiles-dir", pdir)
+    assert rc == 2 and "use --overwrite to replace it" in err, err
+    assert main(capsys, "profiles", "rename", "a", "b", "--overwrite", "--profiles-dir", pdir)[0] == 0
+
+
+def test_existing_profile_names_the_page_checkbox(tmp_path):
+    from app.settings import ProfileStore, TargetExists
+    from app.ui_profiles import REPLACE_LABEL, _error
+
+    store = ProfileStore(tmp_path)
+    store.save("a", {"model_type": "z_image_tiny"})
+    with pytest.raises(TargetExists) as e:
+        store.save("a", {"model_type": "z_image_tiny"})
+    assert "overwrite" not in str(e.value)
+    assert f"tick '{REPLACE_LABEL}' to replace it" in _error(e.value).message
