@@ -298,12 +298,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli_loras(args: argparse.Namespace) -> list[dict]:
-    """--lora / --lora-multipliers as the job's [{name, strength}] (strengths bound by name)."""
+def cli_loras(args: argparse.Namespace, library) -> list[dict]:
+    """--lora / --lora-multipliers as the job's [{name, strength}] (strengths bound by name). A file of the LoRA
+    folder (library) is named as the folder names it, so its images re-run with --from-image; a file elsewhere
+    by its absolute path, which the images' metadata stores as the file's stem (app.metadata.stored_settings)."""
     from app.loras import format_schedule, parse_lora_multipliers
 
     schedules = parse_lora_multipliers(args.lora_multipliers, args.lora)
-    return [{"name": name, "strength": format_schedule(schedules[name])} for name in args.lora]
+    return [{"name": lora_name(arg, library), "strength": format_schedule(schedules[arg])} for arg in args.lora]
+
+
+def lora_name(arg: str, library) -> str:
+    """The job's name for a --lora argument: a LoRA folder's name as it is, a file by its folder name when
+    inside the folder, else by its absolute path (a missing one as given: check_loras names it)."""
+    if arg in library.names():
+        return arg
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        return arg
+    path = path.resolve()
+    return next((item.name for item in library.items if item.path.resolve() == path), str(path))
 
 
 def check_output_folder(folder: Path, flag: str) -> None:
@@ -362,8 +376,10 @@ def apply_profile_output(args: argparse.Namespace, profile: dict) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from app.jobs import JobSpec, cap_texts, input_render_size, validate
     from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
-    from models.errors import GenerationInterrupted
+    from models.errors import GenerationInterrupted, UserError
 
+    if args.lora_multipliers is not None and not args.lora:
+        raise UserError("--lora-multipliers gives the strengths of --lora LoRAs: give --lora too")
     profile: dict = {}
     if args.gen_profile:
         from app.profiles_cli import profile_to_spec_overrides
@@ -389,7 +405,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         values["width"], values["height"] = input_render_size(
             image.parse(values[image.name]), *(declared[k].parse(given[k]) if k in given else None
                                               for k in ("width", "height")))
-    specs = [JobSpec(model_type=model_type, prompt=p, loras=cli_loras(args) if args.lora else values.get("loras", []),
+    loras = cli_loras(args, service.lora_library(model_type)) if args.lora else values.get("loras", [])
+    specs = [JobSpec(model_type=model_type, prompt=p, loras=loras,
                      **{k: v for k, v in values.items() if k in declared and k != "prompt"}) for p in prompts]
     for spec in specs:  # all jobs checked before any model loads, with the page's messages
         for w in cap_texts(spec):

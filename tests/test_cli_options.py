@@ -186,3 +186,47 @@ def test_existing_profile_names_the_page_checkbox(tmp_path):
         store.save("a", {"model_type": "z_image_tiny"})
     assert "overwrite" not in str(e.value)
     assert f"tick '{REPLACE_LABEL}' to replace it" in _error(e.value).message
+
+
+def test_cli_lora_file_is_recorded_by_name_and_re_runs(tiny_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from app.metadata import read_settings
+    from tests.test_lora_formats import load_tiny_transformer, write_lora
+
+    lora_dir, elsewhere = tmp_path / "loras", tmp_path / "mine" / "private"
+    (lora_dir / "style").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    write_lora(lora_dir / "style", "kohya_musubi", load_tiny_transformer(tiny_dir), name="ink")
+    inside = next((lora_dir / "style").iterdir())
+    outside = elsewhere / inside.name
+    outside.write_bytes(inside.read_bytes())
+    base = ["generate", "--model", "tiny", "--model-dir", str(tiny_dir), "--steps", "2", "--width", "64", "--height",
+            "64", "--prompt", "x", "--seed", "4", "--lora-dir-z-image", str(lora_dir)]
+    for lora, out, name in ((inside, "in.png", "style/ink"), (outside, "out.png", "ink")):
+        rc, _, err = main(capsys, *base, "--lora", str(lora), "--lora-multipliers", "0.5", "--output",
+                          str(tmp_path / out))
+        assert rc == 0, err
+        meta = read_settings(tmp_path / out)
+        assert meta["loras"] == [{"name": name, "strength": "0.5"}] and str(tmp_path) not in json_text(tmp_path / out)
+    # re-run from the image: the name is looked up in the LoRA folder
+    rc, _, err = main(capsys, "generate", "--model-dir", str(tiny_dir), "--lora-dir-z-image", str(lora_dir),
+                      "--from-image", str(tmp_path / "in.png"), "--output", str(tmp_path / "again.png"))
+    assert rc == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "in.png")))
+    (lora_dir / "ink.safetensors").write_bytes(inside.read_bytes())  # the outside file, put in the folder
+    rc, _, err = main(capsys, "generate", "--model-dir", str(tiny_dir), "--lora-dir-z-image", str(lora_dir),
+                      "--from-image", str(tmp_path / "out.png"), "--output", str(tmp_path / "again2.png"))
+    assert rc == 0, err
+
+
+def json_text(path):
+    from PIL import Image
+
+    return str(Image.open(path).info)
+
+
+def test_lora_multipliers_without_lora_is_refused(capsys):
+    rc, _, err = main(capsys, "generate", "--prompt", "x", "--lora-multipliers", "0.5")
+    assert rc == 2 and err == "error: --lora-multipliers gives the strengths of --lora LoRAs: give --lora too\n"
