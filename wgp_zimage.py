@@ -322,7 +322,10 @@ def lora_name(arg: str, library) -> str:
 
 def check_output_folder(folder: Path, flag: str) -> None:
     """UserError unless images can be written in folder (made when the first image is saved), checked
-    before any model loads rather than after the whole job has run."""
+    before any model loads rather than after the whole job has run: by writing a temporary file there, since
+    os.access says yes to root on a read-only share or in /proc. Folders made for the probe are removed."""
+    import tempfile
+
     from models.errors import UserError
 
     probe = folder
@@ -330,8 +333,20 @@ def check_output_folder(folder: Path, flag: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise UserError(f"{flag} {folder}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: no permission to write in {probe}")
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".wgp-zimage-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write there ({_why(e)})") from None
+    finally:
+        for p in made:  # deepest first; one the user filled meanwhile stays
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 def check_loras(service: GenerationService, specs: list[JobSpec], allow_paths: bool) -> None:

@@ -462,10 +462,16 @@ def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys, m
         rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt", "x", flag, str(target))
         assert rc == 2 and err == f"error: {flag} {target.parent if target.suffix else target}: {blocker} is not a " \
                                   "folder\n", err
-    monkeypatch.setattr(wgp_zimage.os, "access", lambda path, mode: False)  # root may write anywhere
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # root may write anywhere
     rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt", "x", "--output",
                       str(tmp_path / "new" / "x.png"))
-    assert rc == 2 and err == f"error: --output {tmp_path / 'new'}: no permission to write in {tmp_path}\n"
+    assert rc == 2 and err == f"error: --output {tmp_path / 'new'}: cannot write there (Permission denied)\n"
+    assert not (tmp_path / "new").exists()  # the probe's folder is gone again
 
 
 def test_write_error_after_the_run_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):

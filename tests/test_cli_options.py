@@ -230,3 +230,16 @@ def json_text(path):
 def test_lora_multipliers_without_lora_is_refused(capsys):
     rc, _, err = main(capsys, "generate", "--prompt", "x", "--lora-multipliers", "0.5")
     assert rc == 2 and err == "error: --lora-multipliers gives the strengths of --lora LoRAs: give --lora too\n"
+
+
+def test_output_folder_is_probed_by_writing(tmp_path, capsys):
+    """/proc passes os.access for root, but nothing can be made there: refused before the model loads."""
+    ckpts = tmp_path / "ck"
+    target = Path("/proc/wgp-zimage-test/x.png")
+    rc, _, err = main(capsys, "generate", "--model", "tiny", "--checkpoints-dir", str(ckpts), "--prompt", "x",
+                      "--output", str(target))
+    assert rc == 2 and err.startswith(f"error: --output {target.parent}: ") and err.count("\n") == 1, err
+    assert not ckpts.exists()
+    fine = tmp_path / "a" / "b"
+    wgp_zimage.check_output_folder(fine, "--output")
+    assert not (tmp_path / "a").exists()  # the probe leaves nothing behind
