@@ -447,18 +447,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # first Ctrl-C: stop the current job after its current step; a second one: stop at once
     current = [CancelToken()]  # the running job's token (a list: the handler reads the latest)
+    bars: dict[str, tqdm] = {}
+    stopping: list[bool] = []  # after a Ctrl-C: no bar is drawn again under the message
 
     def on_sigint(signum, frame):
         current[0].cancel()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        stopping.append(True)
+        for bar in bars.values():  # the bars end on their own lines; the message gets a line of its own
+            bar.close()
+        bars.clear()
         # os.write, not sys.stderr: the signal may arrive while a progress bar is writing to stderr
         os.write(2, b"\nstopping after the current step (Ctrl-C again to quit at once)\n")
 
     signal.signal(signal.SIGINT, on_sigint)
-    bars: dict[str, tqdm] = {}
     running: list = [None]  # the job whose events these are
 
     def on_event(ev: dict) -> None:
+        if stopping and ev["kind"] in ("load", "preprocess", "step"):
+            return
         if ev["kind"] == "download":
             sys.stderr.write(f"{len(ev['files'])} model file(s) missing in {args.checkpoints_dir}: fetching\n")
         elif ev["kind"] == "load":

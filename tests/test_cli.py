@@ -238,6 +238,8 @@ def test_ctrl_c_stops_after_current_step_and_writes_nothing(tiny_dir, tmp_path):
     err += rest
     assert proc.returncode == 130, err[-2000:]
     assert "nothing of it was written" in err
+    before, _, after = err.partition("stopping after the current step")
+    assert before.endswith("\n") and "denoising" not in after, err[-2000:]  # its own line, no bar redrawn after it
     assert not out.exists() and not list(tmp_path.iterdir())
     assert "Traceback" not in err
 
