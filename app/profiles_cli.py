@@ -64,8 +64,12 @@ def add_profiles_parser(subparsers: argparse._SubParsersAction,
     add_generate_options(save, profile_only=True)  # the declared parameters a profile keeps, as for generate
     save.add_argument("--seed-policy", choices=SEED_POLICIES, default=None,
                       help="fixed, random, or increment after each job (default: random for seed -1, else fixed)")
-    save.add_argument("--lora", action="append", default=None, metavar="NAME[:STRENGTH]",
-                      help="a LoRA and its strength (default 1.0); repeatable")
+    # as generate takes them (NAME:STRENGTH, the older form, is still read when --lora-multipliers is not given)
+    save.add_argument("--lora", action="append", default=None, metavar="NAME",
+                      help="a LoRA of the LoRA folder; repeatable")
+    save.add_argument("--lora-multipliers", default=None, metavar="SPEC",
+                      help='strengths in --lora order, space-separated (default 1.0); a comma list is spread over the '
+                           'steps: "1.0 0.6,0.3"')
     save.add_argument("--format", choices=[*OUTPUT_FORMATS, "jpg"], default=None, help="output image format")
     save.add_argument("--quality", type=cli_int, default=None, help="jpeg/webp quality 1-100")
     save.add_argument("--overwrite", action="store_true", help="replace a profile of that name")
@@ -104,6 +108,17 @@ def _parse_lora(text: str) -> dict[str, Any]:
     return {"name": name, "strength": value}
 
 
+def _cli_loras(names: list[str], multipliers: str | None) -> list[dict[str, Any]]:
+    """--lora NAME ... --lora-multipliers SPEC, as generate reads them; without SPEC each NAME may still be the
+    older NAME:STRENGTH."""
+    if multipliers is None:
+        return [_parse_lora(t) for t in names]
+    from app.loras import format_schedule, parse_lora_multipliers
+
+    schedules = parse_lora_multipliers(multipliers, names)
+    return [{"name": n, "strength": s[0] if len(s) == 1 else format_schedule(s)} for n, s in schedules.items()]
+
+
 def settings_from_args(args: argparse.Namespace, store: ProfileStore) -> tuple[dict[str, Any], list[str]]:
     """The model's defaults (user's per-model defaults included) overlaid with the flags given."""
     from models.registry import load_definitions
@@ -121,8 +136,10 @@ def settings_from_args(args: argparse.Namespace, store: ProfileStore) -> tuple[d
             settings[key] = value
     if args.seed_policy is None and args.seed is not None:
         settings["seed_policy"] = "random" if by_name()["seed"].parse(args.seed) == -1 else "fixed"
+    if args.lora_multipliers is not None and args.lora is None:
+        raise UserError("--lora-multipliers gives the strengths of --lora LoRAs: give --lora too")
     if args.lora is not None:
-        settings["loras"] = [_parse_lora(t) for t in args.lora]
+        settings["loras"] = _cli_loras(args.lora, args.lora_multipliers)
     return settings, problems + warnings
 
 

@@ -243,3 +243,20 @@ def test_output_folder_is_probed_by_writing(tmp_path, capsys):
     fine = tmp_path / "a" / "b"
     wgp_zimage.check_output_folder(fine, "--output")
     assert not (tmp_path / "a").exists()  # the probe leaves nothing behind
+
+
+def test_profiles_save_takes_loras_as_generate_does(tmp_path, capsys):
+    import json
+
+    pdir = str(tmp_path / "p")
+    rc, _, err = main(capsys, "profiles", "save", "l", "--profiles-dir", pdir, "--model", "tiny", "--lora", "ink",
+                      "--lora", "film", "--lora", "grain", "--lora-multipliers", "0.5 1.0,0.5")
+    assert rc == 0, err
+    rc, out, _ = main(capsys, "profiles", "show", "l", "--profiles-dir", pdir)
+    assert rc == 0 and json.loads(out)["loras"] == [
+        {"name": "ink", "strength": 0.5}, {"name": "film", "strength": "1,0.5"}, {"name": "grain", "strength": 1.0}]
+    rc, _, err = main(capsys, "profiles", "save", "m", "--profiles-dir", pdir, "--lora-multipliers", "0.5")
+    assert rc == 2 and "give --lora too" in err
+    rc, _, err = main(capsys, "profiles", "save", "m", "--profiles-dir", pdir, "--lora", "a", "--lora-multipliers",
+                      "0.5 0.5")
+    assert rc == 2 and "--lora-multipliers has 2 entries for 1 LoRA(s)" in err, err
