@@ -454,10 +454,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         current[0].cancel()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         stopping.append(True)
-        for bar in bars.values():  # the bars end on their own lines; the message gets a line of its own
-            bar.close()
+        # the bars end where they are and are never drawn again (on_event skips them), so the message keeps its
+        # own line. Not bar.close(): the signal may arrive inside a bar's write to stderr, and writing to it
+        # again from here raises "reentrant call"; hence os.write for the message too
+        for bar in bars.values():
+            bar.disable = True
         bars.clear()
-        # os.write, not sys.stderr: the signal may arrive while a progress bar is writing to stderr
         os.write(2, b"\nstopping after the current step (Ctrl-C again to quit at once)\n")
 
     signal.signal(signal.SIGINT, on_sigint)
