@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING
 if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
-from app.app_config import ATTENTION_CHOICES, QUANTIZATION_CHOICES, TRANSFORMER_QUANTIZATION_CHOICES
+from app.app_config import (
+    ATTENTION_CHOICES,
+    DEFAULT_OUTPUT_QUALITY,
+    OUTPUT_QUALITY_RANGE,
+    QUANTIZATION_CHOICES,
+    TRANSFORMER_QUANTIZATION_CHOICES,
+)
 from models.parsing import cli_float, cli_int  # ASCII digits only: int('٣') would be 3
 
 if TYPE_CHECKING:  # torch: imported by the commands that need it
@@ -66,6 +72,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
         sys.exit(EXIT_USAGE)
+
+
+class StoreGiven(argparse.Action):
+    """store, and mark the option as given (args.<dest>_given): a profile's value applies where it was not."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether a StoreGiven option was on the command line (its default may equal the value typed)."""
+    return getattr(args, f"{dest}_given", False)
 
 
 def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
@@ -126,10 +145,11 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
     for sub in lora_subdirs():  # one per family: its LoRA folder itself
         g.add_argument(f"--lora-dir-{sub.replace('_', '-')}", type=Path, default=None, metavar="DIR",
                        help=f"this family's LoRA folder (default loras/{sub})")
-    g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png",
+    g.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png", action=StoreGiven,
                    help="image file format (default png; --output FILE.jpg / .webp picks it by the suffix)")
-    g.add_argument("--output-quality", type=cli_int, choices=range(1, 101), default=95, metavar="Q",
-                   help="JPEG / WebP quality 1-100 (default 95)")
+    g.add_argument("--output-quality", type=cli_quality, default=DEFAULT_OUTPUT_QUALITY, metavar="Q", action=StoreGiven,
+                   help=f"JPEG / WebP quality {'-'.join(map(str, OUTPUT_QUALITY_RANGE))} "
+                        f"(default {DEFAULT_OUTPUT_QUALITY})")
     g.add_argument("--no-metadata", dest="save_metadata", action="store_false", default=True,
                    help="store no generation settings in the images")
     ray = g.add_mutually_exclusive_group()
@@ -144,6 +164,18 @@ def shared_options(suppress: bool = False) -> argparse.ArgumentParser:
         for action in p._actions:
             action.default = argparse.SUPPRESS
     return p
+
+
+def cli_quality(text: str) -> int:
+    """argparse type of --output-quality: a range check (choices=range(...) printed all 100 values)."""
+    value = cli_int(text)
+    lo, hi = OUTPUT_QUALITY_RANGE
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(f"must be between {lo} and {hi} (got {value})")
+    return value
+
+
+cli_quality.__name__ = "int"  # argparse names the type by __name__ ("invalid int value")
 
 
 def _profile_descriptions() -> dict[int, str]:
@@ -174,7 +206,8 @@ def build_parser() -> Parser:
                           "folder) loaded with the model, for --control-image (ControlNet model types have their own)")
     gen.add_argument("--gen-profile", default=None, metavar="NAME",
                      help="start from a saved generation profile (explicit flags still win)")
-    gen.add_argument("--profiles-dir", type=Path, default=Path("profiles"), help="generation profiles folder")
+    gen.add_argument("--profiles-dir", type=Path, default=argparse.SUPPRESS,  # the top level's default
+                     help="generation profiles folder (default: profiles/)")
     gen.add_argument("--from-image", type=Path, default=None, metavar="IMAGE",
                      help="re-run the settings stored in an image made by this app (explicit flags still win)")
     src = gen.add_mutually_exclusive_group()
@@ -265,12 +298,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli_loras(args: argparse.Namespace) -> list[dict]:
-    """--lora / --lora-multipliers as the job's [{name, strength}] (strengths bound by name)."""
+def cli_loras(args: argparse.Namespace, library) -> list[dict]:
+    """--lora / --lora-multipliers as the job's [{name, strength}] (strengths bound by name). A file of the LoRA
+    folder (library) is named as the folder names it, so its images re-run with --from-image; a file elsewhere
+    by its absolute path, which the images' metadata stores as the file's stem (app.metadata.stored_settings)."""
     from app.loras import format_schedule, parse_lora_multipliers
 
     schedules = parse_lora_multipliers(args.lora_multipliers, args.lora)
-    return [{"name": name, "strength": format_schedule(schedules[name])} for name in args.lora]
+    return [{"name": lora_name(arg, library), "strength": format_schedule(schedules[arg])} for arg in args.lora]
+
+
+def lora_name(arg: str, library) -> str:
+    """The job's name for a --lora argument: a LoRA folder's name as it is, a file by its folder name when
+    inside the folder, else by its absolute path (a missing one as given: check_loras names it)."""
+    if arg in library.names():
+        return arg
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        return arg
+    path = path.resolve()
+    return next((item.name for item in library.items if item.path.resolve() == path), str(path))
 
 
 def check_output_folder(folder: Path, flag: str) -> None:
@@ -313,16 +360,29 @@ def file_targets(output: Path | None, total: int) -> list[Path] | None:
     return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(1, total + 1)]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from app.jobs import JobSpec, cap_texts, validate
-    from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
-    from models.errors import GenerationInterrupted
+def apply_profile_output(args: argparse.Namespace, profile: dict) -> None:
+    """A generation profile's image format and quality, unless --output-format / --output-quality (or, for the
+    format, an --output file name's suffix) say otherwise."""
+    named_file = args.output is not None and bool(args.output.suffix) and not args.output.is_dir()
+    if profile.get("output_format") and not given(args, "output_format") and not named_file:
+        args.output_format = profile["output_format"]
+    if profile.get("output_quality") and not given(args, "output_quality"):
+        args.output_quality = profile["output_quality"]
 
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from app.jobs import JobSpec, cap_texts, input_render_size, validate
+    from app.params import DEFAULT_MODEL_TYPE, by_name, cli_values
+    from models.errors import GenerationInterrupted, UserError
+
+    if args.lora_multipliers is not None and not args.lora:
+        raise UserError("--lora-multipliers gives the strengths of --lora LoRAs: give --lora too")
     profile: dict = {}
     if args.gen_profile:
         from app.profiles_cli import profile_to_spec_overrides
 
         profile = profile_to_spec_overrides(args.gen_profile, args.profiles_dir, model_type=args.model)
+        apply_profile_output(args, profile)
     if args.from_image:
         profile.update(image_settings(args.from_image))
     prompts = read_prompts(args, profile.get("prompt"))
@@ -337,13 +397,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     given = {**profile, **cli_values(args)}
     values = {**service.defaults(model_name and model_type, args.model_dir), **given}
     declared = by_name()
-    if "width" not in given and "height" not in given:  # an input image gives the size
-        from models.image_inputs import native_size
-
-        image = next((p for p in declared.values() if p.widget == "image" and values.get(p.name)), None)
-        if image is not None:
-            values["width"], values["height"] = native_size(image.parse(values[image.name]))
-    specs = [JobSpec(model_type=model_type, prompt=p, loras=cli_loras(args) if args.lora else values.get("loras", []),
+    image = next((p for p in declared.values() if p.widget == "image" and values.get(p.name)), None)
+    if image is not None and ("width" not in given or "height" not in given):  # the input image gives the size
+        values["width"], values["height"] = input_render_size(
+            image.parse(values[image.name]), *(declared[k].parse(given[k]) if k in given else None
+                                              for k in ("width", "height")))
+    loras = cli_loras(args, service.lora_library(model_type)) if args.lora else values.get("loras", [])
+    specs = [JobSpec(model_type=model_type, prompt=p, loras=loras,
                      **{k: v for k, v in values.items() if k in declared and k != "prompt"}) for p in prompts]
     for spec in specs:  # all jobs checked before any model loads, with the page's messages
         for w in cap_texts(spec):
@@ -369,18 +429,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # first Ctrl-C: stop the current job after its current step; a second one: stop at once
     current = [CancelToken()]  # the running job's token (a list: the handler reads the latest)
+    bars: dict[str, tqdm] = {}
+    stopping: list[bool] = []  # after a Ctrl-C: no bar is drawn again under the message
 
     def on_sigint(signum, frame):
         current[0].cancel()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        # os.write, not sys.stderr: the signal may arrive while a progress bar is writing to stderr
+        stopping.append(True)
+        # the bars end where they are and are never drawn again (on_event skips them), so the message keeps its
+        # own line. Not bar.close(): the signal may arrive inside a bar's write to stderr, and writing to it
+        # again from here raises "reentrant call"; hence os.write for the message too
+        for bar in bars.values():
+            bar.disable = True
+        bars.clear()
         os.write(2, b"\nstopping after the current step (Ctrl-C again to quit at once)\n")
 
     signal.signal(signal.SIGINT, on_sigint)
-    bars: dict[str, tqdm] = {}
     running: list = [None]  # the job whose events these are
 
     def on_event(ev: dict) -> None:
+        if stopping and ev["kind"] in ("load", "preprocess", "step"):
+            return
         if ev["kind"] == "download":
             sys.stderr.write(f"{len(ev['files'])} model file(s) missing in {args.checkpoints_dir}: fetching\n")
         elif ev["kind"] == "load":

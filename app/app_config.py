@@ -28,6 +28,8 @@ QUANTIZATION_CHOICES = ("auto", "bf16", "int8")
 # the transformer's: also the low-bit files a definition may list
 TRANSFORMER_QUANTIZATION_CHOICES = (*QUANTIZATION_CHOICES, *LOWBIT_FORMATS)
 FORMAT_CHOICES = ("png", "jpeg", "webp")
+DEFAULT_OUTPUT_QUALITY = 95  # JPEG / WebP quality: the CLI's, the service's and a new profile's
+OUTPUT_QUALITY_RANGE = (1, 100)
 KEYS = ("memory_profile", "attention", "compile", "transformer_quantization", "text_encoder_quantization",
         "output_dir", "output_format", "output_quality", "save_metadata")
 MODEL_KEYS = ("memory_profile", "attention", "compile", "transformer_quantization", "text_encoder_quantization")
@@ -58,7 +60,7 @@ def validate_config(data: dict[str, Any]) -> dict[str, Any]:
         if key == "memory_profile":
             v = _whole(v, 1, 5, "memory profile")
         elif key == "output_quality":
-            v = _whole(v, 1, 100, "output quality")
+            v = _whole(v, *OUTPUT_QUALITY_RANGE, "output quality")
         elif key in ("compile", "save_metadata"):
             if not isinstance(v, bool):
                 raise UserError(f"{key} must be true or false (got {v!r})")

@@ -8,7 +8,7 @@ from typing import Any
 
 from app import params as _params
 from models.errors import UserError
-from models.registry import check_declared_values
+from models.registry import check_declared_values, check_job
 
 MAX_SEED = _params.MAX_SEED
 # Text encoders read a few hundred tokens (Z-Image's: 512, chat template included); a token is rarely more than
@@ -108,7 +108,9 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
     declared = _params.by_name()
     for name, p in declared.items():
         setattr(spec, name, p.parse(getattr(spec, name)))
-    check_declared_values({name: getattr(spec, name) for name in declared})
+    values = {name: getattr(spec, name) for name in declared}
+    check_declared_values(values)
+    check_job(spec.model_type, values)  # the family's rules for this model type (TwinFlow takes no input image)
     if is_blank(spec.prompt):
         raise UserError("the prompt is empty" + (" (only control characters)" if spec.prompt.strip() else ""))
     if not isinstance(spec.loras, list):
@@ -120,6 +122,22 @@ def validate(spec: JobSpec, names: dict[str, str] | None = None) -> list[str]:
             if isinstance(value, str):
                 check_text(value, "a LoRA name or strength")
     return []
+
+
+def input_render_size(image: Any, width: int | None = None, height: int | None = None) -> tuple[int, int]:
+    """The render size of a job with an input image and the sides given (None: not given). Neither: the image's
+    own size (models.image_inputs.native_size); one: the other from the image's aspect ratio, rounded down to a
+    multiple of 16 (16 to 4096), so the picture is not stretched to the model's default for the missing side."""
+    from models.image_inputs import MAX_SIDE, MULTIPLE, as_image, native_size
+
+    if width is not None and height is not None:
+        return width, height
+    if width is None and height is None:
+        return native_size(image)
+    w, h = as_image(image).size
+    other = (width * h / w) if height is None else (height * w / h)
+    other = min(MAX_SIDE, max(MULTIPLE, int(other) // MULTIPLE * MULTIPLE))
+    return (width, other) if height is None else (other, height)
 
 
 def size_warnings(spec: JobSpec, min_recommended: int) -> list[str]:

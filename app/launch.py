@@ -19,6 +19,7 @@ from pathlib import Path
 from models.errors import UserError
 
 QUEUE_FILE = "wgp_zimage_queue.json"
+PROFILES_DIR = Path("profiles")  # generation profiles; `generate` and `profiles` read the same option
 
 
 def add_launch_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -30,7 +31,8 @@ def add_launch_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     g.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     g.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this user name and password")
     g.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
-    g.add_argument("--profiles-dir", type=Path, default=Path("profiles"), help="generation profiles folder")
+    g.add_argument("--profiles-dir", type=Path, default=PROFILES_DIR,
+                   help="generation profiles folder (default: profiles/)")
     g.add_argument("--state-dir", type=Path, default=None,
                    help=f"where the job queue is saved as {QUEUE_FILE} (default: the output folder)")
     return parser

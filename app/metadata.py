@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
+from app.app_config import DEFAULT_OUTPUT_QUALITY
 from app.untrusted import UntrustedError, load_json, open_regular
 from models.errors import UserError
 from models.parsing import parse_schedule
@@ -89,8 +90,25 @@ def exif_for(settings: dict[str, Any]) -> Image.Exif:
     return exif
 
 
-def save_kwargs(fmt: str, settings: dict[str, Any] | None, quality: int = 95) -> dict[str, Any]:
+def stored_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """settings as an image stores them: a LoRA given by its file path (the CLI's --lora with a file outside the
+    LoRA folder: an absolute path, which no LoRA folder name is) by the file's stem, so the user's folders are
+    not published and a re-run finds the LoRA by that name in the LoRA folder."""
+    loras = settings.get("loras")
+    if not isinstance(loras, list) or not any(isinstance(i, dict) and _is_path(i.get("name")) for i in loras):
+        return settings
+    named = [{**i, "name": PurePath(i["name"]).stem} if isinstance(i, dict) and _is_path(i.get("name")) else i
+             for i in loras]
+    return {**settings, "loras": named}
+
+
+def _is_path(name: Any) -> bool:
+    return isinstance(name, str) and PurePath(name).is_absolute()  # this system's paths: the CLI made it
+
+
+def save_kwargs(fmt: str, settings: dict[str, Any] | None, quality: int = DEFAULT_OUTPUT_QUALITY) -> dict[str, Any]:
     """Keyword arguments for Image.save in format fmt ("png", "jpeg", "webp"), settings stored when given."""
+    settings = stored_settings(settings) if settings else settings
     if fmt == "png":
         return {"pnginfo": png_info(settings)} if settings else {}
     kwargs: dict[str, Any] = {"quality": int(quality)}

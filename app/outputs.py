@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from app.app_config import DEFAULT_OUTPUT_QUALITY
 from app.metadata import format_for_suffix, save_kwargs
 from models.files import atomic_path
 
@@ -92,7 +93,8 @@ def output_folder_problem(folder: str | Path) -> str | None:
     return None
 
 
-def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = None, quality: int = 95) -> Path:
+def save_image_atomic(image: Image.Image, path: Path, settings: dict | None = None,
+                      quality: int = DEFAULT_OUTPUT_QUALITY) -> Path:
     """Write to a temporary file beside path, then rename: no half-written file under its name.
 
     The format follows the suffix (.png, .jpg/.jpeg, .webp); settings (None: none) go in the PNG text

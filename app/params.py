@@ -75,15 +75,16 @@ def params_of(architecture: str | None) -> list[Param]:
 
 # ------------------------------------------------------------------ the command line
 
-def add_generate_options(parser: argparse.ArgumentParser) -> None:
-    """One `generate` option per declared parameter (custom controls excepted).
+def add_generate_options(parser: argparse.ArgumentParser, profile_only: bool = False) -> None:
+    """One `generate` option per declared parameter (custom controls excepted; with profile_only, those a
+    generation profile keeps: `profiles save` offers no input image it would drop).
 
     Values stay text until `Param.parse` reads them, so a bad value gets the same message as in the
     page; absent options are None (the profile, image or model default applies).
     """
     group = parser.add_argument_group("generation parameters")
     for p in all_params():
-        if p.cli is None or p.name in CUSTOM_CONTROLS:
+        if p.cli is None or p.name in CUSTOM_CONTROLS or (profile_only and not p.in_profile):
             continue
         if p.kind is bool:  # --paste-back / --no-paste-back
             group.add_argument(p.cli, dest=p.name, default=None, action=argparse.BooleanOptionalAction, help=p.help)

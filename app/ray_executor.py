@@ -34,6 +34,7 @@ from typing import Any
 
 from PIL import Image
 
+from app.app_config import DEFAULT_OUTPUT_QUALITY
 from app.cancel import CancelToken
 from app.executors import EventFn, WorkerLost
 from app.jobs import JobSpec
@@ -99,7 +100,7 @@ def shutdown() -> None:
     ray.shutdown()
 
 
-def write_result(folder: Path, files: list, image_name: str, quality: int = 95) -> Path:
+def write_result(folder: Path, files: list, image_name: str, quality: int = DEFAULT_OUTPUT_QUALITY) -> Path:
     """Write one image's files (name, bytes) from a worker into folder, each atomically and never over an
     existing file; the image's path. Only plain file names of image files are taken (RuntimeError otherwise).
     When the image's name is taken already, its files move to the next free stem together (<stem>-2.png,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from app.app_config import DEFAULT_OUTPUT_QUALITY
 from app.cancel import CancelToken
 from app.jobs import MAX_PROMPT_CHARS, JobSpec, resolve_seed, size_warnings
 from app.outputs import clean_stale_parts, input_copy_path, output_name, save_image_atomic, unique_path
@@ -94,7 +95,7 @@ class ServiceConfig:
     int8_layers: str = "quanto"
     save_quantized: bool | str = False  # True / "int8": int8 files of on-the-fly weights; "fp8": an fp8 transformer
     output_format: str = "png"  # png | jpeg | webp (changed on a running service: applies to the next image)
-    output_quality: int = 95  # JPEG / WebP quality, 1-100
+    output_quality: int = DEFAULT_OUTPUT_QUALITY  # JPEG / WebP quality, 1-100
     save_metadata: bool = True  # False: images hold no settings
 
     @classmethod

@@ -8,7 +8,7 @@ File layout (schema 2, the current one): a flat JSON object
      <every declared generation parameter kept in profiles (app/params.py, the families' params.py)
       under its name, e.g. "width": 1024, "num_inference_steps": 30>,
      "seed_policy": "fixed" | "random" | "increment", "seed": 42, "loras": [{"name": "x", "strength": 0.8}],
-     "output_format": "png" | "jpeg" | "webp", "output_quality": 90}
+     "output_format": "png" | "jpeg" | "webp", "output_quality": 95}
 A null prompt / negative prompt means "not part of this profile": applying it keeps the current text.
 
 Schema 1 (older files; `schema_version` 1 or absent) used flat short keys: "model", "resolution":
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.app_config import DEFAULT_OUTPUT_QUALITY, OUTPUT_QUALITY_RANGE
 from app.params import DEFAULT_MODEL_TYPE, MAX_SEED, all_params, by_name
 from app.untrusted import UntrustedError, load_json, read_text
 from models.errors import UserError
@@ -45,7 +46,7 @@ except ImportError:  # pragma: no cover - Windows
 SCHEMA_VERSION = 2
 SEED_POLICIES = ("fixed", "random", "increment")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
-QUALITY_RANGE = (1, 100)
+QUALITY_RANGE = OUTPUT_QUALITY_RANGE
 MAX_FILE_BYTES = 1 << 20  # a profile is a few hundred bytes; refuse to parse something huge
 NAME_MAX = 100
 # letters, digits, space and a few safe marks; no separators, no leading dot or space
@@ -63,7 +64,7 @@ def profile_params() -> tuple:
 def default_settings() -> dict[str, Any]:
     return {"model_type": DEFAULT_MODEL_TYPE, **{p.name: p.default for p in profile_params()},
             "prompt": None, "negative_prompt": None, "seed_policy": "random", "seed": -1, "loras": [],
-            "output_format": "png", "output_quality": 90}
+            "output_format": "png", "output_quality": DEFAULT_OUTPUT_QUALITY}
 
 
 def model_tuned() -> tuple[str, ...]:
@@ -281,6 +282,15 @@ _LOCKS: dict[str, threading.RLock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
+class TargetExists(UserError):
+    """A profile or file of that name is there and replacing it was not asked for. The message says what is
+    there; each caller adds how its users ask for the replacement (the CLI's --overwrite, the page's checkbox)."""
+
+    def __init__(self, subject: str, broken: str | None = None) -> None:
+        self.subject, self.broken = subject, broken  # broken: why the one there cannot be read
+        super().__init__(f"{subject} exists but is broken ({broken})" if broken else f"{subject} already exists")
+
+
 class ProfileStore:
     """Generation profiles in one folder, plus per-model defaults and the last-used settings."""
 
@@ -350,11 +360,10 @@ class ProfileStore:
             parse_document(_read(path, name), label=name)
         except UserError as e:
             if not overwrite_broken:
-                raise UserError(f"generation profile {name!r} exists but is broken ({e}); pass "
-                                "overwrite_broken=True to replace it") from None
+                raise TargetExists(f"generation profile {name!r}", broken=str(e)) from None
             return
         if not overwrite:
-            raise UserError(f"generation profile {name!r} already exists; pass overwrite=True to replace it")
+            raise TargetExists(f"generation profile {name!r}")
 
     def save(self, name: str, settings: Mapping[str, Any], overwrite: bool = False,
              overwrite_broken: bool = False) -> list[str]:
@@ -373,13 +382,13 @@ class ProfileStore:
         except OSError as e:
             raise UserError(f"cannot save {path.name}: {e.strerror or e}") from None
 
-    def rename(self, old: str, new: str, overwrite: bool = False) -> None:
+    def rename(self, old: str, new: str, overwrite: bool = False, overwrite_broken: bool = False) -> None:
         src, dst = self.path(old), self.path(new)
         with self._locked():
             if not src.is_file():
                 raise UserError(f"generation profile {check_name(old)!r} not found in the generation profiles folder")
             if src != dst:
-                self._check_target(check_name(new), dst, overwrite, overwrite_broken=False)
+                self._check_target(check_name(new), dst, overwrite, overwrite_broken)
             try:
                 os.replace(src, dst)
             except OSError as e:
@@ -401,7 +410,7 @@ class ProfileStore:
         settings, _ = self.load(name)
         path = Path(path)
         if path.exists() and not overwrite:
-            raise UserError(f"{path} already exists; pass overwrite=True to replace it")
+            raise TargetExists(str(path))
         self._write(path, settings)
         return path
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
-from app.jobs import MAX_PROMPT_CHARS, JobSpec, cap_texts, check_text, text_problem
+from app.jobs import MAX_PROMPT_CHARS, JobSpec, cap_texts, check_text, input_render_size, text_problem
 from app.params import params_of
 from app.queue import MAX_JOBS_PER_REQUEST, JobQueue
 from app.served_files import served_files
@@ -329,10 +329,8 @@ class PageController:
         if not path or editor is None:
             gr.Warning("select an image in the gallery first")
             return {}
-        from models.image_inputs import native_size
-
         try:
-            width, height = native_size(path)
+            width, height = input_render_size(path)  # the command line's size for an input alone
         except UserError as e:
             gr.Warning(str(e))
             return {}

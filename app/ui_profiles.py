@@ -16,11 +16,12 @@ from typing import Any
 
 import gradio as gr
 
-from app.settings import ProfileStore, profile_params
+from app.settings import ProfileStore, TargetExists, profile_params
 from app.ui_loras import parse_selection
 from models.errors import UserError
 
 BROKEN_MARK = "⚠ broken: "
+REPLACE_LABEL = "Replace a profile of the same name"  # the checkbox; messages name it
 
 
 def profile_choices(store: ProfileStore) -> list[tuple[str, str]]:
@@ -58,6 +59,8 @@ def controls_to_settings(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _error(e: UserError) -> gr.Error:
+    if isinstance(e, TargetExists):  # the store does not know the page's checkbox
+        e = UserError(f"{e}; tick '{REPLACE_LABEL}' to replace it")
     return gr.Error(str(e), title="Generation profile", print_exception=False)
 
 
@@ -91,7 +94,7 @@ def build_profiles_section(store: ProfileStore, inputs: Mapping[str, Any], outpu
                                            max_lines=1, scale=3)
             c["profile-save"] = gr.Button("Save", elem_id="profile-save", **small)
             c["profile-rename"] = gr.Button("Rename", elem_id="profile-rename", **small)
-        c["profile-overwrite"] = gr.Checkbox(False, label="Replace a profile of the same name",
+        c["profile-overwrite"] = gr.Checkbox(False, label=REPLACE_LABEL,
                                              elem_id="profile-overwrite")
         with gr.Row(equal_height=True):
             c["profile-set-default"] = gr.Button("Set as default for this model", elem_id="profile-set-default",
@@ -154,7 +157,7 @@ def build_profiles_section(store: ProfileStore, inputs: Mapping[str, Any], outpu
             if not profile:
                 raise UserError("choose a generation profile to rename first")
             new = (new or "").strip().removesuffix(".json")
-            store.rename(profile, new, overwrite=bool(replace))
+            store.rename(profile, new, overwrite=bool(replace), overwrite_broken=bool(replace))
         except UserError as e:
             raise _error(e) from None
         return choices(new), f"Renamed **{profile}** to **{new}**."
@@ -196,7 +199,7 @@ def build_profiles_section(store: ProfileStore, inputs: Mapping[str, Any], outpu
             return gr.skip(), gr.skip()
         try:
             saved, warnings = store.import_from(path, name=(profile or "").strip() or None, overwrite=bool(replace),
-                                                available_loras=lora_names())
+                                                overwrite_broken=bool(replace), available_loras=lora_names())
         except UserError as e:
             raise _error(e) from None
         notify(warnings)

@@ -34,6 +34,15 @@ def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+def _shown(value: int | float) -> str:
+    """A value in a message: 4294967296, not 4.29497e+09 (an int beyond any float cut by _short)."""
+    if isinstance(value, int):
+        return _short(value)
+    if abs(value) >= 1e15:
+        return f"{value:g}"  # 1e+300, not 300 digits
+    return str(int(value)) if value.is_integer() else repr(value)  # 123456.5, not 123456
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -200,8 +209,7 @@ class Param:
                 raise UserError(f"{self.display} must be a finite number (got {_short(value)})") from None
         lo, hi = self.minimum, self.maximum
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            shown = f"{value:g}" if abs(value) < 1e300 else _short(value)  # an int beyond any float
-            raise UserError(f"{self.display} must be between {_number(lo)} and {_number(hi)} (got {shown})")
+            raise UserError(f"{self.display} must be between {_number(lo)} and {_number(hi)} (got {_shown(value)})")
         if self.multiple_of and value % self.multiple_of:
-            raise UserError(f"{self.display} must be a multiple of {self.multiple_of} (got {value:g})")
+            raise UserError(f"{self.display} must be a multiple of {self.multiple_of} (got {_shown(value)})")
         return value

@@ -83,6 +83,10 @@ class FamilyHandler:
         """A ControlNet weight file the definition's model type loads with its model (None: none)."""
         return None
 
+    def check_job(self, architecture: str, values: dict[str, Any]) -> None:
+        """UserError when a job with these (parsed) values cannot run on this architecture; called where the job
+        comes in (app.jobs.validate), before its model is fetched or loaded."""
+
     def control_map(self, architecture: str, values: dict[str, Any], checkpoints_dir: Path) -> Any:
         """The control map a job with these values would use (a PIL image) for the page's preview; None when
         the values name no control image. UserError when this architecture takes none."""
@@ -299,6 +303,13 @@ def load_definitions(
 
     A broken file is reported and skipped, never fatal; so is one naming an unknown architecture.
     """
+    defs, problems = _scan_definitions(dirs)
+    for p in problems:
+        log.warning(p)
+    return defs, problems
+
+
+def _scan_definitions(dirs: list[Path] | None) -> tuple[dict[str, ModelDefinition], list[str]]:
     handlers = discover_handlers()
     known = {a for h in handlers.values() for a in h.architectures}
     defs: dict[str, ModelDefinition] = {}
@@ -316,9 +327,17 @@ def load_definitions(
                 problems.append(f"skipped model definition {path}: unknown architecture {d.architecture!r}")
                 continue
             defs[d.model_type] = d
-    for p in problems:
-        log.warning(p)
     return defs, problems
+
+
+def check_job(model_type: str, values: dict[str, Any]) -> None:
+    """The family's rules for a job of model_type (FamilyHandler.check_job) on parsed values: UserError names the
+    first broken one. An unknown model type passes: it is refused, listing the known ones, where the model is
+    chosen."""
+    defs, _ = _scan_definitions(None)  # problems are logged where the definitions are loaded, not per job
+    d = defs.get(aliases().get(model_type, model_type))
+    if d is not None:
+        handler_for(d.architecture).check_job(d.architecture, values)
 
 
 @dataclass

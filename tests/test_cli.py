@@ -238,6 +238,8 @@ def test_ctrl_c_stops_after_current_step_and_writes_nothing(tiny_dir, tmp_path):
     err += rest
     assert proc.returncode == 130, err[-2000:]
     assert "nothing of it was written" in err
+    before, _, after = err.partition("stopping after the current step")
+    assert before.endswith("\n") and "denoising" not in after, err[-2000:]  # its own line, no bar redrawn after it
     assert not out.exists() and not list(tmp_path.iterdir())
     assert "Traceback" not in err
 
@@ -462,10 +464,16 @@ def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys, m
         rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt", "x", flag, str(target))
         assert rc == 2 and err == f"error: {flag} {target.parent if target.suffix else target}: {blocker} is not a " \
                                   "folder\n", err
-    monkeypatch.setattr(wgp_zimage.os, "access", lambda path, mode: False)  # root may write anywhere
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)  # root may write anywhere: the probe really writes
     rc, _, err = main(capsys, "generate", "--model", "tiny", "--prompt", "x", "--output",
                       str(tmp_path / "new" / "x.png"))
-    assert rc == 2 and err == f"error: --output {tmp_path / 'new'}: no permission to write in {tmp_path}\n"
+    assert rc == 2 and err == f"error: --output {tmp_path / 'new'}: cannot write in {tmp_path} (permission denied)\n"
+    assert not (tmp_path / "new").exists()  # the probe makes no folder
 
 
 def test_write_error_after_the_run_is_one_line(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -223,8 +223,7 @@ def test_twinflow_refuses_a_control_image():
     from models.z_image.handler import HANDLER
 
     with pytest.raises(UserError, match="TwinFlow Turbo takes no control image"):
-        HANDLER.render(None, "z_image_twinflow_turbo", control_image="x.png", width=64, height=64,
-                       num_inference_steps=2)
+        HANDLER.check_job("z_image_twinflow_turbo", {"control_image": "x.png", "width": 64, "height": 64})
 
 
 def test_a_controlnet_type_loads_its_own_file_and_takes_its_strength(tiny_dbm_dir, nets, pictures, tmp_path, capsys):

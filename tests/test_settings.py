@@ -305,7 +305,7 @@ def test_corrupt_files_listed_as_broken(store):
         store.load("torn")
     torn = (store.folder / "torn.json").read_bytes()
     for overwrite in (False, True):
-        with pytest.raises(UserError, match="overwrite_broken"):
+        with pytest.raises(UserError, match="exists but is broken"):
             store.save("torn", FULL, overwrite=overwrite)
     assert (store.folder / "torn.json").read_bytes() == torn
     store.save("torn", FULL, overwrite_broken=True)
@@ -424,7 +424,7 @@ def test_cli_save_list_show_delete(tmp_path, capsys):
         cli(tmp_path, "save", "fast")
     with pytest.raises(UserError, match=r"Steps \(--steps\) must be between 1 and 100"):
         cli(tmp_path, "save", "slow", "--steps", "500")
-    with pytest.raises(UserError, match="overwrite_broken"):
+    with pytest.raises(UserError, match="broken .*; use --overwrite-broken to replace it"):
         cli(tmp_path, "save", "torn", "--overwrite")
     assert cli(tmp_path, "save", "torn", "--overwrite-broken", "--seed-policy", "increment", "--seed", "7") == 0
     assert cli(tmp_path, "rename", "torn", "steady") == 0

@@ -100,14 +100,18 @@ class ZImageHandler(FamilyHandler):
         TwinFlow samples with its own sampler whatever the job says."""
         from models.z_image.image_job import render
 
+        if architecture == "z_image_twinflow_turbo":  # its inputs were checked where the job came in (check_job)
+            values["sampler"] = "twinflow"  # its own sampler, whatever the job's setting says
+        return render(pipe, **values)
+
+    def check_job(self, architecture: str, values: dict[str, Any]) -> None:
+        """TwinFlow's sampler starts from noise: refused before its 20 GB are fetched, not after they loaded."""
         if architecture == "z_image_twinflow_turbo":
             if values.get("image") or (values.get("upscale") or 1.0) > 1.0:
                 raise UserError("TwinFlow Turbo takes no input image and no upscale pass (its sampler starts from "
                                 "noise): use Turbo or Base for img2img, inpainting, outpainting and upscaling")
             if values.get("control_image"):
                 raise UserError("TwinFlow Turbo takes no control image: use a ControlNet model type")
-            values["sampler"] = "twinflow"  # its own sampler, whatever the job's setting says
-        return render(pipe, **values)
 
     def control_map(self, architecture: str, values: dict[str, Any], checkpoints_dir: Path) -> Any:
         """The control map of values' control image at values' render size (what the job encodes)."""

@@ -54,7 +54,7 @@ IMAGE_PARAMS = (
     Param("image", str, "", "Input image", cli="--image", metavar="FILE", widget="image", group="image",
           in_profile=False, check=_image_file,
           help="img2img / inpainting input, resized (Lanczos) to the width x height; without --width/--height "
-               "its own size, rounded down to a multiple of 16"),
+               "its own size, rounded down to a multiple of 16; with one of them the other keeps its aspect ratio"),
     Param("mask", str, "", "Mask", cli="--mask", metavar="FILE", widget="mask", group="image", in_profile=False,
           check=_mask_file, needs="image",
           help="inpainting mask: white = repaint (any size; grey counts as white from 0.5)"),
