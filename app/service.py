@@ -479,11 +479,8 @@ class GenerationService:
             log.warning("%s", note)
         if self.device.type == "cuda":  # weights offloaded to the CPU, inputs on the GPU
             self._lora_manager.materialize(self.device, self.dtype)
-        for r in reports:
+        for r in reports:  # unmatched keys were warned about, with their reasons, when the file was read
             log.info("%s", r.summary)
-            if r.unmatched:
-                log.warning("LoRA %s: %d keys not applied: %s", r.name, len(r.unmatched),
-                            ", ".join(list(r.unmatched)[:5]))
         return [r.summary for r in reports] + ([note] if note else [])
 
     # ------------------------------------------------------------ generation
