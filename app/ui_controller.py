@@ -421,17 +421,17 @@ class PageController:
     def file_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """values with the image inputs' raw payloads (an image editor's background and strokes, an uploaded
         mask) as file paths; the strokes and the uploaded mask become one mask."""
-        out, painted, image = dict(values), "", ""
+        out, painted, image, label = dict(values), "", "", ""
         for p in self.params:
             if p.widget == "image" and p.name in out:
                 out[p.name], painted = editor_inputs(out[p.name], p.display)
-                image = out[p.name]
+                image, label = out[p.name], p.display
         for p in self.params:
             if p.widget == "picture" and p.name in out:
                 out[p.name] = uploaded_path(out[p.name], p.display)
             if p.widget == "mask" and p.name in out:
                 uploaded = uploaded_path(out[p.name], p.display)
-                out[p.name] = combined_mask(uploaded, painted, image) if image else uploaded
+                out[p.name] = combined_mask(uploaded, painted, image, label) if image else uploaded
         return out
 
     def submit_message(self, session: str = "") -> Any:

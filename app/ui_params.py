@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 
+from app.ui_uploads import image_input
 from models.params import Param
 
 HIDDEN = "hidden"
@@ -29,10 +30,10 @@ def make_control(p: Param, value: Any, visible: bool, elem_id: str, **extra: Any
     common = {"label": p.label, "elem_id": elem_id, "visible": visible, "info": info, **extra}
     if p.widget == "image":  # the input, and a brush whose strokes are the mask (white = repaint)
         common.pop("info")
-        return gr.ImageEditor(value=None, type="filepath", sources=("upload", "clipboard"), height=360,
-                              brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
-                              eraser=gr.Eraser(default_size=24), transforms=(), layers=False,
-                              **{**common, "label": f"{p.label} (paint the area to repaint)"})
+        return image_input(value=None, type="filepath", sources=("upload", "clipboard"), height=360,
+                             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=24),
+                             eraser=gr.Eraser(default_size=24), transforms=(), layers=False,
+                             **{**common, "label": f"{p.label} (paint the area to repaint)"})
     if p.widget == "picture":  # a picture used as it is (a control image)
         common.pop("info")
         return gr.Image(value=None, type="filepath", image_mode="RGB", sources=("upload", "clipboard"), height=240,

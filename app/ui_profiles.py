@@ -9,7 +9,10 @@ ProfileStore; the handlers here only read the page's controls and call it. Named
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,33 @@ def _error(e: UserError) -> gr.Error:
     return gr.Error(str(e), title="Generation profile", print_exception=False)
 
 
+class ExportFolder:
+    """The one temporary folder a page's profile exports are written to (Gradio copies a returned file into its
+    own cache): made at the first export, removed when the process exits. An export replaces the file of the
+    same profile and drops those of deleted profiles, so the folder holds at most one file per profile."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._lock = threading.Lock()
+
+    def path(self) -> Path:
+        with self._lock:
+            if self._path is None or not self._path.is_dir():
+                self._path = Path(tempfile.mkdtemp(prefix="wgp-zimage-profile-"))
+                atexit.register(shutil.rmtree, self._path, ignore_errors=True)
+            return self._path
+
+    def export(self, store: ProfileStore, profile: str) -> Path:
+        """The profile written to <folder>/<profile>.json; its path."""
+        folder = self.path()
+        path = store.export_to(profile, folder / f"{profile}.json", overwrite=True)
+        names = {e.name for e in store.list()}
+        for old in folder.glob("*.json"):
+            if old.stem not in names:
+                old.unlink(missing_ok=True)
+        return path
+
+
 def build_profiles_section(store: ProfileStore, inputs: Mapping[str, Any], outputs: list,
                            to_updates: Callable[[dict[str, Any]], tuple], lora_names: Callable[[], list[str]]
                            ) -> dict[str, Any]:
@@ -73,6 +103,7 @@ def build_profiles_section(store: ProfileStore, inputs: Mapping[str, Any], outpu
     the controls a loaded profile sets and the values for them. Returns the components by elem_id.
     """
     keys, controls = list(inputs), list(inputs.values())
+    exports = ExportFolder()
 
     def settings_of(values: tuple) -> dict[str, Any]:
         return controls_to_settings(dict(zip(keys, values)))
@@ -181,8 +212,7 @@ def build_profiles_section(store: ProfileStore, inputs: Mapping[str, Any], outpu
         try:
             if not profile:
                 raise UserError("choose a generation profile to export first")
-            folder = Path(tempfile.mkdtemp(prefix="wgp-zimage-profile-"))
-            path = store.export_to(profile, folder / f"{profile}.json")
+            path = exports.export(store, profile)
         except UserError as e:
             raise _error(e) from None
         return str(path), f"Exported **{profile}**: download it above."
@@ -222,4 +252,4 @@ def build_profiles_section(store: ProfileStore, inputs: Mapping[str, Any], outpu
     return c
 
 
-__all__ = ["build_profiles_section", "controls_to_settings", "profile_choices"]
+__all__ = ["ExportFolder", "build_profiles_section", "controls_to_settings", "profile_choices"]

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import math
 import re
+import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,11 @@ DEFAULT_MASK_BLUR = 4
 # Above this many pixels the VAE encodes and decodes in tiles whatever the device: an untiled Flux
 # VAE pass at 4 MP already needs several GB of activations; 2048 x 2048 itself stays untiled.
 VAE_UNTILED_MAX_PIXELS = 2048 * 2048
+# The largest input file opened (checked from its header, before decoding): 4 x MAX_SIDE a side, so an
+# upscale-sized source still fits, and 64 MP (8192 x 8192; 256 MB as RGB), far below what a small
+# "decompression bomb" file can declare.
+MAX_INPUT_SIDE = 4 * MAX_SIDE
+MAX_INPUT_PIXELS = 64 * 2**20
 
 ImageLike = Image.Image | str | Path
 MaskLike = Image.Image | np.ndarray | str | Path
@@ -34,32 +43,66 @@ MaskLike = Image.Image | np.ndarray | str | Path
 # -- loading and checks
 
 
-def load_image(path: str | Path, what: str = "image") -> Image.Image:
-    """The file at path as an RGB image (EXIF orientation applied); UserError when it is not one.
+def file_name(path: str | Path) -> str:
+    """How messages name an input file: its name only, quoted and escaped (an upload lives under
+    /tmp/gradio/<hash>/, and a name may hold control characters a reply must not carry)."""
+    return ascii(Path(path).name)
 
-    what names the input in the message ("image", "mask").
+
+@contextmanager
+def open_checked(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
+    """The file at path opened (not yet decoded) once its header says it is within MAX_INPUT_SIDE and
+    MAX_INPUT_PIXELS; UserError (naming the file by `file_name`) when it is missing, not an image, too
+    large, or when reading it in the with block finds it truncated or corrupt.
+
+    The size is checked before decoding: a few-KB PNG can declare 12000 x 12000 px (gigabytes once
+    decoded). Pillow's own warning (above 89 MP) is silenced: this limit is lower and says it in one line.
     """
     p = Path(path).expanduser()
+    name = file_name(p)
     if not p.exists():
-        raise UserError(f"{what} file not found: {p}")
+        raise UserError(f"{what} file not found: {name}")
     if not p.is_file():
-        raise UserError(f"{what} path is not a file: {p}")
+        raise UserError(f"{what} path is not a file: {name}")
+    too_large = (f"{what} file {name} is too large: at most {MAX_INPUT_SIDE} px a side and "
+                 f"{MAX_INPUT_PIXELS // 2**20} megapixels")
     try:
-        with Image.open(p) as im:
-            im.load()  # decode now: a truncated file fails here, not later in the pipeline
-            # phone photos store their rotation in EXIF; apply it so the model sees what the user sees
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+        with im:
+            w, h = im.size
+            if max(w, h) > MAX_INPUT_SIDE or w * h > MAX_INPUT_PIXELS:
+                raise UserError(f"{too_large} (it is {w}x{h})")
+            yield im
     except UnidentifiedImageError:
-        raise UserError(f"{what} file is not an image PIL can read: {p}") from None
-    except Image.DecompressionBombError:
-        raise UserError(f"{what} file is too large to open safely: {p}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
-        raise UserError(f"{what} file is corrupt or unreadable: {p} ({_one_line(e)})") from None
+        raise UserError(f"{what} file {name} is not an image PIL can read") from None
+    except Image.DecompressionBombError:  # beyond Pillow's own limit, which is higher than ours
+        raise UserError(too_large) from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:  # truncated or corrupt data
+        raise UserError(f"{what} file {name} is corrupt or unreadable ({_one_line(e)})") from None
+
+
+def load_image(path: str | Path, what: str = "image") -> Image.Image:
+    """The file at path as an RGB image (EXIF orientation applied); UserError when it is not one (see
+    `open_checked`). what names the input in the message ("image", "mask")."""
+    with open_checked(path, what) as im:
+        im.load()  # decode now: a truncated file fails here, not later in the pipeline
+        # phone photos store their rotation in EXIF; apply it so the model sees what the user sees
+        return _to_rgb(ImageOps.exif_transpose(im))
+
+
+def image_size(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """(width, height) of an image file from its header alone (checked like `load_image`, not decoded)."""
+    with open_checked(path, what) as im:
+        return im.size
 
 
 def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    """The exception's message on one printable line, without the file's path (an OSError such as
+    "Permission denied: '/tmp/gradio/...'" names it)."""
+    text = e.strerror if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+    return " ".join("".join(c if c.isprintable() else "?" for c in text).split()) or type(e).__name__
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -103,8 +146,8 @@ def check_image_inputs(image: object | None, mask: object | None, strength: floa
 
 def native_size(image: ImageLike) -> tuple[int, int]:
     """The render size an input suggests when none is given: its own size, scaled down to fit MAX_SIDE if
-    larger (aspect kept), each side rounded down to a multiple of 16 (at least 16)."""
-    w, h = as_image(image).size
+    larger (aspect kept), each side rounded down to a multiple of 16 (at least 16). A file is read by its header."""
+    w, h = image_size(image) if isinstance(image, (str, Path)) else as_image(image).size
     scale = min(1.0, MAX_SIDE / max(w, h))
     return (max(MULTIPLE, int(w * scale) // MULTIPLE * MULTIPLE), max(MULTIPLE, int(h * scale) // MULTIPLE * MULTIPLE))
 
@@ -168,22 +211,10 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def load_mask(path: str | Path) -> Image.Image:
-    """A mask file as a greyscale image (see `mask_gray`); UserError when it is not an image."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"mask file not found: {p}")
-    if not p.is_file():
-        raise UserError(f"mask path is not a file: {p}")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return mask_gray(ImageOps.exif_transpose(im))
-    except UnidentifiedImageError:
-        raise UserError(f"mask file is not an image PIL can read: {p}") from None
-    except Image.DecompressionBombError:
-        raise UserError(f"mask file is too large to open safely: {p}") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise UserError(f"mask file is corrupt or unreadable: {p} ({_one_line(e)})") from None
+    """A mask file as a greyscale image (see `mask_gray`); UserError when it is not an image (see `open_checked`)."""
+    with open_checked(path, "mask") as im:
+        im.load()
+        return mask_gray(ImageOps.exif_transpose(im))
 
 
 def mask_gray(im: Image.Image) -> Image.Image:

@@ -1,13 +1,15 @@
 """Image inputs: img2img and inpainting against diffusers (tiny model, fp32, CPU), paste-back,
 outpaint canvas, upscale sizes, VAE tiling, evaluation counts and bad input."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImageImg2ImgPipeline, ZImageInpaintPipeline
 from diffusers import ZImagePipeline as DiffusersPipeline
 from diffusers.pipelines.z_image import pipeline_z_image_img2img, pipeline_z_image_inpaint
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFile, ImageFilter
 from scipy import ndimage
 
 from models import image_inputs as ii
@@ -395,3 +397,61 @@ def test_bad_pipeline_inputs(pipe):
         pipe(image="/nonexistent/picture.png", strength=0.5, **kw)
     with pytest.raises(UserError, match="too low"):
         pipe(image=source_image(), strength=1e-18, **kw)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A few-KB PNG declaring 12000 x 12000 px (144 MP: under Pillow's own refusal at 179 MP, which only
+    warns) is refused before anything is decoded, with one message and no Pillow warning."""
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (12000, 12000)).save(bomb)
+    assert bomb.stat().st_size < 100_000
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for read in (ii.load_image, ii.load_mask, ii.image_size, ii.native_size):
+            with pytest.raises(UserError, match=r"'bomb.png' is too large: at most 16384 px a side and 64 "
+                                                r"megapixels \(it is 12000x12000\)"):
+                read(bomb)
+    assert not decoded and not [w for w in seen if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize("size,ok", [((16384, 16), True), ((16385, 16), False),
+                                     ((8192, 8192), True), ((8192, 8193), False)])
+def test_the_input_size_limit(tmp_path, size, ok):
+    path = tmp_path / "big.png"
+    Image.new("1", size).save(path)
+    if ok:
+        assert ii.image_size(path) == size
+    else:
+        with pytest.raises(UserError, match="too large"):
+            ii.image_size(path)
+
+
+def test_messages_name_the_file_not_its_folder_and_escape_control_characters(tmp_path):
+    """An upload lives under /tmp/gradio/<hash>/, and a name can hold a NUL or an escape sequence: messages
+    that reach the page carry the name only, escaped."""
+    for name in ("gone\x00.png", "gone\x1b[31m.png", "gone\u202e.png"):
+        with pytest.raises(UserError) as e:
+            ii.load_image(tmp_path / name)
+        text = str(e.value)
+        assert str(tmp_path) not in text and text.isprintable() and text.isascii(), text
+    (tmp_path / "zero\x07.png").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        ii.load_mask(tmp_path / "zero\x07.png")
+    assert str(e.value) == "mask file 'zero\\x07.png' is not an image PIL can read"
+
+
+def test_an_unreadable_file_is_named_without_its_folder(tmp_path, monkeypatch):
+    """An OSError's own text names the path ("Permission denied: '/tmp/gradio/...'"): the message keeps its
+    reason only."""
+    locked = tmp_path / "locked.png"
+    Image.new("RGB", (8, 8)).save(locked)
+
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", denied)
+    with pytest.raises(UserError) as e:
+        ii.load_image(locked)
+    assert str(e.value) == "image file 'locked.png' is corrupt or unreadable (Permission denied)"

@@ -40,6 +40,7 @@ def source(tmp_path_factory) -> Path:
     Image.new("L", (64, 64), 0).save(folder / "black.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (folder / "notes.txt").write_text("not a picture")
+    Image.new("1", (12000, 12000)).save(folder / "bomb.png")  # a few KB declaring 144 MP
     return folder
 
 
@@ -106,7 +107,9 @@ def test_upscale_size_and_evaluations(tiny_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--image", "{src}/notes.txt"), "Input image (--image): image file is not an image PIL can read"),
+    (("--image", "{src}/notes.txt"), "Input image (--image): image file 'notes.txt' is not an image PIL can read"),
+    (("--image", "{src}/bomb.png"), "Input image (--image): image file 'bomb.png' is too large: at most 16384 px"),
+    (("--image", "{src}/photo.png", "--mask", "{src}/bomb.png"), "Mask (--mask): mask file 'bomb.png' is too large"),
     (("--image", "{src}/broken.png"), "Input image (--image): image file"),
     (("--image", "{src}/gone.png"), "Input image (--image): image file not found"),
     (("--image", "{src}/photo.png", "--mask", "{src}/black.png"), "the mask is all black: nothing to repaint"),
@@ -120,6 +123,7 @@ def test_bad_image_input_is_one_line_and_exit_2(tiny_dir, source, capsys, args, 
     rc, out, err = main(capsys, *gen(tiny_dir, *(a.format(src=source) for a in args)))
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(lines) == 1 and message in lines[0], err
+    assert "Warning" not in err and str(source) not in lines[0], err  # no Pillow warning; the name, not the path
 
 
 def test_settings_naming_a_file_elsewhere_are_refused(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from app.queue import JobQueue
 from app.service import GenerationService, ServiceConfig
@@ -100,3 +101,52 @@ def test_the_model_list_tells_missing_files_from_a_format_the_model_lacks(ctl):
     ctl.service.config.transformer_quantization = "bf16"
     labels = dict((t, label) for label, t in ctl.model_choices())
     assert labels["z_image_base"].endswith(NOT_INSTALLED)
+
+
+def painted_form(upload: Path, strokes: tuple[int, int, int, int]) -> dict:
+    """FORM with an input image and one painted layer (strokes: the box painted white, opaque)."""
+    upload.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (90, 100, 110)).save(upload / "photo.png")
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), strokes)
+    layer.save(upload / f"layer{strokes}.png")
+    image = {"background": {"path": str(upload / "photo.png")},
+             "layers": [{"path": str(upload / f"layer{strokes}.png")}], "composite": None}
+    return {**FORM, "mask": None, "image": image}
+
+
+def test_painted_masks_are_reused_and_bounded(ctl, tmp_path, monkeypatch):
+    """Each Generate with strokes wrote a new full-size mask file into the upload folder, never deleted: the same
+    strokes now reuse one file, and only the KEEP_MASKS newest stay (a queued job has its own copy)."""
+    import app.ui_uploads as uploads
+
+    upload = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload))
+    monkeypatch.setattr(uploads, "KEEP_MASKS", 3)
+    masks = upload / uploads.MASKS
+    form = painted_form(upload, (8, 8, 24, 24))
+    first = ctl.generate(form, "tab")
+    ctl.generate(form, "tab")
+    assert len(list(masks.glob("*.png"))) == 1
+    for i in range(5):
+        ctl.generate(painted_form(upload, (i, i, 30, 30)), "tab")
+    assert len(list(masks.glob("*.png"))) == 3
+    job = ctl.queue.get(first)  # its mask, pruned from the upload folder, is the queue's own copy
+    assert Path(job["spec"]["mask"]).is_file() and masks not in Path(job["spec"]["mask"]).parents
+
+
+@pytest.mark.parametrize("content", [b"", b"GIF89a", None])
+@pytest.mark.parametrize("where", ["background", "layer"])
+def test_a_bad_painted_upload_is_our_message(ctl, tmp_path, monkeypatch, content, where):
+    """A zero-byte, corrupt or decompression-bomb background or painted layer: one UserError naming the file
+    (Gradio's bare "Error" and a console traceback before), and nothing queued."""
+    upload = tmp_path / "gradio"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(upload))
+    form = painted_form(upload, (8, 8, 24, 24))
+    bad = upload / "bad.png"
+    Image.new("1", (12000, 12000)).save(bad) if content is None else bad.write_bytes(content)
+    key = "background" if where == "background" else "layers"
+    form["image"][key] = {"path": str(bad)} if key == "background" else [{"path": str(bad)}]
+    with pytest.raises(UserError, match="'bad.png' is (not an image|corrupt|too large)") as e:
+        ctl.generate(form, "tab")
+    assert str(upload) not in str(e.value) and ctl.queue.snapshot() == []

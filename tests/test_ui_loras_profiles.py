@@ -170,6 +170,30 @@ def test_profile_save_list_load_export_delete(app):
     (app.profiles_dir / "broken.json").unlink()
 
 
+def test_profile_exports_reuse_one_folder(app, monkeypatch):
+    """Each export made a new temporary folder that was never removed: now one folder, one file per profile,
+    the files of deleted profiles dropped."""
+    import tempfile
+
+    made = []
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1])
+    for name in ("export one", "export two"):
+        app.client.predict(name, True, *controls(), api_name="/profile_save")
+    for name in ("export one", "export two", "export one", "export two"):
+        path, _ = app.client.predict(name, api_name="/profile_export")
+        assert json.loads(Path(path).read_text())["prompt"] == "a saved fox"
+    ours = [Path(m) for m in made if Path(m).name.startswith("wgp-zimage-profile-")]
+    assert len(ours) <= 1  # none when an earlier test of this module made the folder
+    folder = ours[0] if ours else max((f.parent for f in Path(tempfile.gettempdir()).glob(
+        "wgp-zimage-profile-*/export two.json")), key=lambda f: f.stat().st_mtime)
+    assert sorted(f.name for f in folder.iterdir()) == ["export one.json", "export two.json"]
+    app.client.predict("export two", api_name="/profile_delete")
+    app.client.predict("export one", api_name="/profile_export")
+    assert sorted(f.name for f in folder.iterdir()) == ["export one.json"]
+    app.client.predict("export one", api_name="/profile_delete")
+
+
 def test_generate_saves_the_last_used_settings(app):
     (job_id,) = app.generate("remember me", seed=9, loras=f"{STYLE}=0.3")
     last, _ = app.store.load_last_used()
