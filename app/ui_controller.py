@@ -51,6 +51,7 @@ from app.ui_view import (
 from app.untrusted import generate_arguments
 from models.downloads import missing_report, remote_sizes
 from models.errors import UserError
+from models.image_inputs import file_name
 from models.params import Param
 from models.registry import InstallState, handler_for, install_state, model_order
 
@@ -319,7 +320,7 @@ class PageController:
         for w in restored.warnings:
             gr.Warning(w)
         gr.Info(f"Settings restored from the {restored.source}")
-        lines = [f"Settings restored from the {restored.source} **{Path(path).name}**."]
+        lines = [f"Settings restored from the {restored.source} {file_name(path)}."]  # escaped: an upload's name
         lines += [f"- ⚠ {w}" for w in restored.warnings]
         return self.settings_updates(restored.settings), "\n".join(lines)
 

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import stat
-from pathlib import Path
 from typing import IO, Any
 
 from app.jobs import DEFAULT_MEMORY_PROFILE, MEMORY_PROFILES
@@ -186,11 +185,6 @@ def generate_arguments(values: dict[str, Any], names: dict[str, str] | None = No
     return out
 
 
-def file_label(path: str | os.PathLike[str]) -> str:
-    """How messages name an uploaded file: its name only (an upload lives under /tmp/gradio/<hash>/)."""
-    return repr(Path(path).name)
-
-
-__all__ = ["MAX_JSON_DEPTH", "UntrustedError", "check_structure", "file_label", "load_json", "open_regular",
+__all__ = ["MAX_JSON_DEPTH", "UntrustedError", "check_structure", "load_json", "open_regular",
            "parse_bool", "parse_memory_profile", "parse_text", "read_limited",
            "read_text"]

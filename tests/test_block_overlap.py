@@ -326,7 +326,7 @@ def test_flag_reaches_the_profile(tiny_dir, tmp_path, monkeypatch):
         service = GenerationService(ServiceConfig(checkpoints_dir=tmp_path / "ckpts", output_dir=tmp_path / "out",
                                                   overlap_transfers=overlap))
         service.pipeline("z_image_tiny")
-        assert seen[-1]["overlap_transfers"] is overlap and overlap in service._pipe_key
+        assert seen[-1]["overlap_transfers"] is overlap  # (it keys the pipeline on CUDA only: test_memory_override)
 
 
 def _on_device(manager, entry: str) -> bool:

@@ -98,7 +98,7 @@ def test_drop_a_settings_json(page: Page, app, tmp_path):
                                    "flow_shift": 5.0, "seed": 99, "loras": [{"name": "gone", "strength": 1.0}]}))
     page.locator("#restore-png input[type=file]").set_input_files(str(good))
     message = page.locator("#restore-message")
-    expect(message).to_contain_text("Settings restored from the image settings fox settings.json")
+    expect(message).to_contain_text("Settings restored from the image settings 'fox settings.json'")
     expect(message).to_contain_text("LoRA 'gone' is no longer available; dropped")
     expect(page.locator("#prompt textarea")).to_have_value("a dropped fox")
     expect(page.locator("#steps input[type=number]")).to_have_value("3")

@@ -218,7 +218,7 @@ def test_api_base_settings_go_to_turbo(app, tmp_path):
     assert (out["model"], out["prompt"], out["steps"], out["guidance"], out["flow_shift"], out["seed"]) == (
         "z_image", "a base fox", 30, 4.0, 6.0, 1235)
     assert out["num_images"] == 1 and value(out["negative"]) == "ugly"
-    assert out["message"].startswith("Settings restored from the image settings **base.json**")
+    assert out["message"].startswith("Settings restored from the image settings 'base.json'")
     assert "'z_image_base' is not installed" in out["message"] and "Z-Image Turbo" in out["message"]
     assert "guidance 4 is above 0" in out["message"]
 
@@ -230,7 +230,7 @@ def test_api_missing_lora_is_dropped_with_a_warning(app, tmp_path):
     out = app.restore(path)
     assert out["model"] == "z_image_tiny" and out["prompt"] == "lora fox"
     assert value(out["lora_select"]) == [STYLE] and out["lora_strengths"] == f"{STYLE}=0.6"
-    assert "generation profile **profile.json**" in out["message"]
+    assert "generation profile 'profile.json'" in out["message"]
     assert "LoRA 'deleted_lora' is no longer available; dropped" in out["message"]
 
 
