@@ -513,6 +513,10 @@ if want("fp8_compute"):
         from models.z_image.lowbit import enable_fp8_compute, to_fp8
 
         res["fp8_compute_problem"] = fp8_compute_problem(dev, bf16)  # None: this device runs it
+        if ours is None:  # the int8 sections freed it: the same random weights again (rand_'s seed), eager
+            with torch.device("meta"):
+                ours = ZImageTransformer(cfg)
+            ours = rand_(ours, bf16)
         ref = ours(x2, t2, [cap, neg])  # bf16 (compiled when the compiled section ran)
         with torch.device("meta"):
             fp8m = ZImageTransformer(cfg)
