@@ -159,7 +159,7 @@ def build_ui(queue: JobQueue, service: GenerationService, config: ServiceConfig,
         from app.ui_config import build_config_section
 
         build_config_section(queue, service, config, config_file or output_dir / CONFIG_FILE)
-        _wire_jobs(demo, c, ctl, seen, form)
+        _wire_jobs(demo, c, ctl, seen, selected_image, form)
         _wire_settings(demo, c, ctl, form, model_files, selected_image)
         _wire_form_memory(demo, c, ctl, form, form_state, settings_column, model_files, store)
     return demo
@@ -295,10 +295,11 @@ def _generate_inputs(c: dict[str, Any], form: ParamForm) -> tuple[list[Any], lis
     return components, [(n, t, d) for n, t, d, _ in rows], keys
 
 
-def _wire_jobs(demo: gr.Blocks, c: dict[str, Any], ctl: PageController, seen: gr.State, form: ParamForm) -> None:
+def _wire_jobs(demo: gr.Blocks, c: dict[str, Any], ctl: PageController, seen: gr.State, selected_image: gr.State,
+               form: ParamForm) -> None:
     """Polling, Generate, Abort, the queue's buttons and the seed's."""
     poll_io = {"fn": ctl.poll, "inputs": [seen, c["status"]],
-               "outputs": [c["table"], c["progress"], c["preview"], c["gallery"], c["status"], seen],
+               "outputs": [c["table"], c["progress"], c["preview"], c["gallery"], selected_image, c["status"], seen],
                **PRIVATE}
     gr.Timer(1.0).tick(**poll_io)
     demo.load(**poll_io)
@@ -432,8 +433,9 @@ def _wire_settings(demo: gr.Blocks, c: dict[str, Any], ctl: PageController, form
         return (*as_tuple(keys, updates), message or gr.skip())
 
     # the box empties once read (the message names the file), so the next file can be dropped at once
+    placement = form.placement_io(model)  # a value set by these events fires no event of its control
     c["restore_file"].upload(restore, c["restore_file"], restore_outputs, api_name="restore", **CHEAP).then(
-        lambda: None, None, c["restore_file"], **PRIVATE)
+        lambda: None, None, c["restore_file"], **PRIVATE).then(**placement)
 
     def on_gallery_select(evt: gr.SelectData) -> str:
         value = evt.value if isinstance(evt.value, dict) else {}
@@ -447,12 +449,12 @@ def _wire_settings(demo: gr.Blocks, c: dict[str, Any], ctl: PageController, form
             gr.Warning("select an image in the gallery first")
         return restore(path)
 
-    c["use_settings"].click(restore_selected, selected_image, restore_outputs, **PRIVATE)
+    c["use_settings"].click(restore_selected, selected_image, restore_outputs, **PRIVATE).then(**placement)
     editors = [p.name for p in form.params if p.widget == "image"]
     if editors:
         used = [*editors, "width", "height", "preset"]
         c["use_input"].click(lambda path: as_tuple(used, ctl.use_as_input(path)), selected_image,
-                             [c[k] for k in used], **PRIVATE)
+                             [c[k] for k in used], **PRIVATE).then(**placement)
     if "use_control" in c:
         picture = next(p.name for p in form.params if p.widget == "picture")
         # one output: Gradio takes the value itself, not a 1-tuple

@@ -485,11 +485,12 @@ class PageController:
         return value
 
     def poll(self, state: dict | None, status_text: str | None = None) -> tuple:
-        """(table, progress, preview, gallery, status, state): only what changed since this tab's last poll."""
+        """(table, progress, preview, gallery, selected image, status, state): only what changed since this tab's
+        last poll. A new image shown large is also the selected one: the gallery's buttons act on what is shown."""
         state = dict(state or {})
         queue = self.queue
         version = queue.version
-        table_out = progress_out = gallery_out = status_out = gr.skip()
+        table_out = progress_out = gallery_out = selected_out = status_out = gr.skip()
         jobs = None
         if state.get("v") != version:
             jobs = queue.snapshot(prompt_chars=PROMPT_PREVIEW_CHARS)  # the table shows only their start
@@ -506,6 +507,8 @@ class PageController:
                 # a new file on top while this tab watches: show it large, like A1111
                 newest = bool(state.get("gallery") is not None and key and key[0] not in state["gallery"])
                 gallery_out = gr.Gallery(value=items, selected_index=0 if newest else None)
+                if newest:  # setting selected_index fires no .select
+                    selected_out = key[0]
                 state["gallery"] = key
         # a status line naming pending jobs follows them (read again when they or the line change)
         if PENDING_STATUS.match(status_text or "") and (jobs is not None or state.get("st") != status_text):
@@ -514,7 +517,7 @@ class PageController:
         preview_version, image = queue.preview()
         preview_out = image if state.get("pv") != preview_version else gr.skip()
         state["pv"] = preview_version
-        return table_out, progress_out, preview_out, gallery_out, status_out, state
+        return table_out, progress_out, preview_out, gallery_out, selected_out, status_out, state
 
     # ------------------------------------------------------------ LoRAs (bound to their strengths by name)
 

@@ -180,11 +180,16 @@ class ParamForm:
         out += [gr.update(visible=shown(by_name[name], group)) for name, group in self.mirrors]
         return out
 
+    def placement_io(self, model: gr.components.Component) -> dict[str, Any]:
+        """The event arguments that update placement_outputs(); chained (.then) after events that set a needed
+        control's value, which fires none of its own events (Gradio 6: "Use as input image", a restore)."""
+        return {"fn": self.placement_updates, "inputs": [model, *self.placement_inputs()],
+                "outputs": self.placement_outputs(), "queue": False, "show_progress": "hidden",
+                "api_visibility": "private"}
+
     def wire_placement(self, model: gr.components.Component) -> None:
         """Show each control where the chosen model puts it, and while what it needs has a value."""
-        io = {"fn": self.placement_updates, "inputs": [model, *self.placement_inputs()],
-              "outputs": self.placement_outputs(), "queue": False, "show_progress": "hidden",
-              "api_visibility": "private"}
+        io = self.placement_io(model)
         model.change(**io)
         for control in self.placement_inputs():
             # an image editor's upload does not always fire .change (Gradio 6.31): listen to both

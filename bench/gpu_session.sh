@@ -34,10 +34,13 @@ for part in $PARTS; do
     control) limit=$CONTROL_S; script=bench/control_gpu.py ;;
     *) echo "unknown part $part" >>"$OUT/machine.log"; continue ;;
   esac
-  timeout "$limit" $PY "$script" >"$OUT/$part.log" 2>&1
+  # its own session (setsid: the session id is its pid), so that what it started can be killed, and only that
+  setsid timeout "$limit" $PY "$script" >"$OUT/$part.log" 2>&1 &
+  sid=$!
+  wait "$sid"
   echo "$script exit $?" >>"$OUT/$part.log"
   # a part cut by its limit can leave its CLI child exiting, holding the card: the next part's baseline
-  pkill -KILL -f wgp_zimage.py 2>/dev/null; sleep 1
+  pkill -KILL -s "$sid" 2>/dev/null; sleep 1
 done
 # KEEP_WORK=1 leaves the model files for a next call on the same (warm) machine
 [ -z "${KEEP_WORK:-}" ] && rm -rf "${WORK:-/tmp/zimage_offload_bench}" /tmp/zimage_offload_dry

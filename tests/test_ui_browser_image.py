@@ -81,3 +81,34 @@ def test_paint_a_mask_and_inpaint(page: Page, app, tmp_path: Path):
     far = ~grown(painted, 12)
     assert far.any() and np.array_equal(result[far], original[far])
     assert np.abs(result[painted] - original[painted]).max() > 10  # the stroke was repainted
+
+
+def test_use_the_new_image_as_input(page: Page, app):
+    """Right after a job, its image is shown large: "Use as input image" takes that one without a click on its
+    thumbnail, and the input's own settings (strength, paste-back) show, as after an upload."""
+    choose_model(page, "tiny")
+    page.fill("#prompt textarea", "a fox to reuse")
+    for elem_id, value in (("steps", "2"), ("width", "64"), ("height", "64")):
+        page.fill(f"#{elem_id} input", value)
+    page.locator("#image-input").click()  # the accordion
+    expect(page.locator("#strength")).to_be_hidden()
+    before = {j["id"] for j in app.queue.snapshot()}
+    page.click("#generate")
+    expect(page.locator("#queue-table")).to_contain_text("a fox to reuse", timeout=60_000)
+    (first,) = {j["id"] for j in app.queue.snapshot()} - before
+    app.queue.wait(first, timeout=120)
+    made = Path(app.queue.get(first)["paths"][0]).name
+    expect(page.locator("#gallery")).to_contain_text("a fox to reuse", timeout=30_000)  # shown large, captioned
+    page.click("#use-as-input")
+    expect(page.locator("#strength")).to_be_visible(timeout=30_000)
+    expect(page.locator("#paste-back")).to_be_visible()
+    page.fill("#prompt textarea", "the fox again")
+    before = {j["id"] for j in app.queue.snapshot()}
+    page.click("#generate")
+    expect(page.locator("#queue-table")).to_contain_text("the fox again", timeout=60_000)
+    (second,) = {j["id"] for j in app.queue.snapshot()} - before
+    image = app.queue.get(second)["spec"]["image"]
+    assert image, "the second job is text-to-image"
+    # the job is img2img, from the image shown
+    assert np.array_equal(np.asarray(Image.open(image).convert("RGB")),
+                          np.asarray(Image.open(Path(app.queue.get(first)["paths"][0])).convert("RGB"))), made
