@@ -82,7 +82,7 @@ class StoreGiven(argparse.Action):
         setattr(namespace, f"{self.dest}_given", True)
 
 
-def given(args: argparse.Namespace, dest: str) -> bool:
+def was_given(args: argparse.Namespace, dest: str) -> bool:
     """Whether a StoreGiven option was on the command line (its default may equal the value typed)."""
     return getattr(args, f"{dest}_given", False)
 
@@ -364,9 +364,9 @@ def apply_profile_output(args: argparse.Namespace, profile: dict) -> None:
     """A generation profile's image format and quality, unless --output-format / --output-quality (or, for the
     format, an --output file name's suffix) say otherwise."""
     named_file = args.output is not None and bool(args.output.suffix) and not args.output.is_dir()
-    if profile.get("output_format") and not given(args, "output_format") and not named_file:
+    if profile.get("output_format") and not was_given(args, "output_format") and not named_file:
         args.output_format = profile["output_format"]
-    if profile.get("output_quality") and not given(args, "output_quality"):
+    if profile.get("output_quality") and not was_given(args, "output_quality"):
         args.output_quality = profile["output_quality"]
 
 

@@ -351,7 +351,6 @@ class JobQueue:
                 raise TypeError("'jobs' is not a list")
         except (OSError, ValueError, TypeError, AttributeError) as e:
             # a broken state file must not keep the UI from starting; keep it aside for inspection
-            assert self.texts_dir is not None
             aside, texts_aside = self._aside_names(".broken")
             log.warning("could not read the saved queue %s (%s); moved it to %s, starting with an empty queue",
                         self.state_file, e, aside)
